@@ -1,0 +1,32 @@
+# Entry points. Each target sets up .venv on first use (Python >= 3.10 and pip are all it needs).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
+# Extra pytest arguments, e.g. `make test PYTEST_ARGS="-m 'not slow'"`.
+PYTEST_ARGS ?=
+
+.PHONY: venv test test-fast demo lint clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test,lint]"
+	rm -f $(VENV)/.installed-* && touch $@
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+demo: venv
+	$(PY) -m bot_keras.train --flagfile=configs/demo.flags
+
+lint: venv
+	$(VENV)/bin/ruff check bot_keras tests tools
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

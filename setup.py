@@ -1,0 +1,40 @@
+"""Packaging for bot_keras: the paper's tricks for image classification in TensorFlow/Keras 3."""
+
+import pathlib
+import re
+
+from setuptools import find_packages, setup
+
+HERE = pathlib.Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "bot_keras" / "__init__.py").read_text()).group(1)
+
+# Bounds are the versions the test suite runs against. TensorFlow 2.21 ships with Keras 3
+# (the `keras` package); tensorflow-addons is deliberately absent (end-of-life, broken under Keras 3).
+INSTALL_REQUIRES = [
+    "tensorflow>=2.21,<2.22",
+    "keras>=3.15,<4",
+    "tensorflow-datasets>=4.9.9,<5",
+    "absl-py>=2.1,<3",
+    "numpy>=1.26,<3",
+]
+
+EXTRAS = {
+    "test": ["pytest>=8,<10", "pillow>=10"],
+    # Optional: the timm-equivalence check of the weight converter (torch installs from a local file here).
+    "timm": ["torch==2.13.0", "timm>=1.0", "safetensors>=0.4"],
+    "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],
+    "lint": ["ruff>=0.6"],
+}
+
+setup(
+    name="bot-keras",
+    version=VERSION,
+    description="Bag of Tricks for Image Classification (He et al., 2018) in TensorFlow/Keras 3",
+    long_description=(HERE / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["bot_keras", "bot_keras.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    license="Apache-2.0",
+)

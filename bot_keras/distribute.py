@@ -1,0 +1,127 @@
+"""The one place for distribution and precision (Section 3.1 of the paper: large batch, low precision).
+
+Everything the trainer needs to know about devices goes through here:
+
+- `create_strategy(name)` builds the `tf.distribute.Strategy` for `--strategy`;
+- `set_precision(name)` sets the Keras dtype policy for `--precision`, once, before any layer is built;
+- `per_replica_batch_size(global_batch_size, num_replicas)` checks that the global batch (the only batch
+  size a user sets) splits evenly over the replicas;
+- `is_chief(strategy)` / `worker_dir(model_dir, strategy)` implement the multi-worker rule that only the
+  chief writes to the run directory (the TensorFlow multi-worker guide's pattern: the other workers
+  write to a private temporary directory, because every worker must take part in saving).
+
+The paper trains with fp16 on 8 GPUs; we follow the usual Keras 3 mixed-precision recipe (float16
+compute, float32 variables, dynamic loss scaling), which is what the authors' MXNet code does with
+`multi_precision=True`.
+"""
+
+import json
+import os
+import tempfile
+
+import keras
+import tensorflow as tf
+
+STRATEGIES = ("default", "mirrored", "multi_worker_mirrored", "tpu")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+
+
+def create_strategy(name, *, tpu_address=""):
+    """Returns the `tf.distribute.Strategy` called `name` (one of `STRATEGIES`).
+
+    - `default`: the no-op strategy on the first visible device (a GPU if there is one).
+    - `mirrored`: synchronous data parallelism over all local GPUs (or the logical CPU devices when no
+      GPU is visible, which is how the tests exercise it).
+    - `multi_worker_mirrored`: synchronous data parallelism over the workers named in `TF_CONFIG`
+      (each worker runs the same command; worker 0 is the chief).
+    - `tpu`: a TPU reached through `tpu_address` (empty: the local TPU VM).
+    """
+    if name not in STRATEGIES:
+        raise ValueError(f"--strategy={name!r} is not one of {', '.join(STRATEGIES)}.")
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        devices = [d.name for d in tf.config.list_logical_devices("GPU")]
+        if not devices:
+            devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices=devices)
+    if name == "multi_worker_mirrored":
+        _check_tf_config()
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu_address)
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def _check_tf_config():
+    """`multi_worker_mirrored` needs a TF_CONFIG naming this worker; say so instead of hanging."""
+    raw = os.environ.get("TF_CONFIG", "")
+    if not raw:
+        raise ValueError(
+            "--strategy=multi_worker_mirrored needs the TF_CONFIG environment variable, e.g. "
+            '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", '
+            '"index": 0}}; it is not set.'
+        )
+    try:
+        config = json.loads(raw)
+        workers = config["cluster"]["worker"]
+        task = config["task"]
+        index = int(task["index"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"TF_CONFIG={raw!r} is not a valid cluster description ({error!r}).") from None
+    if task.get("type") not in ("worker", "chief") or not 0 <= index < len(workers) + 1:
+        raise ValueError(f"TF_CONFIG={raw!r}: task {task} does not name one of the workers {workers}.")
+
+
+def set_precision(name):
+    """Sets the global Keras dtype policy; call once, before the model is built.
+
+    `mixed_float16` needs dynamic loss scaling (`keras.optimizers.LossScaleOptimizer`, see
+    `needs_loss_scaling`); `mixed_bfloat16` has float32's exponent range and needs none. Models keep
+    their logits in float32 (the float32 island at the classifier), and the trainer computes the loss
+    in float32.
+    """
+    if name not in PRECISIONS:
+        raise ValueError(f"--precision={name!r} is not one of {', '.join(PRECISIONS)}.")
+    keras.mixed_precision.set_global_policy(name)
+    return keras.mixed_precision.global_policy()
+
+
+def needs_loss_scaling(precision):
+    """Only float16 compute underflows small gradients; bfloat16 and float32 do not."""
+    return precision == "mixed_float16"
+
+
+def per_replica_batch_size(global_batch_size, num_replicas):
+    """The global batch split over `num_replicas`; raises ValueError when it does not split evenly."""
+    if global_batch_size <= 0:
+        raise ValueError(f"--batch_size={global_batch_size} must be positive.")
+    if global_batch_size % num_replicas:
+        raise ValueError(
+            f"--batch_size={global_batch_size} (the global batch) is not divisible by the "
+            f"{num_replicas} replicas of this strategy; use a multiple of {num_replicas}, e.g. "
+            f"{(global_batch_size // num_replicas + 1) * num_replicas}."
+        )
+    return global_batch_size // num_replicas
+
+
+def is_chief(strategy):
+    """True on the one process that writes the run directory (every process except multi-worker ones)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    # With a "worker"-only cluster, worker 0 is the chief (TensorFlow's convention).
+    return task_type == "chief" or (task_type == "worker" and task_id == 0) or task_type is None
+
+
+def worker_dir(model_dir, strategy):
+    """Where this process writes: `model_dir` on the chief, a private temporary directory elsewhere.
+
+    Every worker must run the save (the variables' values are gathered collectively), but only the
+    chief's files are kept; the others are deleted by the caller when training ends.
+    """
+    if is_chief(strategy):
+        return model_dir
+    return tempfile.mkdtemp(prefix=f"bot_keras_worker{strategy.cluster_resolver.task_id}_")

@@ -1,0 +1,608 @@
+"""`python -m bot_keras.train --flagfile=configs/X.flags [--flag=value ...]`: the one training command.
+
+main() reads top to bottom in the order the parts are wired: flags → strategy and precision → data →
+model → optimizer and schedule → restore → fit → export. Every trick of the paper is one flag (see the
+README's flag table): Section 3.1 (linear scaling, warmup, zero-γ, no bias decay, fp16), Section 4
+(the model), Section 5 (cosine decay, label smoothing, distillation, mixup).
+
+One training loop for every strategy. Keras 3.15's `model.fit` fails under
+`MultiWorkerMirroredStrategy` with two workers (its symbolic build calls `strategy.reduce` on a
+per-replica batch), so we run our own distributed step under `strategy.run` inside a `tf.function`, with
+an inner loop of `--steps_per_execution` steps. It is the pattern of TensorFlow's custom-training-loop
+guide: the per-example loss is computed in float32 and divided by the *global* batch
+(`tf.nn.compute_average_loss`), so the optimizer's all-reduce SUM of replica gradients is the gradient
+of the global mean; `optimizer.scale_loss` gives dynamic loss scaling under mixed_float16. Keras
+callbacks (progress bar, TensorBoard, CSVLogger) are driven through `keras.callbacks.CallbackList`.
+"""
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+from absl import app, flags, logging
+
+from bot_keras import distribute
+
+FLAGS = flags.FLAGS
+
+# --- what to train, on what ----------------------------------------------------------------------------
+flags.DEFINE_string("model", None, "Model name, e.g. resnet50_d (see bot_keras.models.MODEL_NAMES).")
+flags.DEFINE_string("dataset", None, "Data source: tfds:NAME[:VERSION], tfrecord:GLOB, folder:ROOT, synthetic.")
+flags.DEFINE_string("data_dir", None, "TFDS data directory (tfds: sources only).")
+flags.DEFINE_string("train_split", "train", "Split to train on (TFDS split or image-folder subdirectory).")
+flags.DEFINE_string("eval_split", "validation", "Split evaluated at each epoch end; empty: no evaluation.")
+flags.DEFINE_integer("image_size", 224, "Training and evaluation resolution (pixels, square).")
+flags.DEFINE_float("dropout_rate", 0.0, "Dropout before the classifier.")
+flags.DEFINE_bool("zero_gamma", False, "Zero-initialise the last BN gamma of each residual block (Sec. 3.1).")
+flags.DEFINE_bool("sync_bn", False, "Synchronise BatchNorm statistics across replicas.")
+# --- optimisation --------------------------------------------------------------------------------------
+flags.DEFINE_integer("batch_size", 256, "Global batch size (split across all replicas).")
+flags.DEFINE_float("epochs", 120, "Training epochs (may be fractional).")
+flags.DEFINE_float("base_lr", 0.1, "Learning rate per 256 images: lr = base_lr × batch_size / 256 (Sec. 3.1).")
+flags.DEFINE_string("lr_schedule", "step", "step | cosine | constant (Sec. 2 and 5.1).")
+flags.DEFINE_list("lr_decay_epochs", ["30", "60", "90"], "Epochs where the step schedule divides the lr.")
+flags.DEFINE_float("lr_decay_rate", 0.1, "Factor the step schedule multiplies the lr by at each decay epoch.")
+flags.DEFINE_float("warmup_epochs", 0, "Linear warmup from 0 over this many epochs (Sec. 3.1).")
+flags.DEFINE_float("momentum", 0.9, "SGD momentum (Nesterov).")
+flags.DEFINE_float("weight_decay", 1e-4, "Weight decay coefficient.")
+flags.DEFINE_string("weight_decay_mode", "decoupled", "decoupled (w -= lr·wd·w) | l2 (wd·w added to the grad).")
+flags.DEFINE_bool("no_bias_decay", False, "Exclude biases and BN gamma/beta from weight decay (Sec. 3.1).")
+flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing epsilon (Sec. 5.2).")
+flags.DEFINE_float("mixup_alpha", 0.0, "Mixup Beta(alpha, alpha); 0 turns mixup off (Sec. 5.4).")
+flags.DEFINE_integer("mixup_off_epochs", 0, "Train the last N epochs without mixup.")
+flags.DEFINE_string("teacher", "", "Distillation teacher: a .keras file, a SavedModel dir, or NAME:WEIGHTS (Sec. 5.3).")
+flags.DEFINE_float("distill_temperature", 20.0, "Distillation temperature T (Sec. 5.3).")
+flags.DEFINE_float("distill_hard_weight", None, "Weight w of the hard loss, (w, 1-w) form; unset: the paper's 1:1.")
+# --- machinery -----------------------------------------------------------------------------------------
+flags.DEFINE_string("precision", "float32", "float32 | mixed_float16 | mixed_bfloat16.")
+flags.DEFINE_string("strategy", "default", "default | mirrored | multi_worker_mirrored | tpu.")
+flags.DEFINE_string("tpu", "", "TPU address for --strategy=tpu (empty: local TPU VM).")
+flags.DEFINE_string("model_dir", None, "Run directory (flags.txt, classes.txt, checkpoints/, logs/, model.keras).")
+flags.DEFINE_bool("resume", False, "Continue from the last checkpoint in --model_dir.")
+flags.DEFINE_integer("seed", 0, "Random seed (weights, data order, augmentation, mixup).")
+flags.DEFINE_integer("steps_per_execution", 1, "Training steps per tf.function call.")
+flags.DEFINE_integer("checkpoint_steps", 1000, "Also checkpoint every N steps (0: only at epoch ends).")
+flags.DEFINE_integer("keep_checkpoints", 3, "How many checkpoints to keep.")
+flags.DEFINE_integer("steps_per_epoch", 0, "Override the steps per epoch (0: training examples // batch).")
+flags.DEFINE_integer("max_steps", 0, "Stop after this many steps in total (0: no limit); for smoke runs.")
+flags.DEFINE_integer("verbose", 1, "0: quiet, 1: progress bar, 2: one line per epoch.")
+
+CONTRACT_FLAGS = (
+    "model dataset data_dir train_split eval_split image_size dropout_rate zero_gamma sync_bn batch_size "
+    "epochs base_lr lr_schedule lr_decay_epochs lr_decay_rate warmup_epochs momentum weight_decay "
+    "weight_decay_mode no_bias_decay label_smoothing mixup_alpha mixup_off_epochs teacher "
+    "distill_temperature distill_hard_weight precision strategy tpu model_dir resume seed "
+    "steps_per_execution checkpoint_steps keep_checkpoints steps_per_epoch max_steps verbose"
+).split()
+
+
+class FlagError(ValueError):
+    """A flag value that cannot work; the message names the flag and echoes the value."""
+
+
+def validate_flags(f):
+    """Checks everything that can be checked before TensorFlow starts; raises FlagError listing problems."""
+    from bot_keras.models import MODEL_NAMES
+    from bot_keras.schedules import SCHEDULE_NAMES
+
+    problems = []
+
+    def need(condition, message):
+        if not condition:
+            problems.append(message)
+
+    for name in ("model", "dataset", "model_dir"):
+        need(getattr(f, name), f"--{name} is required.")
+    need(not f.model or f.model in MODEL_NAMES, f"--model={f.model!r} is unknown; known: {', '.join(MODEL_NAMES)}.")
+    need(f.image_size >= 16, f"--image_size={f.image_size} is too small (at least 16).")
+    need(f.batch_size > 0, f"--batch_size={f.batch_size} must be positive.")
+    need(f.epochs > 0, f"--epochs={f.epochs} must be positive.")
+    need(f.base_lr > 0, f"--base_lr={f.base_lr} must be positive.")
+    need(f.lr_schedule in SCHEDULE_NAMES, f"--lr_schedule={f.lr_schedule!r} is not one of {SCHEDULE_NAMES}.")
+    need(0 <= f.warmup_epochs < f.epochs, f"--warmup_epochs={f.warmup_epochs} must be in [0, --epochs={f.epochs}).")
+    try:
+        [float(e) for e in f.lr_decay_epochs]
+    except ValueError:
+        problems.append(f"--lr_decay_epochs={','.join(f.lr_decay_epochs)} must be numbers, e.g. 30,60,90.")
+    need(0 < f.lr_decay_rate <= 1, f"--lr_decay_rate={f.lr_decay_rate} must be in (0, 1].")
+    need(0 <= f.momentum < 1, f"--momentum={f.momentum} must be in [0, 1).")
+    need(f.weight_decay >= 0, f"--weight_decay={f.weight_decay} must be >= 0.")
+    need(f.weight_decay_mode in ("decoupled", "l2"), f"--weight_decay_mode={f.weight_decay_mode!r} is not decoupled or l2.")
+    need(0 <= f.dropout_rate < 1, f"--dropout_rate={f.dropout_rate} must be in [0, 1).")
+    need(0 <= f.label_smoothing < 1, f"--label_smoothing={f.label_smoothing} must be in [0, 1).")
+    need(f.mixup_alpha >= 0, f"--mixup_alpha={f.mixup_alpha} must be >= 0 (0 turns mixup off).")
+    need(f.mixup_off_epochs >= 0, f"--mixup_off_epochs={f.mixup_off_epochs} must be >= 0.")
+    need(
+        not f.mixup_off_epochs or f.mixup_alpha > 0,
+        f"--mixup_off_epochs={f.mixup_off_epochs} needs mixup on (--mixup_alpha > 0, got {f.mixup_alpha}).",
+    )
+    need(
+        f.mixup_off_epochs < f.epochs or not f.mixup_alpha,
+        f"--mixup_off_epochs={f.mixup_off_epochs} leaves no mixup epoch out of --epochs={f.epochs}.",
+    )
+    need(f.distill_temperature > 0, f"--distill_temperature={f.distill_temperature} must be positive.")
+    need(
+        f.distill_hard_weight is None or 0 <= f.distill_hard_weight <= 1,
+        f"--distill_hard_weight={f.distill_hard_weight} must be in [0, 1].",
+    )
+    need(
+        f.distill_hard_weight is None or f.teacher,
+        f"--distill_hard_weight={f.distill_hard_weight} is set but there is no --teacher.",
+    )
+    need(f.precision in distribute.PRECISIONS, f"--precision={f.precision!r} is not one of {distribute.PRECISIONS}.")
+    need(f.strategy in distribute.STRATEGIES, f"--strategy={f.strategy!r} is not one of {distribute.STRATEGIES}.")
+    need(f.steps_per_execution >= 1, f"--steps_per_execution={f.steps_per_execution} must be >= 1.")
+    need(f.checkpoint_steps >= 0, f"--checkpoint_steps={f.checkpoint_steps} must be >= 0.")
+    need(f.keep_checkpoints >= 1, f"--keep_checkpoints={f.keep_checkpoints} must be >= 1.")
+    need(f.steps_per_epoch >= 0, f"--steps_per_epoch={f.steps_per_epoch} must be >= 0 (0: from the data).")
+    need(f.max_steps >= 0, f"--max_steps={f.max_steps} must be >= 0 (0: no limit).")
+    if f.teacher and ":" not in f.teacher:
+        need(os.path.exists(f.teacher), f"--teacher={f.teacher!r}: no such file or directory.")
+    if f.model_dir:
+        checkpoint_dir = os.path.join(f.model_dir, "checkpoints")
+        has_files = os.path.isdir(f.model_dir) and bool(os.listdir(f.model_dir))
+        if f.resume:
+            need(
+                _latest_checkpoint(checkpoint_dir) is not None,
+                f"--resume: no checkpoint in {checkpoint_dir!r} to continue from.",
+            )
+        else:
+            need(
+                not has_files,
+                f"--model_dir={f.model_dir!r} already holds a run; pass --resume to continue it, or choose "
+                "another directory (runs are never overwritten).",
+            )
+    if problems:
+        raise FlagError("\n".join(problems))
+
+
+def _latest_checkpoint(checkpoint_dir):
+    import tensorflow as tf
+
+    return tf.train.latest_checkpoint(checkpoint_dir) if os.path.isdir(checkpoint_dir) else None
+
+
+def resolved_flags_text(f):
+    """The flags of this module as a flagfile (`--name=value` lines) that reproduces the run."""
+    lines = []
+    for name in CONTRACT_FLAGS:
+        flag = f[name]
+        if flag.value is None:
+            continue
+        if name == "resume":
+            continue  # a flagfile describes a run, not whether this invocation continued it
+        lines.append(flag.serialize())
+    return "\n".join(lines) + "\n"
+
+
+# --- distillation teacher ------------------------------------------------------------------------------
+
+
+def load_teacher(spec, *, num_classes, image_size):
+    """The frozen teacher of Section 5.3: a `.keras` file, a SavedModel directory, or `NAME:WEIGHTS`.
+
+    Returns a callable `images -> float32 logits`; errors name the file and the mismatch.
+    """
+    import keras
+    import tensorflow as tf
+
+    if ":" in spec and not os.path.exists(spec):
+        name, weights = spec.split(":", 1)
+        from bot_keras.models import build_model
+
+        teacher = build_model(name, num_classes=num_classes, input_shape=(image_size, image_size, 3))
+        try:
+            teacher.load_weights(weights)
+        except Exception as error:  # noqa: BLE001 - any failure to read is reported with the file name
+            raise FlagError(f"--teacher={spec!r}: cannot load weights {weights!r} into {name}: {error}") from None
+    elif os.path.isdir(spec) and not spec.endswith(".keras"):
+        try:
+            loaded = tf.saved_model.load(spec)
+        except Exception as error:  # noqa: BLE001
+            raise FlagError(f"--teacher={spec!r} is not a readable SavedModel: {error}") from None
+        teacher = keras.layers.TFSMLayer(spec, call_endpoint="serving_default") if not callable(loaded) else loaded
+    else:
+        try:
+            teacher = keras.models.load_model(spec, compile=False)
+        except Exception as error:  # noqa: BLE001
+            raise FlagError(f"--teacher={spec!r} is not a readable Keras model: {error}") from None
+    if isinstance(teacher, keras.Model):
+        teacher.trainable = False
+        classes = teacher.output_shape[-1]
+        size = tuple(teacher.input_shape[1:3])
+    else:
+        probe = teacher(tf.zeros((1, image_size, image_size, 3)))
+        probe = next(iter(probe.values())) if isinstance(probe, dict) else probe
+        classes, size = probe.shape[-1], (None, None)
+    if classes != num_classes:
+        raise FlagError(f"--teacher={spec!r} predicts {classes} classes; the dataset has {num_classes}.")
+    if None not in size and size != (image_size, image_size):
+        raise FlagError(f"--teacher={spec!r} takes {size[0]}x{size[1]} images; --image_size={image_size}.")
+    return teacher
+
+
+def _teacher_logits(teacher, images):
+    import keras
+    import tensorflow as tf
+
+    if isinstance(teacher, keras.Model):
+        out = teacher(images, training=False)
+    else:
+        out = teacher(images)
+    if isinstance(out, dict):
+        out = next(iter(out.values()))
+    return tf.stop_gradient(tf.cast(out, tf.float32))
+
+
+# --- the distributed steps ------------------------------------------------------------------------------
+
+# Summed per replica, reduced with SUM across replicas, accumulated on the host.
+SUM_KEYS = ("loss", "top1", "top5", "count")
+
+
+def _sums(per_example_loss, labels, logits):
+    import tensorflow as tf
+
+    classes = tf.argmax(labels, axis=-1, output_type=tf.int32)
+    k5 = min(5, logits.shape[-1])
+    return tf.stack(
+        [
+            tf.reduce_sum(per_example_loss),
+            tf.reduce_sum(tf.cast(tf.math.in_top_k(classes, logits, 1), tf.float32)),
+            tf.reduce_sum(tf.cast(tf.math.in_top_k(classes, logits, k5), tf.float32)),
+            tf.cast(tf.shape(logits)[0], tf.float32),
+        ]
+    )
+
+
+def make_train_function(strategy, model, optimizer, *, per_example_loss, global_batch_size, teacher=None,
+                        mixup_alpha=0.0, seed=0):
+    """Returns `train_steps(iterator, start_step, num_steps, mixup_on) -> sums over the steps`.
+
+    `per_example_loss(labels, logits, teacher_logits)` returns float32 `[B]`. Each replica mixes its own
+    batch with its own λ (Section 5.4: one λ a batch; the partner of example i is example B-1-i), the
+    teacher (if any) sees the same mixed batch in inference mode, and the loss is divided by the global
+    batch so that the all-reduced SUM of replica gradients is the gradient of the global mean.
+    """
+    import tensorflow as tf
+
+    if mixup_alpha > 0:
+        from bot_keras.data import mixup as mixup_ops
+
+    def replica_step(batch, step, mixup_on):
+        images, labels = batch
+        if mixup_alpha > 0:
+            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            lam_seed = tf.stack([tf.cast(seed, tf.int64), tf.cast(step, tf.int64) * 1024 + replica])
+            lam = mixup_ops.sample_mixup_lambda(mixup_alpha, seed=lam_seed)
+            lam = tf.where(mixup_on, lam, 1.0)
+            images, labels = mixup_ops.mixup(images, labels, lam)
+        teacher_logits = _teacher_logits(teacher, images) if teacher is not None else None
+        with tf.GradientTape() as tape:
+            logits = tf.cast(model(images, training=True), tf.float32)
+            losses = per_example_loss(labels, logits, teacher_logits)
+            loss = tf.nn.compute_average_loss(losses, global_batch_size=global_batch_size)
+            if model.losses:
+                loss += tf.nn.scale_regularization_loss(tf.add_n([tf.cast(x, tf.float32) for x in model.losses]))
+            scaled_loss = optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled_loss, model.trainable_variables)
+        optimizer.apply(grads, model.trainable_variables)
+        return _sums(losses, labels, logits)
+
+    @tf.function
+    def train_steps(iterator, start_step, num_steps, mixup_on):
+        totals = tf.zeros([len(SUM_KEYS)])
+        for i in tf.range(num_steps):
+            per_replica = strategy.run(replica_step, args=(next(iterator), start_step + tf.cast(i, tf.int64), mixup_on))
+            totals += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        return totals
+
+    return train_steps
+
+
+def make_eval_function(strategy, model):
+    """Returns `evaluate(distributed_dataset) -> {"loss", "top1", "top5", "count"}` (plain cross-entropy)."""
+    import numpy as np
+    import tensorflow as tf
+
+    def replica_step(batch):
+        images, labels = batch
+        logits = tf.cast(model(images, training=False), tf.float32)
+        losses = tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+        return _sums(losses, labels, logits)
+
+    @tf.function
+    def eval_batch(batch):
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(replica_step, args=(batch,)), axis=None)
+
+    def evaluate(dataset):
+        totals = np.zeros(len(SUM_KEYS))
+        for batch in dataset:
+            totals += eval_batch(batch).numpy()
+        count = max(totals[3], 1.0)
+        return {"loss": totals[0] / count, "top1": totals[1] / count, "top5": totals[2] / count,
+                "count": int(totals[3])}
+
+    return evaluate
+
+
+def make_per_example_loss(*, label_smoothing, temperature, hard_weight):
+    """`(labels, logits, teacher_logits) -> float32 [B]`: Section 5.2's smoothed CE, or 5.3's distillation."""
+    import tensorflow as tf
+
+    from bot_keras import losses
+
+    def per_example_loss(labels, logits, teacher_logits):
+        # Smoothing is applied to the (possibly mixed) one-hot labels, as the authors' code does.
+        if label_smoothing:
+            k = tf.cast(tf.shape(labels)[-1], labels.dtype)
+            labels = labels * (1.0 - label_smoothing) + label_smoothing / k
+        if teacher_logits is None:
+            return tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+        return losses.distillation_loss(
+            labels=labels, student_logits=logits, teacher_logits=teacher_logits,
+            temperature=temperature, hard_weight=hard_weight,
+        )
+
+    return per_example_loss
+
+
+# --- the loop -------------------------------------------------------------------------------------------
+
+
+def make_callbacks(run_dir, *, chief, verbose, epochs, steps_per_epoch, model, resume):
+    """Progress bar, TensorBoard and a CSV log (fixed columns, so mixup epochs show NA for accuracy)."""
+    import keras
+
+    class FixedColumnsCSVLogger(keras.callbacks.CSVLogger):
+        columns = ["loss", "top1", "top5", "lr", "images_per_sec", "val_loss", "val_top1", "val_top5"]
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.keys = list(self.columns)
+            super().on_epoch_end(epoch, logs)
+
+    callbacks = []
+    if chief:
+        log_dir = os.path.join(run_dir, "logs")
+        callbacks.append(keras.callbacks.TensorBoard(log_dir, write_graph=False, profile_batch=0))
+        callbacks.append(FixedColumnsCSVLogger(os.path.join(log_dir, "training.csv"), append=resume))
+    return keras.callbacks.CallbackList(
+        callbacks, add_progbar=chief and verbose > 0, model=model, verbose=verbose if chief else 0,
+        epochs=epochs, steps=steps_per_epoch,
+    )
+
+
+def train_loop(*, strategy, model, optimizer, train_function, train_iterator, evaluate, eval_dataset,
+               checkpoint, manager, step_var, callbacks, steps_per_epoch, epochs, global_batch_size,
+               steps_per_execution, checkpoint_steps, max_steps, mixup_epochs, precision):
+    """Runs from `step_var` to the end; checkpoints every `checkpoint_steps` and at each epoch end.
+
+    Returns the last epoch's logs. Raises FloatingPointError on a non-finite loss.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    total_steps = int(math.ceil(epochs * steps_per_epoch))
+    if max_steps:
+        total_steps = min(total_steps, max_steps)
+    step = int(step_var.numpy())
+    logs = {}
+    callbacks.on_train_begin()
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
+        mixup_on = epoch < mixup_epochs
+        callbacks.on_epoch_begin(epoch)
+        totals, start_time, seen = np.zeros(len(SUM_KEYS)), time.perf_counter(), 0
+        while step < epoch_end:
+            n = min(steps_per_execution, epoch_end - step)
+            if checkpoint_steps:
+                n = min(n, checkpoint_steps - step % checkpoint_steps)
+            callbacks.on_train_batch_begin(step - epoch * steps_per_epoch)
+            sums = train_function(train_iterator, tf.constant(step, tf.int64), tf.constant(n), tf.constant(mixup_on))
+            sums = sums.numpy()
+            step += n
+            seen += n
+            step_var.assign(step)
+            lr = float(np.asarray(optimizer.learning_rate))
+            if not np.isfinite(sums[0]):
+                raise FloatingPointError(
+                    f"Non-finite training loss ({sums[0] / sums[3]}) at step {step} (epoch {epoch}), "
+                    f"--precision={precision}, learning rate {lr:.6g}; lower --base_lr or add --warmup_epochs."
+                )
+            totals += sums
+            logs = _train_logs(totals, mixup_on, lr, seen * global_batch_size / (time.perf_counter() - start_time))
+            callbacks.on_train_batch_end(step - epoch * steps_per_epoch - 1, logs)
+            if checkpoint_steps and step % checkpoint_steps == 0 and step < epoch_end:
+                manager.save(checkpoint_number=step)
+        if evaluate is not None:
+            result = evaluate(eval_dataset)
+            logs.update({f"val_{k}": result[k] for k in ("loss", "top1", "top5")})
+        manager.save(checkpoint_number=step)
+        callbacks.on_epoch_end(epoch, logs)
+    callbacks.on_train_end(logs)
+    return logs
+
+
+def _train_logs(totals, mixup_on, lr, images_per_sec):
+    count = max(totals[3], 1.0)
+    logs = {"loss": totals[0] / count}
+    if not mixup_on:  # accuracy against mixed labels is not accuracy (Section 5.4)
+        logs.update(top1=totals[1] / count, top5=totals[2] / count)
+    logs.update(lr=lr, images_per_sec=images_per_sec)
+    return logs
+
+
+# --- main -----------------------------------------------------------------------------------------------
+
+
+def main(argv):
+    del argv
+    try:
+        validate_flags(FLAGS)
+    except FlagError as error:
+        raise app.UsageError(str(error)) from None
+    import keras
+    import tensorflow as tf
+
+    from bot_keras import optimizers, schedules
+    from bot_keras.data import dataset_info, make_dataset
+    from bot_keras.models import build_model
+
+    # Strategy and precision: before any variable exists.
+    strategy = distribute.create_strategy(FLAGS.strategy, tpu_address=FLAGS.tpu)
+    distribute.per_replica_batch_size(FLAGS.batch_size, strategy.num_replicas_in_sync)
+    distribute.set_precision(FLAGS.precision)
+    keras.utils.set_random_seed(FLAGS.seed)
+    chief = distribute.is_chief(strategy)
+    write_dir = distribute.worker_dir(FLAGS.model_dir, strategy)
+
+    # Data.
+    train_info = dataset_info(FLAGS.dataset, split=FLAGS.train_split, data_dir=FLAGS.data_dir)
+    steps_per_epoch = FLAGS.steps_per_epoch or train_info.num_examples // FLAGS.batch_size
+    if steps_per_epoch < 1:
+        raise app.UsageError(
+            f"--batch_size={FLAGS.batch_size} is larger than the {train_info.num_examples} examples of "
+            f"--train_split={FLAGS.train_split!r}."
+        )
+
+    def train_input(context):
+        return make_dataset(
+            FLAGS.dataset, split=FLAGS.train_split, image_size=FLAGS.image_size,
+            global_batch_size=FLAGS.batch_size, training=True, data_dir=FLAGS.data_dir,
+            input_context=context, seed=FLAGS.seed,
+        ).repeat()
+
+    def eval_input(context):
+        return make_dataset(
+            FLAGS.dataset, split=FLAGS.eval_split, image_size=FLAGS.image_size,
+            global_batch_size=FLAGS.batch_size, training=False, data_dir=FLAGS.data_dir, input_context=context,
+        )
+
+    train_iterator = iter(strategy.distribute_datasets_from_function(train_input))
+    eval_dataset = strategy.distribute_datasets_from_function(eval_input) if FLAGS.eval_split else None
+
+    with strategy.scope():
+        # Model.
+        model = build_model(
+            FLAGS.model, num_classes=train_info.num_classes,
+            input_shape=(FLAGS.image_size, FLAGS.image_size, 3),
+            zero_gamma=FLAGS.zero_gamma, dropout_rate=FLAGS.dropout_rate,
+        )
+        set_synchronized_batch_norm(model, FLAGS.sync_bn)
+        teacher = (
+            load_teacher(FLAGS.teacher, num_classes=train_info.num_classes, image_size=FLAGS.image_size)
+            if FLAGS.teacher else None
+        )
+        # Optimizer and schedule.
+        schedule = schedules.build_lr_schedule(
+            FLAGS.lr_schedule, base_lr=FLAGS.base_lr, global_batch_size=FLAGS.batch_size,
+            steps_per_epoch=steps_per_epoch, epochs=FLAGS.epochs, warmup_epochs=FLAGS.warmup_epochs,
+            decay_epochs=[float(e) for e in FLAGS.lr_decay_epochs], decay_rate=FLAGS.lr_decay_rate,
+        )
+        optimizer = optimizers.build_optimizer(
+            schedule, momentum=FLAGS.momentum, nesterov=True, weight_decay=FLAGS.weight_decay,
+            weight_decay_mode=FLAGS.weight_decay_mode, no_bias_decay=FLAGS.no_bias_decay,
+        )
+        if distribute.needs_loss_scaling(FLAGS.precision):
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        optimizer.build(model.trainable_variables)
+        step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+
+    # Restore.
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var)
+    checkpoint_dir = os.path.join(write_dir, "checkpoints")
+    manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=FLAGS.keep_checkpoints)
+    if FLAGS.resume:
+        path = _latest_checkpoint(os.path.join(FLAGS.model_dir, "checkpoints"))
+        checkpoint.restore(path).assert_existing_objects_matched()
+        restored = int(step_var.numpy())
+        logging.info(
+            "Restored %s: step %d, epoch %d, learning rate %.6g%s", path, restored, restored // steps_per_epoch,
+            float(optimizer.learning_rate), _loss_scale_text(optimizer),
+        )
+        print(f"Resumed from {path} at step {restored} (epoch {restored // steps_per_epoch}), learning rate "
+              f"{float(optimizer.learning_rate):.6g}{_loss_scale_text(optimizer)}", flush=True)
+    if chief:
+        os.makedirs(FLAGS.model_dir, exist_ok=True)
+        with open(os.path.join(FLAGS.model_dir, "flags.txt"), "w") as f:
+            f.write(resolved_flags_text(FLAGS))
+        write_classes(FLAGS.model_dir, train_info.class_names)
+
+    # Fit.
+    per_example_loss = make_per_example_loss(
+        label_smoothing=FLAGS.label_smoothing, temperature=FLAGS.distill_temperature,
+        hard_weight=FLAGS.distill_hard_weight,
+    )
+    train_function = make_train_function(
+        strategy, model, optimizer, per_example_loss=per_example_loss, global_batch_size=FLAGS.batch_size,
+        teacher=teacher, mixup_alpha=FLAGS.mixup_alpha, seed=FLAGS.seed,
+    )
+    evaluate = make_eval_function(strategy, model) if eval_dataset is not None else None
+    callbacks = make_callbacks(
+        write_dir, chief=chief, verbose=FLAGS.verbose, epochs=int(math.ceil(FLAGS.epochs)),
+        steps_per_epoch=steps_per_epoch, model=model, resume=FLAGS.resume,
+    )
+    mixup_epochs = int(math.ceil(FLAGS.epochs)) - FLAGS.mixup_off_epochs if FLAGS.mixup_alpha else 0
+    start = time.perf_counter()
+    logs = train_loop(
+        strategy=strategy, model=model, optimizer=optimizer, train_function=train_function,
+        train_iterator=train_iterator, evaluate=evaluate, eval_dataset=eval_dataset, checkpoint=checkpoint,
+        manager=manager, step_var=step_var, callbacks=callbacks, steps_per_epoch=steps_per_epoch,
+        epochs=FLAGS.epochs, global_batch_size=FLAGS.batch_size, steps_per_execution=FLAGS.steps_per_execution,
+        checkpoint_steps=FLAGS.checkpoint_steps, max_steps=FLAGS.max_steps, mixup_epochs=mixup_epochs,
+        precision=FLAGS.precision,
+    )
+
+    # Export: the student alone, float32-compatible BN config, next to its class list.
+    set_synchronized_batch_norm(model, False)
+    if chief:
+        model.save(os.path.join(FLAGS.model_dir, "model.keras"))
+        summary = {k: float(v) for k, v in logs.items()}
+        summary.update(step=int(step_var.numpy()), wall_time_s=time.perf_counter() - start)
+        with open(os.path.join(FLAGS.model_dir, "final_metrics.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        print(f"Finished: {json.dumps({k: round(v, 4) for k, v in summary.items()})}", flush=True)
+        print(f"Run directory: {FLAGS.model_dir}", flush=True)
+    else:
+        shutil.rmtree(write_dir, ignore_errors=True)
+
+
+def _loss_scale_text(optimizer):
+    scale = getattr(optimizer, "dynamic_scale", None)
+    return f", loss scale {float(scale.numpy()):g}" if scale is not None else ""
+
+
+def set_synchronized_batch_norm(model, synchronized):
+    """`--sync_bn`: every BatchNormalization of `model` computes global-batch statistics across replicas.
+
+    Keras reads `synchronized` at call time, so switching it after the build converts the model in place.
+    """
+    import keras
+
+    count = 0
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = synchronized
+            count += 1
+    return count
+
+
+def write_classes(run_dir, class_names):
+    with open(os.path.join(run_dir, "classes.txt"), "w") as f:
+        f.write("".join(f"{name}\n" for name in class_names))
+
+
+def run():
+    try:
+        app.run(main)
+    except FloatingPointError as error:
+        print(f"Training stopped: {error}", file=sys.stderr, flush=True)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    run()

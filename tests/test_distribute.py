@@ -1,0 +1,193 @@
+"""distribute.py: strategy and precision set-up, batch checks, and the training step under real strategies.
+
+The multi-device checks run in subprocesses: logical CPU devices must be configured before TensorFlow
+initialises, and a multi-worker run needs one process per worker.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import keras
+import pytest
+import tensorflow as tf
+
+from bot_keras import distribute
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env(**extra):
+    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    env.update(extra)
+    return env
+
+
+def test_unknown_strategy_and_precision_echo_the_value():
+    with pytest.raises(ValueError, match=r"--strategy='mirorred'"):
+        distribute.create_strategy("mirorred")
+    with pytest.raises(ValueError, match=r"--precision='float16'"):
+        distribute.set_precision("float16")
+
+
+def test_global_batch_must_split_over_replicas():
+    assert distribute.per_replica_batch_size(256, 8) == 32
+    with pytest.raises(ValueError, match=r"--batch_size=100 .* not divisible by the 8 replicas.*e\.g\. 104"):
+        distribute.per_replica_batch_size(100, 8)
+    with pytest.raises(ValueError, match=r"--batch_size=0"):
+        distribute.per_replica_batch_size(0, 1)
+
+
+def test_multi_worker_without_tf_config_says_so(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(ValueError, match="needs the TF_CONFIG"):
+        distribute.create_strategy("multi_worker_mirrored")
+    monkeypatch.setenv("TF_CONFIG", "{not json")
+    with pytest.raises(ValueError, match="TF_CONFIG='{not json' is not a valid"):
+        distribute.create_strategy("multi_worker_mirrored")
+
+
+def test_default_strategy_is_chief_and_writes_to_model_dir(tmp_path):
+    strategy = distribute.create_strategy("default")
+    assert strategy.num_replicas_in_sync == 1
+    assert distribute.is_chief(strategy)
+    assert distribute.worker_dir(str(tmp_path), strategy) == str(tmp_path)
+
+
+@pytest.mark.parametrize("precision, compute", [("mixed_float16", "float16"), ("mixed_bfloat16", "bfloat16")])
+def test_precision_policy_applies_to_layers_built_afterwards(precision, compute):
+    distribute.set_precision(precision)
+    layer = keras.layers.Dense(2)
+    layer.build((None, 3))
+    assert layer.compute_dtype == compute and layer.variable_dtype == "float32"
+    assert distribute.needs_loss_scaling(precision) == (precision == "mixed_float16")
+
+
+# A small model and data shared by the subprocess scripts below; the per-replica batch is fed in
+# global-batch order, so a 2-replica step sees exactly the examples a 1-device step sees.
+_COMMON = textwrap.dedent(
+    """
+    import json, os, sys
+    import numpy as np
+    import tensorflow as tf
+    import keras
+    from bot_keras import distribute, train
+
+    GLOBAL_BATCH = 8
+    x = np.random.RandomState(0).randn(64, 6, 6, 3).astype("float32")
+    y = np.eye(3, dtype="float32")[np.random.RandomState(1).randint(0, 3, 64)]
+
+    def dataset_fn(context):
+        batch = context.get_per_replica_batch_size(GLOBAL_BATCH)
+        data = tf.data.Dataset.from_tensor_slices((x, y))
+        data = data.shard(context.num_input_pipelines, context.input_pipeline_id)
+        return data.batch(batch, drop_remainder=True).repeat()
+
+    def build(batch_norm):
+        layers = [keras.Input((6, 6, 3)), keras.layers.Conv2D(4, 3, use_bias=not batch_norm)]
+        if batch_norm:
+            layers.append(keras.layers.BatchNormalization(momentum=0.9))
+        layers += [keras.layers.ReLU(), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3)]
+        return keras.Sequential(layers)
+
+    def run(strategy, batch_norm=False, sync_bn=False, steps=5):
+        keras.utils.set_random_seed(0)
+        iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+        with strategy.scope():
+            model = build(batch_norm)
+            train.set_synchronized_batch_norm(model, sync_bn)
+            optimizer = keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True)
+            optimizer.build(model.trainable_variables)
+        initial = [w.tolist() for w in model.get_weights()]
+        loss = lambda labels, logits, _: tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+        step = train.make_train_function(strategy, model, optimizer, per_example_loss=loss,
+                                         global_batch_size=GLOBAL_BATCH)
+        sums = step(iterator, tf.constant(0, tf.int64), tf.constant(steps), tf.constant(False)).numpy()
+        return [w.tolist() for w in model.get_weights()], sums.tolist(), initial
+    """
+)
+
+_MIRRORED = _COMMON + textwrap.dedent(
+    """
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    single = tf.distribute.OneDeviceStrategy("/cpu:0")
+    mirrored = distribute.create_strategy("mirrored")
+    assert mirrored.num_replicas_in_sync == 2, mirrored.num_replicas_in_sync
+    out = {}
+    for name, kwargs in [("plain", {}), ("bn", dict(batch_norm=True)), ("sync_bn", dict(batch_norm=True, sync_bn=True))]:
+        out[name] = {"single": run(single, **kwargs), "mirrored": run(mirrored, **kwargs)}
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+
+def _max_abs_diff(a, b):
+    import numpy as np
+
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b, strict=True))
+
+
+def test_mirrored_two_devices_matches_one_device_with_the_same_global_batch(tmp_path):
+    script = tmp_path / "mirrored.py"
+    script.write_text(_MIRRORED)
+    proc = subprocess.run([sys.executable, str(script)], env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    # After 5 Nesterov steps, a BN-free model and a synchronised-BN model agree to float32 round-off
+    # (the all-reduce sums in a different order): 1e-5 absolute on weights of size ~0.1-1.
+    for name in ("plain", "sync_bn"):
+        weights_1, sums_1, _ = out[name]["single"]
+        weights_2, sums_2, _ = out[name]["mirrored"]
+        assert _max_abs_diff(weights_1, weights_2) < 1e-5, name
+        assert sums_1 == pytest.approx(sums_2, rel=1e-5), name
+    # Per-replica BN (the default) normalises each half batch on its own: a different model, which
+    # shows the comparison above can fail.
+    assert _max_abs_diff(out["bn"]["single"][0], out["bn"]["mirrored"][0]) > 1e-4
+
+
+_WORKER = _COMMON + textwrap.dedent(
+    """
+    strategy = distribute.create_strategy("multi_worker_mirrored")
+    weights, sums, initial = run(strategy, steps=4)
+    print("RESULT " + json.dumps({"chief": distribute.is_chief(strategy), "weights": weights, "sums": sums,
+                                  "initial": initial}))
+    """
+)
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.mark.slow
+def test_two_workers_on_localhost_train_to_identical_weights(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    workers = [f"localhost:{port}" for port in _free_ports(2)]
+    procs = []
+    for index in range(2):
+        tf_config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+        procs.append(subprocess.Popen([sys.executable, str(script)], env=_env(TF_CONFIG=tf_config),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    for proc in procs:
+        try:
+            stdout, stderr = proc.communicate(timeout=240)
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, stderr[-3000:]
+        results.append(json.loads(stdout.split("RESULT ", 1)[1]))
+    assert [r["chief"] for r in results] == [True, False]
+    assert _max_abs_diff(results[0]["weights"], results[1]["weights"]) == 0.0
+    assert results[0]["sums"][3] == 4 * 8  # 4 steps of the global batch, counted across both workers
+    assert _max_abs_diff(results[0]["weights"], results[0]["initial"]) > 1e-3  # it really trained

@@ -330,21 +330,21 @@ def make_eval_function(strategy, model):
 
 
 def make_per_example_loss(*, label_smoothing, temperature, hard_weight):
-    """`(labels, logits, teacher_logits) -> float32 [B]`: Section 5.2's smoothed CE, or 5.3's distillation."""
-    import tensorflow as tf
+    """`(labels, logits, teacher_logits) -> float32 [B]`: Section 5.2's smoothed CE, or 5.3's distillation.
 
+    Smoothing applies to the (possibly mixed) one-hot labels; smoothing is linear in the labels, so this
+    equals mixing already-smoothed labels (Section 5.4's order).
+    """
     from bot_keras import losses
 
+    cross_entropy = losses.classification_loss(label_smoothing)
+
     def per_example_loss(labels, logits, teacher_logits):
-        # Smoothing is applied to the (possibly mixed) one-hot labels, as the authors' code does.
-        if label_smoothing:
-            k = tf.cast(tf.shape(labels)[-1], labels.dtype)
-            labels = labels * (1.0 - label_smoothing) + label_smoothing / k
         if teacher_logits is None:
-            return tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+            return cross_entropy.call(labels, logits)  # `call`: one value per example, no reduction
         return losses.distillation_loss(
-            labels=labels, student_logits=logits, teacher_logits=teacher_logits,
-            temperature=temperature, hard_weight=hard_weight,
+            labels=labels, student_logits=logits, teacher_logits=teacher_logits, temperature=temperature,
+            hard_weight=hard_weight, label_smoothing=label_smoothing, reduction="none",
         )
 
     return per_example_loss

@@ -15,6 +15,7 @@ of the global mean; `optimizer.scale_loss` gives dynamic loss scaling under mixe
 callbacks (progress bar, TensorBoard, CSVLogger) are driven through `keras.callbacks.CallbackList`.
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -367,7 +368,11 @@ def make_callbacks(run_dir, *, chief, verbose, epochs, steps_per_epoch, model, r
     callbacks = []
     if chief:
         log_dir = os.path.join(run_dir, "logs")
-        callbacks.append(keras.callbacks.TensorBoard(log_dir, write_graph=False, profile_batch=0))
+        os.makedirs(log_dir, exist_ok=True)
+        if importlib.util.find_spec("tensorboard") is not None:
+            callbacks.append(keras.callbacks.TensorBoard(log_dir, write_graph=False, profile_batch=0))
+        else:  # TensorFlow 2.21 does not depend on it; the CSV log below has the same numbers
+            logging.warning("tensorboard is not installed (pip install tensorboard): no TensorBoard logs.")
         callbacks.append(FixedColumnsCSVLogger(os.path.join(log_dir, "training.csv"), append=resume))
     return keras.callbacks.CallbackList(
         callbacks, add_progbar=chief and verbose > 0, model=model, verbose=verbose if chief else 0,

@@ -1,4 +1,4 @@
-"""Mixup (Section 5.3): λ's distribution, exact linearity, label sums, low-precision images, tf.data."""
+"""Mixup (Section 5.4): λ's distribution, exact linearity, label sums, low-precision images, tf.data."""
 
 import math
 

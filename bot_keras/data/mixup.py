@@ -1,4 +1,4 @@
-"""Mixup (Section 5.3): x̂ = λ·x_i + (1 − λ)·x_j, ŷ = λ·y_i + (1 − λ)·y_j, λ ~ Beta(α, α).
+"""Mixup (Section 5.4, "Mixup Training"): x̂ = λ·x_i + (1 − λ)·x_j, ŷ = λ·y_i + (1 − λ)·y_j, λ ~ Beta(α, α).
 
 One λ per batch (per replica: apply it to the per-replica batch), the partner j of example i is the
 batch reversed (i ↔ B − 1 − i, as in GluonCV's ``train_imagenet.py``, which mixes a batch with its

@@ -1,8 +1,9 @@
 """SGD with Nesterov momentum and weight decay without bias/BN decay (Sections 2 and 3.1).
 
-The update (both weight-decay modes) is the authors' NAG form — GluonCV trains with MXNet's ``nag``
-optimizer, whose update PyTorch's ``SGD(nesterov=True)`` shares — with the learning rate *outside*
-the momentum buffer:
+The update (both weight-decay modes) is the authors' NAG form — GluonCV's ``train_imagenet.py`` trains
+with MXNet 1.x's ``nag`` optimizer (state = μ·state + g + wd·w; w ← w − lr·(g + wd·w + μ·state)), the
+same update as PyTorch's ``SGD(nesterov=True)`` — with the learning rate *outside* the momentum buffer
+(MXNet 2.0 later moved it inside; we follow the 1.x form the paper's runs used):
 
     buf ← μ·buf + g
     w   ← w − lr·(g + μ·buf)          (nesterov; plain momentum: w ← w − lr·buf)
@@ -14,16 +15,18 @@ gradients scaled by old learning rates. ``MomentumSGD`` below is that lr-outside
 
 Weight decay, ``weight_decay_mode``:
 
-- ``"l2"`` (the paper's text and the authors' code): g ← g + wd·w before the momentum update, i.e. an
-  L2 penalty ½·wd·‖w‖² on the loss. Its decay passes through the momentum accumulator, so once training
-  is steady it acts 1/(1 − μ) = 10× (μ = 0.9) harder than the same wd applied once per step.
+- ``"l2"`` (the paper's text and the authors' code, MXNet's ``wd``): g ← g + wd·w before the momentum
+  update, i.e. an L2 penalty ½·wd·‖w‖² on the loss. Its decay passes through the momentum accumulator,
+  so once training is steady it acts 1/(1 − μ) = 10× (μ = 0.9) harder than the same wd applied once
+  per step.
 - ``"decoupled"`` (Keras 3's optimizer ``weight_decay``): w ← w − lr·wd·w once per step, before and
   outside the momentum update (Keras' base class multiplies by the current lr). Per unit of wd it is
   about 10× weaker than ``"l2"`` with μ = 0.9, so the paper's 1e-4 in ``l2`` corresponds to ≈ 1e-3
   ``decoupled``.
 
 No bias decay (Section 3.1, "only applies the weight decay to the weights in convolution and
-fully-connected layers"): every bias and every BatchNorm γ and β is excluded. Keras 3 matches
+fully-connected layers"): every bias and every BatchNorm γ and β is excluded (GluonCV's ``--no-wd``
+sets ``wd_mult = 0`` on parameters matching ``.*beta|.*gamma|.*bias``). Keras 3 matches
 ``exclude_from_weight_decay`` name patterns with ``re.search`` against a variable's name — the short
 name (``kernel``, ``bias``, ``gamma``, ``beta``) of a Keras variable, but the full path
 (``model/stem_bn/gamma:0``, ``.../replica_1:0`` under ``tf.distribute``) of the ``tf.Variable`` that the

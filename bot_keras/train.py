@@ -36,6 +36,10 @@ flags.DEFINE_string("data_dir", None, "TFDS data directory (tfds: sources only).
 flags.DEFINE_string("train_split", "train", "Split to train on (TFDS split or image-folder subdirectory).")
 flags.DEFINE_string("eval_split", "validation", "Split evaluated at each epoch end; empty: no evaluation.")
 flags.DEFINE_integer("image_size", 224, "Training and evaluation resolution (pixels, square).")
+flags.DEFINE_bool("random_crop", True, "Random-resized crop, 8-100% of the area (Sec. 2.1); off: eval crop.")
+flags.DEFINE_bool("flip", True, "Random horizontal flip (Sec. 2.1).")
+flags.DEFINE_bool("color_jitter", True, "Brightness, saturation and contrast jitter (Sec. 2.1).")
+flags.DEFINE_bool("pca_lighting", True, "AlexNet-style PCA lighting noise (Sec. 2.1).")
 flags.DEFINE_float("dropout_rate", 0.0, "Dropout before the classifier.")
 flags.DEFINE_bool("zero_gamma", False, "Zero-initialise the last BN gamma of each residual block (Sec. 3.1).")
 flags.DEFINE_bool("sync_bn", False, "Synchronise BatchNorm statistics across replicas.")
@@ -72,7 +76,8 @@ flags.DEFINE_integer("max_steps", 0, "Stop after this many steps in total (0: no
 flags.DEFINE_integer("verbose", 1, "0: quiet, 1: progress bar, 2: one line per epoch.")
 
 CONTRACT_FLAGS = (
-    "model dataset data_dir train_split eval_split image_size dropout_rate zero_gamma sync_bn batch_size "
+    "model dataset data_dir train_split eval_split image_size random_crop flip color_jitter pca_lighting "
+    "dropout_rate zero_gamma sync_bn batch_size "
     "epochs base_lr lr_schedule lr_decay_epochs lr_decay_rate warmup_epochs momentum weight_decay "
     "weight_decay_mode no_bias_decay label_smoothing mixup_alpha mixup_off_epochs teacher "
     "distill_temperature distill_hard_weight precision strategy tpu model_dir resume seed "
@@ -394,14 +399,15 @@ def train_loop(*, strategy, model, optimizer, train_function, train_iterator, ev
     if max_steps:
         total_steps = min(total_steps, max_steps)
     step = int(step_var.numpy())
-    logs = {}
+    logs, traced = {}, False
     callbacks.on_train_begin()
     while step < total_steps:
         epoch = step // steps_per_epoch
         epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
         mixup_on = epoch < mixup_epochs
         callbacks.on_epoch_begin(epoch)
-        totals, start_time, seen = np.zeros(len(SUM_KEYS)), time.perf_counter(), 0
+        totals, timed_steps = np.zeros(len(SUM_KEYS)), 0
+        start_time = time.perf_counter()
         while step < epoch_end:
             n = min(steps_per_execution, epoch_end - step)
             if checkpoint_steps:
@@ -410,7 +416,10 @@ def train_loop(*, strategy, model, optimizer, train_function, train_iterator, ev
             sums = train_function(train_iterator, tf.constant(step, tf.int64), tf.constant(n), tf.constant(mixup_on))
             sums = sums.numpy()
             step += n
-            seen += n
+            if traced:
+                timed_steps += n
+            else:  # images/s leaves out the first call, which traces and compiles the step
+                traced, start_time = True, time.perf_counter()
             step_var.assign(step)
             lr = float(np.asarray(optimizer.learning_rate))
             if not np.isfinite(sums[0]):
@@ -419,7 +428,8 @@ def train_loop(*, strategy, model, optimizer, train_function, train_iterator, ev
                     f"--precision={precision}, learning rate {lr:.6g}; lower --base_lr or add --warmup_epochs."
                 )
             totals += sums
-            logs = _train_logs(totals, mixup_on, lr, seen * global_batch_size / (time.perf_counter() - start_time))
+            images_per_sec = timed_steps * global_batch_size / max(time.perf_counter() - start_time, 1e-9)
+            logs = _train_logs(totals, mixup_on, lr, images_per_sec)
             callbacks.on_train_batch_end(step - epoch * steps_per_epoch - 1, logs)
             if checkpoint_steps and step % checkpoint_steps == 0 and step < epoch_end:
                 manager.save(checkpoint_number=step)
@@ -453,6 +463,9 @@ def main(argv):
     import keras
     import tensorflow as tf
 
+    if not FLAGS["verbosity"].present:  # TensorFlow's INFO lines (checkpoint sharding) break the progress bar
+        logging.set_verbosity(logging.WARNING)
+        tf.get_logger().setLevel("WARNING")
     from bot_keras import optimizers, schedules
     from bot_keras.data import dataset_info, make_dataset
     from bot_keras.models import build_model
@@ -478,7 +491,8 @@ def main(argv):
         return make_dataset(
             FLAGS.dataset, split=FLAGS.train_split, image_size=FLAGS.image_size,
             global_batch_size=FLAGS.batch_size, training=True, data_dir=FLAGS.data_dir,
-            input_context=context, seed=FLAGS.seed,
+            input_context=context, seed=FLAGS.seed, random_crop=FLAGS.random_crop, flip=FLAGS.flip,
+            color_jitter=FLAGS.color_jitter, pca_lighting=FLAGS.pca_lighting,
         ).repeat()
 
     def eval_input(context):

@@ -14,6 +14,51 @@ import sys
 from absl import app, flags
 
 
+# Summed per replica, reduced with SUM across replicas, accumulated on the host.
+SUM_KEYS = ("loss", "top1", "top5", "count")
+
+
+def top_k_sums(per_example_loss, labels, logits):
+    import tensorflow as tf
+
+    classes = tf.argmax(labels, axis=-1, output_type=tf.int32)
+    k5 = min(5, logits.shape[-1])
+    return tf.stack(
+        [
+            tf.reduce_sum(per_example_loss),
+            tf.reduce_sum(tf.cast(tf.math.in_top_k(classes, logits, 1), tf.float32)),
+            tf.reduce_sum(tf.cast(tf.math.in_top_k(classes, logits, k5), tf.float32)),
+            tf.cast(tf.shape(logits)[0], tf.float32),
+        ]
+    )
+
+
+def make_eval_function(strategy, model):
+    """Returns `evaluate(distributed_dataset) -> {"loss", "top1", "top5", "count"}` (plain cross-entropy)."""
+    import numpy as np
+    import tensorflow as tf
+
+    def replica_step(batch):
+        images, labels = batch
+        logits = tf.cast(model(images, training=False), tf.float32)
+        losses = tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+        return top_k_sums(losses, labels, logits)
+
+    @tf.function
+    def eval_batch(batch):
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(replica_step, args=(batch,)), axis=None)
+
+    def evaluate(dataset):
+        totals = np.zeros(len(SUM_KEYS))
+        for batch in dataset:
+            totals += eval_batch(batch).numpy()
+        count = max(totals[3], 1.0)
+        return {"loss": totals[0] / count, "top1": totals[1] / count, "top5": totals[2] / count,
+                "count": int(totals[3])}
+
+    return evaluate
+
+
 def read_flagfile(path):
     """The `--name=value` lines of a flagfile → {name: value string} (booleans and comments skipped)."""
     values = {}
@@ -24,11 +69,6 @@ def read_flagfile(path):
                 name, value = line[2:].split("=", 1)
                 values[name] = value
     return values
-
-
-def read_classes(run_dir):
-    with open(os.path.join(run_dir, "classes.txt")) as f:
-        return [line.rstrip("\n") for line in f]
 
 
 def evaluate_run(model_dir, *, dataset=None, split=None, data_dir=None, image_size=None, batch_size=None):
@@ -50,11 +90,11 @@ def evaluate_run(model_dir, *, dataset=None, split=None, data_dir=None, image_si
     import keras
     import tensorflow as tf
 
-    from bot_keras.data import dataset_info, make_dataset
-    from bot_keras.train import make_eval_function
-
+    from bot_keras.data import dataset_info, make_dataset, read_class_names
+    
     info = dataset_info(dataset, split=split, data_dir=data_dir)
-    classes = read_classes(model_dir) if os.path.exists(os.path.join(model_dir, "classes.txt")) else None
+    classes_path = os.path.join(model_dir, "classes.txt")
+    classes = read_class_names(classes_path) if os.path.exists(classes_path) else None
     if classes is not None and list(classes) != list(info.class_names):
         raise ValueError(
             f"{model_dir!r}/classes.txt lists {len(classes)} classes ({', '.join(classes[:5])}, ...) but "

@@ -26,6 +26,7 @@ import time
 from absl import app, flags, logging
 
 from bot_keras import distribute
+from bot_keras.evaluate import SUM_KEYS, make_eval_function, top_k_sums
 
 FLAGS = flags.FLAGS
 
@@ -245,25 +246,6 @@ def _teacher_logits(teacher, images):
 
 # --- the distributed steps ------------------------------------------------------------------------------
 
-# Summed per replica, reduced with SUM across replicas, accumulated on the host.
-SUM_KEYS = ("loss", "top1", "top5", "count")
-
-
-def _sums(per_example_loss, labels, logits):
-    import tensorflow as tf
-
-    classes = tf.argmax(labels, axis=-1, output_type=tf.int32)
-    k5 = min(5, logits.shape[-1])
-    return tf.stack(
-        [
-            tf.reduce_sum(per_example_loss),
-            tf.reduce_sum(tf.cast(tf.math.in_top_k(classes, logits, 1), tf.float32)),
-            tf.reduce_sum(tf.cast(tf.math.in_top_k(classes, logits, k5), tf.float32)),
-            tf.cast(tf.shape(logits)[0], tf.float32),
-        ]
-    )
-
-
 def make_train_function(strategy, model, optimizer, *, per_example_loss, global_batch_size, teacher=None,
                         mixup_alpha=0.0, seed=0):
     """Returns `train_steps(iterator, start_step, num_steps, mixup_on) -> sums over the steps`.
@@ -296,7 +278,7 @@ def make_train_function(strategy, model, optimizer, *, per_example_loss, global_
             scaled_loss = optimizer.scale_loss(loss)
         grads = tape.gradient(scaled_loss, model.trainable_variables)
         optimizer.apply(grads, model.trainable_variables)
-        return _sums(losses, labels, logits)
+        return top_k_sums(losses, labels, logits)
 
     @tf.function
     def train_steps(iterator, start_step, num_steps, mixup_on):
@@ -307,32 +289,6 @@ def make_train_function(strategy, model, optimizer, *, per_example_loss, global_
         return totals
 
     return train_steps
-
-
-def make_eval_function(strategy, model):
-    """Returns `evaluate(distributed_dataset) -> {"loss", "top1", "top5", "count"}` (plain cross-entropy)."""
-    import numpy as np
-    import tensorflow as tf
-
-    def replica_step(batch):
-        images, labels = batch
-        logits = tf.cast(model(images, training=False), tf.float32)
-        losses = tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=logits)
-        return _sums(losses, labels, logits)
-
-    @tf.function
-    def eval_batch(batch):
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(replica_step, args=(batch,)), axis=None)
-
-    def evaluate(dataset):
-        totals = np.zeros(len(SUM_KEYS))
-        for batch in dataset:
-            totals += eval_batch(batch).numpy()
-        count = max(totals[3], 1.0)
-        return {"loss": totals[0] / count, "top1": totals[1] / count, "top5": totals[2] / count,
-                "count": int(totals[3])}
-
-    return evaluate
 
 
 def make_per_example_loss(*, label_smoothing, temperature, hard_weight):
@@ -467,7 +423,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
         tf.get_logger().setLevel("WARNING")
     from bot_keras import optimizers, schedules
-    from bot_keras.data import dataset_info, make_dataset
+    from bot_keras.data import dataset_info, make_dataset, write_class_names
     from bot_keras.models import build_model
 
     # Strategy and precision: before any variable exists.
@@ -549,7 +505,7 @@ def main(argv):
         os.makedirs(FLAGS.model_dir, exist_ok=True)
         with open(os.path.join(FLAGS.model_dir, "flags.txt"), "w") as f:
             f.write(resolved_flags_text(FLAGS))
-        write_classes(FLAGS.model_dir, train_info.class_names)
+        write_class_names(os.path.join(FLAGS.model_dir, "classes.txt"), train_info.class_names)
 
     # Fit.
     per_example_loss = make_per_example_loss(
@@ -608,11 +564,6 @@ def set_synchronized_batch_norm(model, synchronized):
             layer.synchronized = synchronized
             count += 1
     return count
-
-
-def write_classes(run_dir, class_names):
-    with open(os.path.join(run_dir, "classes.txt"), "w") as f:
-        f.write("".join(f"{name}\n" for name in class_names))
 
 
 def run():

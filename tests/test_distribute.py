@@ -13,7 +13,6 @@ import textwrap
 
 import keras
 import pytest
-import tensorflow as tf
 
 from bot_keras import distribute
 
@@ -118,7 +117,8 @@ _MIRRORED = _COMMON + textwrap.dedent(
     mirrored = distribute.create_strategy("mirrored")
     assert mirrored.num_replicas_in_sync == 2, mirrored.num_replicas_in_sync
     out = {}
-    for name, kwargs in [("plain", {}), ("bn", dict(batch_norm=True)), ("sync_bn", dict(batch_norm=True, sync_bn=True))]:
+    cases = {"plain": {}, "bn": dict(batch_norm=True), "sync_bn": dict(batch_norm=True, sync_bn=True)}
+    for name, kwargs in cases.items():
         out[name] = {"single": run(single, **kwargs), "mirrored": run(mirrored, **kwargs)}
     print("RESULT " + json.dumps(out))
     """
@@ -134,7 +134,9 @@ def _max_abs_diff(a, b):
 def test_mirrored_two_devices_matches_one_device_with_the_same_global_batch(tmp_path):
     script = tmp_path / "mirrored.py"
     script.write_text(_MIRRORED)
-    proc = subprocess.run([sys.executable, str(script)], env=_env(), capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, str(script)], env=_env(), capture_output=True, text=True, timeout=240
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.split("RESULT ", 1)[1])
     # After 5 Nesterov steps, a BN-free model and a synchronised-BN model agree to float32 round-off
@@ -177,8 +179,15 @@ def test_two_workers_on_localhost_train_to_identical_weights(tmp_path):
     procs = []
     for index in range(2):
         tf_config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
-        procs.append(subprocess.Popen([sys.executable, str(script)], env=_env(TF_CONFIG=tf_config),
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(script)],
+                env=_env(TF_CONFIG=tf_config),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     results = []
     for proc in procs:
         try:

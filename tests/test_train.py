@@ -64,7 +64,12 @@ def test_all_problems_reported_at_once_and_required_flags_named(parse):
     with pytest.raises(train.FlagError) as error:
         train.validate_flags(parse("--epochs=0"))
     text = str(error.value)
-    for expected in ("--model is required", "--dataset is required", "--model_dir is required", "--epochs=0.0"):
+    for expected in (
+        "--model is required",
+        "--dataset is required",
+        "--model_dir is required",
+        "--epochs=0.0",
+    ):
         assert expected in text
 
 
@@ -101,8 +106,18 @@ class _RecordingManager:
         self.saved.append(checkpoint_number)
 
 
-def _run_loop(tmp_path, *, epochs=3, steps_per_epoch=5, steps_per_execution=2, checkpoint_steps=3,
-              mixup_epochs=0, nan_at_call=None, max_steps=0, start=0):
+def _run_loop(
+    tmp_path,
+    *,
+    epochs=3,
+    steps_per_epoch=5,
+    steps_per_execution=2,
+    checkpoint_steps=3,
+    mixup_epochs=0,
+    nan_at_call=None,
+    max_steps=0,
+    start=0,
+):
     calls = []
 
     def fake_train_function(iterator, start_step, num_steps, mixup_on):
@@ -113,15 +128,35 @@ def _run_loop(tmp_path, *, epochs=3, steps_per_epoch=5, steps_per_execution=2, c
 
     step_var = tf.Variable(start, dtype=tf.int64)
     manager = _RecordingManager()
-    callbacks = train.make_callbacks(str(tmp_path), chief=True, verbose=0, epochs=epochs,
-                                     steps_per_epoch=steps_per_epoch, model=keras.Sequential(), resume=False)
+    callbacks = train.make_callbacks(
+        str(tmp_path),
+        chief=True,
+        verbose=0,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        model=keras.Sequential(),
+        resume=False,
+    )
     logs = train.train_loop(
-        strategy=None, model=None, optimizer=_FakeOptimizer(), train_function=fake_train_function,
-        train_iterator=None, evaluate=lambda _: {"loss": 1.0, "top1": 0.5, "top5": 0.9}, eval_dataset=None,
-        checkpoint=None, manager=manager, step_var=step_var, callbacks=callbacks,
-        steps_per_epoch=steps_per_epoch, epochs=epochs, global_batch_size=4,
-        steps_per_execution=steps_per_execution, checkpoint_steps=checkpoint_steps, max_steps=max_steps,
-        mixup_epochs=mixup_epochs, precision="float32",
+        strategy=None,
+        model=None,
+        optimizer=_FakeOptimizer(),
+        train_function=fake_train_function,
+        train_iterator=None,
+        evaluate=lambda _: {"loss": 1.0, "top1": 0.5, "top5": 0.9},
+        eval_dataset=None,
+        checkpoint=None,
+        manager=manager,
+        step_var=step_var,
+        callbacks=callbacks,
+        steps_per_epoch=steps_per_epoch,
+        epochs=epochs,
+        global_batch_size=4,
+        steps_per_execution=steps_per_execution,
+        checkpoint_steps=checkpoint_steps,
+        max_steps=max_steps,
+        mixup_epochs=mixup_epochs,
+        precision="float32",
     )
     return calls, manager.saved, logs, int(step_var.numpy())
 
@@ -130,9 +165,16 @@ def test_loop_respects_epochs_steps_per_execution_and_checkpoint_steps(tmp_path)
     calls, saved, logs, step = _run_loop(tmp_path, mixup_epochs=2)
     # 3 epochs of 5 steps, at most 2 steps a call, never crossing an epoch end or a multiple of 3.
     assert [(s, n) for s, n, _ in calls] == [
-        (0, 2), (2, 1), (3, 2),  # epoch 0: checkpoint after step 3, epoch end at 5
-        (5, 1), (6, 2), (8, 1), (9, 1),  # epoch 1: checkpoints at 6 and 9, epoch end at 10
-        (10, 2), (12, 2), (14, 1),  # epoch 2: checkpoint at 12, end at 15
+        (0, 2),
+        (2, 1),
+        (3, 2),  # epoch 0: checkpoint after step 3, epoch end at 5
+        (5, 1),
+        (6, 2),
+        (8, 1),
+        (9, 1),  # epoch 1: checkpoints at 6 and 9, epoch end at 10
+        (10, 2),
+        (12, 2),
+        (14, 1),  # epoch 2: checkpoint at 12, end at 15
     ]
     assert saved == [3, 5, 6, 9, 10, 12, 15]
     assert step == 15
@@ -154,7 +196,9 @@ def test_loop_resumes_mid_epoch_and_honours_max_steps(tmp_path):
 
 
 def test_non_finite_loss_stops_naming_step_precision_and_lr(tmp_path):
-    with pytest.raises(FloatingPointError, match=r"at step 3 \(epoch 0\), --precision=float32, learning rate 0.25"):
+    with pytest.raises(
+        FloatingPointError, match=r"at step 3 \(epoch 0\), --precision=float32, learning rate 0.25"
+    ):
         _run_loop(tmp_path, steps_per_execution=1, checkpoint_steps=0, nan_at_call=3)
 
 
@@ -165,8 +209,12 @@ def _tiny_model(num_classes=3, batch_norm=False):
     layers = [keras.Input((6, 6, 3)), keras.layers.Conv2D(4, 3)]
     if batch_norm:
         layers.append(keras.layers.BatchNormalization())
-    layers += [keras.layers.ReLU(), keras.layers.GlobalAveragePooling2D(), keras.layers.Flatten(),
-               keras.layers.Dense(num_classes, dtype="float32")]
+    layers += [
+        keras.layers.ReLU(),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Flatten(),
+        keras.layers.Dense(num_classes, dtype="float32"),
+    ]
     return keras.Sequential(layers)
 
 
@@ -227,8 +275,9 @@ def test_overflowing_float16_gradients_skip_the_step_and_halve_the_loss_scale():
 
 
 def test_checkpoint_restores_weights_step_learning_rate_and_loss_scale(tmp_path):
-    schedule = schedules.build_lr_schedule("cosine", base_lr=0.1, global_batch_size=256, steps_per_epoch=10,
-                                           epochs=2, warmup_epochs=0.5)
+    schedule = schedules.build_lr_schedule(
+        "cosine", base_lr=0.1, global_batch_size=256, steps_per_epoch=10, epochs=2, warmup_epochs=0.5
+    )
 
     def setup():
         keras.utils.set_random_seed(0)
@@ -242,8 +291,9 @@ def test_checkpoint_restores_weights_step_learning_rate_and_loss_scale(tmp_path)
     distribute.set_precision("mixed_float16")
     model, optimizer, step_var, checkpoint = setup()
     loss = train.make_per_example_loss(label_smoothing=0.1, temperature=1.0, hard_weight=None)
-    step = train.make_train_function(tf.distribute.get_strategy(), model, optimizer, per_example_loss=loss,
-                                     global_batch_size=8)
+    step = train.make_train_function(
+        tf.distribute.get_strategy(), model, optimizer, per_example_loss=loss, global_batch_size=8
+    )
     _steps(step, _batches(scale=3000.0), 1)  # one skipped step: scale 16384, iterations 0
     _steps(step, _batches(), 6, start=1)
     step_var.assign(7)
@@ -277,7 +327,9 @@ def test_sync_bn_converts_every_batch_norm_of_a_built_model():
     count = train.set_synchronized_batch_norm(model, True)
     # resnet18_d: 3 stem BNs + 8 blocks × 2 + 3 downsampling shortcuts.
     assert count == 3 + 16 + 3
-    configs = [layer.get_config() for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    configs = [
+        layer.get_config() for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)
+    ]
     assert len(configs) == count and all(c["synchronized"] for c in configs)
 
 
@@ -301,8 +353,14 @@ def test_distillation_trains_the_student_and_never_changes_the_teacher(tmp_path)
     teacher_before = [w.copy() for w in teacher.get_weights()]  # includes BN moving mean/variance
     model, optimizer, _ = _step_setup("float32")
     loss = train.make_per_example_loss(label_smoothing=0.1, temperature=4.0, hard_weight=None)
-    step = train.make_train_function(tf.distribute.get_strategy(), model, optimizer, per_example_loss=loss,
-                                     global_batch_size=8, teacher=teacher)
+    step = train.make_train_function(
+        tf.distribute.get_strategy(),
+        model,
+        optimizer,
+        per_example_loss=loss,
+        global_batch_size=8,
+        teacher=teacher,
+    )
     student_before = model.get_weights()
     _steps(step, _batches(), 3)
     for a, b in zip(teacher_before, teacher.get_weights(), strict=True):
@@ -326,8 +384,11 @@ def _checkpoint_steps(run_dir):
     directory = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(directory):
         return []
-    return sorted(int(name[5:-6]) for name in os.listdir(directory) if name.startswith("ckpt-") and
-                  name.endswith(".index"))
+    return sorted(
+        int(name[5:-6])
+        for name in os.listdir(directory)
+        if name.startswith("ckpt-") and name.endswith(".index")
+    )
 
 
 @pytest.mark.slow
@@ -339,9 +400,19 @@ def test_sigkill_mid_epoch_then_resume_continues_from_the_last_checkpoint(tmp_pa
     run_dir = str(tmp_path / "run")
     steps_per_epoch, epochs, batch = 40, 2, 8
     args = [
-        "--model=resnet18", "--dataset=synthetic:40", "--image_size=16", f"--batch_size={batch}",
-        f"--steps_per_epoch={steps_per_epoch}", f"--epochs={epochs}", "--base_lr=0.1", "--lr_schedule=cosine",
-        "--checkpoint_steps=3", "--keep_checkpoints=100", "--eval_split=", "--verbose=0", "--seed=3",
+        "--model=resnet18",
+        "--dataset=synthetic:40",
+        "--image_size=16",
+        f"--batch_size={batch}",
+        f"--steps_per_epoch={steps_per_epoch}",
+        f"--epochs={epochs}",
+        "--base_lr=0.1",
+        "--lr_schedule=cosine",
+        "--checkpoint_steps=3",
+        "--keep_checkpoints=100",
+        "--eval_split=",
+        "--verbose=0",
+        "--seed=3",
         f"--model_dir={run_dir}",
     ]
     command, env = _cli(*args)
@@ -368,7 +439,9 @@ def test_sigkill_mid_epoch_then_resume_continues_from_the_last_checkpoint(tmp_pa
     expected_lr = 0.5 * (1 + math.cos(math.pi * last / (total - 1))) * peak
     line = next(x for x in resumed.stdout.splitlines() if x.startswith("Resumed from"))
     assert f"ckpt-{last} at step {last} (epoch 0)" in line
-    assert float(line.split("learning rate ")[1].split()[0].rstrip(",")) == pytest.approx(expected_lr, rel=1e-4)
+    assert float(line.split("learning rate ")[1].split()[0].rstrip(",")) == pytest.approx(
+        expected_lr, rel=1e-4
+    )
     assert _checkpoint_steps(run_dir)[-1] == total
     with open(os.path.join(run_dir, "final_metrics.json")) as f:
         assert json_load(f)["step"] == total
@@ -386,8 +459,9 @@ def test_demo_config_trains_clearly_above_chance(tmp_path):
     import subprocess
 
     run_dir = str(tmp_path / "demo")
-    command, env = _cli(f"--flagfile={os.path.join(REPO, 'configs', 'demo.flags')}", f"--model_dir={run_dir}",
-                        "--verbose=2")
+    command, env = _cli(
+        f"--flagfile={os.path.join(REPO, 'configs', 'demo.flags')}", f"--model_dir={run_dir}", "--verbose=2"
+    )
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(run_dir, "final_metrics.json")) as f:
@@ -395,7 +469,12 @@ def test_demo_config_trains_clearly_above_chance(tmp_path):
     # 10 classes: chance is 10%. The demo reaches ~97% on a 2-core CPU; 60% leaves room for other CPUs.
     assert metrics["val_top1"] > 0.6, metrics
     assert sorted(os.listdir(run_dir)) == [
-        "checkpoints", "classes.txt", "final_metrics.json", "flags.txt", "logs", "model.keras"
+        "checkpoints",
+        "classes.txt",
+        "final_metrics.json",
+        "flags.txt",
+        "logs",
+        "model.keras",
     ]
     with open(os.path.join(run_dir, "classes.txt")) as f:
         assert len(f.read().split()) == 10
@@ -420,6 +499,7 @@ def test_every_config_parses_validates_and_states_its_command(parse, tmp_path, c
         # Section 3: linear scaling from 0.1 per 256 images; the efficient recipes add the Section 3.1 tricks.
         assert f.base_lr == 0.1 and f.weight_decay_mode == "l2" and f.weight_decay == 1e-4
         efficient = "efficient" in config
-        assert (f.batch_size, f.precision, f.warmup_epochs) == ((1024, "mixed_float16", 5) if efficient
-                                                                else (256, "float32", 0))
+        assert (f.batch_size, f.precision, f.warmup_epochs) == (
+            (1024, "mixed_float16", 5) if efficient else (256, "float32", 0)
+        )
         assert f.zero_gamma == f.no_bias_decay == efficient and f.epochs == 120

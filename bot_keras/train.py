@@ -296,7 +296,8 @@ def make_train_function(
     def replica_step(batch, step, mixup_on):
         images, labels = batch
         if mixup_alpha > 0:
-            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            # A different λ on every replica and step: stateless seed (run seed, step·1024 + replica).
+            replica = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, tf.int64)
             lam_seed = tf.stack([tf.cast(seed, tf.int64), tf.cast(step, tf.int64) * 1024 + replica])
             lam = mixup_ops.sample_mixup_lambda(mixup_alpha, seed=lam_seed)
             lam = tf.where(mixup_on, lam, 1.0)

@@ -503,3 +503,30 @@ def test_every_config_parses_validates_and_states_its_command(parse, tmp_path, c
             (1024, "mixed_float16", 5) if efficient else (256, "float32", 0)
         )
         assert f.zero_gamma == f.no_bias_decay == efficient and f.epochs == 120
+
+
+def test_mixup_in_the_step_uses_the_replica_seeded_lambda_and_switches_off():
+    from bot_keras.data import mixup as mixup_ops
+
+    keras.utils.set_random_seed(0)
+    model = _tiny_model()
+    optimizer = optimizers.build_optimizer(0.0, weight_decay=0.0)  # lr 0: the model stays fixed
+    optimizer.build(model.trainable_variables)
+    loss = train.make_per_example_loss(label_smoothing=0.0, temperature=1.0, hard_weight=None)
+    step = train.make_train_function(tf.distribute.get_strategy(), model, optimizer, per_example_loss=loss,
+                                     global_batch_size=8, mixup_alpha=0.2, seed=5)
+    images, labels = next(iter(_batches()))
+
+    def loss_sum(x, y):
+        return float(tf.reduce_sum(tf.nn.softmax_cross_entropy_with_logits(labels=y, logits=model(x))))
+
+    def run(start, mixup_on):
+        it = iter(_batches())
+        return step(it, tf.constant(start, tf.int64), tf.constant(1), tf.constant(mixup_on)).numpy()[0]
+
+    # λ of replica 0 at step 7 with run seed 5: seed (5, 7·1024 + 0).
+    lam = mixup_ops.sample_mixup_lambda(0.2, seed=tf.constant([5, 7 * 1024], tf.int64))
+    mixed_images, mixed_labels = mixup_ops.mixup(images, labels, lam)
+    assert run(7, True) == pytest.approx(loss_sum(mixed_images, mixed_labels), rel=1e-5)
+    assert run(8, True) != pytest.approx(run(7, True), rel=1e-5)  # a new λ each step
+    assert run(7, False) == pytest.approx(loss_sum(images, labels), rel=1e-5)  # --mixup_off_epochs

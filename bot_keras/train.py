@@ -445,7 +445,7 @@ def train_loop(
             else:  # images/s leaves out the first call, which traces and compiles the step
                 traced, start_time = True, time.perf_counter()
             step_var.assign(step)
-            lr = float(np.asarray(optimizer.learning_rate))
+            lr = last_learning_rate(optimizer)
             if not np.isfinite(sums[0]):
                 where = f"at step {step}" if n == 1 else f"in steps {step - n + 1}-{step}"
                 raise FloatingPointError(
@@ -466,6 +466,17 @@ def train_loop(
         callbacks.on_epoch_end(epoch, logs)
     callbacks.on_train_end(logs)
     return logs
+
+
+def last_learning_rate(optimizer):
+    """The learning rate of the last update (Keras' `optimizer.learning_rate` is the next update's)."""
+    import keras
+
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    schedule = getattr(inner, "_learning_rate", None)  # Keras 3 keeps the schedule object here
+    if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
+        return float(schedule(max(int(inner.iterations.numpy()) - 1, 0)))
+    return float(optimizer.learning_rate)
 
 
 def _train_logs(totals, mixup_on, lr, images_per_sec):

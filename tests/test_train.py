@@ -308,7 +308,9 @@ def test_checkpoint_restores_weights_step_learning_rate_and_loss_scale(tmp_path)
     assert int(step_var2.numpy()) == 7
     assert int(optimizer2.iterations.numpy()) == 6  # the skipped step did not advance the schedule
     assert float(optimizer2.dynamic_scale.numpy()) == 16384.0
+    # optimizer.learning_rate is the next update's; last_learning_rate the last one's.
     assert float(optimizer2.learning_rate) == pytest.approx(float(schedule(6)), rel=1e-6)
+    assert train.last_learning_rate(optimizer2) == pytest.approx(float(schedule(5)), rel=1e-6)
     # Warmup over 5 steps to 0.1, then cosine: at step 6 the lr is ½(1 + cos(π·1/14))·0.1.
     assert float(schedule(6)) == pytest.approx(0.5 * (1 + math.cos(math.pi / 14)) * 0.1, rel=1e-6)
     for a, b in zip(expected_weights, model2.get_weights(), strict=True):
@@ -513,8 +515,15 @@ def test_mixup_in_the_step_uses_the_replica_seeded_lambda_and_switches_off():
     optimizer = optimizers.build_optimizer(0.0, weight_decay=0.0)  # lr 0: the model stays fixed
     optimizer.build(model.trainable_variables)
     loss = train.make_per_example_loss(label_smoothing=0.0, temperature=1.0, hard_weight=None)
-    step = train.make_train_function(tf.distribute.get_strategy(), model, optimizer, per_example_loss=loss,
-                                     global_batch_size=8, mixup_alpha=0.2, seed=5)
+    step = train.make_train_function(
+        tf.distribute.get_strategy(),
+        model,
+        optimizer,
+        per_example_loss=loss,
+        global_batch_size=8,
+        mixup_alpha=0.2,
+        seed=5,
+    )
     images, labels = next(iter(_batches()))
 
     def loss_sum(x, y):

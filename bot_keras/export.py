@@ -164,20 +164,11 @@ def load_model(run):
 
 
 def load_backbone(model_dir, **backbone_kwargs):
-    """`build_backbone` of the run's architecture with the trained classifier's weights loaded by layer
-    name (every backbone layer is a classifier layer; the classifier's `logits` head is left out).
-    `backbone_kwargs` go to `build_backbone` (e.g. `output_stride`, `input_shape`)."""
+    """`build_backbone` of the run's architecture holding the trained classifier's weights (copied layer by
+    layer by `models.load_classifier_weights`; the `logits` head is left out). `backbone_kwargs` go to
+    `build_backbone` (e.g. `output_stride`, `input_shape`): the start for segmentation or detection."""
     run = read_run(model_dir)
-    classifier = load_model(run)
-    backbone = build_backbone(run.model_name, **backbone_kwargs)
-    source = {layer.name: layer for layer in classifier.layers}
-    for layer in backbone.layers:
-        if not layer.weights:
-            continue
-        if layer.name not in source:
-            raise ValueError(f"backbone layer {layer.name} has no counterpart in {run.model_path}")
-        layer.set_weights(source[layer.name].get_weights())
-    return backbone
+    return build_backbone(run.model_name, weights_from=load_model(run), **backbone_kwargs)
 
 
 def is_supported_image(encoded):

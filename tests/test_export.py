@@ -212,7 +212,8 @@ def test_tflite_float32_and_dynamic_range_agree_with_the_saved_model(loaded, tfl
     probabilities = tf.nn.softmax(reference).numpy()
     dynamic_probability_error = np.abs(tf.nn.softmax(dynamic).numpy() - probabilities).max()
     print(f"TFLite vs SavedModel on {len(images)} images: float32 max |logit diff| {float32_error:.2e}; "
-          f"dynamic-range max |logit diff| {dynamic_error:.2e}, max |prob diff| {dynamic_probability_error:.2e}, "
+          f"dynamic-range max |logit diff| {dynamic_error:.2e}, "
+          f"max |prob diff| {dynamic_probability_error:.2e}, "
           f"top-1 agreement {np.mean(dynamic.argmax(1) == reference.argmax(1)):.0%}")
     assert float32_error < 1e-4
     np.testing.assert_array_equal(float32.argmax(1), reference.argmax(1))
@@ -241,7 +242,8 @@ def test_trained_weights_load_into_the_backbone(run):
     assert float(tf.reduce_max(tf.abs(p5))) > 0.1  # not an all-zero coincidence
     # And it is the classifier: pooling P5 and the trained head give the trained logits.
     head = model.get_layer("logits")
-    np.testing.assert_allclose(head(tf.reduce_mean(p5, axis=(1, 2))), model(images, training=False), atol=1e-5)
+    pooled = tf.reduce_mean(p5, axis=(1, 2))
+    np.testing.assert_allclose(head(pooled), model(images, training=False), atol=1e-5)
 
 
 # --- bad input ------------------------------------------------------------------------------------------
@@ -368,5 +370,6 @@ def test_cli_exports_and_refuses_to_overwrite(run, tmp_path):
     second = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
     assert second.returncode == 1
     assert second.stderr.strip().splitlines()[-1] == (
-        f"bot_keras.export: error: --export_dir={tmp_path / 'out'} already exists; pass --overwrite to replace it")
+        f"bot_keras.export: error: --export_dir={tmp_path / 'out'} already exists; "
+        "pass --overwrite to replace it")
 

@@ -40,7 +40,7 @@ import keras
 import tensorflow as tf
 from absl import app, flags
 
-from bot_keras.data.augment import decode_image, preprocess_for_eval
+from bot_keras.data.augment import check_encoded_image, decode_image, preprocess_for_eval
 from bot_keras.models import build_backbone, build_model
 
 RUN_FILES = ("flags.txt", "classes.txt", "model.keras")
@@ -49,9 +49,6 @@ QUANTIZE = ("none", "dynamic")
 SIGNATURES = ("serving_default", "serving_images")
 TFLITE_FILE = "model.tflite"
 KERAS_FILE = "model.keras"
-
-# The first bytes of each format `decode_image` reads (the formats tf.io.decode_image knows).
-_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,13 +168,6 @@ def load_backbone(model_dir, **backbone_kwargs):
     return build_backbone(run.model_name, weights_from=load_model(run), **backbone_kwargs)
 
 
-def is_supported_image(encoded):
-    """bool tensor: does each string start like a JPEG, PNG, GIF or BMP file?"""
-    encoded = tf.convert_to_tensor(encoded, tf.string)
-    matches = [tf.equal(tf.strings.substr(encoded, 0, len(magic)), magic) for magic in _IMAGE_MAGIC]
-    return tf.reduce_any(tf.stack(matches), axis=0)
-
-
 class ServingModule(tf.Module):
     """The exported object: a float32 classifier behind the two serving signatures (module docstring)."""
 
@@ -209,11 +199,12 @@ class ServingModule(tf.Module):
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     def serve_bytes(self, image_bytes):
-        ok = is_supported_image(image_bytes)
+        ok = tf.map_fn(check_encoded_image, image_bytes, fn_output_signature=tf.bool)
         checks = [
             _assert_batch_not_empty("serving_default", image_bytes),
             tf.debugging.Assert(tf.reduce_all(ok), [
-                "serving_default: image_bytes entries at these batch indices are not JPEG/PNG/GIF/BMP data:",
+                "serving_default: image_bytes entries at these batch indices are not complete JPEG, PNG, "
+                "GIF or BMP images:",
                 tf.reshape(tf.where(tf.logical_not(ok)), [-1]),
             ]),
         ]
@@ -244,7 +235,9 @@ def _tflite_bytes(model, image_size, quantize, scratch):
     """TFLite flatbuffer of preprocess_for_eval + model for one uint8 image [1, H, W, 3]."""
 
     def classify(image):
-        batch = preprocess_for_eval(image[0], image_size)[tf.newaxis]
+        # TFLite's RESIZE_BILINEAR needs the same input and output type, and TensorFlow's bilinear resize of
+        # uint8 computes in float32 anyway: casting first gives the same pixels (the agreement test checks).
+        batch = preprocess_for_eval(tf.cast(image[0], tf.float32), image_size)[tf.newaxis]
         logits = tf.cast(model(batch, training=False), tf.float32)
         return {"logits": logits, "probabilities": tf.nn.softmax(logits, axis=-1)}
 

@@ -29,7 +29,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from bot_keras import export
-from bot_keras.data.augment import decode_image, preprocess_for_eval
+from bot_keras.data.augment import check_encoded_image, decode_image, preprocess_for_eval
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,8 +105,8 @@ def read_images(paths):
         if not path.is_file():
             raise FileNotFoundError(f"image file {path} does not exist")
         data = path.read_bytes()
-        if not bool(export.is_supported_image(data)):
-            raise ValueError(f"{path} is not a JPEG, PNG, GIF or BMP image")
+        if not bool(check_encoded_image(data)):
+            raise ValueError(f"{path} is not a complete JPEG, PNG, GIF or BMP image")
         encoded.append(data)
     return encoded
 

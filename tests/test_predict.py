@@ -87,8 +87,11 @@ def test_missing_and_non_image_files_are_named(run, image_files, tmp_path):
     with pytest.raises(FileNotFoundError, match=f"image file {tmp_path / 'gone.jpg'} does not exist"):
         predict.predict(run[0], [image_files[0], str(tmp_path / "gone.jpg")])
     (tmp_path / "notes.jpg").write_text("not a picture")
-    with pytest.raises(ValueError, match=f"{tmp_path / 'notes.jpg'} is not a JPEG, PNG, GIF or BMP image"):
-        predict.predict(run[0], [str(tmp_path / "notes.jpg")])
+    truncated = pathlib.Path(image_files[1]).read_bytes()[:500]  # a JPEG cut short
+    (tmp_path / "cut.jpg").write_bytes(truncated)
+    for name in ("notes.jpg", "cut.jpg"):
+        with pytest.raises(ValueError, match=f"{tmp_path / name} is not a complete JPEG, PNG, GIF or BMP"):
+            predict.predict(run[0], [image_files[0], str(tmp_path / name)])
 
 
 def test_bad_model_paths_are_named(run, image_files, tmp_path):

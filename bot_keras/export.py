@@ -41,6 +41,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from bot_keras.data.augment import check_encoded_image, decode_image, preprocess_for_eval
+from bot_keras.data.sources import read_class_names
 from bot_keras.models import build_backbone, build_model
 
 RUN_FILES = ("flags.txt", "classes.txt", "model.keras")
@@ -100,8 +101,7 @@ def read_run(model_dir):
     except ValueError:
         raise ValueError(
             f"{model_dir / 'flags.txt'}: --image_size={flags['image_size']} is not an integer") from None
-    class_names = tuple(line.strip() for line in (model_dir / "classes.txt").read_text().splitlines())
-    class_names = tuple(name for name in class_names if name)
+    class_names = read_class_names(model_dir / "classes.txt")
     if not class_names:
         raise ValueError(f"{model_dir / 'classes.txt'} lists no classes")
     return Run(

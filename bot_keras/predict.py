@@ -30,6 +30,7 @@ from absl import app, flags
 
 from bot_keras import export
 from bot_keras.data.augment import check_encoded_image, decode_image, preprocess_for_eval
+from bot_keras.data.sources import read_class_names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +60,7 @@ def _keras_classifier(model, class_names, image_size, kind):
 def _read_class_names(path):
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; it lists the class names (one a line, index order)")
-    names = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    names = read_class_names(path)
     if not names:
         raise ValueError(f"{path} lists no classes")
     return names

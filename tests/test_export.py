@@ -12,11 +12,22 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from tiny_run import CLASS_NAMES, IMAGE_SIZE, MODEL, make_run, pixels, reference_logits, sample_images
+from tiny_run import (
+    CLASS_NAMES,
+    IMAGE_SIZE,
+    MODEL,
+    evaluation_logits,
+    make_run,
+    pixels,
+    reference_logits,
+    sample_images,
+    write_image_folder,
+)
 
 from bot_keras import export
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated:UserWarning")
 
 
 def _env():
@@ -53,13 +64,9 @@ def tflite_files(run, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_fresh_process_without_bot_keras_predicts_like_in_process_inference(run, saved_model, tmp_path):
+def test_fresh_process_without_bot_keras_predicts_like_the_evaluation_pipeline(run, saved_model, tmp_path):
     _, model = run
-    images = sample_images()
-    paths = []
-    for name, data in images:
-        (tmp_path / name).write_bytes(data)
-        paths.append(str(tmp_path / name))
+    paths = write_image_folder(tmp_path / "folder")
     script = textwrap.dedent(f"""
         import sys
         import numpy as np
@@ -75,7 +82,9 @@ def test_fresh_process_without_bot_keras_predicts_like_in_process_inference(run,
     subprocess.run([sys.executable, "-c", script], check=True, env=_env(), cwd=tmp_path, timeout=300)
     out = np.load(tmp_path / "out.npz")
 
-    expected = reference_logits(model, [data for _, data in images])
+    # bot_keras.evaluate's input path: make_dataset(..., training=False) batches → model(training=False).
+    expected = evaluation_logits(model, tmp_path / "folder")
+    assert expected.shape == (len(paths), len(CLASS_NAMES))
     np.testing.assert_allclose(out["logits"], expected, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(out["probabilities"], tf.nn.softmax(expected).numpy(), atol=1e-5)
     expected_ids = np.argsort(-expected, axis=1, kind="stable")[:, :3]
@@ -188,9 +197,6 @@ def test_keras_format_is_a_float32_model_with_its_class_list(run, tmp_path):
     model = keras.models.load_model(path / "model.keras", compile=False)
     encoded = [data for _, data in sample_images()]
     np.testing.assert_allclose(reference_logits(model, encoded), reference_logits(run[1], encoded), atol=1e-6)
-
-
-pytestmark = pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated:UserWarning")
 
 
 def _tflite_logits(path, images):

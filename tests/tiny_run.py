@@ -11,6 +11,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from bot_keras.data import make_dataset
 from bot_keras.data.augment import decode_image, preprocess_for_eval
 from bot_keras.models import build_model
 
@@ -84,3 +85,23 @@ def reference_logits(model, encoded_images, image_size=IMAGE_SIZE):
     """In-process inference, as evaluation runs it: decode_image → preprocess_for_eval → model."""
     batch = tf.stack([preprocess_for_eval(decode_image(data), image_size) for data in encoded_images])
     return np.asarray(model(batch, training=False), dtype=np.float32)
+
+
+def write_image_folder(root, images=None):
+    """Writes the images as an image-folder split ROOT/val/any/<name> (file order = list order); returns
+    the file paths in that order."""
+    class_dir = pathlib.Path(root) / "val" / "any"
+    class_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, data in images or sample_images():
+        (class_dir / name).write_bytes(data)
+        paths.append(str(class_dir / name))
+    return paths
+
+
+def evaluation_logits(model, folder_root, image_size=IMAGE_SIZE):
+    """Logits over the images of `write_image_folder` through the pipeline `bot_keras.evaluate` feeds
+    (`make_dataset(..., training=False)`: in order, one pass), batch by batch as its eval step runs."""
+    dataset = make_dataset(f"folder:{folder_root}", split="val", image_size=image_size, global_batch_size=2,
+                           training=False)
+    return np.concatenate([np.asarray(model(images, training=False), np.float32) for images, _ in dataset])

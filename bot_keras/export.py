@@ -298,10 +298,15 @@ def export(model_dir, export_dir, *, export_format="savedmodel", overwrite=False
     staging = _sibling(export_dir, "partial")
     try:
         _write(run, model, staging, export_format=export_format, quantize=quantize, top_k=top_k)
-        if export_dir.exists():  # --overwrite: move the old export aside, then swap
+        if export_dir.exists():  # --overwrite: move the old export aside, swap, then delete it
             retired = _sibling(export_dir, "old")
             os.rename(export_dir, retired / export_dir.name)
-            os.rename(staging, export_dir)
+            try:
+                os.rename(staging, export_dir)
+            except BaseException:
+                os.rename(retired / export_dir.name, export_dir)  # put the old export back
+                shutil.rmtree(retired)
+                raise
             shutil.rmtree(retired)
         else:
             os.rename(staging, export_dir)

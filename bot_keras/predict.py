@@ -5,9 +5,10 @@
 PATH is any of:
   - a SavedModel directory written by `bot_keras.export` (its `serving_default` signature decodes and
     preprocesses the file bytes inside the graph; class names come from the export itself);
-  - a `.keras` file, with `classes.txt` beside it (as `bot_keras.export --format=keras` and the trainer
-    write it) and the image size from `flags.txt` beside it or else the model's input shape;
-  - a run directory written by `bot_keras.train` (the final `model.keras`, in float32).
+  - a run directory written by `bot_keras.train` (its final `model.keras`, rebuilt in float32 if it was
+    trained in mixed precision), or that `model.keras` itself, or the directory `--format=keras` writes;
+  - any other `.keras` file, with `classes.txt` beside it; the image size comes from `flags.txt` beside it
+    or else the model's input shape.
 For the last two the images go through `data.augment.decode_image` and `preprocess_for_eval`, the
 evaluation transform of Section 2.1 of the paper that the SavedModel carries in its graph.
 
@@ -81,6 +82,8 @@ def load_classifier(path):
 
         names = tuple(name.decode() for name in loaded.class_names.numpy())
         return Classifier(probabilities=probabilities, class_names=names, kind="savedmodel")
+    if path.is_file() and path.name == "model.keras" and (path.parent / "flags.txt").is_file():
+        path = path.parent  # a run directory's final model: load it as the run (float32 rebuild included)
     if path.is_file() and path.suffix == ".keras":
         model = keras.models.load_model(path, compile=False)
         class_names = _read_class_names(path.parent / "classes.txt")

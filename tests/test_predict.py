@@ -3,6 +3,7 @@ format; errors that name the bad file or path; the CLI."""
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -59,8 +60,17 @@ def test_saved_model_and_keras_exports(run, image_files, expected_probabilities,
     _check(predict.predict(saved_model, image_files, k=5), image_files, expected_probabilities, 5)
     results = predict.predict(keras_dir / "model.keras", image_files, k=4)
     _check(results, image_files, expected_probabilities, 4)
-    # The trainer's own model.keras, with classes.txt and flags.txt beside it, works the same way.
+    # The trainer's own model.keras, with classes.txt and flags.txt beside it, loads as the run.
+    assert predict.load_classifier(run[0] / "model.keras").kind == "run"
     _check(predict.predict(run[0] / "model.keras", image_files, k=1), image_files, expected_probabilities, 1)
+    # Any .keras file with a class list beside it; the image size from the model's input shape.
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(run[0] / "model.keras", other / "classifier.keras")
+    shutil.copy(run[0] / "classes.txt", other)
+    assert predict.load_classifier(other / "classifier.keras").kind == "keras"
+    results = predict.predict(other / "classifier.keras", image_files, k=2)
+    _check(results, image_files, expected_probabilities, 2)
 
 
 def test_top_k_orders_by_probability_and_breaks_ties_by_class_id():

@@ -17,7 +17,7 @@ Both return `logits` [N, K], `probabilities` [N, K], `top_k_ids` [N, k], `top_k_
 `top_k_names` [N, k] (class names from the run's `classes.txt`). The loaded object also carries
 `class_names` and `image_size` as variables.
 
-Low-precision training (Section 3.1) keeps float32 master weights; a model trained under
+Low-precision training (Section 3.2) keeps float32 master weights; a model trained under
 `mixed_float16`/`mixed_bfloat16` is exported from a float32 rebuild of the same architecture with those
 weights copied in, because float16 graphs are slow on CPU and TFLite rejects them.
 
@@ -61,7 +61,6 @@ class Run:
     class_names: tuple
     model_name: str
     image_size: int
-    precision: str
 
     @property
     def model_path(self):
@@ -71,7 +70,7 @@ class Run:
 def read_flagfile(path):
     """absl flagfile → {name: value string}. A bare boolean (`--name`, or absl's `--noname` for false)
     maps to "true" under the name as written: telling `--noname` from a flag called `noname` needs the
-    flag definitions, and export reads only valued flags (--model, --image_size, --precision)."""
+    flag definitions, and export reads only valued flags (--model, --image_size)."""
     values = {}
     for line in pathlib.Path(path).read_text().splitlines():
         line = line.strip()
@@ -110,18 +109,18 @@ def read_run(model_dir):
         class_names=class_names,
         model_name=flags["model"],
         image_size=image_size,
-        precision=flags.get("precision", "float32"),
     )
 
 
-def _is_float32(model):
+def _computes_in_float32(model):
     return all(layer.dtype_policy.compute_dtype == "float32" for layer in model.layers)
 
 
 def float32_rebuild(model, run):
-    """The model itself when it computes in float32, else the architecture rebuilt from `flags.txt` under
-    the float32 policy with the trained (float32 master) weights copied in."""
-    if _is_float32(model):
+    """The model itself when every layer computes in float32; else (a model saved under a mixed policy,
+    Section 3.2's FP16 training) `--model` from `flags.txt` rebuilt under the float32 policy with the
+    trained float32 master weights copied in, in order, each shape checked."""
+    if _computes_in_float32(model):
         return model
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32")
@@ -180,10 +179,13 @@ class ServingModule(tf.Module):
         self._top_k = min(int(top_k), len(class_names))
 
     def _preprocess(self, images_or_bytes, decode):
+        """Per image (each may have its own size): [decode_image →] preprocess_for_eval."""
         size = self._size
-        fn = (lambda x: preprocess_for_eval(decode_image(x), size)) if decode else (
-            lambda x: preprocess_for_eval(x, size))
-        return tf.map_fn(fn, images_or_bytes, fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
+
+        def one(x):
+            return preprocess_for_eval(decode_image(x) if decode else x, size)
+
+        return tf.map_fn(one, images_or_bytes, fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
 
     def _outputs(self, images):
         logits = tf.cast(self.model(images, training=False), tf.float32)

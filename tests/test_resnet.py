@@ -8,7 +8,6 @@ import sys
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from bot_keras.models import MODEL_NAMES, build_backbone, build_model, load_classifier_weights
 from bot_keras.models.resnet import BLOCKS_PER_STAGE, Tweaks, resnet_features
@@ -286,6 +285,7 @@ def test_kernel_initializers():
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50_d"])
 def test_every_trainable_variable_gets_a_gradient(name):
+    import tensorflow as tf  # imported here so this file also collects where only JAX is installed
     model = build_model(name, num_classes=10, input_shape=(64, 64, 3), dropout_rate=0.2)
     projection = tf.constant(np.random.default_rng(2).normal(size=(2, 10)).astype("float32"))
     with tf.GradientTape() as tape:

@@ -74,7 +74,7 @@ def layer_names(model):
 
 def test_where_the_downsampling_stride_sits(resnet50_family):
     a, b = resnet50_family["resnet50"], resnet50_family["resnet50_b"]
-    # ResNet (Figure 1): stride 2 on the first 1×1 conv. ResNet-B (Section 4.1): on the 3×3 conv.
+    # ResNet (Figure 1): stride 2 on the first 1×1 conv. ResNet-B (Section 4.2): on the 3×3 conv.
     assert a.get_layer("stage2_block0_conv1").strides == (2, 2)
     assert a.get_layer("stage2_block0_conv2").strides == (1, 1)
     assert b.get_layer("stage2_block0_conv1").strides == (1, 1)
@@ -95,7 +95,7 @@ def test_deep_stem_and_average_pool_shortcut(resnet50_family):
         assert [conv.kernel_size for conv in stem] == [(3, 3)] * 3
         assert {f"stem_bn{i}" for i in (1, 2, 3)} <= names
     assert not any(name.endswith("_down_pool") for name in layer_names(c))
-    # ResNet-D (Section 4.3): 2×2/2 average pool then a stride-1 1×1 conv; stage 1 has no pool.
+    # ResNet-D (Section 4.2): 2×2/2 average pool then a stride-1 1×1 conv; stage 1 has no pool.
     pools = sorted(name for name in layer_names(d) if name.endswith("_down_pool"))
     assert pools == ["stage2_block0_down_pool", "stage3_block0_down_pool", "stage4_block0_down_pool"]
     for stage in (1, 2, 3, 4):

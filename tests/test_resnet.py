@@ -388,6 +388,7 @@ def test_unknown_name_lists_the_valid_names():
         (dict(dropout_rate=-0.1), "dropout_rate.*-0.1"),
         (dict(dropout_rate=1.0), "dropout_rate.*1.0"),
         (dict(num_classes=0), "num_classes.*0"),
+        (dict(num_classes=2.5), "num_classes.*2.5"),
         (dict(input_shape=(32, 32)), r"input_shape.*\(32, 32\)"),
         (dict(kernel_initializer="gaussian_ish"), "kernel_initializer 'gaussian_ish'"),
     ],

@@ -12,25 +12,32 @@ No PyTorch is needed: the file is read with numpy.
 """
 
 import argparse
+import os
 import pathlib
 import sys
 
-from bot_keras.models import MODEL_NAMES, build_model
-from bot_keras.models.timm_weights import load_timm_weights, read_safetensors, timm_model_name
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bot_keras.models import MODEL_NAMES, build_model  # noqa: E402
+from bot_keras.models.timm_weights import load_timm_weights, read_safetensors, timm_model_name  # noqa: E402
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        prog="convert_timm_weights", description=__doc__.split("\n\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="convert_timm_weights", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="our model name, e.g. resnet50_d (timm resnet50d)")
     parser.add_argument("--weights", required=True, help="timm state dict as .safetensors")
     parser.add_argument("--output", required=True, help="where to write: .keras (model) or .weights.h5")
     parser.add_argument(
-        "--num_classes", type=int, default=None,
+        "--num_classes",
+        "--num-classes",
+        type=int,
+        default=None,
         help="classifier size; default: the file's. Another size gets a new, randomly initialised classifier",
     )
-    parser.add_argument("--image_size", type=int, default=224, help="input height and width of the model")
+    parser.add_argument(
+        "--image_size", "--image-size", type=int, default=224, help="input height and width of the model"
+    )
     args = parser.parse_args(argv)
     if args.model not in MODEL_NAMES:
         parser.error(f"--model {args.model!r} is unknown; valid names: {', '.join(MODEL_NAMES)}")
@@ -60,7 +67,9 @@ def main(argv=None):
     if num_classes is None:
         parser.error(f"--weights {args.weights!r} has no classifier (fc.weight); pass --num_classes")
     skip_classifier = num_classes != file_classes
-    model = build_model(args.model, num_classes=num_classes, input_shape=(args.image_size, args.image_size, 3))
+    model = build_model(
+        args.model, num_classes=num_classes, input_shape=(args.image_size, args.image_size, 3)
+    )
     try:
         load_timm_weights(model, state, skip_classifier=skip_classifier)
     except ValueError as error:

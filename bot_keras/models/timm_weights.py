@@ -87,18 +87,22 @@ def read_safetensors(path):
         raise FileNotFoundError(f"safetensors file not found: {str(path)!r}")
     data = path.read_bytes()
     if len(data) < 8:
-        raise ValueError(f"{str(path)!r} is not a safetensors file: {len(data)} bytes, shorter than its header")
+        raise ValueError(
+            f"{str(path)!r} is not a safetensors file: {len(data)} bytes, shorter than its header"
+        )
     header_size = int.from_bytes(data[:8], "little")
     if header_size > len(data) - 8:
         raise ValueError(
-            f"{str(path)!r} is not a safetensors file: its first 8 bytes give a header of {header_size} bytes "
-            f"but the file has {len(data)} (a PyTorch .pth/.bin checkpoint? timm's Hugging Face repos have "
-            "model.safetensors)"
+            f"{str(path)!r} is not a safetensors file: its first 8 bytes give a header of {header_size} "
+            f"bytes but the file has {len(data)} (a PyTorch .pth/.bin checkpoint? timm's Hugging Face "
+            "repos have model.safetensors)"
         )
     try:
         header = json.loads(data[8 : 8 + header_size].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{str(path)!r} is not a safetensors file: its header is not JSON ({error})") from error
+        raise ValueError(
+            f"{str(path)!r} is not a safetensors file: its header is not JSON ({error})"
+        ) from error
     if not isinstance(header, dict):
         raise ValueError(f"{str(path)!r} is not a safetensors file: its header is not a JSON object")
     buffer = memoryview(data)[8 + header_size :]
@@ -120,7 +124,9 @@ def _decode_tensor(path, name, info, buffer):
     elif dtype_name in _SAFETENSORS_DTYPES:
         dtype = np.dtype(_SAFETENSORS_DTYPES[dtype_name])
     else:
-        raise ValueError(f"{str(path)!r}: tensor {name!r} has dtype {dtype_name}, which this reader does not support")
+        raise ValueError(
+            f"{str(path)!r}: tensor {name!r} has dtype {dtype_name}, which this reader does not support"
+        )
     expected_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if not 0 <= begin <= end <= len(buffer) or end - begin != expected_bytes:
         raise ValueError(
@@ -142,7 +148,8 @@ def timm_model_name(name):
     if not match:
         raise ValueError(
             f"{name!r} has no timm counterpart: timm's ResNets are our ResNet-B/C/D models "
-            "(resnet{18,34,50,101,152,200}_{b,c,d}); the original ResNet (stride on the 1×1 conv) is not in timm"
+            "(resnet{18,34,50,101,152,200}_{b,c,d}); the original ResNet (stride on the 1×1 conv) is not "
+            "in timm, and timm's resnetNN is our resnetNN_b"
         )
     depth, variant = match.groups()
     return f"resnet{depth}" + ("" if variant == "b" else variant)
@@ -246,8 +253,8 @@ def _reject_resnet_a(model, layers):
             and tuple(layer.strides) != (1, 1)
         ):
             raise ValueError(
-                f"Model {model.name!r} is the original ResNet (layer {layer.name!r} strides in its 1×1 conv), "
-                "which timm does not have; timm's resnetNN is our ResNet-B, resnetNN_b"
+                f"Model {model.name!r} is the original ResNet (layer {layer.name!r} strides in its 1×1 "
+                "conv), which timm does not have: timm's resnetNN is our resnetNN_b (ResNet-B)"
             )
 
 
@@ -286,7 +293,7 @@ def load_timm_weights(model, weights, *, skip_classifier=False):
 
     def mismatch(problem, hint=""):
         try:
-            ours = f" (timm {timm_model_name(model.name)!r})"
+            ours = f" (timm {timm_model_name(model.name.removesuffix('_backbone'))!r})"
         except ValueError:
             ours = ""
         return ValueError(

@@ -243,6 +243,19 @@ def test_load_places_every_tensor_transposed(tmp_path, name, variant):
     np.testing.assert_array_equal(np.array(layer["logits"].bias), state["fc.bias"])
 
 
+def test_load_under_mixed_precision_keeps_float32_variables():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    model = build_model("resnet18_d", num_classes=10, input_shape=IMAGE)
+    state = {k: v.astype(np.float16) for k, v in random_state(timm_layout(18, "d", 10)).items()}
+    load_timm_weights(model, state)
+    kernel = model.get_layer("stage1_block1_conv1").kernel
+    assert kernel.dtype == "float32"
+    np.testing.assert_array_equal(
+        np.array(kernel), state["layer1.1.conv1.weight"].astype(np.float32).transpose(2, 3, 1, 0)
+    )
+    assert np.array(model(np.zeros((1, *IMAGE), np.float32))).dtype == np.float32
+
+
 # --- strict errors ----------------------------------------------------------------------------------------
 
 

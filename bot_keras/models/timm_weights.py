@@ -280,10 +280,10 @@ def load_timm_weights(model, weights, *, skip_classifier=False):
     Everything else is strict (see the module docstring); the model is returned for chaining.
     """
     if isinstance(weights, (str, os.PathLike)):
-        source = repr(str(weights))
+        source = f" from {str(weights)!r}"
         state = read_safetensors(weights)
     else:
-        source = "the given state dict"
+        source = ""
         state = {key: np.asarray(value) for key, value in weights.items()}
     state = {key: value for key, value in state.items() if not key.endswith(".num_batches_tracked")}
     targets = _targets(model)
@@ -297,7 +297,7 @@ def load_timm_weights(model, weights, *, skip_classifier=False):
         except ValueError:
             ours = ""
         return ValueError(
-            f"timm weights from {source} do not fit model {model.name!r}{ours}: {problem}. "
+            f"timm weights{source} do not fit model {model.name!r}{ours}: {problem}. "
             f"The weights look like {describe_timm_state_dict(state)}.{hint}"
         )
 

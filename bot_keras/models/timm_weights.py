@@ -1,8 +1,8 @@
 """timm's ResNet weights in our ResNet-B/C/D models, read from `.safetensors` without PyTorch.
 
-timm's ResNets are the paper's Section 4 variants under other names: timm `resnetNN` is ResNet-B (stride on
-the 3×3 conv, Section 4.1), `resnetNNc` is ResNet-C (deep stem of three 3×3 convs, 32-32-64 channels,
-Section 4.2) and `resnetNNd` is ResNet-D (plus the 2×2 average-pool shortcut, Section 4.3). The paper
+timm's ResNets are the paper's Section 4.2 tweaks (Figure 2) under other names: timm `resnetNN` is ResNet-B
+(stride on the 3×3 conv), `resnetNNc` is ResNet-C (deep stem of three 3×3 convs, 32-32-64 channels) and
+`resnetNNd` is ResNet-D (plus the 2×2 average-pool shortcut). The paper
 authors' own GluonCV weights are published through timm (`resnet50d.gluon_in1k` is GluonCV's
 `resnet50_v1d`), so this module is how a user starts from the authors' released ResNet-50-D.
 

@@ -1,0 +1,249 @@
+"""ResNet-A/B/C/D (Section 4 of He et al., 2018) with zero-γ (Section 3.1), as Keras 3 functional models.
+
+The paper's ResNet-50 (He et al., 2016) and its three tweaks, each one named switch:
+
+Section 4.2 and Figure 2 of the paper:
+- `stride_on_3x3` (ResNet-B, Figure 2a): a downsampling bottleneck strides in its 3×3 conv instead of its
+  first 1×1 conv, so the 1×1 no longer skips three quarters of the input.
+- `deep_stem` (ResNet-C, Figure 2b): the 7×7 stem conv becomes three 3×3 convs (32, 32, 64 channels;
+  stride 2 on the first), each followed by BN and ReLU, then the 3×3/2 max pool.
+- `avg_down` (ResNet-D, Figure 2c): the shortcut of a downsampling block is a 2×2/2 average pool followed
+  by a 1×1 conv with stride 1, so the shortcut no longer skips three quarters of its input either.
+
+The switches are independent; the named variants stack them as the paper does (C = B + deep stem,
+D = C + average-pool shortcut). A basic block (depths 18, 34) has no 1×1 conv: its first 3×3 conv always
+carries the stride, so `stride_on_3x3` changes nothing there (`resnet18` and `resnet18_b` are the same
+network).
+
+The architecture matches the authors' code (GluonCV `resnetv1b`) and timm exactly, so their weights load:
+- every stride-2 conv and the max pool use explicit symmetric `ZeroPadding2D` then `"valid"`; TensorFlow's
+  `"same"` pads only bottom/right at stride 2 on even sizes, shifting every feature map by half a pixel;
+- convs have no bias; BatchNormalization uses momentum 0.9 and epsilon 1e-5 (the references' values);
+- the D shortcut pool is `AveragePooling2D(2, 2, padding="same")`: ceil mode, padded cells not counted,
+  i.e. PyTorch/MXNet `AvgPool(2, 2, ceil_mode=True, count_include_pad=False)`.
+
+Layer names are a contract (the timm weight converter maps onto them): stem `stem_conv`/`stem_bn` or
+`stem_conv1..3`/`stem_bn1..3`; `stage{s}_block{b}_conv{i}`/`_bn{i}`; shortcut `stage{s}_block{b}_down_conv`,
+`_down_bn` and `_down_pool`. Stage outputs are the layers `stage{s}_block{last}_out`.
+"""
+
+import dataclasses
+
+import keras
+
+# Depth → blocks per stage (He et al., 2016, Table 1; 200 from the pre-activation paper / GluonCV).
+BLOCKS_PER_STAGE = {
+    18: (2, 2, 2, 2),
+    34: (3, 4, 6, 3),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+    200: (3, 24, 36, 3),
+}
+BASIC_BLOCK_DEPTHS = (18, 34)  # two 3×3 convs a block; deeper nets use the 1×1-3×3-1×1 bottleneck
+STAGE_WIDTHS = (64, 128, 256, 512)  # channels of the (middle) convs in stages 1..4
+BOTTLENECK_EXPANSION = 4
+
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+OUTPUT_STRIDES = (8, 16, 32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tweaks:
+    """The paper's Section 4 model tweaks, one switch each (all False = the original ResNet)."""
+
+    stride_on_3x3: bool = False  # ResNet-B (Section 4.2, Figure 2a)
+    deep_stem: bool = False  # ResNet-C (Section 4.2, Figure 2b)
+    avg_down: bool = False  # ResNet-D (Section 4.2, Figure 2c)
+
+
+# Name suffix → tweaks. Our names follow the paper; README maps them to timm / GluonCV names.
+VARIANTS = {
+    "": Tweaks(),  # ResNet (He et al., 2016): stride on the first 1×1 conv of a bottleneck
+    "_b": Tweaks(stride_on_3x3=True),  # = timm resnet50, GluonCV resnet50_v1b
+    "_c": Tweaks(stride_on_3x3=True, deep_stem=True),  # = timm resnet50c, GluonCV resnet50_v1c
+    "_d": Tweaks(stride_on_3x3=True, deep_stem=True, avg_down=True),  # = timm resnet50d, GluonCV _v1d
+}
+
+RESNET_NAMES = tuple(f"resnet{depth}{suffix}" for depth in BLOCKS_PER_STAGE for suffix in VARIANTS)
+
+
+def parse_resnet_name(name):
+    """`"resnet50_d"` → `(50, Tweaks(...))`; ValueError listing the valid names otherwise."""
+    for depth in BLOCKS_PER_STAGE:
+        for suffix, tweaks in VARIANTS.items():
+            if name == f"resnet{depth}{suffix}":
+                return depth, tweaks
+    raise ValueError(f"Unknown ResNet name {name!r}; valid names: {', '.join(RESNET_NAMES)}")
+
+
+def msra_prelu_initializer():
+    """The authors' training script's init (GluonCV `mx.init.MSRAPrelu()`): Gaussian, fan_avg, slope 0.25.
+
+    MXNet's MSRAPrelu is Xavier(gaussian, "avg", magnitude=2 / (1 + 0.25²)); the paper's text says Xavier
+    uniform (Section 2.1), which is our default.
+    """
+    return keras.initializers.VarianceScaling(
+        scale=2.0 / (1.0 + 0.25**2), mode="fan_avg", distribution="untruncated_normal"
+    )
+
+
+def make_initializer(identifier):
+    """A fresh kernel initializer per layer from a Keras identifier or `"msra_prelu"`.
+
+    A new instance per layer keeps unseeded initializers from handing every layer the same draw.
+    """
+    if identifier == "msra_prelu":
+        return msra_prelu_initializer()
+    if isinstance(identifier, keras.initializers.Initializer):
+        return keras.initializers.deserialize(keras.initializers.serialize(identifier))
+    try:
+        return keras.initializers.get(identifier)
+    except ValueError as error:
+        raise ValueError(
+            f"Unknown kernel_initializer {identifier!r}: use a Keras initializer name or 'msra_prelu'"
+        ) from error
+
+
+def check_output_stride(output_stride):
+    if output_stride not in OUTPUT_STRIDES:
+        raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride!r}")
+
+
+def check_depth(depth):
+    if depth not in BLOCKS_PER_STAGE:
+        raise ValueError(f"ResNet depth must be one of {tuple(BLOCKS_PER_STAGE)}, got {depth!r}")
+
+
+def conv_bn(x, filters, kernel_size, *, prefix, suffix="", strides=1, dilation=1, relu=True,
+            zero_gamma=False, kernel_initializer="glorot_uniform"):
+    """Conv (no bias) → BN (momentum 0.9, epsilon 1e-5) → optional ReLU: every conv of the network.
+
+    Layers are named `{prefix}_conv{suffix}`, `{prefix}_bn{suffix}`, `{prefix}_relu{suffix}` (and
+    `{prefix}_pad{suffix}`). A strided conv with kernel > 1 gets explicit symmetric zero padding and
+    `"valid"`, as in PyTorch/MXNet; stride-1 convs use `"same"`, which is symmetric for odd kernels.
+    """
+    padding = "same"
+    if strides > 1:
+        padding = "valid"
+        pad = dilation * (kernel_size - 1) // 2
+        if pad:
+            x = keras.layers.ZeroPadding2D(pad, name=f"{prefix}_pad{suffix}")(x)
+    x = keras.layers.Conv2D(
+        filters,
+        kernel_size,
+        strides=strides,
+        padding=padding,
+        dilation_rate=dilation,
+        use_bias=False,
+        kernel_initializer=make_initializer(kernel_initializer),
+        name=f"{prefix}_conv{suffix}",
+    )(x)
+    x = keras.layers.BatchNormalization(
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPSILON,
+        # Zero-γ (Section 3.1): the residual branch starts as zero, so each block starts as its shortcut.
+        gamma_initializer="zeros" if zero_gamma else "ones",
+        name=f"{prefix}_bn{suffix}",
+    )(x)
+    if relu:
+        x = keras.layers.ReLU(name=f"{prefix}_relu{suffix}")(x)
+    return x
+
+
+def stem(x, *, deep_stem, kernel_initializer):
+    """Stride-4 stem: 7×7/2 conv (or ResNet-C's three 3×3 convs) then the 3×3/2 max pool."""
+    if deep_stem:
+        x = conv_bn(x, 32, 3, prefix="stem", suffix="1", strides=2, kernel_initializer=kernel_initializer)
+        x = conv_bn(x, 32, 3, prefix="stem", suffix="2", kernel_initializer=kernel_initializer)
+        x = conv_bn(x, 64, 3, prefix="stem", suffix="3", kernel_initializer=kernel_initializer)
+    else:
+        x = conv_bn(x, 64, 7, prefix="stem", strides=2, kernel_initializer=kernel_initializer)
+    # Zero padding is exact here: the input is post-ReLU (≥ 0), so a 0 never beats PyTorch's -inf padding.
+    x = keras.layers.ZeroPadding2D(1, name="stem_pool_pad")(x)
+    return keras.layers.MaxPooling2D(3, strides=2, name="stem_pool")(x)
+
+
+def shortcut(x, filters, *, prefix, strides, avg_down, kernel_initializer):
+    """Identity, or a projection when the block changes shape.
+
+    ResNet-D (Section 4.2): 2×2/2 average pool then a stride-1 1×1 conv. Where the block does not stride
+    (stage 1, or a dilated stage) the pool is left out, as GluonCV's pool_size=1 does (timm instead
+    applies a 2×2 stride-1 average in a dilated stage; this only matters for output_stride < 32).
+    """
+    if strides == 1 and x.shape[-1] == filters:
+        return x
+    if avg_down:
+        if strides > 1:
+            x = keras.layers.AveragePooling2D(strides, strides, padding="same", name=f"{prefix}_down_pool")(x)
+        strides = 1
+    return conv_bn(x, filters, 1, prefix=f"{prefix}_down", strides=strides, relu=False,
+                   kernel_initializer=kernel_initializer)
+
+
+def residual_block(x, width, *, prefix, bottleneck, strides, dilation, first_dilation, tweaks,
+                   zero_gamma, kernel_initializer):
+    """One residual block: branch + shortcut, added, then ReLU (He et al., 2016; paper Figure 1).
+
+    Basic block (ResNet-18/34): 3×3 (strided) → 3×3. Bottleneck: 1×1 → 3×3 → 1×1 (×4 channels), with
+    the stride on the first 1×1 (original ResNet) or on the 3×3 (`tweaks.stride_on_3x3`, ResNet-B).
+    `first_dilation` is the dilation of the block's first 3×3 conv: the previous stage's dilation in a
+    stage's first block, as GluonCV and timm do.
+    """
+    init = kernel_initializer
+    if bottleneck:
+        filters = width * BOTTLENECK_EXPANSION
+        stride_1x1, stride_3x3 = (1, strides) if tweaks.stride_on_3x3 else (strides, 1)
+        y = conv_bn(x, width, 1, prefix=prefix, suffix="1", strides=stride_1x1, kernel_initializer=init)
+        y = conv_bn(y, width, 3, prefix=prefix, suffix="2", strides=stride_3x3, dilation=first_dilation,
+                    kernel_initializer=init)
+        y = conv_bn(y, filters, 1, prefix=prefix, suffix="3", relu=False, zero_gamma=zero_gamma,
+                    kernel_initializer=init)
+    else:
+        filters = width
+        y = conv_bn(x, width, 3, prefix=prefix, suffix="1", strides=strides, dilation=first_dilation,
+                    kernel_initializer=init)
+        y = conv_bn(y, width, 3, prefix=prefix, suffix="2", dilation=dilation, relu=False,
+                    zero_gamma=zero_gamma, kernel_initializer=init)
+    x = shortcut(x, filters, prefix=prefix, strides=strides, avg_down=tweaks.avg_down,
+                 kernel_initializer=init)
+    y = keras.layers.Add(name=f"{prefix}_add")([x, y])
+    return keras.layers.ReLU(name=f"{prefix}_out")(y)
+
+
+def resnet_features(inputs, depth, *, tweaks=Tweaks(), output_stride=32, zero_gamma=False,
+                    kernel_initializer="glorot_uniform"):
+    """Stem and four stages on a symbolic `inputs`; returns `{"P2": ..., "P5": ...}` (strides 4..32).
+
+    With `output_stride` 16 or 8 the last one or two stages keep stride 1 and dilate their 3×3 convs by
+    2, then 4 (GluonCV `dilated=True` / timm `output_stride`), for segmentation backbones.
+    """
+    check_depth(depth)
+    check_output_stride(output_stride)
+    bottleneck = depth not in BASIC_BLOCK_DEPTHS
+    x = stem(inputs, deep_stem=tweaks.deep_stem, kernel_initializer=kernel_initializer)
+    features = {}
+    net_stride, dilation = 4, 1
+    stages = zip(BLOCKS_PER_STAGE[depth], STAGE_WIDTHS, strict=True)
+    for stage, (num_blocks, width) in enumerate(stages, start=1):
+        strides = 1 if stage == 1 else 2
+        previous_dilation = dilation
+        if net_stride * strides > output_stride:
+            dilation, strides = dilation * strides, 1
+        net_stride *= strides
+        for block in range(num_blocks):
+            x = residual_block(
+                x,
+                width,
+                prefix=f"stage{stage}_block{block}",
+                bottleneck=bottleneck,
+                strides=strides if block == 0 else 1,
+                dilation=dilation,
+                first_dilation=previous_dilation if block == 0 else dilation,
+                tweaks=tweaks,
+                zero_gamma=zero_gamma,
+                kernel_initializer=kernel_initializer,
+            )
+        features[f"P{stage + 1}"] = x
+    return features

@@ -271,7 +271,8 @@ def test_kernel_initializers():
     m = np.asarray(msra.get_layer("stage4_block0_conv1").kernel).ravel()
     # Xavier uniform: U(±sqrt(3/fan_avg)); MSRA-PReLU: N(0, 2/(1+0.25²)/fan_avg), 4.55% beyond 2σ.
     limit = np.sqrt(3 / fan_avg)
-    assert np.abs(g).max() <= limit and np.std(g) == pytest.approx(limit / np.sqrt(3), rel=0.01)
+    # float32 draws may round a hair past the float64 limit.
+    assert np.abs(g).max() <= limit * (1 + 1e-6) and np.std(g) == pytest.approx(limit / np.sqrt(3), rel=0.01)
     sigma = np.sqrt(2 / (1 + 0.25**2) / fan_avg)
     assert np.std(m) == pytest.approx(sigma, rel=0.01)
     assert np.mean(np.abs(m) > 2 * sigma) == pytest.approx(0.0455, abs=0.003)

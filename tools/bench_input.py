@@ -89,8 +89,8 @@ def main(argv=None):
         mean_bytes = write_images(tmp, args.num_images, photo_like)
         source = f"folder:{tmp}"
         print(
-            f"{args.num_images} JPEGs 500x375 q90, mean {mean_bytes / 1024:.0f} KiB; {args.image_size} px, batch "
-            f"{args.batch_size}, {args.threads} tf.data thread(s), {os.cpu_count()} CPUs on the machine"
+            f"{args.num_images} JPEGs 500x375 q90, mean {mean_bytes / 1024:.0f} KiB; {args.image_size} px, "
+            f"batch {args.batch_size}, {args.threads} tf.data thread(s), {os.cpu_count()} CPUs on the machine"
         )
         common = dict(
             split="train", image_size=args.image_size, global_batch_size=args.batch_size, cache=True
@@ -137,7 +137,8 @@ def main(argv=None):
                     next(iterator)
                 passes.append((args.small_images // 256) * 256 / (time.perf_counter() - start))
             print(
-                f"\nsmall folder: {args.small_images} 32x32 JPEGs at 32 px, batch 256, all cores (cached bytes)"
+                f"\nsmall folder: {args.small_images} 32x32 JPEGs at 32 px, batch 256, all cores "
+                "(encoded bytes cached after pass 1)"
             )
             print("images/s by pass: " + ", ".join(f"pass {i + 1}: {r:.0f}" for i, r in enumerate(passes)))
 

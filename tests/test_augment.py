@@ -1,0 +1,281 @@
+"""Section 2.1 preprocessing ops on hand-computable inputs, their statistics, and eager == tf.data."""
+
+import io
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from bot_keras.data import augment
+
+MEAN = np.array(augment.MEAN_RGB, np.float32)
+STD = np.array(augment.STD_RGB, np.float32)
+EIGVEC = np.array(augment.PCA_EIGVEC)
+EIGVAL = np.array(augment.PCA_EIGVAL)
+
+
+def encode(array, fmt="JPEG", **kwargs):
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def smooth_image(height, width):
+    """A smooth colour gradient (JPEG-friendly, so lossy round trips stay close)."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    return np.stack([255 * yy / height, 255 * xx / width, 128 + 0 * xx], -1).astype(np.uint8)
+
+
+def over_seeds(fn, count, output_signature=None):
+    """fn(seed) for seeds [i, 7], i < count, evaluated inside tf.data (stacked numpy)."""
+    ds = tf.data.Dataset.range(count).map(lambda i: fn(tf.stack([i, tf.constant(7, tf.int64)])))
+    return np.stack(list(ds.as_numpy_iterator()))
+
+
+# ------------------------------------------------------------------------------------------ exact values
+
+
+def test_normalize_maps_mean_to_zero_and_mean_plus_std_to_one():
+    image = np.stack([np.broadcast_to(MEAN, (2, 2, 3)), np.broadcast_to(MEAN + STD, (2, 2, 3))])
+    out = augment.normalize(image).numpy()
+    np.testing.assert_allclose(out[0], 0.0, atol=1e-5)
+    np.testing.assert_allclose(out[1], 1.0, atol=1e-5)
+
+
+def test_lighting_offset_is_eigvec_times_alpha_eigval():
+    # alpha = e1: offset = 55.46 * first eigen-vector (the column), i.e. mostly "brighter grey".
+    np.testing.assert_allclose(
+        augment.lighting_offset([1.0, 0.0, 0.0]).numpy(), [-31.473550, -32.211168, -32.366456], rtol=1e-5
+    )
+    alpha = np.array([0.3, -0.2, 0.5])
+    out = augment.lighting(tf.fill([2, 2, 3], 100.0), alpha).numpy()
+    np.testing.assert_allclose(out[1, 1], 100 + EIGVEC @ (alpha * EIGVAL), rtol=1e-5)
+
+
+def test_brightness_contrast_saturation_by_hand():
+    pixels = tf.constant([[[10.0, 20.0, 30.0], [50.0, 60.0, 70.0]]])
+    # Lumas: 0.299*10 + 0.587*20 + 0.114*30 = 18.15 and 58.15; their mean is 38.15.
+    np.testing.assert_allclose(augment.adjust_brightness(pixels, 1.2).numpy(), pixels.numpy() * 1.2)
+    np.testing.assert_allclose(
+        augment.adjust_contrast(pixels, 0.5).numpy(), 0.5 * pixels.numpy() + 0.5 * 38.15, rtol=1e-5
+    )
+    np.testing.assert_allclose(augment.adjust_saturation(pixels, 0.0).numpy()[0, 0], [18.15] * 3, rtol=1e-5)
+    np.testing.assert_allclose(
+        augment.adjust_saturation(pixels, 1.5).numpy()[0, 1],
+        1.5 * np.array([50, 60, 70]) - 0.5 * 58.15,
+        rtol=1e-5,
+    )
+    grey = tf.fill([3, 3, 3], 77.0)
+    np.testing.assert_allclose(augment.adjust_saturation(grey, 1.4).numpy(), 77.0, rtol=1e-6)
+    np.testing.assert_allclose(augment.adjust_contrast(grey, 0.6).numpy(), 77.0, rtol=1e-6)
+
+
+def test_color_jitter_every_order_matches_the_closed_form():
+    # Without clipping the three blends are linear and keep the mean luma, so any order gives
+    # a * (c*s*x + c*(1-s)*luma(x) + (1-c)*mean_luma(x)); a second implementation of the composition.
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (4, 5, 3)).astype(np.float32)
+    a, c, s = 1.3, 0.7, 1.2
+    luma = x @ np.array(augment.LUMA_RGB, np.float32)
+    expected = a * (c * s * x + c * (1 - s) * luma[..., None] + (1 - c) * luma.mean())
+    ops = (augment.adjust_brightness, augment.adjust_contrast, augment.adjust_saturation)
+    factors = (a, c, s)
+    for order in range(6):
+        out = augment.apply_color_jitter(tf.constant(x), tf.constant(factors), order).numpy()
+        np.testing.assert_allclose(out, expected, rtol=1e-4, err_msg=f"order {order}")
+        sequential = tf.constant(x)  # the three adjust_* ops run one after the other in that order
+        for op in augment._JITTER_ORDERS[order]:
+            sequential = ops[op](sequential, factors[op])
+        np.testing.assert_allclose(out, sequential.numpy(), rtol=1e-4, err_msg=f"order {order}")
+
+
+def test_flip_left_right_by_hand():
+    image = tf.reshape(tf.range(6.0), [2, 3, 1])
+    np.testing.assert_array_equal(
+        augment.flip_left_right(image, True).numpy()[..., 0], [[2, 1, 0], [5, 4, 3]]
+    )
+    np.testing.assert_array_equal(augment.flip_left_right(image, False).numpy(), image.numpy())
+
+
+def test_crop_and_resize_identity_and_fallback_window_by_hand():
+    image = tf.reshape(tf.range(16.0), [4, 4, 1])
+    np.testing.assert_array_equal(
+        augment.crop_and_resize(image, [1, 2, 2, 2], 2).numpy()[..., 0], [[6, 7], [10, 11]]
+    )
+    # Tall 1000 x 10: aspect 0.01 < 3/4 → full width, height round(10 / 0.75) = 13, top (1000 - 13) // 2.
+    np.testing.assert_array_equal(augment.center_crop_window([1000, 10]).numpy(), [493, 0, 13, 10])
+    np.testing.assert_array_equal(augment.center_crop_window([10, 1000]).numpy(), [0, 493, 10, 13])
+    np.testing.assert_array_equal(augment.center_crop_window([30, 40]).numpy(), [0, 0, 30, 40])  # 4:3 fits
+    # No 8%-area window with aspect in [3/4, 4/3] fits a 1000 x 10 image: every draw falls back.
+    for i in range(5):
+        np.testing.assert_array_equal(
+            augment.sample_crop_window([1000, 10], [i, 1]).numpy(), [493, 0, 13, 10]
+        )
+
+
+def test_eval_resize_size_follows_gluoncv_rounding():
+    assert augment.eval_resize_size(224) == 256
+    assert augment.eval_resize_size(32) == 37  # ceil(36.57)
+    assert augment.eval_resize_size(64) == 74  # ceil(73.14)
+
+
+def test_preprocess_for_eval_on_a_known_image():
+    # 64 x 128, left half colour A, right half colour B. S = 32: shorter side 64 → 37 (37 x 74), centre
+    # crop columns 21..52; the halves meet at column 37 of the resized image = column 16 of the crop.
+    a, b = np.array([200, 40, 10], np.uint8), np.array([0, 90, 250], np.uint8)
+    image = np.concatenate([np.broadcast_to(a, (64, 64, 3)), np.broadcast_to(b, (64, 64, 3))], axis=1)
+    out = augment.preprocess_for_eval(tf.constant(image), 32).numpy()
+    assert out.shape == (32, 32, 3) and out.dtype == np.float32
+    np.testing.assert_allclose(out[:, :15], np.broadcast_to((a - MEAN) / STD, (32, 15, 3)), atol=1e-4)
+    np.testing.assert_allclose(out[:, 17:], np.broadcast_to((b - MEAN) / STD, (32, 15, 3)), atol=1e-4)
+    # Tall images are cropped in the middle: rows 0..99 white, the rest black → the centre is black.
+    tall = np.zeros((300, 40, 3), np.uint8)
+    tall[:100] = 255
+    centre = augment.preprocess_for_eval(tf.constant(tall), 16).numpy()
+    np.testing.assert_allclose(centre, np.broadcast_to(-MEAN / STD, (16, 16, 3)), atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------- decoding
+
+
+def test_decode_image_formats_and_odd_jpegs():
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (9, 13, 3), dtype=np.uint8)
+    for fmt in ("PNG", "BMP"):  # lossless: exact pixels
+        np.testing.assert_array_equal(augment.decode_image(encode(rgb, fmt)).numpy(), rgb)
+    gif = augment.decode_image(encode(rgb, "GIF")).numpy()
+    assert gif.shape == (9, 13, 3)
+    grey = smooth_image(20, 30)[..., 0]
+    decoded = augment.decode_image(encode(grey, quality=95)).numpy()
+    assert decoded.shape == (20, 30, 3)
+    np.testing.assert_array_equal(decoded[..., 0], decoded[..., 2])  # grey replicated to 3 channels
+    assert np.abs(decoded[..., 0].astype(int) - grey).max() <= 6
+    smooth = smooth_image(24, 32)
+    buffer = io.BytesIO()
+    Image.fromarray(smooth).convert("CMYK").save(buffer, "JPEG", quality=95)
+    cmyk = augment.decode_image(buffer.getvalue()).numpy()
+    assert cmyk.shape == (24, 32, 3)
+    assert np.abs(cmyk.astype(int) - smooth).mean() < 12  # PIL's naive RGB→CMYK, decoded back to RGB
+
+
+def test_check_encoded_image_accepts_images_and_rejects_broken_bytes():
+    rgb = smooth_image(30, 40)
+    good = {fmt: encode(rgb, fmt) for fmt in ("JPEG", "PNG", "GIF", "BMP")}
+    for fmt, data in good.items():
+        assert bool(augment.check_encoded_image(data)), fmt
+    bad = {
+        "empty": b"",
+        "text": b"this is a text file, not an image\n" * 4,
+        "truncated jpeg": good["JPEG"][: len(good["JPEG"]) // 2],
+        "truncated png": good["PNG"][:-20],
+        "truncated bmp": good["BMP"][:200],
+    }
+    for name, data in bad.items():
+        assert not bool(augment.check_encoded_image(data)), name
+    assert bool(augment.is_jpeg(good["JPEG"])) and not bool(augment.is_jpeg(good["PNG"]))
+
+
+# --------------------------------------------------------------------------------------- random ops
+
+
+def test_crop_window_statistics():
+    # 2000 draws on a 375 x 500 image: every window within the bounds (rounding: one pixel of slack),
+    # and the draws spread over the range.
+    windows = over_seeds(lambda seed: augment.sample_crop_window([375, 500], seed), 2000)
+    y, x, h, w = windows.T
+    assert (y >= 0).all() and (x >= 0).all() and (y + h <= 375).all() and (x + w <= 500).all()
+    area, aspect = h * w / (375 * 500), w / h
+    assert area.min() >= 0.08 - 0.005 and area.max() <= 1.0
+    assert aspect.min() >= 0.75 - 0.01 and aspect.max() <= 4 / 3 + 0.01
+    assert area.min() < 0.1 and area.max() > 0.95 and np.median(area) < 0.6
+    assert aspect.min() < 0.77 and aspect.max() > 1.3
+    assert 0.9 < np.median(aspect) < 1.1
+    # The whole image (500/375 = 4/3 fits) is rare; the centre-crop fallback is not needed here.
+    assert np.mean(area > 0.999) < 0.05
+
+
+def test_flip_rate_is_one_half():
+    image = tf.reshape(tf.range(2.0), [1, 2, 1])
+    flipped = over_seeds(lambda seed: augment.random_flip(image, seed)[0, 0, 0], 4000)
+    # Binomial(4000, 0.5): standard deviation 0.0079; 4 sigma.
+    assert abs(flipped.mean() - 0.5) < 0.032
+
+
+def test_jitter_factor_distribution_on_a_grey_image():
+    # On a grey image contrast and saturation are identities, so output / 100 is the brightness factor.
+    grey = tf.fill([1, 1, 3], 100.0)
+    factors = over_seeds(lambda seed: augment.color_jitter(grey, seed)[0, 0, 0], 4000) / 100.0
+    assert factors.min() >= 0.6 - 1e-5 and factors.max() <= 1.4 + 1e-5
+    assert abs(factors.mean() - 1.0) < 0.015  # sd of the mean: sqrt(0.0533 / 4000) = 0.0037
+    assert abs(factors.var() - 0.8**2 / 12) < 0.006  # U[0.6, 1.4] variance 0.0533
+
+
+def test_lighting_offset_covariance():
+    zeros = tf.zeros([1, 1, 3])
+    offsets = over_seeds(lambda seed: augment.random_lighting(zeros, seed)[0, 0], 20000)
+    expected = EIGVEC @ np.diag(0.01 * EIGVAL**2) @ EIGVEC.T  # largest entries about 10
+    np.testing.assert_allclose(offsets.mean(0), 0.0, atol=0.15)  # sd of the mean < 0.025
+    np.testing.assert_allclose(np.cov(offsets.T), expected, atol=0.5)  # sampling error about 1.5% of 10
+
+
+# --------------------------------------------------------------------------------- composed transforms
+
+
+def test_eager_and_tf_data_agree_for_the_same_seed():
+    jpeg, png = encode(smooth_image(50, 70), quality=90), encode(smooth_image(31, 17), "PNG")
+    seeds = [[3, 4], [5, 6], [7, 8]]
+    for data in (jpeg, png):
+        eager = np.stack([augment.preprocess_for_train(data, 32, s).numpy() for s in seeds])
+        ds = tf.data.Dataset.from_tensor_slices(tf.constant(seeds, tf.int64))
+        inside = np.stack(
+            list(ds.map(lambda s, d=data: augment.preprocess_for_train(d, 32, s)).as_numpy_iterator())
+        )
+        np.testing.assert_allclose(eager, inside, atol=1e-5)
+        assert not np.allclose(eager[0], eager[1])  # different seeds, different draws
+    eval_eager = augment.preprocess_for_eval(augment.decode_image(jpeg), 32).numpy()
+    eval_inside = next(
+        iter(
+            tf.data.Dataset.from_tensors(jpeg).map(
+                lambda d: augment.preprocess_for_eval(augment.decode_image(d), 32)
+            )
+        )
+    )
+    np.testing.assert_allclose(eval_eager, eval_inside.numpy(), atol=1e-6)
+
+
+def test_fused_and_unfused_crops_draw_the_same_window():
+    image = smooth_image(120, 160)
+    jpeg = encode(image, quality=95)
+    for seed in ([1, 2], [3, 4], [9, 9]):
+        fused = augment.decode_and_random_resized_crop(jpeg, 32, seed).numpy()
+        plain = augment.decode_and_random_resized_crop(jpeg, 32, seed, fused=False).numpy()
+        # Same window; libjpeg's chroma upsampling at an odd crop edge may move a few values slightly.
+        assert np.abs(fused - plain).mean() < 1.0 and np.abs(fused - plain).max() < 16
+        # And it is the window sample_crop_window draws, cropped from the decoded image.
+        window = augment.sample_crop_window([120, 160], seed)
+        expected = augment.crop_and_resize(augment.decode_image(jpeg), window, 32).numpy()
+        np.testing.assert_allclose(plain, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 2), (400, 6), (5, 600)])
+def test_tiny_and_elongated_images_go_through_training_and_eval(shape):
+    image = smooth_image(*shape)
+    for data in (encode(image, quality=90), encode(image, "PNG")):
+        out = augment.preprocess_for_train(data, 32, [1, 2]).numpy()
+        assert out.shape == (32, 32, 3) and np.isfinite(out).all()
+        out = augment.preprocess_for_eval(augment.decode_image(data), 32).numpy()
+        assert out.shape == (32, 32, 3) and np.isfinite(out).all()
+
+
+def test_training_switches_turn_steps_off():
+    jpeg = encode(smooth_image(40, 40), quality=95)
+    off = dict(random_crop=False, flip=False, jitter=False, pca_lighting=False)
+    plain = augment.preprocess_for_train(jpeg, 32, [1, 2], **off).numpy()
+    np.testing.assert_allclose(
+        plain, augment.preprocess_for_eval(augment.decode_image(jpeg), 32).numpy(), atol=1e-5
+    )
+    with_lighting = augment.preprocess_for_train(jpeg, 32, [1, 2], **{**off, "pca_lighting": True}).numpy()
+    offset = (with_lighting - plain) * STD  # one RGB offset for every pixel
+    np.testing.assert_allclose(offset, np.broadcast_to(offset[0, 0], offset.shape), atol=1e-3)
+    assert np.abs(offset[0, 0]).max() > 0.01

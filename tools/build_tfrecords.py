@@ -157,14 +157,17 @@ def main(argv=None):
         if args.splits
         else sorted(d for d in os.listdir(args.input) if os.path.isdir(os.path.join(args.input, d)))
     )
-    meta = build(
-        args.input,
-        args.output,
-        splits,
-        _parse_shards(args.shards, splits),
-        label_offset=args.label_offset,
-        skip_corrupt=args.skip_corrupt,
-    )
+    try:
+        meta = build(
+            args.input,
+            args.output,
+            splits,
+            _parse_shards(args.shards, splits),
+            label_offset=args.label_offset,
+            skip_corrupt=args.skip_corrupt,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
     print(f"wrote {meta['num_examples']} examples of {len(meta['class_names'])} classes to {args.output}")
 
 

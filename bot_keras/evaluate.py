@@ -64,23 +64,13 @@ def make_eval_function(strategy, model):
     return evaluate
 
 
-def read_flagfile(path):
-    """The `--name=value` lines of a flagfile → {name: value string} (booleans and comments skipped)."""
-    values = {}
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line.startswith("--") and "=" in line:
-                name, value = line[2:].split("=", 1)
-                values[name] = value
-    return values
-
-
 def evaluate_run(model_dir, *, dataset=None, split=None, data_dir=None, image_size=None, batch_size=None):
     """Evaluates `model_dir/model.keras`; returns {"top1", "top5", "loss", "count", "split", ...}."""
     model_path = os.path.join(model_dir, "model.keras")
     if not os.path.exists(model_path):
         raise ValueError(f"--model_dir={model_dir!r} has no model.keras (has its training finished?).")
+    from bot_keras.export import read_flagfile  # the one reader of a run's flags.txt
+
     run_flags = {}
     if os.path.exists(os.path.join(model_dir, "flags.txt")):
         run_flags = read_flagfile(os.path.join(model_dir, "flags.txt"))

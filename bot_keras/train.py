@@ -125,7 +125,7 @@ def validate_flags(f):
     need(f.base_lr > 0, f"--base_lr={f.base_lr} must be positive.")
     need(f.lr_schedule in SCHEDULE_NAMES, f"--lr_schedule={f.lr_schedule!r} is not one of {SCHEDULE_NAMES}.")
     need(
-        0 <= f.warmup_epochs < f.epochs,
+        f.epochs <= 0 or 0 <= f.warmup_epochs < f.epochs,
         f"--warmup_epochs={f.warmup_epochs} must be in [0, --epochs={f.epochs}).",
     )
     try:
@@ -496,7 +496,7 @@ def main(argv):
     try:
         validate_flags(FLAGS)
     except FlagError as error:
-        raise app.UsageError(str(error)) from None
+        fail(str(error))
     import keras
     import tensorflow as tf
 
@@ -519,7 +519,7 @@ def main(argv):
     train_info = dataset_info(FLAGS.dataset, split=FLAGS.train_split, data_dir=FLAGS.data_dir)
     steps_per_epoch = FLAGS.steps_per_epoch or train_info.num_examples // FLAGS.batch_size
     if steps_per_epoch < 1:
-        raise app.UsageError(
+        fail(
             f"--batch_size={FLAGS.batch_size} is larger than the {train_info.num_examples} examples of "
             f"--train_split={FLAGS.train_split!r}."
         )
@@ -599,16 +599,14 @@ def main(argv):
     manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=FLAGS.keep_checkpoints)
     if FLAGS.resume:
         path = _latest_checkpoint(os.path.join(FLAGS.model_dir, "checkpoints"))
-        checkpoint.restore(path).assert_existing_objects_matched()
+        try:
+            checkpoint.restore(path).assert_existing_objects_matched()
+        except (AssertionError, ValueError, tf.errors.OpError) as error:
+            fail(
+                f"--resume: {path} does not fit this model and optimizer (were --model, --precision or the "
+                f"dataset's classes changed?): {str(error).splitlines()[0]}"
+            )
         restored = int(step_var.numpy())
-        logging.info(
-            "Restored %s: step %d, epoch %d, learning rate %.6g%s",
-            path,
-            restored,
-            restored // steps_per_epoch,
-            float(optimizer.learning_rate),
-            _loss_scale_text(optimizer),
-        )
         print(
             f"Resumed from {path} at step {restored} (epoch {restored // steps_per_epoch}), learning rate "
             f"{float(optimizer.learning_rate):.6g}{_loss_scale_text(optimizer)}",
@@ -670,7 +668,7 @@ def main(argv):
         precision=FLAGS.precision,
     )
 
-    # Export: the student alone, float32-compatible BN config, next to its class list.
+    # Export: the student alone (no teacher, no optimizer), per-replica BN config, next to its class list.
     set_synchronized_batch_norm(model, False)
     if chief:
         model.save(os.path.join(FLAGS.model_dir, "model.keras"))
@@ -682,6 +680,12 @@ def main(argv):
         print(f"Run directory: {FLAGS.model_dir}", flush=True)
     else:
         shutil.rmtree(write_dir, ignore_errors=True)
+
+
+def fail(message):
+    """Exits with status 2 and the message alone (absl's UsageError would print every flag's help first)."""
+    print(f"bot_keras.train: error:\n{message}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def _loss_scale_text(optimizer):
@@ -696,8 +700,13 @@ def set_synchronized_batch_norm(model, synchronized):
     """
     import keras
 
+    def all_layers(parent):  # nested models (e.g. a wrapped backbone) included
+        for layer in getattr(parent, "layers", []):
+            yield layer
+            yield from all_layers(layer)
+
     count = 0
-    for layer in model._flatten_layers(include_self=False):
+    for layer in all_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.synchronized = synchronized
             count += 1

@@ -288,10 +288,15 @@ def make_train_function(
     teacher (if any) sees the same mixed batch in inference mode, and the loss is divided by the global
     batch so that the all-reduced SUM of replica gradients is the gradient of the global mean.
     """
+    import keras
     import tensorflow as tf
 
     if mixup_alpha > 0:
         from bot_keras.data import mixup as mixup_ops
+
+    agree_on_overflow = (
+        isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and strategy.num_replicas_in_sync > 1
+    )
 
     def replica_step(batch, step, mixup_on):
         images, labels = batch
@@ -313,6 +318,8 @@ def make_train_function(
                 )
             scaled_loss = optimizer.scale_loss(loss)
         grads = tape.gradient(scaled_loss, model.trainable_variables)
+        if agree_on_overflow:
+            grads = _poison_if_any_replica_overflowed(grads)
         optimizer.apply(grads, model.trainable_variables)
         return top_k_sums(losses, labels, logits)
 
@@ -327,6 +334,22 @@ def make_train_function(
         return totals
 
     return train_steps
+
+
+def _poison_if_any_replica_overflowed(grads):
+    """Makes every replica's gradients non-finite when any replica's are (dynamic loss scaling).
+
+    Keras' LossScaleOptimizer checks the *local* gradients for inf/NaN before its inner optimizer
+    all-reduces them, and under MirroredStrategy it takes replica 0's verdict for all: an overflow on
+    another replica is then summed into every weight (measured: NaN weights, loss scale unchanged). One
+    scalar all-reduce of the non-finite count makes all replicas skip the step and halve the scale.
+    """
+    import tensorflow as tf
+
+    local = [tf.reduce_sum(tf.cast(~tf.math.is_finite(g), tf.float32)) for g in grads if g is not None]
+    bad = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, tf.add_n(local))
+    poison = tf.where(bad > 0, float("nan"), 0.0)
+    return [None if g is None else g + tf.cast(poison, g.dtype) for g in grads]
 
 
 def make_per_example_loss(*, label_smoothing, temperature, hard_weight):

@@ -2,7 +2,7 @@
 
 main() reads top to bottom in the order the parts are wired: flags → strategy and precision → data →
 model → optimizer and schedule → restore → fit → export. Every trick of the paper is one flag (see the
-README's flag table): Section 3.1 (linear scaling, warmup, zero-γ, no bias decay, fp16), Section 4
+README's flag table): Section 3.1 (linear scaling, warmup, zero-γ, no bias decay), 3.2 (fp16), Section 4
 (the model), Section 5 (cosine decay, label smoothing, distillation, mixup).
 
 One training loop for every strategy. Keras 3.15's `model.fit` fails under

@@ -252,7 +252,15 @@ def load_teacher(spec, *, num_classes, image_size):
         classes = teacher.output_shape[-1]
         size = tuple(teacher.input_shape[1:3])
     else:
-        probe = teacher(tf.zeros((1, image_size, image_size, 3)))
+        try:
+            probe = teacher(tf.zeros((1, image_size, image_size, 3)))
+        except Exception as error:  # noqa: BLE001 - any signature mismatch is reported with the file name
+            raise FlagError(
+                f"--teacher={spec!r}: its serving signature does not take normalised float32 "
+                f"[N, {image_size}, {image_size}, 3] images (a bot_keras.export SavedModel takes image bytes "
+                "and preprocesses itself; pass the teacher run's model.keras instead): "
+                f"{str(error).splitlines()[0]}"
+            ) from None
         probe = next(iter(probe.values())) if isinstance(probe, dict) else probe
         classes, size = probe.shape[-1], (None, None)
     if classes != num_classes:

@@ -539,3 +539,13 @@ def test_mixup_in_the_step_uses_the_replica_seeded_lambda_and_switches_off():
     assert run(7, True) == pytest.approx(loss_sum(mixed_images, mixed_labels), rel=1e-5)
     assert run(8, True) != pytest.approx(run(7, True), rel=1e-5)  # a new λ each step
     assert run(7, False) == pytest.approx(loss_sum(images, labels), rel=1e-5)  # --mixup_off_epochs
+
+
+def test_savedmodel_teacher_gives_the_models_logits(tmp_path):
+    model = _tiny_model()
+    model.export(str(tmp_path / "teacher_savedmodel"), verbose=False)  # Keras' SavedModel: float images in
+    teacher = train.load_teacher(str(tmp_path / "teacher_savedmodel"), num_classes=3, image_size=6)
+    images = tf.random.stateless_normal((4, 6, 6, 3), seed=(1, 2))
+    np.testing.assert_allclose(train._teacher_logits(teacher, images), model(images), rtol=1e-5, atol=1e-6)
+    with pytest.raises(train.FlagError, match=r"teacher_savedmodel' predicts 3 classes; the dataset has 4"):
+        train.load_teacher(str(tmp_path / "teacher_savedmodel"), num_classes=4, image_size=6)

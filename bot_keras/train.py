@@ -671,7 +671,7 @@ def main(argv):
         chief=chief,
         verbose=FLAGS.verbose,
         epochs=int(math.ceil(FLAGS.epochs)),
-        steps_per_epoch=steps_per_epoch,
+        steps_per_epoch=min(steps_per_epoch, FLAGS.max_steps or steps_per_epoch),  # the progress bar's end
         model=model,
         resume=FLAGS.resume,
     )

@@ -379,6 +379,8 @@ def _cli(*args):
     import sys
 
     env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    # conftest turns oneDNN off for quiet in-process tests; the CLI runs as users run it (3-4x faster convs).
+    env.pop("TF_ENABLE_ONEDNN_OPTS", None)
     return [sys.executable, "-m", "bot_keras.train", *args], env
 
 

@@ -405,7 +405,12 @@ def make_callbacks(run_dir, *, chief, verbose, epochs, steps_per_epoch, model, r
         log_dir = os.path.join(run_dir, "logs")
         os.makedirs(log_dir, exist_ok=True)
         if importlib.util.find_spec("tensorboard") is not None:
-            callbacks.append(keras.callbacks.TensorBoard(log_dir, write_graph=False, profile_batch=0))
+
+            class TensorBoard(keras.callbacks.TensorBoard):
+                def _collect_learning_rate(self, logs):
+                    return logs  # our logs carry "lr"; Keras' version reads a compiled model's optimizer
+
+            callbacks.append(TensorBoard(log_dir, write_graph=False, profile_batch=0))
         else:  # TensorFlow 2.21 does not depend on it; the CSV log below has the same numbers
             logging.warning("tensorboard is not installed (pip install tensorboard): no TensorBoard logs.")
         callbacks.append(FixedColumnsCSVLogger(os.path.join(log_dir, "training.csv"), append=resume))

@@ -551,3 +551,10 @@ def test_savedmodel_teacher_gives_the_models_logits(tmp_path):
     np.testing.assert_allclose(train._teacher_logits(teacher, images), model(images), rtol=1e-5, atol=1e-6)
     with pytest.raises(train.FlagError, match=r"teacher_savedmodel' predicts 3 classes; the dataset has 4"):
         train.load_teacher(str(tmp_path / "teacher_savedmodel"), num_classes=4, image_size=6)
+
+
+def test_tensorboard_logs_train_and_validation_scalars_when_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    _run_loop(tmp_path, epochs=1, checkpoint_steps=0)
+    for split in ("train", "validation"):
+        assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "logs" / split))

@@ -15,6 +15,8 @@ INSTALL_REQUIRES = [
     "keras>=3.15,<4",
     "tensorflow-datasets>=4.9.9,<5",
     "absl-py>=2.1,<3",
+    # TensorFlow 2.21 no longer pulls TensorBoard in; the trainer writes TensorBoard logs.
+    "tensorboard>=2.20,<2.22",
     "numpy>=1.26,<3",
 ]
 

@@ -79,6 +79,8 @@ def evaluate_run(model_dir, *, dataset=None, split=None, data_dir=None, image_si
     data_dir = data_dir or run_flags.get("data_dir")
     image_size = int(image_size or run_flags.get("image_size", 224))
     batch_size = int(batch_size or run_flags.get("batch_size", 256))
+    # TFRecord label offset: the run's, since the same shards are read with the same labels.
+    label_offset = int(run_flags["label_offset"]) if run_flags.get("label_offset") else None
     if not dataset:
         raise ValueError(f"--dataset is not set and {model_dir!r}/flags.txt does not name one.")
 
@@ -87,7 +89,7 @@ def evaluate_run(model_dir, *, dataset=None, split=None, data_dir=None, image_si
 
     from bot_keras.data import dataset_info, make_dataset, read_class_names
 
-    info = dataset_info(dataset, split=split, data_dir=data_dir)
+    info = dataset_info(dataset, split=split, data_dir=data_dir, label_offset=label_offset)
     classes_path = os.path.join(model_dir, "classes.txt")
     classes = read_class_names(classes_path) if os.path.exists(classes_path) else None
     if classes is not None and list(classes) != list(info.class_names):
@@ -110,6 +112,7 @@ def evaluate_run(model_dir, *, dataset=None, split=None, data_dir=None, image_si
         global_batch_size=batch_size,
         training=False,
         data_dir=data_dir,
+        label_offset=label_offset,
     )
     result = make_eval_function(strategy, model)(data)
     result = {k: float(v) for k, v in result.items()}

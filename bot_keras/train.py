@@ -38,8 +38,15 @@ flags.DEFINE_string(
 flags.DEFINE_string("data_dir", None, "TFDS data directory (tfds: sources only).")
 flags.DEFINE_string("train_split", "train", "Split to train on (TFDS split or image-folder subdirectory).")
 flags.DEFINE_string("eval_split", "validation", "Split evaluated at each epoch end; empty: no evaluation.")
+flags.DEFINE_bool("skip_corrupt", False, "Skip undecodable image files (each reported) instead of failing.")
+flags.DEFINE_integer(
+    "label_offset", None, "Subtracted from TFRecord labels (1 for TF's 1-based ImageNet shards)."
+)
 flags.DEFINE_integer("image_size", 224, "Training and evaluation resolution (pixels, square).")
 flags.DEFINE_bool("random_crop", True, "Random-resized crop, 8-100% of the area (Sec. 2.1); off: eval crop.")
+flags.DEFINE_float(
+    "crop_min_area", 0.08, "Smallest area fraction of the random-resized crop (paper: 0.08)."
+)
 flags.DEFINE_bool("flip", True, "Random horizontal flip (Sec. 2.1).")
 flags.DEFINE_bool("color_jitter", True, "Brightness, saturation and contrast jitter (Sec. 2.1).")
 flags.DEFINE_bool("pca_lighting", True, "AlexNet-style PCA lighting noise (Sec. 2.1).")
@@ -139,6 +146,7 @@ def validate_flags(f):
         f.weight_decay_mode in ("decoupled", "l2"),
         f"--weight_decay_mode={f.weight_decay_mode!r} is not decoupled or l2.",
     )
+    need(0 < f.crop_min_area <= 1, f"--crop_min_area={f.crop_min_area} must be in (0, 1].")
     need(0 <= f.dropout_rate < 1, f"--dropout_rate={f.dropout_rate} must be in [0, 1).")
     need(0 <= f.label_smoothing < 1, f"--label_smoothing={f.label_smoothing} must be in [0, 1).")
     need(f.mixup_alpha >= 0, f"--mixup_alpha={f.mixup_alpha} must be >= 0 (0 turns mixup off).")
@@ -552,7 +560,13 @@ def main(argv):
     write_dir = distribute.worker_dir(FLAGS.model_dir, strategy)
 
     # Data.
-    train_info = dataset_info(FLAGS.dataset, split=FLAGS.train_split, data_dir=FLAGS.data_dir)
+    train_info = dataset_info(
+        FLAGS.dataset,
+        split=FLAGS.train_split,
+        data_dir=FLAGS.data_dir,
+        label_offset=FLAGS.label_offset,
+        skip_corrupt=FLAGS.skip_corrupt,
+    )
     steps_per_epoch = FLAGS.steps_per_epoch or train_info.num_examples // FLAGS.batch_size
     if steps_per_epoch < 1:
         fail(
@@ -571,10 +585,13 @@ def main(argv):
             input_context=context,
             seed=FLAGS.seed,
             random_crop=FLAGS.random_crop,
+            crop_area_range=(FLAGS.crop_min_area, 1.0),
             flip=FLAGS.flip,
             color_jitter=FLAGS.color_jitter,
             pca_lighting=FLAGS.pca_lighting,
-        ).repeat()
+            skip_corrupt=FLAGS.skip_corrupt,
+            label_offset=FLAGS.label_offset,
+        )
 
     def eval_input(context):
         return make_dataset(
@@ -585,6 +602,8 @@ def main(argv):
             training=False,
             data_dir=FLAGS.data_dir,
             input_context=context,
+            skip_corrupt=FLAGS.skip_corrupt,
+            label_offset=FLAGS.label_offset,
         )
 
     train_iterator = iter(strategy.distribute_datasets_from_function(train_input))

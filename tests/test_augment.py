@@ -195,6 +195,18 @@ def test_crop_window_statistics():
     assert np.mean(area > 0.999) < 0.05
 
 
+def test_milder_crop_area_range_is_respected():
+    # A user-chosen lower bound (e.g. 0.35 for 32-px images) moves the smallest crops up, nothing else.
+    windows = over_seeds(
+        lambda seed: augment.sample_crop_window([375, 500], seed, area_range=(0.35, 1.0)), 1000
+    )
+    area = windows[:, 2] * windows[:, 3] / (375 * 500)
+    assert area.min() >= 0.35 - 0.005 and area.min() < 0.4 and area.max() <= 1.0
+    image = tf.image.encode_jpeg(tf.fill([40, 60, 3], tf.constant(128, tf.uint8)))
+    out = augment.preprocess_for_train(image, 16, tf.constant([1, 2]), crop_area_range=(0.5, 1.0))
+    assert out.shape == (16, 16, 3)
+
+
 def test_flip_rate_is_one_half():
     image = tf.reshape(tf.range(2.0), [1, 2, 1])
     flipped = over_seeds(lambda seed: augment.random_flip(image, seed)[0, 0, 0], 4000)

@@ -271,5 +271,8 @@ def test_empty_or_too_small_datasets_and_bad_sizes_are_clear_errors(tmp_path):
         make_dataset("synthetic:100", split="validation", image_size=8, global_batch_size=32, training=True)
     with pytest.raises(ValueError, match="image_size must be an integer >= 8; got 4"):
         make_dataset("synthetic", split="train", image_size=4, global_batch_size=2, training=True)
+    with pytest.raises(ValueError, match=r"crop_area_range must satisfy 0 < low <= high <= 1; got \(0.0, 1"):
+        make_dataset("synthetic", split="train", image_size=8, global_batch_size=2, training=True,
+                     crop_area_range=(0.0, 1.0))
     with pytest.raises(ValueError, match="Unknown dataset source 'imagenet'"):
         make_dataset("imagenet", split="train", image_size=8, global_batch_size=2, training=True)

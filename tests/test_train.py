@@ -53,6 +53,8 @@ def _base(tmp_path):
         (["--teacher=/nonexistent/t.keras"], r"--teacher='/nonexistent/t.keras': no such file"),
         (["--steps_per_execution=0"], r"--steps_per_execution=0 must be >= 1"),
         (["--resume"], r"--resume: no checkpoint in"),
+        (["--crop_min_area=0"], r"--crop_min_area=0.0 must be in \(0, 1\]"),
+        (["--crop_min_area=1.5"], r"--crop_min_area=1.5 must be in \(0, 1\]"),
     ],
 )
 def test_bad_flags_are_reported_with_their_value(parse, tmp_path, extra, message):

@@ -367,15 +367,20 @@ def preprocess_for_train(
     flip=True,
     jitter=True,
     pca_lighting=True,
+    crop_area_range=CROP_AREA_RANGE,
 ):
     """Training transform (Section 2.1 steps 2-7) of encoded bytes → normalised float32 [S, S, 3].
 
     Each step can be switched off for ablations; with `random_crop=False` the image is resized and centre
-    cropped as for validation. One stateless `seed` [2] determines every draw.
+    cropped as for validation. `crop_area_range` is the crop's area fraction, the paper's [0.08, 1] by
+    default (a milder lower bound suits tiny images such as CIFAR's 32 px). One stateless `seed` [2]
+    determines every draw.
     """
     crop_seed, flip_seed, jitter_seed, lighting_seed = _split_seed(seed, 4)
     if random_crop:
-        image = decode_and_random_resized_crop(encoded, image_size, crop_seed, fused=fused_crop)
+        image = decode_and_random_resized_crop(
+            encoded, image_size, crop_seed, fused=fused_crop, area_range=crop_area_range
+        )
     else:
         image = center_crop(
             resize_shorter_side(decode_image(encoded), eval_resize_size(image_size)), image_size

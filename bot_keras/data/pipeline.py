@@ -60,6 +60,7 @@ def make_dataset(
     flip=True,
     color_jitter=True,
     pca_lighting=True,
+    crop_area_range=augment.CROP_AREA_RANGE,
     download=False,
 ):
     """A `tf.data.Dataset` of (float32 images [B, S, S, 3], one-hot float32 labels [B, K]).
@@ -84,9 +85,15 @@ def make_dataset(
       repeat, drop_remainder: None = `training`.
       random_crop, fused_crop, flip, color_jitter, pca_lighting: switch individual training steps off for
         ablations (`fused_crop=False` decodes whole JPEGs before cropping).
+      crop_area_range: (low, high) area fraction of the random-resized crop; the paper's (0.08, 1.0).
     """
     if not isinstance(image_size, int) or image_size < 8:
         raise ValueError(f"image_size must be an integer >= 8; got {image_size!r}.")
+    low, high = crop_area_range
+    if not 0 < low <= high <= 1:
+        raise ValueError(
+            f"crop_area_range must satisfy 0 < low <= high <= 1; got {tuple(crop_area_range)!r}."
+        )
     batch_size = per_replica_batch_size(global_batch_size, input_context)
     info = sources.dataset_info(
         source,
@@ -155,6 +162,7 @@ def make_dataset(
             flip=flip,
             jitter=color_jitter,
             pca_lighting=pca_lighting,
+            crop_area_range=tuple(crop_area_range),
         )
 
         def prepare(example, element_seed):

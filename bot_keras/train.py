@@ -424,7 +424,7 @@ def make_callbacks(run_dir, *, chief, verbose, epochs, steps_per_epoch, model, r
                     return logs  # our logs carry "lr"; Keras' version reads a compiled model's optimizer
 
             callbacks.append(TensorBoard(log_dir, write_graph=False, profile_batch=0))
-        else:  # TensorFlow 2.21 does not depend on it; the CSV log below has the same numbers
+        else:  # a dependency of bot-keras, but not of TensorFlow 2.21; the CSV log has the same numbers
             logging.warning("tensorboard is not installed (pip install tensorboard): no TensorBoard logs.")
         callbacks.append(FixedColumnsCSVLogger(os.path.join(log_dir, "training.csv"), append=resume))
     return keras.callbacks.CallbackList(

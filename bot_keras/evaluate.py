@@ -7,13 +7,8 @@ given on the command line is read from the run's `flags.txt` (dataset, data_dir,
 trainer's eval split), so `--model_dir` alone re-evaluates a run.
 """
 
-import os
-
-# A command-line entry point: keep TensorFlow's C++ start-up INFO/WARNING lines off the console
-# unless the user asked for them (set TF_CPP_MIN_LOG_LEVEL=0 to see them).
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import json
+import os
 import sys
 
 from absl import app, flags

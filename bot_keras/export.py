@@ -29,13 +29,8 @@ Every export is written to a temporary sibling of `--export_dir` and renamed int
 failed export leaves nothing half-written; an existing `--export_dir` is replaced only with `--overwrite`.
 """
 
-import os
-
-# A command-line entry point: keep TensorFlow's C++ start-up INFO/WARNING lines off the console
-# unless the user asked for them (set TF_CPP_MIN_LOG_LEVEL=0 to see them).
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import dataclasses
+import os
 import pathlib
 import shutil
 import sys

@@ -19,12 +19,6 @@ Output, for each image:
       2. tiger_cat        0.1010
 """
 
-import os
-
-# A command-line entry point: keep TensorFlow's C++ start-up INFO/WARNING lines off the console
-# unless the user asked for them (set TF_CPP_MIN_LOG_LEVEL=0 to see them).
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import dataclasses
 import pathlib
 import sys

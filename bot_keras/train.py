@@ -15,15 +15,10 @@ of the global mean; `optimizer.scale_loss` gives dynamic loss scaling under mixe
 callbacks (progress bar, TensorBoard, CSVLogger) are driven through `keras.callbacks.CallbackList`.
 """
 
-import os
-
-# A command-line entry point: keep TensorFlow's C++ start-up INFO/WARNING lines off the console
-# unless the user asked for them (set TF_CPP_MIN_LOG_LEVEL=0 to see them).
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import importlib.util
 import json
 import math
+import os
 import shutil
 import sys
 import time

@@ -95,14 +95,9 @@ flags.DEFINE_integer("steps_per_epoch", 0, "Override the steps per epoch (0: tra
 flags.DEFINE_integer("max_steps", 0, "Stop after this many steps in total (0: no limit); for smoke runs.")
 flags.DEFINE_integer("verbose", 1, "0: quiet, 1: progress bar, 2: one line per epoch.")
 
-CONTRACT_FLAGS = (
-    "model dataset data_dir train_split eval_split image_size random_crop flip color_jitter pca_lighting "
-    "dropout_rate zero_gamma sync_bn batch_size "
-    "epochs base_lr lr_schedule lr_decay_epochs lr_decay_rate warmup_epochs momentum weight_decay "
-    "weight_decay_mode no_bias_decay label_smoothing mixup_alpha mixup_off_epochs teacher "
-    "distill_temperature distill_hard_weight precision strategy tpu model_dir resume seed "
-    "steps_per_execution checkpoint_steps keep_checkpoints steps_per_epoch max_steps verbose"
-).split()
+# Every flag this module defines, in definition order: what `flags.txt` records so that the run can be
+# reproduced or resumed from it (derived, so that a new flag cannot be forgotten).
+CONTRACT_FLAGS = tuple(flag.name for flag in FLAGS.get_key_flags_for_module(__name__))
 
 
 class FlagError(ValueError):
@@ -111,7 +106,8 @@ class FlagError(ValueError):
 
 def validate_flags(f):
     """Checks everything that can be checked before TensorFlow starts; raises FlagError listing problems."""
-    from bot_keras.models import MODEL_NAMES
+    from bot_keras.data.sources import parse_source
+    from bot_keras.models import MODEL_NAMES, RESNET_NAMES
     from bot_keras.schedules import SCHEDULE_NAMES
 
     problems = []
@@ -125,6 +121,16 @@ def validate_flags(f):
     need(
         not f.model or f.model in MODEL_NAMES,
         f"--model={f.model!r} is unknown; known: {', '.join(MODEL_NAMES)}.",
+    )
+    if f.dataset:
+        try:
+            parse_source(f.dataset)
+        except ValueError as error:
+            problems.append(f"--dataset: {error}")
+    need(
+        not (f.zero_gamma and f.model in MODEL_NAMES and f.model not in RESNET_NAMES),
+        f"--zero_gamma applies to residual networks only (Section 3.1); --model={f.model!r} has no "
+        "residual blocks.",
     )
     need(f.image_size >= 16, f"--image_size={f.image_size} is too small (at least 16).")
     need(f.batch_size > 0, f"--batch_size={f.batch_size} must be positive.")
@@ -181,8 +187,12 @@ def validate_flags(f):
     need(f.keep_checkpoints >= 1, f"--keep_checkpoints={f.keep_checkpoints} must be >= 1.")
     need(f.steps_per_epoch >= 0, f"--steps_per_epoch={f.steps_per_epoch} must be >= 0 (0: from the data).")
     need(f.max_steps >= 0, f"--max_steps={f.max_steps} must be >= 0 (0: no limit).")
-    if f.teacher and ":" not in f.teacher:
-        need(os.path.exists(f.teacher), f"--teacher={f.teacher!r}: no such file or directory.")
+    if f.teacher:
+        name, sep, weights = f.teacher.partition(":")
+        if sep and name in MODEL_NAMES:  # NAME:WEIGHTS
+            need(os.path.exists(weights), f"--teacher={f.teacher!r}: no weights file {weights!r}.")
+        else:  # a path, which may itself hold a ':'
+            need(os.path.exists(f.teacher), f"--teacher={f.teacher!r}: no such file or directory.")
     if f.model_dir:
         checkpoint_dir = os.path.join(f.model_dir, "checkpoints")
         has_files = os.path.isdir(f.model_dir) and bool(os.listdir(f.model_dir))
@@ -231,9 +241,10 @@ def load_teacher(spec, *, num_classes, image_size):
     import keras
     import tensorflow as tf
 
-    if ":" in spec and not os.path.exists(spec):
-        name, weights = spec.split(":", 1)
-        from bot_keras.models import build_model
+    from bot_keras.models import MODEL_NAMES, build_model
+
+    name, sep, weights = spec.partition(":")
+    if sep and name in MODEL_NAMES and not os.path.exists(spec):
 
         teacher = build_model(name, num_classes=num_classes, input_shape=(image_size, image_size, 3))
         try:
@@ -551,102 +562,123 @@ def main(argv):
     from bot_keras.data import dataset_info, make_dataset, write_class_names
     from bot_keras.models import build_model
 
-    # Strategy and precision: before any variable exists.
-    strategy = distribute.create_strategy(FLAGS.strategy, tpu_address=FLAGS.tpu)
-    distribute.per_replica_batch_size(FLAGS.batch_size, strategy.num_replicas_in_sync)
-    distribute.set_precision(FLAGS.precision)
-    keras.utils.set_random_seed(FLAGS.seed)
-    chief = distribute.is_chief(strategy)
-    write_dir = distribute.worker_dir(FLAGS.model_dir, strategy)
+    # Set-up errors (a missing folder or split, a TF_CONFIG that does not parse, a teacher that does not
+    # fit) are the user's input: report them in one line, not as a traceback from deep inside TensorFlow.
+    try:
+        # Strategy and precision: before any variable exists.
+        strategy = distribute.create_strategy(FLAGS.strategy, tpu_address=FLAGS.tpu)
+        distribute.per_replica_batch_size(FLAGS.batch_size, strategy.num_replicas_in_sync)
+        distribute.set_precision(FLAGS.precision)
+        keras.utils.set_random_seed(FLAGS.seed)
+        chief = distribute.is_chief(strategy)
+        write_dir = distribute.worker_dir(FLAGS.model_dir, strategy)
 
-    # Data.
-    train_info = dataset_info(
-        FLAGS.dataset,
-        split=FLAGS.train_split,
-        data_dir=FLAGS.data_dir,
-        label_offset=FLAGS.label_offset,
-        skip_corrupt=FLAGS.skip_corrupt,
-    )
-    steps_per_epoch = FLAGS.steps_per_epoch or train_info.num_examples // FLAGS.batch_size
-    if steps_per_epoch < 1:
-        fail(
-            f"--batch_size={FLAGS.batch_size} is larger than the {train_info.num_examples} examples of "
-            f"--train_split={FLAGS.train_split!r}."
-        )
-
-    def train_input(context):
-        return make_dataset(
+        # Data.
+        train_info = dataset_info(
             FLAGS.dataset,
             split=FLAGS.train_split,
-            image_size=FLAGS.image_size,
-            global_batch_size=FLAGS.batch_size,
-            training=True,
             data_dir=FLAGS.data_dir,
-            input_context=context,
-            seed=FLAGS.seed,
-            random_crop=FLAGS.random_crop,
-            crop_area_range=(FLAGS.crop_min_area, 1.0),
-            flip=FLAGS.flip,
-            color_jitter=FLAGS.color_jitter,
-            pca_lighting=FLAGS.pca_lighting,
-            skip_corrupt=FLAGS.skip_corrupt,
             label_offset=FLAGS.label_offset,
-        )
-
-    def eval_input(context):
-        return make_dataset(
-            FLAGS.dataset,
-            split=FLAGS.eval_split,
-            image_size=FLAGS.image_size,
-            global_batch_size=FLAGS.batch_size,
-            training=False,
-            data_dir=FLAGS.data_dir,
-            input_context=context,
             skip_corrupt=FLAGS.skip_corrupt,
-            label_offset=FLAGS.label_offset,
         )
+        steps_per_epoch = FLAGS.steps_per_epoch or train_info.num_examples // FLAGS.batch_size
+        if FLAGS.eval_split:
+            eval_info = dataset_info(
+                FLAGS.dataset,
+                split=FLAGS.eval_split,
+                data_dir=FLAGS.data_dir,
+                label_offset=FLAGS.label_offset,
+                skip_corrupt=FLAGS.skip_corrupt,
+            )
+            if list(eval_info.class_names) != list(train_info.class_names):
+                fail(
+                    f"--eval_split={FLAGS.eval_split!r} has {eval_info.num_classes} classes "
+                    f"({', '.join(eval_info.class_names[:5])}, ...) but --train_split={FLAGS.train_split!r} "
+                    f"has {train_info.num_classes} ({', '.join(train_info.class_names[:5])}, ...): labels "
+                    "would not line up."
+                )
+        if steps_per_epoch < 1:
+            fail(
+                f"--batch_size={FLAGS.batch_size} is larger than the {train_info.num_examples} examples of "
+                f"--train_split={FLAGS.train_split!r}."
+            )
 
-    train_iterator = iter(strategy.distribute_datasets_from_function(train_input))
-    eval_dataset = strategy.distribute_datasets_from_function(eval_input) if FLAGS.eval_split else None
+        def train_input(context):
+            return make_dataset(
+                FLAGS.dataset,
+                split=FLAGS.train_split,
+                image_size=FLAGS.image_size,
+                global_batch_size=FLAGS.batch_size,
+                training=True,
+                data_dir=FLAGS.data_dir,
+                input_context=context,
+                seed=FLAGS.seed,
+                random_crop=FLAGS.random_crop,
+                crop_area_range=(FLAGS.crop_min_area, 1.0),
+                flip=FLAGS.flip,
+                color_jitter=FLAGS.color_jitter,
+                pca_lighting=FLAGS.pca_lighting,
+                skip_corrupt=FLAGS.skip_corrupt,
+                label_offset=FLAGS.label_offset,
+            )
 
-    with strategy.scope():
-        # Model.
-        model = build_model(
-            FLAGS.model,
-            num_classes=train_info.num_classes,
-            input_shape=(FLAGS.image_size, FLAGS.image_size, 3),
-            zero_gamma=FLAGS.zero_gamma,
-            dropout_rate=FLAGS.dropout_rate,
-        )
-        set_synchronized_batch_norm(model, FLAGS.sync_bn)
-        teacher = (
-            load_teacher(FLAGS.teacher, num_classes=train_info.num_classes, image_size=FLAGS.image_size)
-            if FLAGS.teacher
-            else None
-        )
-        # Optimizer and schedule.
-        schedule = schedules.build_lr_schedule(
-            FLAGS.lr_schedule,
-            base_lr=FLAGS.base_lr,
-            global_batch_size=FLAGS.batch_size,
-            steps_per_epoch=steps_per_epoch,
-            epochs=FLAGS.epochs,
-            warmup_epochs=FLAGS.warmup_epochs,
-            decay_epochs=[float(e) for e in FLAGS.lr_decay_epochs],
-            decay_rate=FLAGS.lr_decay_rate,
-        )
-        optimizer = optimizers.build_optimizer(
-            schedule,
-            momentum=FLAGS.momentum,
-            nesterov=True,
-            weight_decay=FLAGS.weight_decay,
-            weight_decay_mode=FLAGS.weight_decay_mode,
-            no_bias_decay=FLAGS.no_bias_decay,
-        )
-        if distribute.needs_loss_scaling(FLAGS.precision):
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        optimizer.build(model.trainable_variables)
-        step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        def eval_input(context):
+            return make_dataset(
+                FLAGS.dataset,
+                split=FLAGS.eval_split,
+                image_size=FLAGS.image_size,
+                global_batch_size=FLAGS.batch_size,
+                training=False,
+                data_dir=FLAGS.data_dir,
+                input_context=context,
+                skip_corrupt=FLAGS.skip_corrupt,
+                label_offset=FLAGS.label_offset,
+            )
+
+        train_iterator = iter(strategy.distribute_datasets_from_function(train_input))
+        eval_dataset = strategy.distribute_datasets_from_function(eval_input) if FLAGS.eval_split else None
+
+        with strategy.scope():
+            # Model.
+            model = build_model(
+                FLAGS.model,
+                num_classes=train_info.num_classes,
+                input_shape=(FLAGS.image_size, FLAGS.image_size, 3),
+                zero_gamma=FLAGS.zero_gamma,
+                dropout_rate=FLAGS.dropout_rate,
+            )
+            set_synchronized_batch_norm(model, FLAGS.sync_bn)
+            teacher = (
+                load_teacher(FLAGS.teacher, num_classes=train_info.num_classes, image_size=FLAGS.image_size)
+                if FLAGS.teacher
+                else None
+            )
+            # Optimizer and schedule.
+            schedule = schedules.build_lr_schedule(
+                FLAGS.lr_schedule,
+                base_lr=FLAGS.base_lr,
+                global_batch_size=FLAGS.batch_size,
+                steps_per_epoch=steps_per_epoch,
+                epochs=FLAGS.epochs,
+                warmup_epochs=FLAGS.warmup_epochs,
+                decay_epochs=[float(e) for e in FLAGS.lr_decay_epochs],
+                decay_rate=FLAGS.lr_decay_rate,
+            )
+            optimizer = optimizers.build_optimizer(
+                schedule,
+                momentum=FLAGS.momentum,
+                nesterov=True,
+                weight_decay=FLAGS.weight_decay,
+                weight_decay_mode=FLAGS.weight_decay_mode,
+                no_bias_decay=FLAGS.no_bias_decay,
+            )
+            if distribute.needs_loss_scaling(FLAGS.precision):
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+            optimizer.build(model.trainable_variables)
+            step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+
+    except (FlagError, ValueError, OSError) as error:
+        fail(str(error))
 
     # Restore.
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var)
@@ -769,11 +801,21 @@ def set_synchronized_batch_norm(model, synchronized):
 
 
 def run():
+    import tensorflow as tf
+
     try:
         app.run(main)
     except FloatingPointError as error:
         print(f"Training stopped: {error}", file=sys.stderr, flush=True)
         sys.exit(3)
+    except tf.errors.InvalidArgumentError as error:
+        # The input pipeline's checks (pipeline.py) name the file of an undecodable image or the record of
+        # an out-of-range label; that message is what the user needs, not TensorFlow's stack.
+        lines = [line.strip() for line in (error.message or str(error)).splitlines() if line.strip()]
+        ours = [line for line in lines if "Undecodable image" in line or "Label out of range" in line]
+        message = "\n".join(ours or lines[-3:])
+        print(f"Training stopped by bad input data: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 import csv
 import math
 import os
+import pathlib
+import re
 
 import keras
 import numpy as np
@@ -54,6 +56,9 @@ def _base(tmp_path):
         (["--steps_per_execution=0"], r"--steps_per_execution=0 must be >= 1"),
         (["--resume"], r"--resume: no checkpoint in"),
         (["--crop_min_area=0"], r"--crop_min_area=0.0 must be in \(0, 1\]"),
+        (["--dataset=imagenet"], r"--dataset: Unknown dataset source 'imagenet'"),
+        (["--model=mobilenet", "--zero_gamma"], r"--zero_gamma applies to residual networks only"),
+        (["--teacher=resnet18_d:/nonexistent/w.h5"], r"no weights file '/nonexistent/w.h5'"),
         (["--crop_min_area=1.5"], r"--crop_min_area=1.5 must be in \(0, 1\]"),
     ],
 )
@@ -83,8 +88,13 @@ def test_existing_run_is_never_overwritten_without_resume(parse, tmp_path):
 
 
 def test_resolved_flags_reload_as_a_flagfile(parse, tmp_path):
-    f = parse(*_base(tmp_path), "--no_bias_decay", "--lr_decay_epochs=10,20", "--base_lr=0.4", "--zero_gamma")
+    # Every flag train.py defines is recorded (read from the source, not from CONTRACT_FLAGS itself).
+    defined = set(re.findall(r'flags\.DEFINE_\w+\(\s*"(\w+)"', pathlib.Path(train.__file__).read_text()))
+    assert set(train.CONTRACT_FLAGS) == defined and len(defined) > 40
+    f = parse(*_base(tmp_path), "--no_bias_decay", "--lr_decay_epochs=10,20", "--base_lr=0.4", "--zero_gamma",
+              "--crop_min_area=0.35", "--skip_corrupt", "--label_offset=1")
     text = train.resolved_flags_text(f)
+    assert "--crop_min_area=0.35" in text and "--skip_corrupt" in text and "--label_offset=1" in text
     path = tmp_path / "flags.txt"
     path.write_text(text)
     expected = {name: f[name].value for name in train.CONTRACT_FLAGS if name != "resume"}
@@ -372,6 +382,34 @@ def test_distillation_trains_the_student_and_never_changes_the_teacher(tmp_path)
     assert max(np.abs(a - b).max() for a, b in zip(student_before, model.get_weights(), strict=True)) > 1e-4
 
 
+def _folder(root, splits):
+    """root/<split>/<class>/i.png, flat colours; `splits` maps split → class names."""
+    for split, classes in splits.items():
+        for name in classes:
+            os.makedirs(os.path.join(root, split, name))
+            for i in range(4):
+                image = np.full((12, 12, 3), 40 * i, np.uint8)
+                tf.io.write_file(os.path.join(root, split, name, f"{i}.png"), tf.io.encode_png(image))
+
+
+@pytest.mark.parametrize(
+    "splits, eval_split, message",
+    [
+        ({"train": ["a", "b"]}, "test", r"Split 'test' not found"),  # a missing split names itself
+        ({"train": ["a", "b"], "test": ["a", "c"]}, "test", r"--eval_split='test' has 2 classes \(a, c"),
+    ],
+)
+def test_set_up_errors_are_one_message_not_a_traceback(parse, tmp_path, capsys, splits, eval_split, message):
+    _folder(str(tmp_path / "data"), splits)
+    parse(*_base(tmp_path), f"--dataset=folder:{tmp_path / 'data'}", f"--eval_split={eval_split}",
+          "--batch_size=2", "--image_size=16", "--verbose=0")
+    with pytest.raises(SystemExit) as exit_:
+        train.main([])
+    assert exit_.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not os.path.exists(tmp_path / "run")  # nothing written for a run that never started
+
+
 # --- the command line, end to end (subprocesses) ---------------------------------------------------------
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -563,3 +601,20 @@ def test_tensorboard_logs_train_and_validation_scalars_when_installed(tmp_path):
     _run_loop(tmp_path, epochs=1, checkpoint_steps=0)
     for split in ("train", "validation"):
         assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "logs" / split))
+
+
+@pytest.mark.slow
+def test_undecodable_file_stops_training_naming_it(tmp_path):
+    """A truncated JPEG met while training stops the CLI with the file's name, not a TensorFlow stack."""
+    import subprocess
+
+    _folder(str(tmp_path / "data"), {"train": ["a", "b"]})
+    jpeg = tf.io.encode_jpeg(np.full((12, 12, 3), 99, np.uint8)).numpy()
+    bad = tmp_path / "data" / "train" / "b" / "broken.jpg"
+    bad.write_bytes(jpeg[: len(jpeg) // 2])
+    command, env = _cli(*_base(tmp_path), f"--dataset=folder:{tmp_path / 'data'}", "--eval_split=",
+                        "--batch_size=3", "--image_size=16", "--verbose=0")
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Training stopped by bad input data" in proc.stderr and "broken.jpg" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -70,7 +70,13 @@ def _check_tf_config():
         index = int(task["index"])
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"TF_CONFIG={raw!r} is not a valid cluster description ({error!r}).") from None
-    if task.get("type") not in ("worker", "chief") or not 0 <= index < len(workers) + 1:
+    # A "chief" task is its own cluster entry (index 0); a "worker" task indexes the worker list.
+    task_type = task.get("type")
+    chiefs = config["cluster"].get("chief", [])
+    valid = (task_type == "worker" and 0 <= index < len(workers)) or (
+        task_type == "chief" and chiefs and index == 0
+    )
+    if not valid:
         raise ValueError(f"TF_CONFIG={raw!r}: task {task} does not name one of the workers {workers}.")
 
 

@@ -98,7 +98,10 @@ def evaluate_run(model_dir, *, dataset=None, split=None, data_dir=None, image_si
             f"--dataset={dataset!r} split {split!r} has {info.num_classes} ({', '.join(info.class_names[:5])}"
             ", ...); the model was trained on other classes."
         )
-    model = keras.models.load_model(model_path, compile=False)
+    try:
+        model = keras.models.load_model(model_path, compile=False)
+    except Exception as error:  # Keras raises many types for a damaged archive
+        raise ValueError(f"cannot load {model_path!r}: {error}") from error
     if model.output_shape[-1] != info.num_classes:
         raise ValueError(
             f"{model_path!r} predicts {model.output_shape[-1]} classes; --dataset={dataset!r} has "
@@ -156,7 +159,7 @@ def main(argv):
             image_size=f.image_size,
             batch_size=f.batch_size,
         )
-    except ValueError as error:
+    except (ValueError, OSError) as error:  # bad flags, missing data or run files: one line, no traceback
         print(f"evaluate: {error}", file=sys.stderr)
         sys.exit(1)
     output = f.output or os.path.join(f.model_dir, f"eval_{result['split']}.json")

@@ -147,6 +147,15 @@ class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
         }
 
 
+def training_steps(epochs, steps_per_epoch):
+    """Updates in a run of `epochs` (may be fractional; a partial last epoch counts its started steps).
+
+    The one definition the trainer's loop and the schedules share, so that cosine reaches 0 exactly at
+    the last update the loop runs.
+    """
+    return int(math.ceil(epochs * steps_per_epoch - 1e-9))
+
+
 def build_lr_schedule(
     name,
     *,
@@ -180,7 +189,7 @@ def build_lr_schedule(
     if warmup_epochs >= epochs:
         raise ValueError(f"--warmup_epochs ({warmup_epochs!r}) must be smaller than --epochs ({epochs!r}).")
     peak = scaled_learning_rate(base_lr, global_batch_size)
-    total_steps = int(round(epochs * steps_per_epoch))
+    total_steps = training_steps(epochs, steps_per_epoch)
     warmup_steps = int(round(warmup_epochs * steps_per_epoch))
 
     if name == "step":

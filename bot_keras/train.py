@@ -472,7 +472,9 @@ def train_loop(
     import numpy as np
     import tensorflow as tf
 
-    total_steps = int(math.ceil(epochs * steps_per_epoch))
+    from bot_keras.schedules import training_steps
+
+    total_steps = training_steps(epochs, steps_per_epoch)
     if max_steps:
         total_steps = min(total_steps, max_steps)
     step = int(step_var.numpy())

@@ -47,6 +47,11 @@ def test_multi_worker_without_tf_config_says_so(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", "{not json")
     with pytest.raises(ValueError, match="TF_CONFIG='{not json' is not a valid"):
         distribute.create_strategy("multi_worker_mirrored")
+    # Worker index 2 of a two-worker cluster would wait forever for a peer that does not exist.
+    config = '{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 2}}'
+    monkeypatch.setenv("TF_CONFIG", config)
+    with pytest.raises(ValueError, match=r"does not name one of the workers \['a:1', 'b:2'\]"):
+        distribute.create_strategy("multi_worker_mirrored")
 
 
 def test_default_strategy_is_chief_and_writes_to_model_dir(tmp_path):

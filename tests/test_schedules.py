@@ -13,6 +13,7 @@ from bot_keras.schedules import (
     StepDecay,
     build_lr_schedule,
     scaled_learning_rate,
+    training_steps,
 )
 
 
@@ -147,3 +148,13 @@ def test_graph_mode_int64_steps_and_optimizer_iterations():
     optimizer = keras.optimizers.SGD(learning_rate=schedule)
     optimizer.iterations.assign(300)
     assert float(optimizer.learning_rate) == pytest.approx(0.01, rel=1e-6)
+
+
+def test_fractional_epochs_cosine_reaches_zero_at_the_loops_last_step():
+    # 2.5 epochs of 5 steps: the loop runs ceil(12.5) = 13 updates, and cosine is 0 at the 13th (step 12).
+    assert training_steps(2.5, 5) == 13 and training_steps(3, 5) == 15
+    schedule = build_lr_schedule(
+        "cosine", base_lr=0.1, global_batch_size=256, steps_per_epoch=5, epochs=2.5, warmup_epochs=0
+    )
+    assert float(schedule(12)) == pytest.approx(0.0, abs=1e-9)
+    assert float(schedule(11)) > 0

@@ -16,6 +16,7 @@ import sys
 
 import tensorflow as tf
 
+from bot_keras import distribute
 from bot_keras.data import augment, sources
 
 log = logging.getLogger(__name__)
@@ -25,17 +26,12 @@ AUTO_CACHE_MAX_EXAMPLES = 100_000
 
 
 def per_replica_batch_size(global_batch_size, input_context=None):
-    """The batch one input pipeline produces: global / replicas in sync; clear error if it doesn't divide."""
+    """The batch one input pipeline produces: global / replicas in sync (the check lives in distribute)."""
     if not isinstance(global_batch_size, int) or global_batch_size < 1:
         raise ValueError(f"global_batch_size must be a positive integer; got {global_batch_size!r}.")
     if input_context is None:
         return global_batch_size
-    replicas = input_context.num_replicas_in_sync
-    if global_batch_size % replicas:
-        raise ValueError(
-            f"global_batch_size={global_batch_size} is not divisible by the {replicas} replicas in sync."
-        )
-    return global_batch_size // replicas
+    return distribute.per_replica_batch_size(global_batch_size, input_context.num_replicas_in_sync)
 
 
 def make_dataset(

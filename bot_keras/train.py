@@ -35,7 +35,7 @@ flags.DEFINE_string("model", None, "Model name, e.g. resnet50_d (see bot_keras.m
 flags.DEFINE_string(
     "dataset", None, "Data source: tfds:NAME[:VERSION], tfrecord:GLOB, folder:ROOT, synthetic."
 )
-flags.DEFINE_string("data_dir", None, "TFDS data directory (tfds: sources only).")
+flags.DEFINE_string("data_dir", None, "TFDS data dir; relative folder:/tfrecord: paths resolve in it.")
 flags.DEFINE_string("train_split", "train", "Split to train on (TFDS split or image-folder subdirectory).")
 flags.DEFINE_string("eval_split", "validation", "Split evaluated at each epoch end; empty: no evaluation.")
 flags.DEFINE_bool("skip_corrupt", False, "Skip undecodable image files (each reported) instead of failing.")
@@ -105,7 +105,7 @@ class FlagError(ValueError):
 
 
 def validate_flags(f):
-    """Checks everything that can be checked before TensorFlow starts; raises FlagError listing problems."""
+    """Checks what can be checked before data or models are touched; raises FlagError listing all."""
     from bot_keras.data.sources import parse_source
     from bot_keras.models import MODEL_NAMES, RESNET_NAMES
     from bot_keras.schedules import SCHEDULE_NAMES

@@ -90,7 +90,8 @@ def test_row_flags_override_base_and_common_flags_and_the_budget_is_last(monkeyp
     try:
         flags.FLAGS(["train", *args])
         f = flags.FLAGS
-        assert (f.batch_size, f.dataset, f.seed, f.epochs, f.lr_schedule) == (512, "synthetic:99", 7, 2.5, "step")
+        assert (f.batch_size, f.dataset, f.seed) == (512, "synthetic:99", 7)
+        assert (f.epochs, f.lr_schedule) == (2.5, "step")
     finally:
         flags.FLAGS.unparse_flags()
 
@@ -164,7 +165,8 @@ def test_reads_the_trainers_csv_log_with_mixup_epochs_as_missing_accuracy(tmp_pa
 
 def test_table_rows_delta_against_the_first_row_and_failures():
     results = [
-        {"name": "baseline", "top1": 0.5, "top5": 0.9, "wall_s": 412.0, "images_per_sec": 401.4, "returncode": 0},
+        {"name": "baseline", "top1": 0.5, "top5": 0.9, "wall_s": 412.0, "images_per_sec": 401.4,
+         "returncode": 0},
         {"name": "+ cosine", "top1": 0.5234, "top5": 0.91, "wall_s": 390.0, "images_per_sec": 455.6,
          "returncode": 0},
         {"name": "+ mixup", "top1": 0.4811, "top5": 0.8999, "wall_s": 60.0, "images_per_sec": None,
@@ -198,9 +200,9 @@ def test_plot_is_a_png_and_a_missing_matplotlib_is_a_clear_error(tmp_path, monke
 def test_end_to_end_one_row_then_reuse(tmp_path):
     """One tiny row through the real trainer subprocess; a second call reuses the finished run."""
     out = tmp_path / "abl"
-    command = [sys.executable, str(ROOT / "tools" / "ablation.py"), f"--base={BASE}", "--row=tiny: --batch_size=8",
-               "--epochs=2", f"--out_dir={out}", "--no_plot", "--", "--dataset=synthetic:32",
-               "--eval_split=validation", "--steps_per_epoch=2"]
+    command = [sys.executable, str(ROOT / "tools" / "ablation.py"), f"--base={BASE}",
+               "--row=tiny: --batch_size=8", "--epochs=2", f"--out_dir={out}", "--no_plot",
+               "--", "--dataset=synthetic:32", "--eval_split=validation", "--steps_per_epoch=2"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stdout + first.stderr

@@ -308,3 +308,94 @@ def test_distillation_trains_the_student_and_never_changes_the_teacher(tmp_path)
     for a, b in zip(teacher_before, teacher.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     assert max(np.abs(a - b).max() for a, b in zip(student_before, model.get_weights(), strict=True)) > 1e-4
+
+
+# --- the command line, end to end (subprocesses) ---------------------------------------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(*args):
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    return [sys.executable, "-m", "bot_keras.train", *args], env
+
+
+def _checkpoint_steps(run_dir):
+    directory = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name[5:-6]) for name in os.listdir(directory) if name.startswith("ckpt-") and
+                  name.endswith(".index"))
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_continues_from_the_last_checkpoint(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    run_dir = str(tmp_path / "run")
+    steps_per_epoch, epochs, batch = 40, 2, 8
+    args = [
+        "--model=resnet18", "--dataset=synthetic:40", "--image_size=16", f"--batch_size={batch}",
+        f"--steps_per_epoch={steps_per_epoch}", f"--epochs={epochs}", "--base_lr=0.1", "--lr_schedule=cosine",
+        "--checkpoint_steps=3", "--keep_checkpoints=100", "--eval_split=", "--verbose=0", "--seed=3",
+        f"--model_dir={run_dir}",
+    ]
+    command, env = _cli(*args)
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not _checkpoint_steps(run_dir) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    killed_at = _checkpoint_steps(run_dir)
+    assert killed_at, "no checkpoint was written before the kill"
+    last = killed_at[-1]
+    assert last % 3 == 0 and last < steps_per_epoch, f"not killed mid-epoch: checkpoints {killed_at}"
+    assert not os.path.exists(os.path.join(run_dir, "model.keras"))
+
+    # Without --resume the existing run is protected.
+    refused = subprocess.run(_cli(*args)[0], env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "already holds a run; pass --resume" in refused.stderr
+
+    resumed = subprocess.run(_cli(*args, "--resume")[0], env=env, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # Cosine decay without warmup, peak 0.1·8/256, reaching 0 at the last of 80 steps (Section 5.1).
+    peak, total = 0.1 * batch / 256, steps_per_epoch * epochs
+    expected_lr = 0.5 * (1 + math.cos(math.pi * last / (total - 1))) * peak
+    line = next(x for x in resumed.stdout.splitlines() if x.startswith("Resumed from"))
+    assert f"ckpt-{last} at step {last} (epoch 0)" in line
+    assert float(line.split("learning rate ")[1].split()[0].rstrip(",")) == pytest.approx(expected_lr, rel=1e-4)
+    assert _checkpoint_steps(run_dir)[-1] == total
+    with open(os.path.join(run_dir, "final_metrics.json")) as f:
+        assert json_load(f)["step"] == total
+    assert os.path.exists(os.path.join(run_dir, "model.keras"))
+
+
+def json_load(f):
+    import json
+
+    return json.load(f)
+
+
+@pytest.mark.slow
+def test_demo_config_trains_clearly_above_chance(tmp_path):
+    import subprocess
+
+    run_dir = str(tmp_path / "demo")
+    command, env = _cli(f"--flagfile={os.path.join(REPO, 'configs', 'demo.flags')}", f"--model_dir={run_dir}",
+                        "--verbose=2")
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(run_dir, "final_metrics.json")) as f:
+        metrics = json_load(f)
+    # 10 classes: chance is 10%. The demo reaches ~97% on a 2-core CPU; 60% leaves room for other CPUs.
+    assert metrics["val_top1"] > 0.6, metrics
+    assert sorted(os.listdir(run_dir)) == [
+        "checkpoints", "classes.txt", "final_metrics.json", "flags.txt", "logs", "model.keras"
+    ]
+    with open(os.path.join(run_dir, "classes.txt")) as f:
+        assert len(f.read().split()) == 10

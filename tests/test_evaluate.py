@@ -1,0 +1,79 @@
+"""evaluate.py: top-1/top-5 sums, a folder dataset trained and evaluated end to end, and clear errors."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import flags
+
+from bot_keras import evaluate, train
+
+
+def test_top_k_sums_count_hits_by_hand():
+    logits = tf.constant([[0.0, 3.0, 1.0, 2.0, -1.0, -2.0],  # true 1: top-1 hit
+                          [5.0, 4.0, 3.0, 2.0, 1.0, 0.0],  # true 5: ranked 6th, top-5 miss
+                          [5.0, 4.0, 3.0, 2.0, 1.0, 0.0]])  # true 4: ranked 5th, top-5 hit
+    labels = tf.one_hot([1, 5, 4], 6)
+    sums = evaluate.top_k_sums(tf.constant([1.0, 2.0, 3.0]), labels, logits).numpy()
+    np.testing.assert_array_equal(sums, [6.0, 1.0, 2.0, 3.0])
+
+
+def _write_folder(root, *, classes=("cat", "dog", "fish"), per_class=(12, 4)):
+    """train/<class>/*.png and test/<class>/*.png; each class a different flat colour plus noise."""
+    rng = np.random.default_rng(0)
+    for split, count in zip(("train", "test"), per_class, strict=True):
+        for index, name in enumerate(classes):
+            os.makedirs(os.path.join(root, split, name))
+            for i in range(count):
+                colour = np.zeros((20, 20, 3)) + 60 + 80 * np.eye(3)[index] * 2
+                image = np.clip(colour + rng.normal(0, 10, colour.shape), 0, 255).astype(np.uint8)
+                tf.io.write_file(os.path.join(root, split, name, f"{i}.png"), tf.io.encode_png(image))
+
+
+@pytest.fixture(scope="module")
+def trained_folder_run(tmp_path_factory):
+    """Trains in-process through train.main on a folder dataset with a train and a test split."""
+    tmp_path = tmp_path_factory.mktemp("folder_run")
+    _write_folder(str(tmp_path / "data"))
+    run_dir = str(tmp_path / "run")
+    f = flags.FLAGS
+    f.unparse_flags()
+    f([
+        "train", "--model=resnet18_d", f"--dataset=folder:{tmp_path / 'data'}", "--train_split=train",
+        "--eval_split=test", "--image_size=16", "--batch_size=12", "--epochs=3", "--base_lr=0.4",
+        "--lr_schedule=cosine", "--no_bias_decay", "--norandom_crop", "--nocolor_jitter", "--nopca_lighting",
+        f"--model_dir={run_dir}", "--verbose=0", "--seed=2",
+    ])
+    try:
+        train.main([])
+    finally:
+        f.unparse_flags()
+    return run_dir, str(tmp_path / "data")
+
+
+def test_folder_dataset_trains_and_evaluates_end_to_end(trained_folder_run):
+    run_dir, data = trained_folder_run
+    with open(os.path.join(run_dir, "classes.txt")) as f:
+        assert f.read() == "cat\ndog\nfish\n"
+    flags_text = open(os.path.join(run_dir, "flags.txt")).read()
+    assert f"--dataset=folder:{data}" in flags_text and "--eval_split=test" in flags_text
+    with open(os.path.join(run_dir, "final_metrics.json")) as f:
+        final = json.load(f)
+    assert final["step"] == 3 * 3  # 36 training images // 12 = 3 steps an epoch
+    result = evaluate.evaluate_run(run_dir)  # dataset, split and size come from the run's flags.txt
+    assert result["split"] == "test" and result["count"] == 12
+    # The exported model.keras scores what the trainer measured at its last epoch end.
+    assert result["top1"] == pytest.approx(final["val_top1"], abs=1e-6)
+    assert result["top5"] == 1.0  # 3 classes: every label is in the top 5
+
+
+def test_evaluate_rejects_runs_trained_on_other_classes(trained_folder_run, tmp_path):
+    run_dir, _ = trained_folder_run
+    other = str(tmp_path / "other")
+    _write_folder(other, classes=("ant", "bee", "cow"), per_class=(1, 1))
+    with pytest.raises(ValueError, match=r"classes\.txt lists 3 classes \(cat, dog, fish.*has 3 \(ant, bee, cow"):
+        evaluate.evaluate_run(run_dir, dataset=f"folder:{other}")
+    with pytest.raises(ValueError, match=r"has no model\.keras"):
+        evaluate.evaluate_run(str(tmp_path))

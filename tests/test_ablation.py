@@ -123,6 +123,10 @@ def test_main_dry_run_prints_every_command_and_rejects_typos(monkeypatch, tmp_pa
         ablation.main([f"--base={BASE}", "--row=a: --bach_size=64", "--epochs=2", f"--out_dir={tmp_path}"])
     assert exit_info.value.code == 2
     assert "row 'a': Unknown command line flag 'bach_size'" in capsys.readouterr().err
+    (tmp_path / "00_a" / "checkpoints").mkdir(parents=True)  # a row that died before it finished
+    with pytest.raises(SystemExit):
+        ablation.main([f"--base={BASE}", "--row=a:", "--epochs=2", f"--out_dir={tmp_path}"])
+    assert f"row 'a': {tmp_path}/00_a holds an unfinished run" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         ablation.main([f"--base={BASE}", "--epochs=2", f"--out_dir={tmp_path}"])
     assert "no rows" in capsys.readouterr().err

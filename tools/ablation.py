@@ -341,10 +341,14 @@ def main(argv=None):
             raise SpecError("no rows: give --row='NAME: --flag=value ...' and/or --rows=FILE.")
         rows = parse_rows(texts, where=labels)
         common = list(parse_row("common: " + shlex.join(common), where="flags after --").flags)
-        finished = {
-            i for i, row in enumerate(rows)
-            if os.path.exists(os.path.join(args.out_dir, row_dir_name(i, row.name), "final_metrics.json"))
-        }
+        finished = set()
+        for i, row in enumerate(rows):
+            run_dir = os.path.join(args.out_dir, row_dir_name(i, row.name))
+            if os.path.exists(os.path.join(run_dir, "final_metrics.json")):
+                finished.add(i)
+            elif os.path.isdir(run_dir) and os.listdir(run_dir):
+                raise SpecError(f"row {row.name!r}: {run_dir} holds an unfinished run (no "
+                                "final_metrics.json); remove it to train the row again.")
         validate_rows(rows, base=args.base, common=common, epochs=args.epochs,
                       out_dir=args.out_dir, skip=finished)
     except SpecError as error:

@@ -399,3 +399,27 @@ def test_demo_config_trains_clearly_above_chance(tmp_path):
     ]
     with open(os.path.join(run_dir, "classes.txt")) as f:
         assert len(f.read().split()) == 10
+
+
+@pytest.mark.parametrize(
+    "config",
+    sorted(
+        os.path.relpath(os.path.join(root, name), REPO)
+        for root, _, names in os.walk(os.path.join(REPO, "configs"))
+        for name in names
+        if name.endswith(".flags")
+    ),
+)
+def test_every_config_parses_validates_and_states_its_command(parse, tmp_path, config):
+    path = os.path.join(REPO, config)
+    header = open(path).read().split("\n--", 1)[0]
+    assert f"--flagfile={config}" in header and "Hardware" in header
+    f = parse(f"--flagfile={path}", f"--model_dir={tmp_path / 'run'}")
+    train.validate_flags(f)
+    if "imagenet" in config:
+        # Section 3: linear scaling from 0.1 per 256 images; the efficient recipes add the Section 3.1 tricks.
+        assert f.base_lr == 0.1 and f.weight_decay_mode == "l2" and f.weight_decay == 1e-4
+        efficient = "efficient" in config
+        assert (f.batch_size, f.precision, f.warmup_epochs) == ((1024, "mixed_float16", 5) if efficient
+                                                                else (256, "float32", 0))
+        assert f.zero_gamma == f.no_bias_decay == efficient and f.epochs == 120

@@ -23,7 +23,9 @@ test-fast: venv
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # Each demo run lands in a fresh directory (runs are never overwritten): runs/demo-YYYYmmdd-HHMMSS.
-DEMO_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+ifndef DEMO_DIR
+DEMO_DIR := runs/demo-$(shell date +%Y%m%d-%H%M%S)
+endif
 demo: venv
 	$(PY) -m bot_keras.train --flagfile=configs/demo.flags --model_dir=$(DEMO_DIR)
 	$(PY) -m bot_keras.evaluate --model_dir=$(DEMO_DIR)

@@ -20,8 +20,10 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     "test": ["pytest>=8,<10", "pillow>=10"],
-    # Optional: the timm-equivalence check of the weight converter (torch installs from a local file here).
-    "timm": ["torch==2.13.0", "timm>=1.0", "safetensors>=0.4"],
+    # Optional: the timm-equivalence test of the weight converter (tests/test_timm_weights.py, `slow`).
+    # The converter itself needs none of these (it reads safetensors with numpy). torchvision (a timm
+    # dependency) is pinned to the release built for torch 2.13 so pip cannot swap torch for a newer one.
+    "timm": ["torch==2.13.0", "torchvision==0.28.0", "timm>=1.0", "safetensors>=0.4"],
     "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],
     "lint": ["ruff>=0.6"],
     # Only tools/ablation.py's accuracy plot (PNG) uses it; training never does (README, "Ablations").

@@ -1,4 +1,4 @@
-"""The one place for distribution and precision (Section 3.1 of the paper: large batch, low precision).
+"""The one place for distribution and precision (Sections 3.1 and 3.2 of the paper: large batch, fp16).
 
 Everything the trainer needs to know about devices goes through here:
 

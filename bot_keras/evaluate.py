@@ -13,7 +13,6 @@ import sys
 
 from absl import app, flags
 
-
 # Summed per replica, reduced with SUM across replicas, accumulated on the host.
 SUM_KEYS = ("loss", "top1", "top5", "count")
 
@@ -46,29 +45,23 @@ def make_eval_function(strategy, model):
 
     @tf.function
     def eval_batch(batch):
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(replica_step, args=(batch,)), axis=None)
+        return strategy.reduce(
+            tf.distribute.ReduceOp.SUM, strategy.run(replica_step, args=(batch,)), axis=None
+        )
 
     def evaluate(dataset):
         totals = np.zeros(len(SUM_KEYS))
         for batch in dataset:
             totals += eval_batch(batch).numpy()
         count = max(totals[3], 1.0)
-        return {"loss": totals[0] / count, "top1": totals[1] / count, "top5": totals[2] / count,
-                "count": int(totals[3])}
+        return {
+            "loss": totals[0] / count,
+            "top1": totals[1] / count,
+            "top5": totals[2] / count,
+            "count": int(totals[3]),
+        }
 
     return evaluate
-
-
-def read_flagfile(path):
-    """The `--name=value` lines of a flagfile → {name: value string} (booleans and comments skipped)."""
-    values = {}
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line.startswith("--") and "=" in line:
-                name, value = line[2:].split("=", 1)
-                values[name] = value
-    return values
 
 
 def evaluate_run(model_dir, *, dataset=None, split=None, data_dir=None, image_size=None, batch_size=None):
@@ -76,6 +69,8 @@ def evaluate_run(model_dir, *, dataset=None, split=None, data_dir=None, image_si
     model_path = os.path.join(model_dir, "model.keras")
     if not os.path.exists(model_path):
         raise ValueError(f"--model_dir={model_dir!r} has no model.keras (has its training finished?).")
+    from bot_keras.export import read_flagfile  # the one reader of a run's flags.txt
+
     run_flags = {}
     if os.path.exists(os.path.join(model_dir, "flags.txt")):
         run_flags = read_flagfile(os.path.join(model_dir, "flags.txt"))
@@ -91,7 +86,7 @@ def evaluate_run(model_dir, *, dataset=None, split=None, data_dir=None, image_si
     import tensorflow as tf
 
     from bot_keras.data import dataset_info, make_dataset, read_class_names
-    
+
     info = dataset_info(dataset, split=split, data_dir=data_dir)
     classes_path = os.path.join(model_dir, "classes.txt")
     classes = read_class_names(classes_path) if os.path.exists(classes_path) else None
@@ -109,27 +104,39 @@ def evaluate_run(model_dir, *, dataset=None, split=None, data_dir=None, image_si
         )
     strategy = tf.distribute.get_strategy()
     data = make_dataset(
-        dataset, split=split, image_size=image_size, global_batch_size=batch_size, training=False,
+        dataset,
+        split=split,
+        image_size=image_size,
+        global_batch_size=batch_size,
+        training=False,
         data_dir=data_dir,
     )
     result = make_eval_function(strategy, model)(data)
     result = {k: float(v) for k, v in result.items()}
-    result.update(count=int(result["count"]), split=split, dataset=dataset, image_size=image_size,
-                  model=model_path)
+    result.update(
+        count=int(result["count"]), split=split, dataset=dataset, image_size=image_size, model=model_path
+    )
     return result
 
 
 def define_flags(flag_values=flags.FLAGS):
-    flags.DEFINE_string("model_dir", None, "Run directory holding model.keras (and flags.txt).",
-                        flag_values=flag_values)
-    flags.DEFINE_string("dataset", None, "Data source (default: the run's --dataset).", flag_values=flag_values)
-    flags.DEFINE_string("data_dir", None, "TFDS data directory (default: the run's).", flag_values=flag_values)
-    flags.DEFINE_string("split", None, "Split to evaluate (default: the run's --eval_split).",
-                        flag_values=flag_values)
+    flags.DEFINE_string(
+        "model_dir", None, "Run directory holding model.keras (and flags.txt).", flag_values=flag_values
+    )
+    flags.DEFINE_string(
+        "dataset", None, "Data source (default: the run's --dataset).", flag_values=flag_values
+    )
+    flags.DEFINE_string(
+        "data_dir", None, "TFDS data directory (default: the run's).", flag_values=flag_values
+    )
+    flags.DEFINE_string(
+        "split", None, "Split to evaluate (default: the run's --eval_split).", flag_values=flag_values
+    )
     flags.DEFINE_integer("image_size", None, "Resolution (default: the run's).", flag_values=flag_values)
     flags.DEFINE_integer("batch_size", None, "Batch size (default: the run's).", flag_values=flag_values)
-    flags.DEFINE_string("output", None, "JSON file to write (default: MODEL_DIR/eval_SPLIT.json).",
-                        flag_values=flag_values)
+    flags.DEFINE_string(
+        "output", None, "JSON file to write (default: MODEL_DIR/eval_SPLIT.json).", flag_values=flag_values
+    )
 
 
 def main(argv):
@@ -139,7 +146,11 @@ def main(argv):
         raise app.UsageError("--model_dir is required.")
     try:
         result = evaluate_run(
-            f.model_dir, dataset=f.dataset, split=f.split, data_dir=f.data_dir, image_size=f.image_size,
+            f.model_dir,
+            dataset=f.dataset,
+            split=f.split,
+            data_dir=f.data_dir,
+            image_size=f.image_size,
             batch_size=f.batch_size,
         )
     except ValueError as error:
@@ -148,8 +159,10 @@ def main(argv):
     output = f.output or os.path.join(f.model_dir, f"eval_{result['split']}.json")
     with open(output, "w") as out:
         json.dump(result, out, indent=2)
-    print(f"{result['dataset']} {result['split']} ({result['count']} images): "
-          f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%")
+    print(
+        f"{result['dataset']} {result['split']} ({result['count']} images): "
+        f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%"
+    )
     print(f"Wrote {output}")
 
 

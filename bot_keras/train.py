@@ -2,7 +2,7 @@
 
 main() reads top to bottom in the order the parts are wired: flags → strategy and precision → data →
 model → optimizer and schedule → restore → fit → export. Every trick of the paper is one flag (see the
-README's flag table): Section 3.1 (linear scaling, warmup, zero-γ, no bias decay, fp16), Section 4
+README's flag table): Section 3.1 (linear scaling, warmup, zero-γ, no bias decay), 3.2 (fp16), Section 4
 (the model), Section 5 (cosine decay, label smoothing, distillation, mixup).
 
 One training loop for every strategy. Keras 3.15's `model.fit` fails under
@@ -32,7 +32,9 @@ FLAGS = flags.FLAGS
 
 # --- what to train, on what ----------------------------------------------------------------------------
 flags.DEFINE_string("model", None, "Model name, e.g. resnet50_d (see bot_keras.models.MODEL_NAMES).")
-flags.DEFINE_string("dataset", None, "Data source: tfds:NAME[:VERSION], tfrecord:GLOB, folder:ROOT, synthetic.")
+flags.DEFINE_string(
+    "dataset", None, "Data source: tfds:NAME[:VERSION], tfrecord:GLOB, folder:ROOT, synthetic."
+)
 flags.DEFINE_string("data_dir", None, "TFDS data directory (tfds: sources only).")
 flags.DEFINE_string("train_split", "train", "Split to train on (TFDS split or image-folder subdirectory).")
 flags.DEFINE_string("eval_split", "validation", "Split evaluated at each epoch end; empty: no evaluation.")
@@ -47,26 +49,36 @@ flags.DEFINE_bool("sync_bn", False, "Synchronise BatchNorm statistics across rep
 # --- optimisation --------------------------------------------------------------------------------------
 flags.DEFINE_integer("batch_size", 256, "Global batch size (split across all replicas).")
 flags.DEFINE_float("epochs", 120, "Training epochs (may be fractional).")
-flags.DEFINE_float("base_lr", 0.1, "Learning rate per 256 images: lr = base_lr × batch_size / 256 (Sec. 3.1).")
+flags.DEFINE_float(
+    "base_lr", 0.1, "Learning rate per 256 images: lr = base_lr × batch_size / 256 (Sec. 3.1)."
+)
 flags.DEFINE_string("lr_schedule", "step", "step | cosine | constant (Sec. 2 and 5.1).")
 flags.DEFINE_list("lr_decay_epochs", ["30", "60", "90"], "Epochs where the step schedule divides the lr.")
 flags.DEFINE_float("lr_decay_rate", 0.1, "Factor the step schedule multiplies the lr by at each decay epoch.")
 flags.DEFINE_float("warmup_epochs", 0, "Linear warmup from 0 over this many epochs (Sec. 3.1).")
 flags.DEFINE_float("momentum", 0.9, "SGD momentum (Nesterov).")
 flags.DEFINE_float("weight_decay", 1e-4, "Weight decay coefficient.")
-flags.DEFINE_string("weight_decay_mode", "decoupled", "decoupled (w -= lr·wd·w) | l2 (wd·w added to the grad).")
+flags.DEFINE_string(
+    "weight_decay_mode", "decoupled", "decoupled (w -= lr·wd·w) | l2 (wd·w added to the grad)."
+)
 flags.DEFINE_bool("no_bias_decay", False, "Exclude biases and BN gamma/beta from weight decay (Sec. 3.1).")
 flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing epsilon (Sec. 5.2).")
 flags.DEFINE_float("mixup_alpha", 0.0, "Mixup Beta(alpha, alpha); 0 turns mixup off (Sec. 5.4).")
 flags.DEFINE_integer("mixup_off_epochs", 0, "Train the last N epochs without mixup.")
-flags.DEFINE_string("teacher", "", "Distillation teacher: a .keras file, a SavedModel dir, or NAME:WEIGHTS (Sec. 5.3).")
+flags.DEFINE_string(
+    "teacher", "", "Distillation teacher: a .keras file, a SavedModel dir, or NAME:WEIGHTS (Sec. 5.3)."
+)
 flags.DEFINE_float("distill_temperature", 20.0, "Distillation temperature T (Sec. 5.3).")
-flags.DEFINE_float("distill_hard_weight", None, "Weight w of the hard loss, (w, 1-w) form; unset: the paper's 1:1.")
+flags.DEFINE_float(
+    "distill_hard_weight", None, "Weight w of the hard loss, (w, 1-w) form; unset: the paper's 1:1."
+)
 # --- machinery -----------------------------------------------------------------------------------------
 flags.DEFINE_string("precision", "float32", "float32 | mixed_float16 | mixed_bfloat16.")
 flags.DEFINE_string("strategy", "default", "default | mirrored | multi_worker_mirrored | tpu.")
 flags.DEFINE_string("tpu", "", "TPU address for --strategy=tpu (empty: local TPU VM).")
-flags.DEFINE_string("model_dir", None, "Run directory (flags.txt, classes.txt, checkpoints/, logs/, model.keras).")
+flags.DEFINE_string(
+    "model_dir", None, "Run directory (flags.txt, classes.txt, checkpoints/, logs/, model.keras)."
+)
 flags.DEFINE_bool("resume", False, "Continue from the last checkpoint in --model_dir.")
 flags.DEFINE_integer("seed", 0, "Random seed (weights, data order, augmentation, mixup).")
 flags.DEFINE_integer("steps_per_execution", 1, "Training steps per tf.function call.")
@@ -103,13 +115,19 @@ def validate_flags(f):
 
     for name in ("model", "dataset", "model_dir"):
         need(getattr(f, name), f"--{name} is required.")
-    need(not f.model or f.model in MODEL_NAMES, f"--model={f.model!r} is unknown; known: {', '.join(MODEL_NAMES)}.")
+    need(
+        not f.model or f.model in MODEL_NAMES,
+        f"--model={f.model!r} is unknown; known: {', '.join(MODEL_NAMES)}.",
+    )
     need(f.image_size >= 16, f"--image_size={f.image_size} is too small (at least 16).")
     need(f.batch_size > 0, f"--batch_size={f.batch_size} must be positive.")
     need(f.epochs > 0, f"--epochs={f.epochs} must be positive.")
     need(f.base_lr > 0, f"--base_lr={f.base_lr} must be positive.")
     need(f.lr_schedule in SCHEDULE_NAMES, f"--lr_schedule={f.lr_schedule!r} is not one of {SCHEDULE_NAMES}.")
-    need(0 <= f.warmup_epochs < f.epochs, f"--warmup_epochs={f.warmup_epochs} must be in [0, --epochs={f.epochs}).")
+    need(
+        f.epochs <= 0 or 0 <= f.warmup_epochs < f.epochs,
+        f"--warmup_epochs={f.warmup_epochs} must be in [0, --epochs={f.epochs}).",
+    )
     try:
         [float(e) for e in f.lr_decay_epochs]
     except ValueError:
@@ -117,7 +135,10 @@ def validate_flags(f):
     need(0 < f.lr_decay_rate <= 1, f"--lr_decay_rate={f.lr_decay_rate} must be in (0, 1].")
     need(0 <= f.momentum < 1, f"--momentum={f.momentum} must be in [0, 1).")
     need(f.weight_decay >= 0, f"--weight_decay={f.weight_decay} must be >= 0.")
-    need(f.weight_decay_mode in ("decoupled", "l2"), f"--weight_decay_mode={f.weight_decay_mode!r} is not decoupled or l2.")
+    need(
+        f.weight_decay_mode in ("decoupled", "l2"),
+        f"--weight_decay_mode={f.weight_decay_mode!r} is not decoupled or l2.",
+    )
     need(0 <= f.dropout_rate < 1, f"--dropout_rate={f.dropout_rate} must be in [0, 1).")
     need(0 <= f.label_smoothing < 1, f"--label_smoothing={f.label_smoothing} must be in [0, 1).")
     need(f.mixup_alpha >= 0, f"--mixup_alpha={f.mixup_alpha} must be >= 0 (0 turns mixup off).")
@@ -139,8 +160,14 @@ def validate_flags(f):
         f.distill_hard_weight is None or f.teacher,
         f"--distill_hard_weight={f.distill_hard_weight} is set but there is no --teacher.",
     )
-    need(f.precision in distribute.PRECISIONS, f"--precision={f.precision!r} is not one of {distribute.PRECISIONS}.")
-    need(f.strategy in distribute.STRATEGIES, f"--strategy={f.strategy!r} is not one of {distribute.STRATEGIES}.")
+    need(
+        f.precision in distribute.PRECISIONS,
+        f"--precision={f.precision!r} is not one of {distribute.PRECISIONS}.",
+    )
+    need(
+        f.strategy in distribute.STRATEGIES,
+        f"--strategy={f.strategy!r} is not one of {distribute.STRATEGIES}.",
+    )
     need(f.steps_per_execution >= 1, f"--steps_per_execution={f.steps_per_execution} must be >= 1.")
     need(f.checkpoint_steps >= 0, f"--checkpoint_steps={f.checkpoint_steps} must be >= 0.")
     need(f.keep_checkpoints >= 1, f"--keep_checkpoints={f.keep_checkpoints} must be >= 1.")
@@ -204,13 +231,17 @@ def load_teacher(spec, *, num_classes, image_size):
         try:
             teacher.load_weights(weights)
         except Exception as error:  # noqa: BLE001 - any failure to read is reported with the file name
-            raise FlagError(f"--teacher={spec!r}: cannot load weights {weights!r} into {name}: {error}") from None
+            raise FlagError(
+                f"--teacher={spec!r}: cannot load weights {weights!r} into {name}: {error}"
+            ) from None
     elif os.path.isdir(spec) and not spec.endswith(".keras"):
         try:
             loaded = tf.saved_model.load(spec)
         except Exception as error:  # noqa: BLE001
             raise FlagError(f"--teacher={spec!r} is not a readable SavedModel: {error}") from None
-        teacher = keras.layers.TFSMLayer(spec, call_endpoint="serving_default") if not callable(loaded) else loaded
+        teacher = (
+            keras.layers.TFSMLayer(spec, call_endpoint="serving_default") if not callable(loaded) else loaded
+        )
     else:
         try:
             teacher = keras.models.load_model(spec, compile=False)
@@ -246,8 +277,10 @@ def _teacher_logits(teacher, images):
 
 # --- the distributed steps ------------------------------------------------------------------------------
 
-def make_train_function(strategy, model, optimizer, *, per_example_loss, global_batch_size, teacher=None,
-                        mixup_alpha=0.0, seed=0):
+
+def make_train_function(
+    strategy, model, optimizer, *, per_example_loss, global_batch_size, teacher=None, mixup_alpha=0.0, seed=0
+):
     """Returns `train_steps(iterator, start_step, num_steps, mixup_on) -> sums over the steps`.
 
     `per_example_loss(labels, logits, teacher_logits)` returns float32 `[B]`. Each replica mixes its own
@@ -255,15 +288,21 @@ def make_train_function(strategy, model, optimizer, *, per_example_loss, global_
     teacher (if any) sees the same mixed batch in inference mode, and the loss is divided by the global
     batch so that the all-reduced SUM of replica gradients is the gradient of the global mean.
     """
+    import keras
     import tensorflow as tf
 
     if mixup_alpha > 0:
         from bot_keras.data import mixup as mixup_ops
 
+    agree_on_overflow = (
+        isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and strategy.num_replicas_in_sync > 1
+    )
+
     def replica_step(batch, step, mixup_on):
         images, labels = batch
         if mixup_alpha > 0:
-            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            # A different λ on every replica and step: stateless seed (run seed, step·1024 + replica).
+            replica = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, tf.int64)
             lam_seed = tf.stack([tf.cast(seed, tf.int64), tf.cast(step, tf.int64) * 1024 + replica])
             lam = mixup_ops.sample_mixup_lambda(mixup_alpha, seed=lam_seed)
             lam = tf.where(mixup_on, lam, 1.0)
@@ -274,9 +313,13 @@ def make_train_function(strategy, model, optimizer, *, per_example_loss, global_
             losses = per_example_loss(labels, logits, teacher_logits)
             loss = tf.nn.compute_average_loss(losses, global_batch_size=global_batch_size)
             if model.losses:
-                loss += tf.nn.scale_regularization_loss(tf.add_n([tf.cast(x, tf.float32) for x in model.losses]))
+                loss += tf.nn.scale_regularization_loss(
+                    tf.add_n([tf.cast(x, tf.float32) for x in model.losses])
+                )
             scaled_loss = optimizer.scale_loss(loss)
         grads = tape.gradient(scaled_loss, model.trainable_variables)
+        if agree_on_overflow:
+            grads = _poison_if_any_replica_overflowed(grads)
         optimizer.apply(grads, model.trainable_variables)
         return top_k_sums(losses, labels, logits)
 
@@ -284,11 +327,29 @@ def make_train_function(strategy, model, optimizer, *, per_example_loss, global_
     def train_steps(iterator, start_step, num_steps, mixup_on):
         totals = tf.zeros([len(SUM_KEYS)])
         for i in tf.range(num_steps):
-            per_replica = strategy.run(replica_step, args=(next(iterator), start_step + tf.cast(i, tf.int64), mixup_on))
+            per_replica = strategy.run(
+                replica_step, args=(next(iterator), start_step + tf.cast(i, tf.int64), mixup_on)
+            )
             totals += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
         return totals
 
     return train_steps
+
+
+def _poison_if_any_replica_overflowed(grads):
+    """Makes every replica's gradients non-finite when any replica's are (dynamic loss scaling).
+
+    Keras' LossScaleOptimizer checks the *local* gradients for inf/NaN before its inner optimizer
+    all-reduces them, and under MirroredStrategy it takes replica 0's verdict for all: an overflow on
+    another replica is then summed into every weight (measured: NaN weights, loss scale unchanged). One
+    scalar all-reduce of the non-finite count makes all replicas skip the step and halve the scale.
+    """
+    import tensorflow as tf
+
+    local = [tf.reduce_sum(tf.cast(~tf.math.is_finite(g), tf.float32)) for g in grads if g is not None]
+    bad = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, tf.add_n(local))
+    poison = tf.where(bad > 0, float("nan"), 0.0)
+    return [None if g is None else g + tf.cast(poison, g.dtype) for g in grads]
 
 
 def make_per_example_loss(*, label_smoothing, temperature, hard_weight):
@@ -305,8 +366,13 @@ def make_per_example_loss(*, label_smoothing, temperature, hard_weight):
         if teacher_logits is None:
             return cross_entropy.call(labels, logits)  # `call`: one value per example, no reduction
         return losses.distillation_loss(
-            labels=labels, student_logits=logits, teacher_logits=teacher_logits, temperature=temperature,
-            hard_weight=hard_weight, label_smoothing=label_smoothing, reduction="none",
+            labels=labels,
+            student_logits=logits,
+            teacher_logits=teacher_logits,
+            temperature=temperature,
+            hard_weight=hard_weight,
+            label_smoothing=label_smoothing,
+            reduction="none",
         )
 
     return per_example_loss
@@ -336,14 +402,37 @@ def make_callbacks(run_dir, *, chief, verbose, epochs, steps_per_epoch, model, r
             logging.warning("tensorboard is not installed (pip install tensorboard): no TensorBoard logs.")
         callbacks.append(FixedColumnsCSVLogger(os.path.join(log_dir, "training.csv"), append=resume))
     return keras.callbacks.CallbackList(
-        callbacks, add_progbar=chief and verbose > 0, model=model, verbose=verbose if chief else 0,
-        epochs=epochs, steps=steps_per_epoch,
+        callbacks,
+        add_progbar=chief and verbose > 0,
+        model=model,
+        verbose=verbose if chief else 0,
+        epochs=epochs,
+        steps=steps_per_epoch,
     )
 
 
-def train_loop(*, strategy, model, optimizer, train_function, train_iterator, evaluate, eval_dataset,
-               checkpoint, manager, step_var, callbacks, steps_per_epoch, epochs, global_batch_size,
-               steps_per_execution, checkpoint_steps, max_steps, mixup_epochs, precision):
+def train_loop(
+    *,
+    strategy,
+    model,
+    optimizer,
+    train_function,
+    train_iterator,
+    evaluate,
+    eval_dataset,
+    checkpoint,
+    manager,
+    step_var,
+    callbacks,
+    steps_per_epoch,
+    epochs,
+    global_batch_size,
+    steps_per_execution,
+    checkpoint_steps,
+    max_steps,
+    mixup_epochs,
+    precision,
+):
     """Runs from `step_var` to the end; checkpoints every `checkpoint_steps` and at each epoch end.
 
     Returns the last epoch's logs. Raises FloatingPointError on a non-finite loss.
@@ -369,7 +458,9 @@ def train_loop(*, strategy, model, optimizer, train_function, train_iterator, ev
             if checkpoint_steps:
                 n = min(n, checkpoint_steps - step % checkpoint_steps)
             callbacks.on_train_batch_begin(step - epoch * steps_per_epoch)
-            sums = train_function(train_iterator, tf.constant(step, tf.int64), tf.constant(n), tf.constant(mixup_on))
+            sums = train_function(
+                train_iterator, tf.constant(step, tf.int64), tf.constant(n), tf.constant(mixup_on)
+            )
             sums = sums.numpy()
             step += n
             if traced:
@@ -377,11 +468,13 @@ def train_loop(*, strategy, model, optimizer, train_function, train_iterator, ev
             else:  # images/s leaves out the first call, which traces and compiles the step
                 traced, start_time = True, time.perf_counter()
             step_var.assign(step)
-            lr = float(np.asarray(optimizer.learning_rate))
+            lr = last_learning_rate(optimizer)
             if not np.isfinite(sums[0]):
+                where = f"at step {step}" if n == 1 else f"in steps {step - n + 1}-{step}"
                 raise FloatingPointError(
-                    f"Non-finite training loss ({sums[0] / sums[3]}) at step {step} (epoch {epoch}), "
-                    f"--precision={precision}, learning rate {lr:.6g}; lower --base_lr or add --warmup_epochs."
+                    f"Non-finite training loss ({sums[0] / sums[3]}) {where} (epoch {epoch}), "
+                    f"--precision={precision}, learning rate {lr:.6g}; lower --base_lr or add "
+                    "--warmup_epochs."
                 )
             totals += sums
             images_per_sec = timed_steps * global_batch_size / max(time.perf_counter() - start_time, 1e-9)
@@ -396,6 +489,17 @@ def train_loop(*, strategy, model, optimizer, train_function, train_iterator, ev
         callbacks.on_epoch_end(epoch, logs)
     callbacks.on_train_end(logs)
     return logs
+
+
+def last_learning_rate(optimizer):
+    """The learning rate of the last update (Keras' `optimizer.learning_rate` is the next update's)."""
+    import keras
+
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    schedule = getattr(inner, "_learning_rate", None)  # Keras 3 keeps the schedule object here
+    if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
+        return float(schedule(max(int(inner.iterations.numpy()) - 1, 0)))
+    return float(optimizer.learning_rate)
 
 
 def _train_logs(totals, mixup_on, lr, images_per_sec):
@@ -415,7 +519,7 @@ def main(argv):
     try:
         validate_flags(FLAGS)
     except FlagError as error:
-        raise app.UsageError(str(error)) from None
+        fail(str(error))
     import keras
     import tensorflow as tf
 
@@ -438,23 +542,36 @@ def main(argv):
     train_info = dataset_info(FLAGS.dataset, split=FLAGS.train_split, data_dir=FLAGS.data_dir)
     steps_per_epoch = FLAGS.steps_per_epoch or train_info.num_examples // FLAGS.batch_size
     if steps_per_epoch < 1:
-        raise app.UsageError(
+        fail(
             f"--batch_size={FLAGS.batch_size} is larger than the {train_info.num_examples} examples of "
             f"--train_split={FLAGS.train_split!r}."
         )
 
     def train_input(context):
         return make_dataset(
-            FLAGS.dataset, split=FLAGS.train_split, image_size=FLAGS.image_size,
-            global_batch_size=FLAGS.batch_size, training=True, data_dir=FLAGS.data_dir,
-            input_context=context, seed=FLAGS.seed, random_crop=FLAGS.random_crop, flip=FLAGS.flip,
-            color_jitter=FLAGS.color_jitter, pca_lighting=FLAGS.pca_lighting,
+            FLAGS.dataset,
+            split=FLAGS.train_split,
+            image_size=FLAGS.image_size,
+            global_batch_size=FLAGS.batch_size,
+            training=True,
+            data_dir=FLAGS.data_dir,
+            input_context=context,
+            seed=FLAGS.seed,
+            random_crop=FLAGS.random_crop,
+            flip=FLAGS.flip,
+            color_jitter=FLAGS.color_jitter,
+            pca_lighting=FLAGS.pca_lighting,
         ).repeat()
 
     def eval_input(context):
         return make_dataset(
-            FLAGS.dataset, split=FLAGS.eval_split, image_size=FLAGS.image_size,
-            global_batch_size=FLAGS.batch_size, training=False, data_dir=FLAGS.data_dir, input_context=context,
+            FLAGS.dataset,
+            split=FLAGS.eval_split,
+            image_size=FLAGS.image_size,
+            global_batch_size=FLAGS.batch_size,
+            training=False,
+            data_dir=FLAGS.data_dir,
+            input_context=context,
         )
 
     train_iterator = iter(strategy.distribute_datasets_from_function(train_input))
@@ -463,24 +580,36 @@ def main(argv):
     with strategy.scope():
         # Model.
         model = build_model(
-            FLAGS.model, num_classes=train_info.num_classes,
+            FLAGS.model,
+            num_classes=train_info.num_classes,
             input_shape=(FLAGS.image_size, FLAGS.image_size, 3),
-            zero_gamma=FLAGS.zero_gamma, dropout_rate=FLAGS.dropout_rate,
+            zero_gamma=FLAGS.zero_gamma,
+            dropout_rate=FLAGS.dropout_rate,
         )
         set_synchronized_batch_norm(model, FLAGS.sync_bn)
         teacher = (
             load_teacher(FLAGS.teacher, num_classes=train_info.num_classes, image_size=FLAGS.image_size)
-            if FLAGS.teacher else None
+            if FLAGS.teacher
+            else None
         )
         # Optimizer and schedule.
         schedule = schedules.build_lr_schedule(
-            FLAGS.lr_schedule, base_lr=FLAGS.base_lr, global_batch_size=FLAGS.batch_size,
-            steps_per_epoch=steps_per_epoch, epochs=FLAGS.epochs, warmup_epochs=FLAGS.warmup_epochs,
-            decay_epochs=[float(e) for e in FLAGS.lr_decay_epochs], decay_rate=FLAGS.lr_decay_rate,
+            FLAGS.lr_schedule,
+            base_lr=FLAGS.base_lr,
+            global_batch_size=FLAGS.batch_size,
+            steps_per_epoch=steps_per_epoch,
+            epochs=FLAGS.epochs,
+            warmup_epochs=FLAGS.warmup_epochs,
+            decay_epochs=[float(e) for e in FLAGS.lr_decay_epochs],
+            decay_rate=FLAGS.lr_decay_rate,
         )
         optimizer = optimizers.build_optimizer(
-            schedule, momentum=FLAGS.momentum, nesterov=True, weight_decay=FLAGS.weight_decay,
-            weight_decay_mode=FLAGS.weight_decay_mode, no_bias_decay=FLAGS.no_bias_decay,
+            schedule,
+            momentum=FLAGS.momentum,
+            nesterov=True,
+            weight_decay=FLAGS.weight_decay,
+            weight_decay_mode=FLAGS.weight_decay_mode,
+            no_bias_decay=FLAGS.no_bias_decay,
         )
         if distribute.needs_loss_scaling(FLAGS.precision):
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
@@ -493,14 +622,19 @@ def main(argv):
     manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=FLAGS.keep_checkpoints)
     if FLAGS.resume:
         path = _latest_checkpoint(os.path.join(FLAGS.model_dir, "checkpoints"))
-        checkpoint.restore(path).assert_existing_objects_matched()
+        try:
+            checkpoint.restore(path).assert_existing_objects_matched()
+        except (AssertionError, ValueError, tf.errors.OpError) as error:
+            fail(
+                f"--resume: {path} does not fit this model and optimizer (were --model, --precision or the "
+                f"dataset's classes changed?): {str(error).splitlines()[0]}"
+            )
         restored = int(step_var.numpy())
-        logging.info(
-            "Restored %s: step %d, epoch %d, learning rate %.6g%s", path, restored, restored // steps_per_epoch,
-            float(optimizer.learning_rate), _loss_scale_text(optimizer),
+        print(
+            f"Resumed from {path} at step {restored} (epoch {restored // steps_per_epoch}), learning rate "
+            f"{float(optimizer.learning_rate):.6g}{_loss_scale_text(optimizer)}",
+            flush=True,
         )
-        print(f"Resumed from {path} at step {restored} (epoch {restored // steps_per_epoch}), learning rate "
-              f"{float(optimizer.learning_rate):.6g}{_loss_scale_text(optimizer)}", flush=True)
     if chief:
         os.makedirs(FLAGS.model_dir, exist_ok=True)
         with open(os.path.join(FLAGS.model_dir, "flags.txt"), "w") as f:
@@ -509,30 +643,55 @@ def main(argv):
 
     # Fit.
     per_example_loss = make_per_example_loss(
-        label_smoothing=FLAGS.label_smoothing, temperature=FLAGS.distill_temperature,
+        label_smoothing=FLAGS.label_smoothing,
+        temperature=FLAGS.distill_temperature,
         hard_weight=FLAGS.distill_hard_weight,
     )
     train_function = make_train_function(
-        strategy, model, optimizer, per_example_loss=per_example_loss, global_batch_size=FLAGS.batch_size,
-        teacher=teacher, mixup_alpha=FLAGS.mixup_alpha, seed=FLAGS.seed,
+        strategy,
+        model,
+        optimizer,
+        per_example_loss=per_example_loss,
+        global_batch_size=FLAGS.batch_size,
+        teacher=teacher,
+        mixup_alpha=FLAGS.mixup_alpha,
+        seed=FLAGS.seed,
     )
     evaluate = make_eval_function(strategy, model) if eval_dataset is not None else None
     callbacks = make_callbacks(
-        write_dir, chief=chief, verbose=FLAGS.verbose, epochs=int(math.ceil(FLAGS.epochs)),
-        steps_per_epoch=steps_per_epoch, model=model, resume=FLAGS.resume,
+        write_dir,
+        chief=chief,
+        verbose=FLAGS.verbose,
+        epochs=int(math.ceil(FLAGS.epochs)),
+        steps_per_epoch=steps_per_epoch,
+        model=model,
+        resume=FLAGS.resume,
     )
     mixup_epochs = int(math.ceil(FLAGS.epochs)) - FLAGS.mixup_off_epochs if FLAGS.mixup_alpha else 0
     start = time.perf_counter()
     logs = train_loop(
-        strategy=strategy, model=model, optimizer=optimizer, train_function=train_function,
-        train_iterator=train_iterator, evaluate=evaluate, eval_dataset=eval_dataset, checkpoint=checkpoint,
-        manager=manager, step_var=step_var, callbacks=callbacks, steps_per_epoch=steps_per_epoch,
-        epochs=FLAGS.epochs, global_batch_size=FLAGS.batch_size, steps_per_execution=FLAGS.steps_per_execution,
-        checkpoint_steps=FLAGS.checkpoint_steps, max_steps=FLAGS.max_steps, mixup_epochs=mixup_epochs,
+        strategy=strategy,
+        model=model,
+        optimizer=optimizer,
+        train_function=train_function,
+        train_iterator=train_iterator,
+        evaluate=evaluate,
+        eval_dataset=eval_dataset,
+        checkpoint=checkpoint,
+        manager=manager,
+        step_var=step_var,
+        callbacks=callbacks,
+        steps_per_epoch=steps_per_epoch,
+        epochs=FLAGS.epochs,
+        global_batch_size=FLAGS.batch_size,
+        steps_per_execution=FLAGS.steps_per_execution,
+        checkpoint_steps=FLAGS.checkpoint_steps,
+        max_steps=FLAGS.max_steps,
+        mixup_epochs=mixup_epochs,
         precision=FLAGS.precision,
     )
 
-    # Export: the student alone, float32-compatible BN config, next to its class list.
+    # Export: the student alone (no teacher, no optimizer), per-replica BN config, next to its class list.
     set_synchronized_batch_norm(model, False)
     if chief:
         model.save(os.path.join(FLAGS.model_dir, "model.keras"))
@@ -544,6 +703,12 @@ def main(argv):
         print(f"Run directory: {FLAGS.model_dir}", flush=True)
     else:
         shutil.rmtree(write_dir, ignore_errors=True)
+
+
+def fail(message):
+    """Exits with status 2 and the message alone (absl's UsageError would print every flag's help first)."""
+    print(f"bot_keras.train: error:\n{message}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def _loss_scale_text(optimizer):
@@ -558,8 +723,13 @@ def set_synchronized_batch_norm(model, synchronized):
     """
     import keras
 
+    def all_layers(parent):  # nested models (e.g. a wrapped backbone) included
+        for layer in getattr(parent, "layers", []):
+            yield layer
+            yield from all_layers(layer)
+
     count = 0
-    for layer in model._flatten_layers(include_self=False):
+    for layer in all_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.synchronized = synchronized
             count += 1

@@ -79,9 +79,15 @@ def test_color_jitter_every_order_matches_the_closed_form():
     a, c, s = 1.3, 0.7, 1.2
     luma = x @ np.array(augment.LUMA_RGB, np.float32)
     expected = a * (c * s * x + c * (1 - s) * luma[..., None] + (1 - c) * luma.mean())
+    ops = (augment.adjust_brightness, augment.adjust_contrast, augment.adjust_saturation)
+    factors = (a, c, s)
     for order in range(6):
-        out = augment.apply_color_jitter(tf.constant(x), tf.constant([a, c, s]), order).numpy()
+        out = augment.apply_color_jitter(tf.constant(x), tf.constant(factors), order).numpy()
         np.testing.assert_allclose(out, expected, rtol=1e-4, err_msg=f"order {order}")
+        sequential = tf.constant(x)  # the three adjust_* ops run one after the other in that order
+        for op in augment._JITTER_ORDERS[order]:
+            sequential = ops[op](sequential, factors[op])
+        np.testing.assert_allclose(out, sequential.numpy(), rtol=1e-4, err_msg=f"order {order}")
 
 
 def test_flip_left_right_by_hand():

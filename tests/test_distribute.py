@@ -13,7 +13,6 @@ import textwrap
 
 import keras
 import pytest
-import tensorflow as tf
 
 from bot_keras import distribute
 
@@ -118,8 +117,30 @@ _MIRRORED = _COMMON + textwrap.dedent(
     mirrored = distribute.create_strategy("mirrored")
     assert mirrored.num_replicas_in_sync == 2, mirrored.num_replicas_in_sync
     out = {}
-    for name, kwargs in [("plain", {}), ("bn", dict(batch_norm=True)), ("sync_bn", dict(batch_norm=True, sync_bn=True))]:
+    cases = {"plain": {}, "bn": dict(batch_norm=True), "sync_bn": dict(batch_norm=True, sync_bn=True)}
+    for name, kwargs in cases.items():
         out[name] = {"single": run(single, **kwargs), "mirrored": run(mirrored, **kwargs)}
+
+    # mixed_float16: only replica 1's half of the batch overflows the scaled float16 gradients.
+    distribute.set_precision("mixed_float16")
+    x_bad = x[:8].copy()
+    x_bad[4:] *= 3000.0
+    bad = tf.data.Dataset.from_tensors((x_bad, y[:8])).repeat()  # a global batch: split 4 + 4 over replicas
+    with mirrored.scope():
+        keras.utils.set_random_seed(0)
+        model = build(False)
+        optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1))
+        optimizer.build(model.trainable_variables)
+    before = model.get_weights()
+    loss = lambda labels, logits, _: tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+    step = train.make_train_function(mirrored, model, optimizer, per_example_loss=loss, global_batch_size=8)
+    step(iter(mirrored.experimental_distribute_dataset(bad)), tf.constant(0, tf.int64), tf.constant(1),
+         tf.constant(False))
+    out["overflow"] = {
+        "scale": float(optimizer.dynamic_scale.numpy()),
+        "iterations": int(optimizer.iterations.numpy()),
+        "unchanged": all((a == b).all() for a, b in zip(before, model.get_weights())),
+    }
     print("RESULT " + json.dumps(out))
     """
 )
@@ -134,7 +155,9 @@ def _max_abs_diff(a, b):
 def test_mirrored_two_devices_matches_one_device_with_the_same_global_batch(tmp_path):
     script = tmp_path / "mirrored.py"
     script.write_text(_MIRRORED)
-    proc = subprocess.run([sys.executable, str(script)], env=_env(), capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, str(script)], env=_env(), capture_output=True, text=True, timeout=240
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.split("RESULT ", 1)[1])
     # After 5 Nesterov steps, a BN-free model and a synchronised-BN model agree to float32 round-off
@@ -147,6 +170,9 @@ def test_mirrored_two_devices_matches_one_device_with_the_same_global_batch(tmp_
     # Per-replica BN (the default) normalises each half batch on its own: a different model, which
     # shows the comparison above can fail.
     assert _max_abs_diff(out["bn"]["single"][0], out["bn"]["mirrored"][0]) > 1e-4
+    # An overflow on replica 1 alone skips the step on both replicas and halves the loss scale (Keras'
+    # LossScaleOptimizer alone would take replica 0's verdict and sum inf into every weight).
+    assert out["overflow"] == {"scale": 16384.0, "iterations": 0, "unchanged": True}
 
 
 _WORKER = _COMMON + textwrap.dedent(
@@ -177,8 +203,15 @@ def test_two_workers_on_localhost_train_to_identical_weights(tmp_path):
     procs = []
     for index in range(2):
         tf_config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
-        procs.append(subprocess.Popen([sys.executable, str(script)], env=_env(TF_CONFIG=tf_config),
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(script)],
+                env=_env(TF_CONFIG=tf_config),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     results = []
     for proc in procs:
         try:

@@ -12,9 +12,13 @@ from bot_keras import evaluate, train
 
 
 def test_top_k_sums_count_hits_by_hand():
-    logits = tf.constant([[0.0, 3.0, 1.0, 2.0, -1.0, -2.0],  # true 1: top-1 hit
-                          [5.0, 4.0, 3.0, 2.0, 1.0, 0.0],  # true 5: ranked 6th, top-5 miss
-                          [5.0, 4.0, 3.0, 2.0, 1.0, 0.0]])  # true 4: ranked 5th, top-5 hit
+    logits = tf.constant(
+        [
+            [0.0, 3.0, 1.0, 2.0, -1.0, -2.0],  # true 1: top-1 hit
+            [5.0, 4.0, 3.0, 2.0, 1.0, 0.0],  # true 5: ranked 6th, top-5 miss
+            [5.0, 4.0, 3.0, 2.0, 1.0, 0.0],
+        ]
+    )  # true 4: ranked 5th, top-5 hit
     labels = tf.one_hot([1, 5, 4], 6)
     sums = evaluate.top_k_sums(tf.constant([1.0, 2.0, 3.0]), labels, logits).numpy()
     np.testing.assert_array_equal(sums, [6.0, 1.0, 2.0, 3.0])
@@ -40,12 +44,27 @@ def trained_folder_run(tmp_path_factory):
     run_dir = str(tmp_path / "run")
     f = flags.FLAGS
     f.unparse_flags()
-    f([
-        "train", "--model=resnet18_d", f"--dataset=folder:{tmp_path / 'data'}", "--train_split=train",
-        "--eval_split=test", "--image_size=16", "--batch_size=12", "--epochs=3", "--base_lr=0.4",
-        "--lr_schedule=cosine", "--no_bias_decay", "--norandom_crop", "--nocolor_jitter", "--nopca_lighting",
-        f"--model_dir={run_dir}", "--verbose=0", "--seed=2",
-    ])
+    f(
+        [
+            "train",
+            "--model=resnet18_d",
+            f"--dataset=folder:{tmp_path / 'data'}",
+            "--train_split=train",
+            "--eval_split=test",
+            "--image_size=16",
+            "--batch_size=12",
+            "--epochs=3",
+            "--base_lr=0.4",
+            "--lr_schedule=cosine",
+            "--no_bias_decay",
+            "--norandom_crop",
+            "--nocolor_jitter",
+            "--nopca_lighting",
+            f"--model_dir={run_dir}",
+            "--verbose=0",
+            "--seed=2",
+        ]
+    )
     try:
         train.main([])
     finally:
@@ -73,7 +92,9 @@ def test_evaluate_rejects_runs_trained_on_other_classes(trained_folder_run, tmp_
     run_dir, _ = trained_folder_run
     other = str(tmp_path / "other")
     _write_folder(other, classes=("ant", "bee", "cow"), per_class=(1, 1))
-    with pytest.raises(ValueError, match=r"classes\.txt lists 3 classes \(cat, dog, fish.*has 3 \(ant, bee, cow"):
+    with pytest.raises(
+        ValueError, match=r"classes\.txt lists 3 classes \(cat, dog, fish.*has 3 \(ant, bee, cow"
+    ):
         evaluate.evaluate_run(run_dir, dataset=f"folder:{other}")
     with pytest.raises(ValueError, match=r"has no model\.keras"):
         evaluate.evaluate_run(str(tmp_path))

@@ -2,6 +2,7 @@
 
 import math
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -149,3 +150,12 @@ def test_distillation_rejects_bad_values(kwargs, message):
 def test_label_smoothing_rejects_out_of_range():
     with pytest.raises(ValueError, match="--label_smoothing must be in \\[0, 1\\), got 1.0"):
         classification_loss(1.0)
+
+
+def test_classification_loss_is_float32_for_float16_logits_under_mixed_precision():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    logits = tf.constant([[0.0, math.log(3.0)]], tf.float16)
+    loss = classification_loss(0.2)(tf.constant([[0.0, 1.0]]), logits)
+    assert loss.dtype == tf.float32
+    want = -0.1 * math.log(0.25) - 0.9 * math.log(0.75)
+    assert float(loss) == pytest.approx(want, rel=1e-3)  # log 3 rounded to float16

@@ -174,15 +174,26 @@ def test_mixed_float16_compile_wraps_and_trains():
 
 
 def two_steps_under(strategy):
+    """Two steps whose gradients are split unevenly over the replicas: replica r of n computes the share
+    (r + 1)/(n(n + 1)/2) of g, so the optimizer's cross-replica sum is g whatever n is."""
     with strategy.scope():
         model = small_model()
         optimizer = build_optimizer(0.1, weight_decay=1e-2, weight_decay_mode="l2")
+        # Momentum slots are created here, in the strategy's scope, not lazily inside the replica function
+        # (that fails under MirroredStrategy with "You must feed a value for placeholder tensor").
+        optimizer.build(model.trainable_variables)
     variables = model.trainable_variables
-    grads = [tf.random.stateless_normal(v.shape, seed=[i, 1]) for i, v in enumerate(variables)]
+
+    def replica_step():
+        context = tf.distribute.get_replica_context()
+        n = context.num_replicas_in_sync
+        share = tf.cast(context.replica_id_in_sync_group + 1, tf.float32) / (n * (n + 1) / 2)
+        grads = [tf.random.stateless_normal(v.shape, seed=[i, 1]) * share for i, v in enumerate(variables)]
+        optimizer.apply(grads, variables)
 
     @tf.function
     def step():
-        strategy.run(lambda: optimizer.apply(grads, model.trainable_variables))
+        strategy.run(replica_step)
 
     step()
     step()
@@ -244,8 +255,8 @@ print("MAXDIFF", max(float(np.abs(a - b).max()) for a, b in zip(single, mirrored
 
 @pytest.mark.slow
 def test_two_replicas_match_single_device():
-    # Two logical CPUs need a fresh process. update_step then also sees ".../bias/replica_1:0" names;
-    # Keras caches the decay decision per distributed variable, and NO_DECAY_PATTERN matches both spellings.
+    # Two logical CPUs need a fresh process. The optimizer sums the replicas' gradients (1/3 g + 2/3 g)
+    # and every replica applies the same update; update_step then also sees ".../bias/replica_1:0" names.
     import os
     import subprocess
     import sys

@@ -65,7 +65,12 @@ def test_all_problems_reported_at_once_and_required_flags_named(parse):
     with pytest.raises(train.FlagError) as error:
         train.validate_flags(parse("--epochs=0"))
     text = str(error.value)
-    for expected in ("--model is required", "--dataset is required", "--model_dir is required", "--epochs=0.0"):
+    for expected in (
+        "--model is required",
+        "--dataset is required",
+        "--model_dir is required",
+        "--epochs=0.0",
+    ):
         assert expected in text
 
 
@@ -102,8 +107,18 @@ class _RecordingManager:
         self.saved.append(checkpoint_number)
 
 
-def _run_loop(tmp_path, *, epochs=3, steps_per_epoch=5, steps_per_execution=2, checkpoint_steps=3,
-              mixup_epochs=0, nan_at_call=None, max_steps=0, start=0):
+def _run_loop(
+    tmp_path,
+    *,
+    epochs=3,
+    steps_per_epoch=5,
+    steps_per_execution=2,
+    checkpoint_steps=3,
+    mixup_epochs=0,
+    nan_at_call=None,
+    max_steps=0,
+    start=0,
+):
     calls = []
 
     def fake_train_function(iterator, start_step, num_steps, mixup_on):
@@ -114,15 +129,35 @@ def _run_loop(tmp_path, *, epochs=3, steps_per_epoch=5, steps_per_execution=2, c
 
     step_var = tf.Variable(start, dtype=tf.int64)
     manager = _RecordingManager()
-    callbacks = train.make_callbacks(str(tmp_path), chief=True, verbose=0, epochs=epochs,
-                                     steps_per_epoch=steps_per_epoch, model=keras.Sequential(), resume=False)
+    callbacks = train.make_callbacks(
+        str(tmp_path),
+        chief=True,
+        verbose=0,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        model=keras.Sequential(),
+        resume=False,
+    )
     logs = train.train_loop(
-        strategy=None, model=None, optimizer=_FakeOptimizer(), train_function=fake_train_function,
-        train_iterator=None, evaluate=lambda _: {"loss": 1.0, "top1": 0.5, "top5": 0.9}, eval_dataset=None,
-        checkpoint=None, manager=manager, step_var=step_var, callbacks=callbacks,
-        steps_per_epoch=steps_per_epoch, epochs=epochs, global_batch_size=4,
-        steps_per_execution=steps_per_execution, checkpoint_steps=checkpoint_steps, max_steps=max_steps,
-        mixup_epochs=mixup_epochs, precision="float32",
+        strategy=None,
+        model=None,
+        optimizer=_FakeOptimizer(),
+        train_function=fake_train_function,
+        train_iterator=None,
+        evaluate=lambda _: {"loss": 1.0, "top1": 0.5, "top5": 0.9},
+        eval_dataset=None,
+        checkpoint=None,
+        manager=manager,
+        step_var=step_var,
+        callbacks=callbacks,
+        steps_per_epoch=steps_per_epoch,
+        epochs=epochs,
+        global_batch_size=4,
+        steps_per_execution=steps_per_execution,
+        checkpoint_steps=checkpoint_steps,
+        max_steps=max_steps,
+        mixup_epochs=mixup_epochs,
+        precision="float32",
     )
     return calls, manager.saved, logs, int(step_var.numpy())
 
@@ -131,9 +166,16 @@ def test_loop_respects_epochs_steps_per_execution_and_checkpoint_steps(tmp_path)
     calls, saved, logs, step = _run_loop(tmp_path, mixup_epochs=2)
     # 3 epochs of 5 steps, at most 2 steps a call, never crossing an epoch end or a multiple of 3.
     assert [(s, n) for s, n, _ in calls] == [
-        (0, 2), (2, 1), (3, 2),  # epoch 0: checkpoint after step 3, epoch end at 5
-        (5, 1), (6, 2), (8, 1), (9, 1),  # epoch 1: checkpoints at 6 and 9, epoch end at 10
-        (10, 2), (12, 2), (14, 1),  # epoch 2: checkpoint at 12, end at 15
+        (0, 2),
+        (2, 1),
+        (3, 2),  # epoch 0: checkpoint after step 3, epoch end at 5
+        (5, 1),
+        (6, 2),
+        (8, 1),
+        (9, 1),  # epoch 1: checkpoints at 6 and 9, epoch end at 10
+        (10, 2),
+        (12, 2),
+        (14, 1),  # epoch 2: checkpoint at 12, end at 15
     ]
     assert saved == [3, 5, 6, 9, 10, 12, 15]
     assert step == 15
@@ -155,7 +197,9 @@ def test_loop_resumes_mid_epoch_and_honours_max_steps(tmp_path):
 
 
 def test_non_finite_loss_stops_naming_step_precision_and_lr(tmp_path):
-    with pytest.raises(FloatingPointError, match=r"at step 3 \(epoch 0\), --precision=float32, learning rate 0.25"):
+    with pytest.raises(
+        FloatingPointError, match=r"at step 3 \(epoch 0\), --precision=float32, learning rate 0.25"
+    ):
         _run_loop(tmp_path, steps_per_execution=1, checkpoint_steps=0, nan_at_call=3)
 
 
@@ -166,8 +210,12 @@ def _tiny_model(num_classes=3, batch_norm=False):
     layers = [keras.Input((6, 6, 3)), keras.layers.Conv2D(4, 3)]
     if batch_norm:
         layers.append(keras.layers.BatchNormalization())
-    layers += [keras.layers.ReLU(), keras.layers.GlobalAveragePooling2D(), keras.layers.Flatten(),
-               keras.layers.Dense(num_classes, dtype="float32")]
+    layers += [
+        keras.layers.ReLU(),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Flatten(),
+        keras.layers.Dense(num_classes, dtype="float32"),
+    ]
     return keras.Sequential(layers)
 
 
@@ -228,8 +276,9 @@ def test_overflowing_float16_gradients_skip_the_step_and_halve_the_loss_scale():
 
 
 def test_checkpoint_restores_weights_step_learning_rate_and_loss_scale(tmp_path):
-    schedule = schedules.build_lr_schedule("cosine", base_lr=0.1, global_batch_size=256, steps_per_epoch=10,
-                                           epochs=2, warmup_epochs=0.5)
+    schedule = schedules.build_lr_schedule(
+        "cosine", base_lr=0.1, global_batch_size=256, steps_per_epoch=10, epochs=2, warmup_epochs=0.5
+    )
 
     def setup():
         keras.utils.set_random_seed(0)
@@ -243,8 +292,9 @@ def test_checkpoint_restores_weights_step_learning_rate_and_loss_scale(tmp_path)
     distribute.set_precision("mixed_float16")
     model, optimizer, step_var, checkpoint = setup()
     loss = train.make_per_example_loss(label_smoothing=0.1, temperature=1.0, hard_weight=None)
-    step = train.make_train_function(tf.distribute.get_strategy(), model, optimizer, per_example_loss=loss,
-                                     global_batch_size=8)
+    step = train.make_train_function(
+        tf.distribute.get_strategy(), model, optimizer, per_example_loss=loss, global_batch_size=8
+    )
     _steps(step, _batches(scale=3000.0), 1)  # one skipped step: scale 16384, iterations 0
     _steps(step, _batches(), 6, start=1)
     step_var.assign(7)
@@ -259,7 +309,9 @@ def test_checkpoint_restores_weights_step_learning_rate_and_loss_scale(tmp_path)
     assert int(step_var2.numpy()) == 7
     assert int(optimizer2.iterations.numpy()) == 6  # the skipped step did not advance the schedule
     assert float(optimizer2.dynamic_scale.numpy()) == 16384.0
+    # optimizer.learning_rate is the next update's; last_learning_rate the last one's.
     assert float(optimizer2.learning_rate) == pytest.approx(float(schedule(6)), rel=1e-6)
+    assert train.last_learning_rate(optimizer2) == pytest.approx(float(schedule(5)), rel=1e-6)
     # Warmup over 5 steps to 0.1, then cosine: at step 6 the lr is ½(1 + cos(π·1/14))·0.1.
     assert float(schedule(6)) == pytest.approx(0.5 * (1 + math.cos(math.pi / 14)) * 0.1, rel=1e-6)
     for a, b in zip(expected_weights, model2.get_weights(), strict=True):
@@ -278,7 +330,9 @@ def test_sync_bn_converts_every_batch_norm_of_a_built_model():
     count = train.set_synchronized_batch_norm(model, True)
     # resnet18_d: 3 stem BNs + 8 blocks × 2 + 3 downsampling shortcuts.
     assert count == 3 + 16 + 3
-    configs = [layer.get_config() for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    configs = [
+        layer.get_config() for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)
+    ]
     assert len(configs) == count and all(c["synchronized"] for c in configs)
 
 
@@ -302,8 +356,14 @@ def test_distillation_trains_the_student_and_never_changes_the_teacher(tmp_path)
     teacher_before = [w.copy() for w in teacher.get_weights()]  # includes BN moving mean/variance
     model, optimizer, _ = _step_setup("float32")
     loss = train.make_per_example_loss(label_smoothing=0.1, temperature=4.0, hard_weight=None)
-    step = train.make_train_function(tf.distribute.get_strategy(), model, optimizer, per_example_loss=loss,
-                                     global_batch_size=8, teacher=teacher)
+    step = train.make_train_function(
+        tf.distribute.get_strategy(),
+        model,
+        optimizer,
+        per_example_loss=loss,
+        global_batch_size=8,
+        teacher=teacher,
+    )
     student_before = model.get_weights()
     _steps(step, _batches(), 3)
     for a, b in zip(teacher_before, teacher.get_weights(), strict=True):
@@ -327,8 +387,11 @@ def _checkpoint_steps(run_dir):
     directory = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(directory):
         return []
-    return sorted(int(name[5:-6]) for name in os.listdir(directory) if name.startswith("ckpt-") and
-                  name.endswith(".index"))
+    return sorted(
+        int(name[5:-6])
+        for name in os.listdir(directory)
+        if name.startswith("ckpt-") and name.endswith(".index")
+    )
 
 
 @pytest.mark.slow
@@ -340,9 +403,19 @@ def test_sigkill_mid_epoch_then_resume_continues_from_the_last_checkpoint(tmp_pa
     run_dir = str(tmp_path / "run")
     steps_per_epoch, epochs, batch = 40, 2, 8
     args = [
-        "--model=resnet18", "--dataset=synthetic:40", "--image_size=16", f"--batch_size={batch}",
-        f"--steps_per_epoch={steps_per_epoch}", f"--epochs={epochs}", "--base_lr=0.1", "--lr_schedule=cosine",
-        "--checkpoint_steps=3", "--keep_checkpoints=100", "--eval_split=", "--verbose=0", "--seed=3",
+        "--model=resnet18",
+        "--dataset=synthetic:40",
+        "--image_size=16",
+        f"--batch_size={batch}",
+        f"--steps_per_epoch={steps_per_epoch}",
+        f"--epochs={epochs}",
+        "--base_lr=0.1",
+        "--lr_schedule=cosine",
+        "--checkpoint_steps=3",
+        "--keep_checkpoints=100",
+        "--eval_split=",
+        "--verbose=0",
+        "--seed=3",
         f"--model_dir={run_dir}",
     ]
     command, env = _cli(*args)
@@ -369,7 +442,9 @@ def test_sigkill_mid_epoch_then_resume_continues_from_the_last_checkpoint(tmp_pa
     expected_lr = 0.5 * (1 + math.cos(math.pi * last / (total - 1))) * peak
     line = next(x for x in resumed.stdout.splitlines() if x.startswith("Resumed from"))
     assert f"ckpt-{last} at step {last} (epoch 0)" in line
-    assert float(line.split("learning rate ")[1].split()[0].rstrip(",")) == pytest.approx(expected_lr, rel=1e-4)
+    assert float(line.split("learning rate ")[1].split()[0].rstrip(",")) == pytest.approx(
+        expected_lr, rel=1e-4
+    )
     assert _checkpoint_steps(run_dir)[-1] == total
     with open(os.path.join(run_dir, "final_metrics.json")) as f:
         assert json_load(f)["step"] == total
@@ -387,8 +462,9 @@ def test_demo_config_trains_clearly_above_chance(tmp_path):
     import subprocess
 
     run_dir = str(tmp_path / "demo")
-    command, env = _cli(f"--flagfile={os.path.join(REPO, 'configs', 'demo.flags')}", f"--model_dir={run_dir}",
-                        "--verbose=2")
+    command, env = _cli(
+        f"--flagfile={os.path.join(REPO, 'configs', 'demo.flags')}", f"--model_dir={run_dir}", "--verbose=2"
+    )
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(run_dir, "final_metrics.json")) as f:
@@ -396,7 +472,12 @@ def test_demo_config_trains_clearly_above_chance(tmp_path):
     # 10 classes: chance is 10%. The demo reaches ~97% on a 2-core CPU; 60% leaves room for other CPUs.
     assert metrics["val_top1"] > 0.6, metrics
     assert sorted(os.listdir(run_dir)) == [
-        "checkpoints", "classes.txt", "final_metrics.json", "flags.txt", "logs", "model.keras"
+        "checkpoints",
+        "classes.txt",
+        "final_metrics.json",
+        "flags.txt",
+        "logs",
+        "model.keras",
     ]
     with open(os.path.join(run_dir, "classes.txt")) as f:
         assert len(f.read().split()) == 10
@@ -423,6 +504,41 @@ def test_every_config_parses_validates_and_states_its_command(parse, tmp_path, c
         # Section 3: linear scaling from 0.1 per 256 images; the efficient recipes add the Section 3.1 tricks.
         assert f.base_lr == 0.1 and f.weight_decay_mode == "l2" and f.weight_decay == 1e-4
         efficient = "efficient" in config
-        assert (f.batch_size, f.precision, f.warmup_epochs) == ((1024, "mixed_float16", 5) if efficient
-                                                                else (256, "float32", 0))
+        assert (f.batch_size, f.precision, f.warmup_epochs) == (
+            (1024, "mixed_float16", 5) if efficient else (256, "float32", 0)
+        )
         assert f.zero_gamma == f.no_bias_decay == efficient and f.epochs == 120
+
+
+def test_mixup_in_the_step_uses_the_replica_seeded_lambda_and_switches_off():
+    from bot_keras.data import mixup as mixup_ops
+
+    keras.utils.set_random_seed(0)
+    model = _tiny_model()
+    optimizer = optimizers.build_optimizer(0.0, weight_decay=0.0)  # lr 0: the model stays fixed
+    optimizer.build(model.trainable_variables)
+    loss = train.make_per_example_loss(label_smoothing=0.0, temperature=1.0, hard_weight=None)
+    step = train.make_train_function(
+        tf.distribute.get_strategy(),
+        model,
+        optimizer,
+        per_example_loss=loss,
+        global_batch_size=8,
+        mixup_alpha=0.2,
+        seed=5,
+    )
+    images, labels = next(iter(_batches()))
+
+    def loss_sum(x, y):
+        return float(tf.reduce_sum(tf.nn.softmax_cross_entropy_with_logits(labels=y, logits=model(x))))
+
+    def run(start, mixup_on):
+        it = iter(_batches())
+        return step(it, tf.constant(start, tf.int64), tf.constant(1), tf.constant(mixup_on)).numpy()[0]
+
+    # λ of replica 0 at step 7 with run seed 5: seed (5, 7·1024 + 0).
+    lam = mixup_ops.sample_mixup_lambda(0.2, seed=tf.constant([5, 7 * 1024], tf.int64))
+    mixed_images, mixed_labels = mixup_ops.mixup(images, labels, lam)
+    assert run(7, True) == pytest.approx(loss_sum(mixed_images, mixed_labels), rel=1e-5)
+    assert run(8, True) != pytest.approx(run(7, True), rel=1e-5)  # a new λ each step
+    assert run(7, False) == pytest.approx(loss_sum(images, labels), rel=1e-5)  # --mixup_off_epochs

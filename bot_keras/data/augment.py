@@ -262,14 +262,29 @@ def adjust_saturation(image, factor):
 
 
 def apply_color_jitter(image, factors, order):
-    """Applies brightness, contrast and saturation with `factors` [3] in the order `_JITTER_ORDERS[order]`."""
-    ops = (adjust_brightness, adjust_contrast, adjust_saturation)
+    """Brightness, contrast and saturation with `factors` [3], applied in the order `_JITTER_ORDERS[order]`.
+
+    Each of the three maps an image y to f*y + (1-f)*T(y), with T the identity (brightness), the mean luma
+    (contrast) or the per-pixel luma (saturation); composed in any order they stay of the form
+    P*x + Q*luma(x) + R*mean_luma(x). We compose the three scalar coefficients in the drawn order and touch
+    the pixels once — the same values as running `adjust_*` one after the other (tests check both), at a
+    third of the cost.
+    """
+    image = tf.convert_to_tensor(image, tf.float32)
+    factors = tf.cast(factors, tf.float32)
     orders = tf.constant(_JITTER_ORDERS, tf.int32)[order]
+    p, q, r = tf.constant(1.0), tf.constant(0.0), tf.constant(0.0)
     for position in range(3):
-        op_index = orders[position]
-        branches = [lambda i=i, x=image: ops[i](x, factors[i]) for i in range(3)]
-        image = tf.switch_case(op_index, branches)
-    return image
+        op = orders[position]
+        f = tf.gather(factors, op)
+        # y = p x + q l + r m has luma (p + q) l + r m and mean luma (p + q + r) m.
+        contrast_r = f * r + (1 - f) * (p + q + r)
+        saturation_q, saturation_r = f * q + (1 - f) * (p + q), f * r + (1 - f) * r
+        q = tf.where(op == 2, saturation_q, f * q)
+        r = tf.where(op == 1, contrast_r, tf.where(op == 2, saturation_r, f * r))
+        p = f * p
+    luma = _luma(image)
+    return p * image + q * luma + r * tf.reduce_mean(luma)
 
 
 def color_jitter(image, seed, strength=JITTER_STRENGTH):

@@ -73,11 +73,14 @@ def make_dataset(
       input_context: a `tf.distribute.InputContext` (from `distribute_datasets_from_function`): this
         pipeline reads its share of the data and batches per replica.
       seed: makes shuffling and augmentation reproducible (and the order deterministic); None draws fresh.
-      cache: keep encoded bytes in memory after the first pass; None caches splits of at most
-        AUTO_CACHE_MAX_EXAMPLES examples (CIFAR-sized), never ImageNet.
+      cache: keep encoded bytes in memory after the first pass (and shuffle them completely); None caches
+        splits of at most AUTO_CACHE_MAX_EXAMPLES examples (CIFAR-sized), never ImageNet.
+      shuffle_buffer: records in the shuffle buffer of uncached TFRecord/TFDS sources (folders always
+        shuffle their whole file list).
       skip_corrupt: undecodable files (zero bytes, not an image, truncated) are skipped, each reported with a
         warning naming it and the running count; by default they raise an error naming the file.
-      deterministic: keep element order under parallelism; None = True exactly when `seed` is given.
+      deterministic: keep element order under parallelism; None = True for validation, and for training
+        exactly when `seed` is given (otherwise parallel map may reorder for speed).
       repeat, drop_remainder: None = `training`.
       random_crop, fused_crop, flip, color_jitter, pca_lighting: switch individual training steps off for
         ablations (`fused_crop=False` decodes whole JPEGs before cropping).
@@ -93,10 +96,17 @@ def make_dataset(
         skip_corrupt=skip_corrupt,
         download=download,
     )
+    if drop_remainder is not False and training and info.num_examples < global_batch_size:
+        raise ValueError(
+            f"Dataset {source!r} split {split!r} has {info.num_examples} examples, fewer than a global batch "
+            f"({global_batch_size}); training would yield no batches."
+        )
     if cache is None:
         cache = info.num_examples <= AUTO_CACHE_MAX_EXAMPLES
+    if cache:
+        shuffle_buffer = max(shuffle_buffer, info.num_examples)  # bytes in memory anyway: full shuffle
     if deterministic is None:
-        deterministic = seed is not None
+        deterministic = seed is not None or not training
     repeat = training if repeat is None else repeat
     drop_remainder = training if drop_remainder is None else drop_remainder
     num_classes = info.num_classes

@@ -99,7 +99,7 @@ def dataset_info(source, *, split, data_dir=None, label_offset=None, skip_corrup
         info = (len(listing.class_names), listing.class_names, len(listing.paths))
     elif kind == "tfrecord":
         files, meta = _tfrecord_files(argument, split, data_dir)
-        info = _tfrecord_info(files, meta, split, label_offset)
+        info = _tfrecord_info(tuple(files), json.dumps(meta, sort_keys=True), split, label_offset)
     else:
         builder = _tfds_builder(argument, data_dir, download)
         image_key, label_key = _tfds_keys(builder, argument)
@@ -291,7 +291,10 @@ def _label_offset(label_offset, meta):
     return int(meta.get("label_offset", 0) if label_offset is None else label_offset)
 
 
-def _tfrecord_info(files, meta, split, label_offset):
+@functools.lru_cache(maxsize=8)
+def _tfrecord_info(files, meta_json, split, label_offset):
+    """(num_classes, class_names, num_examples); cached, since without metadata it scans every record."""
+    meta = json.loads(meta_json)
     offset = _label_offset(label_offset, meta)
     class_names = meta.get("class_names")
     num_examples = meta.get("num_examples", {}).get(split)

@@ -1,5 +1,7 @@
 """The classification head shared by every model: global average pool, optional dropout, float32 logits."""
 
+import numbers
+
 import keras
 
 
@@ -9,7 +11,7 @@ def check_dropout_rate(dropout_rate):
 
 
 def check_num_classes(num_classes):
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
 
 
@@ -23,7 +25,7 @@ def classification_head(x, *, num_classes, dropout_rate=0.0, kernel_initializer=
     if dropout_rate > 0:
         x = keras.layers.Dropout(dropout_rate, name="dropout")(x)
     return keras.layers.Dense(
-        num_classes,
+        int(num_classes),
         kernel_initializer=kernel_initializer or "glorot_uniform",
         dtype="float32",
         name="logits",

@@ -2,21 +2,22 @@
 
 The paper's ResNet-50 (He et al., 2016) and its three tweaks, each one named switch:
 
-- `stride_on_3x3` (ResNet-B, Section 4.1): a downsampling bottleneck strides in its 3×3 conv instead of
-  its first 1×1 conv, so the 1×1 no longer skips three quarters of the input.
-- `deep_stem` (ResNet-C, Section 4.2): the 7×7 stem conv becomes three 3×3 convs (32, 32, 64 channels;
+Section 4.2 and Figure 2 of the paper:
+- `stride_on_3x3` (ResNet-B, Figure 2a): a downsampling bottleneck strides in its 3×3 conv instead of its
+  first 1×1 conv, so the 1×1 no longer skips three quarters of the input.
+- `deep_stem` (ResNet-C, Figure 2b): the 7×7 stem conv becomes three 3×3 convs (32, 32, 64 channels;
   stride 2 on the first), each followed by BN and ReLU, then the 3×3/2 max pool.
-- `avg_down` (ResNet-D, Section 4.3): the shortcut of a downsampling block is a 2×2/2 average pool followed
+- `avg_down` (ResNet-D, Figure 2c): the shortcut of a downsampling block is a 2×2/2 average pool followed
   by a 1×1 conv with stride 1, so the shortcut no longer skips three quarters of its input either.
 
 The switches are independent; the named variants stack them as the paper does (C = B + deep stem,
-D = C + average-pool shortcut). For basic-block depths (18, 34) the only 3×3 conv of a block's first conv
-already carries the stride, so `stride_on_3x3` changes nothing there (`resnet18` and `resnet18_b` are the
-same network).
+D = C + average-pool shortcut). A basic block (depths 18, 34) has no 1×1 conv: its first 3×3 conv always
+carries the stride, so `stride_on_3x3` changes nothing there (`resnet18` and `resnet18_b` are the same
+network).
 
 The architecture matches the authors' code (GluonCV `resnetv1b`) and timm exactly, so their weights load:
 - every stride-2 conv and the max pool use explicit symmetric `ZeroPadding2D` then `"valid"`; TensorFlow's
-  `"same"` pads only bottom/right at stride 2 and would shift every feature map by half a pixel;
+  `"same"` pads only bottom/right at stride 2 on even sizes, shifting every feature map by half a pixel;
 - convs have no bias; BatchNormalization uses momentum 0.9 and epsilon 1e-5 (the references' values);
 - the D shortcut pool is `AveragePooling2D(2, 2, padding="same")`: ceil mode, padded cells not counted,
   i.e. PyTorch/MXNet `AvgPool(2, 2, ceil_mode=True, count_include_pad=False)`.
@@ -52,9 +53,9 @@ OUTPUT_STRIDES = (8, 16, 32)
 class Tweaks:
     """The paper's Section 4 model tweaks, one switch each (all False = the original ResNet)."""
 
-    stride_on_3x3: bool = False  # ResNet-B (Section 4.1, Figure 2a)
+    stride_on_3x3: bool = False  # ResNet-B (Section 4.2, Figure 2a)
     deep_stem: bool = False  # ResNet-C (Section 4.2, Figure 2b)
-    avg_down: bool = False  # ResNet-D (Section 4.3, Figure 2c)
+    avg_down: bool = False  # ResNet-D (Section 4.2, Figure 2c)
 
 
 # Name suffix → tweaks. Our names follow the paper; README maps them to timm / GluonCV names.
@@ -167,7 +168,7 @@ def stem(x, *, deep_stem, kernel_initializer):
 def shortcut(x, filters, *, prefix, strides, avg_down, kernel_initializer):
     """Identity, or a projection when the block changes shape.
 
-    ResNet-D (Section 4.3): 2×2/2 average pool then a stride-1 1×1 conv. Where the block does not stride
+    ResNet-D (Section 4.2): 2×2/2 average pool then a stride-1 1×1 conv. Where the block does not stride
     (stage 1, or a dilated stage) the pool is left out, as GluonCV's pool_size=1 does (timm instead
     applies a 2×2 stride-1 average in a dilated stage; this only matters for output_stride < 32).
     """

@@ -1,0 +1,354 @@
+"""Export a training run as a SavedModel, a `.keras` file or a TFLite model.
+
+    python -m bot_keras.export --model_dir=RUN --export_dir=DIR [--format=savedmodel|keras|tflite]
+        [--overwrite] [--quantize=none|dynamic] [--top_k=5]
+
+A run directory (written by `bot_keras.train`) holds `flags.txt` (the resolved flags), `classes.txt` (one
+class name a line, index order) and the final `model.keras`; those three are what export reads.
+
+The SavedModel is a `tf.Module` with two signatures, both running the evaluation transform of Section 2.1
+of the paper (shorter side to S/0.875, centre crop S, normalise; `data.augment.preprocess_for_eval`, the
+very function evaluation uses) inside the graph, so a client sends pixels or file bytes and nothing else:
+
+  serving_default(image_bytes: string [N])         JPEG/PNG/GIF/BMP bytes, any size each
+  serving_images(images: uint8 [N, H, W, 3])       a batch of decoded images, any H and W
+
+Both return `logits` [N, K], `probabilities` [N, K], `top_k_ids` [N, k], `top_k_probabilities` [N, k] and
+`top_k_names` [N, k] (class names from the run's `classes.txt`). The loaded object also carries
+`class_names` and `image_size` as variables.
+
+Low-precision training (Section 3.2) keeps float32 master weights; a model trained under
+`mixed_float16`/`mixed_bfloat16` is exported from a float32 rebuild of the same architecture with those
+weights copied in, because float16 graphs are slow on CPU and TFLite rejects them.
+
+The TFLite model takes one uint8 image [1, H, W, 3] (resize the input tensor to the image's H and W) and
+runs the same evaluation transform before the network; `--quantize=dynamic` stores the weights as int8
+(dynamic-range quantisation) while activations stay float.
+
+Every export is written to a temporary sibling of `--export_dir` and renamed into place at the end, so a
+failed export leaves nothing half-written; an existing `--export_dir` is replaced only with `--overwrite`.
+"""
+
+import dataclasses
+import os
+import pathlib
+import shutil
+import sys
+import uuid
+
+import keras
+import tensorflow as tf
+from absl import app, flags
+
+from bot_keras.data.augment import check_encoded_image, decode_image, preprocess_for_eval
+from bot_keras.data.sources import read_class_names
+from bot_keras.models import build_backbone, build_model
+
+RUN_FILES = ("flags.txt", "classes.txt", "model.keras")
+FORMATS = ("savedmodel", "keras", "tflite")
+QUANTIZE = ("none", "dynamic")
+SIGNATURES = ("serving_default", "serving_images")
+TFLITE_FILE = "model.tflite"
+KERAS_FILE = "model.keras"
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What export needs from a run directory (see `read_run`)."""
+
+    model_dir: pathlib.Path
+    flags: dict
+    class_names: tuple
+    model_name: str
+    image_size: int
+
+    @property
+    def model_path(self):
+        return self.model_dir / "model.keras"
+
+
+def read_flagfile(path):
+    """absl flagfile → {name: value string}. A bare boolean (`--name`, or absl's `--noname` for false)
+    maps to "true" under the name as written: telling `--noname` from a flag called `noname` needs the
+    flag definitions, and export reads only valued flags (--model, --image_size)."""
+    values = {}
+    for line in pathlib.Path(path).read_text().splitlines():
+        line = line.strip()
+        if not line.startswith("--"):
+            continue  # blank lines and `#` comments
+        name, sep, value = line[2:].partition("=")
+        values[name] = value if sep else "true"
+    return values
+
+
+def read_run(model_dir):
+    """Checks a run directory and reads its flags and class names; errors name what is missing."""
+    model_dir = pathlib.Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"run directory {model_dir} does not exist (--model_dir={model_dir})")
+    missing = [name for name in RUN_FILES if not (model_dir / name).is_file()]
+    if missing:
+        hint = " (bot_keras.train writes model.keras when training ends)" if "model.keras" in missing else ""
+        raise FileNotFoundError(
+            f"run directory {model_dir} is incomplete: missing {', '.join(missing)}{hint}")
+    flags = read_flagfile(model_dir / "flags.txt")
+    lacking = [f"--{name}" for name in ("model", "image_size") if not flags.get(name)]
+    if lacking:
+        raise ValueError(f"{model_dir / 'flags.txt'} lacks {', '.join(lacking)}")
+    try:
+        image_size = int(flags["image_size"])
+    except ValueError:
+        raise ValueError(
+            f"{model_dir / 'flags.txt'}: --image_size={flags['image_size']} is not an integer") from None
+    class_names = read_class_names(model_dir / "classes.txt")
+    if not class_names:
+        raise ValueError(f"{model_dir / 'classes.txt'} lists no classes")
+    return Run(
+        model_dir=model_dir,
+        flags=flags,
+        class_names=class_names,
+        model_name=flags["model"],
+        image_size=image_size,
+    )
+
+
+def _computes_in_float32(model):
+    return all(layer.dtype_policy.compute_dtype == "float32" for layer in model.layers)
+
+
+def float32_rebuild(model, run):
+    """The model itself when every layer computes in float32; else (a model saved under a mixed policy,
+    Section 3.2's FP16 training) `--model` from `flags.txt` rebuilt under the float32 policy with the
+    trained float32 master weights copied in, in order, each shape checked."""
+    if _computes_in_float32(model):
+        return model
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        rebuilt = build_model(
+            run.model_name, num_classes=len(run.class_names), input_shape=model.input_shape[1:])
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    if len(rebuilt.weights) != len(model.weights):
+        raise ValueError(
+            f"{run.model_path} has {len(model.weights)} weights but --model={run.model_name} from flags.txt "
+            f"builds {len(rebuilt.weights)}; the run's flags do not describe its model"
+        )
+    for target, source in zip(rebuilt.weights, model.weights, strict=True):
+        if tuple(target.shape) != tuple(source.shape):
+            raise ValueError(
+                f"{run.model_path}: weight {source.path} has shape {tuple(source.shape)} but the float32 "
+                f"rebuild of --model={run.model_name} expects {tuple(target.shape)} ({target.path})"
+            )
+        target.assign(tf.cast(source.value, target.dtype))
+    return rebuilt
+
+
+def load_model(run):
+    """The run's final model as a float32 `keras.Model` ready for inference."""
+    try:
+        model = keras.models.load_model(run.model_path, compile=False)
+    except Exception as err:  # Keras raises a zoo of types for a damaged archive
+        raise ValueError(f"cannot load {run.model_path}: {err}") from err
+    num_outputs = model.output_shape[-1]
+    if num_outputs != len(run.class_names):
+        raise ValueError(
+            f"{run.model_path} predicts {num_outputs} classes but {run.model_dir / 'classes.txt'} "
+            f"lists {len(run.class_names)}"
+        )
+    return float32_rebuild(model, run)
+
+
+def load_backbone(model_dir, **backbone_kwargs):
+    """`build_backbone` of the run's architecture holding the trained classifier's weights (copied layer by
+    layer by `models.load_classifier_weights`; the `logits` head is left out). `backbone_kwargs` go to
+    `build_backbone` (e.g. `output_stride`, `input_shape`): the start for segmentation or detection."""
+    run = read_run(model_dir)
+    return build_backbone(run.model_name, weights_from=load_model(run), **backbone_kwargs)
+
+
+class ServingModule(tf.Module):
+    """The exported object: a float32 classifier behind the two serving signatures (module docstring)."""
+
+    def __init__(self, model, *, class_names, image_size, top_k):
+        super().__init__(name="bot_keras_classifier")
+        self.model = model
+        self.class_names = tf.Variable(list(class_names), trainable=False, name="class_names")
+        self.image_size = tf.Variable(image_size, trainable=False, name="image_size")
+        self._size = int(image_size)
+        self._top_k = min(int(top_k), len(class_names))
+
+    def _preprocess(self, images_or_bytes, decode):
+        """Per image (each may have its own size): [decode_image →] preprocess_for_eval."""
+        size = self._size
+
+        def one(x):
+            return preprocess_for_eval(decode_image(x) if decode else x, size)
+
+        return tf.map_fn(one, images_or_bytes, fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
+
+    def _outputs(self, images):
+        logits = tf.cast(self.model(images, training=False), tf.float32)
+        probabilities = tf.nn.softmax(logits, axis=-1)
+        top = tf.math.top_k(probabilities, k=self._top_k)
+        return {
+            "logits": logits,
+            "probabilities": probabilities,
+            "top_k_ids": top.indices,
+            "top_k_probabilities": top.values,
+            "top_k_names": tf.gather(self.class_names, top.indices),
+        }
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    def serve_bytes(self, image_bytes):
+        ok = tf.map_fn(check_encoded_image, image_bytes, fn_output_signature=tf.bool)
+        checks = [
+            _assert_batch_not_empty("serving_default", image_bytes),
+            tf.debugging.Assert(tf.reduce_all(ok), [
+                "serving_default: image_bytes entries at these batch indices are not complete JPEG, PNG, "
+                "GIF or BMP images:",
+                tf.reshape(tf.where(tf.logical_not(ok)), [-1]),
+            ]),
+        ]
+        with tf.control_dependencies(checks):
+            images = self._preprocess(tf.identity(image_bytes), decode=True)
+        return self._outputs(images)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
+    def serve_images(self, images):
+        shape = tf.shape(images)
+        checks = [
+            _assert_batch_not_empty("serving_images", images),
+            tf.debugging.Assert(tf.logical_and(shape[1] > 0, shape[2] > 0), [
+                "serving_images: images need a height and width of at least 1 pixel; got shape", shape,
+            ]),
+        ]
+        with tf.control_dependencies(checks):
+            batch = self._preprocess(tf.identity(images), decode=False)
+        return self._outputs(batch)
+
+
+def _assert_batch_not_empty(signature, batch):
+    return tf.debugging.Assert(
+        tf.shape(batch)[0] > 0, [f"{signature}: got an empty batch; send at least one image"])
+
+
+def _tflite_bytes(model, image_size, quantize, scratch):
+    """TFLite flatbuffer of preprocess_for_eval + model for one uint8 image [1, H, W, 3]."""
+
+    def classify(image):
+        # TFLite's RESIZE_BILINEAR needs the same input and output type, and TensorFlow's bilinear resize of
+        # uint8 computes in float32 anyway: casting first gives the same pixels (the agreement test checks).
+        batch = preprocess_for_eval(tf.cast(image[0], tf.float32), image_size)[tf.newaxis]
+        logits = tf.cast(model(batch, training=False), tf.float32)
+        return {"logits": logits, "probabilities": tf.nn.softmax(logits, axis=-1)}
+
+    # Through a Keras ExportArchive SavedModel: converting a tf.function that merely captures the Keras
+    # variables (from_concrete_functions, or a plain tf.Module SavedModel) leaves them as uninitialised
+    # TFLite resource variables in TF 2.21, and the interpreter returns NaN.
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    signature = [tf.TensorSpec([1, None, None, 3], tf.uint8, name="image")]
+    archive.add_endpoint("serving_default", classify, input_signature=signature)
+    archive.write_out(str(scratch), verbose=False)
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(scratch))
+    if quantize == "dynamic":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]  # no representative data: dynamic range
+    return converter.convert()
+
+
+def _write(run, model, staging, *, export_format, quantize, top_k):
+    if export_format == "savedmodel":
+        module = ServingModule(model, class_names=run.class_names, image_size=run.image_size, top_k=top_k)
+        signatures = {
+            "serving_default": module.serve_bytes.get_concrete_function(),
+            "serving_images": module.serve_images.get_concrete_function(),
+        }
+        tf.saved_model.save(module, str(staging), signatures=signatures)
+        extra = staging / "assets.extra"  # TF Serving's place for files the graph does not read
+        extra.mkdir()
+    elif export_format == "keras":
+        model.save(staging / KERAS_FILE)
+        extra = staging
+    else:
+        scratch = staging / "savedmodel-for-tflite"
+        (staging / TFLITE_FILE).write_bytes(_tflite_bytes(model, run.image_size, quantize, scratch))
+        shutil.rmtree(scratch)
+        extra = staging
+    for name in ("classes.txt", "flags.txt"):
+        shutil.copyfile(run.model_dir / name, extra / name)
+
+
+def export(model_dir, export_dir, *, export_format="savedmodel", overwrite=False, quantize="none", top_k=5):
+    """Exports the run in `model_dir` to `export_dir`; returns the export directory as a Path."""
+    if export_format not in FORMATS:
+        raise ValueError(f"--format={export_format} is not one of {', '.join(FORMATS)}")
+    if quantize not in QUANTIZE:
+        raise ValueError(f"--quantize={quantize} is not one of {', '.join(QUANTIZE)}")
+    if quantize != "none" and export_format != "tflite":
+        raise ValueError(
+            f"--quantize={quantize} applies to --format=tflite only (got --format={export_format})")
+    if top_k < 1:
+        raise ValueError(f"--top_k={top_k} must be at least 1")
+    export_dir = pathlib.Path(export_dir)
+    if export_dir.exists() and not overwrite:
+        raise FileExistsError(f"--export_dir={export_dir} already exists; pass --overwrite to replace it")
+    run = read_run(model_dir)
+    model = load_model(run)
+
+    export_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = _sibling(export_dir, "partial")
+    try:
+        _write(run, model, staging, export_format=export_format, quantize=quantize, top_k=top_k)
+        if export_dir.exists():  # --overwrite: move the old export aside, swap, then delete it
+            retired = _sibling(export_dir, "old")
+            os.rename(export_dir, retired / export_dir.name)
+            try:
+                os.rename(staging, export_dir)
+            except BaseException:
+                os.rename(retired / export_dir.name, export_dir)  # put the old export back
+                shutil.rmtree(retired)
+                raise
+            shutil.rmtree(retired)
+        else:
+            os.rename(staging, export_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return export_dir
+
+
+def _sibling(path, kind):
+    """A new empty directory next to `path` (same filesystem, so a rename is atomic); mkdir, unlike
+    tempfile.mkdtemp, keeps the umask's permissions, which a serving process of another user needs."""
+    sibling = path.parent / f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    sibling.mkdir()
+    return sibling
+
+
+def _define_flags():
+    flags.DEFINE_string("model_dir", None, "Run directory written by bot_keras.train.", required=True)
+    flags.DEFINE_string("export_dir", None, "Directory to create (must not exist unless --overwrite).",
+                        required=True)
+    flags.DEFINE_enum("format", "savedmodel", FORMATS, "What to write.")
+    flags.DEFINE_bool("overwrite", False, "Replace an existing --export_dir.")
+    flags.DEFINE_enum("quantize", "none", QUANTIZE, "TFLite only: dynamic-range (int8 weight) quantisation.")
+    flags.DEFINE_integer("top_k", 5, "SavedModel only: how many classes the top_k_* outputs hold.")
+    return flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    FLAGS = flags.FLAGS
+    try:
+        path = export(FLAGS.model_dir, FLAGS.export_dir, export_format=FLAGS.format,
+                      overwrite=FLAGS.overwrite, quantize=FLAGS.quantize, top_k=FLAGS.top_k)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        sys.exit(f"bot_keras.export: error: {err}")
+    print(f"exported {FLAGS.model_dir} ({FLAGS.format}) to {path}")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,326 @@
+"""timm's ResNet weights in our ResNet-B/C/D models, read from `.safetensors` without PyTorch.
+
+timm's ResNets are the paper's Section 4.2 tweaks (Figure 2) under other names: timm `resnetNN` is ResNet-B
+(stride on the 3×3 conv), `resnetNNc` is ResNet-C (deep stem of three 3×3 convs, 32-32-64 channels) and
+`resnetNNd` is ResNet-D (plus the 2×2 average-pool shortcut). The paper
+authors' own GluonCV weights are published through timm (`resnet50d.gluon_in1k` is GluonCV's
+`resnet50_v1d`), so this module is how a user starts from the authors' released ResNet-50-D.
+
+The mapping, timm key → our layer (docs/architecture.md fixes our names):
+
+    conv1 / bn1                                     stem_conv / stem_bn             (B)
+    conv1.0, conv1.1, conv1.3, conv1.4, conv1.6, bn1  stem_conv1, stem_bn1, stem_conv2, stem_bn2,
+                                                    stem_conv3, stem_bn3            (C, D)
+    layer{s}.{b}.conv{i} / .bn{i}                   stage{s}_block{b}_conv{i} / _bn{i}
+    layer{s}.{b}.downsample.0 / .1                  stage{s}_block{b}_down_conv / _down_bn   (B, C)
+    layer{s}.{b}.downsample.1 / .2                  the same, after timm's pool at .0 (D; timm keeps
+                                                    an Identity at .0 where the block does not stride)
+    fc                                              logits
+
+Tensors: conv OIHW → HWIO; Dense (out, in) → (in, out); BatchNorm weight / bias / running_mean /
+running_var → gamma / beta / moving_mean / moving_variance; `num_batches_tracked` is ignored.
+
+Loading is strict and all-or-nothing: every tensor the model expects must be in the file with the right
+shape, and every tensor in the file must be used; otherwise a ValueError names the first offending key
+and what the weights look like (e.g. "the weights look like timm 'resnet50c'"), and no weight is changed.
+"""
+
+import json
+import os
+import pathlib
+import re
+
+import keras
+import numpy as np
+
+# Depth → blocks per stage and block type, as timm builds them (used to describe a file in errors).
+_TIMM_DEPTHS = {
+    ((2, 2, 2, 2), False): 18,
+    ((3, 4, 6, 3), False): 34,
+    ((2, 2, 2, 2), True): 26,  # timm-only
+    ((3, 4, 6, 3), True): 50,
+    ((3, 4, 23, 3), True): 101,
+    ((3, 8, 36, 3), True): 152,
+    ((3, 24, 36, 3), True): 200,
+}
+
+# The timm keys of the deep stem (ResNet-C/-D) in our stem order: conv1 is an nn.Sequential of
+# conv, BN, ReLU, conv, BN, ReLU, conv; the third BN is the model's bn1.
+_DEEP_STEM_KEYS = {
+    "stem_conv1": "conv1.0",
+    "stem_bn1": "conv1.1",
+    "stem_conv2": "conv1.3",
+    "stem_bn2": "conv1.4",
+    "stem_conv3": "conv1.6",
+    "stem_bn3": "bn1",
+}
+_PLAIN_STEM_KEYS = {"stem_conv": "conv1", "stem_bn": "bn1"}
+_BLOCK_LAYER = re.compile(r"stage(\d+)_block(\d+)_(conv\d+|bn\d+|down_conv|down_bn)")
+CLASSIFIER_PREFIX = "fc."
+
+# safetensors dtype → numpy dtype (the format is little-endian). BF16 is widened to float32 by hand.
+_SAFETENSORS_DTYPES = {
+    "F64": "<f8",
+    "F32": "<f4",
+    "F16": "<f2",
+    "I64": "<i8",
+    "I32": "<i4",
+    "I16": "<i2",
+    "I8": "i1",
+    "U64": "<u8",
+    "U32": "<u4",
+    "U16": "<u2",
+    "U8": "u1",
+    "BOOL": "?",
+}
+
+
+def read_safetensors(path):
+    """Reads a `.safetensors` file into `{name: np.ndarray}` with numpy only (no torch, no safetensors).
+
+    The format: an 8-byte little-endian header length N, N bytes of JSON
+    `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`, then the tensors'
+    raw little-endian bytes, offsets counted from the end of the header. BF16 tensors come back as float32.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"safetensors file not found: {str(path)!r}")
+    data = path.read_bytes()
+    if len(data) < 8:
+        raise ValueError(
+            f"{str(path)!r} is not a safetensors file: {len(data)} bytes, shorter than its header"
+        )
+    header_size = int.from_bytes(data[:8], "little")
+    if header_size > len(data) - 8:
+        raise ValueError(
+            f"{str(path)!r} is not a safetensors file: its first 8 bytes give a header of {header_size} "
+            f"bytes but the file has {len(data)} (a PyTorch .pth/.bin checkpoint? timm's Hugging Face "
+            "repos have model.safetensors)"
+        )
+    try:
+        header = json.loads(data[8 : 8 + header_size].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f"{str(path)!r} is not a safetensors file: its header is not JSON ({error})"
+        ) from error
+    if not isinstance(header, dict):
+        raise ValueError(f"{str(path)!r} is not a safetensors file: its header is not a JSON object")
+    buffer = memoryview(data)[8 + header_size :]
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        tensors[name] = _decode_tensor(path, name, info, buffer)
+    return tensors
+
+
+def _decode_tensor(path, name, info, buffer):
+    try:
+        dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+    except (TypeError, KeyError, ValueError) as error:
+        raise ValueError(f"{str(path)!r}: malformed header entry for tensor {name!r}: {info!r}") from error
+    if dtype_name == "BF16":
+        dtype = np.dtype("<u2")
+    elif dtype_name in _SAFETENSORS_DTYPES:
+        dtype = np.dtype(_SAFETENSORS_DTYPES[dtype_name])
+    else:
+        raise ValueError(
+            f"{str(path)!r}: tensor {name!r} has dtype {dtype_name}, which this reader does not support"
+        )
+    expected_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if not 0 <= begin <= end <= len(buffer) or end - begin != expected_bytes:
+        raise ValueError(
+            f"{str(path)!r}: tensor {name!r} ({dtype_name}, shape {list(shape)}) has data_offsets "
+            f"[{begin}, {end}], which do not fit its {expected_bytes} bytes in a {len(buffer)}-byte buffer"
+        )
+    array = np.frombuffer(buffer[begin:end], dtype=dtype).reshape(shape)
+    if dtype_name == "BF16":  # bfloat16 is the top half of a float32
+        array = (array.astype(np.uint32) << 16).view(np.float32)
+    return array
+
+
+def timm_model_name(name):
+    """Our model name → timm's: `"resnet50_b"` → `"resnet50"`, `"resnet50_c"` → `"resnet50c"`, `_d` → `d`.
+
+    timm registers no `c` model at depths 18 and 34; the name is still the natural one for that layout.
+    """
+    match = re.fullmatch(r"resnet(\d+)_([bcd])", name)
+    if not match:
+        raise ValueError(
+            f"{name!r} has no timm counterpart: timm's ResNets are our ResNet-B/C/D models "
+            "(resnet{18,34,50,101,152,200}_{b,c,d}); the original ResNet (stride on the 1×1 conv) is not "
+            "in timm, and timm's resnetNN is our resnetNN_b"
+        )
+    depth, variant = match.groups()
+    return f"resnet{depth}" + ("" if variant == "b" else variant)
+
+
+def describe_timm_state_dict(shapes):
+    """The timm ResNet a `{key: shape}` (or `{key: array}`) layout looks like, e.g. `"resnet50d"`.
+
+    Read from the keys alone: bottleneck if blocks have conv3, blocks per stage from the largest block
+    index, deep stem if conv1.0 exists, average-pool shortcut if downsample.2 exists. Returns a phrase
+    such as `"an unknown layout (...)"` when the keys fit no timm ResNet.
+    """
+    keys = set(shapes)
+    blocks = []
+    for stage in range(1, 5):
+        indices = {int(m.group(1)) for k in keys if (m := re.match(rf"layer{stage}\.(\d+)\.", k))}
+        blocks.append(max(indices) + 1 if indices else 0)
+    bottleneck = any(re.match(r"layer\d+\.\d+\.conv3\.", k) for k in keys)
+    depth = _TIMM_DEPTHS.get((tuple(blocks), bottleneck))
+    deep_stem = "conv1.0.weight" in keys
+    avg_down = any(".downsample.2." in k for k in keys)
+    if depth is None or (avg_down and not deep_stem):
+        kind = "bottleneck" if bottleneck else "basic"
+        stem = "deep" if deep_stem else "plain"
+        return f"an unknown layout ({kind} blocks per stage {tuple(blocks)}, {stem} stem)"
+    return f"timm 'resnet{depth}{'d' if avg_down else 'c' if deep_stem else ''}'"
+
+
+def _walk_layers(layer):
+    for child in getattr(layer, "layers", ()):
+        yield child
+        yield from _walk_layers(child)
+
+
+def _layer_prefix(name, *, avg_down):
+    """Our layer name → its timm module prefix (no trailing dot), or None for the classifier."""
+    if name in _PLAIN_STEM_KEYS:
+        return _PLAIN_STEM_KEYS[name]
+    if name in _DEEP_STEM_KEYS:
+        return _DEEP_STEM_KEYS[name]
+    match = _BLOCK_LAYER.fullmatch(name)
+    if match:
+        stage, block, part = match.groups()
+        if part == "down_conv":
+            part = "downsample.1" if avg_down else "downsample.0"
+        elif part == "down_bn":
+            part = "downsample.2" if avg_down else "downsample.1"
+        return f"layer{stage}.{block}.{part}"
+    return None
+
+
+def _targets(model):
+    """`{timm key: (keras variable, axes permutation timm → ours or None)}` in the model's layer order."""
+    layers = list(_walk_layers(model))
+    names = {layer.name for layer in layers}
+    avg_down = any(name.endswith("_down_pool") for name in names)
+    _reject_resnet_a(model, layers)
+    targets = {}
+    for layer in layers:
+        if not layer.weights:
+            continue
+        if layer.name == "logits" and isinstance(layer, keras.layers.Dense):
+            prefix = "fc"
+        else:
+            prefix = _layer_prefix(layer.name, avg_down=avg_down)
+        if prefix is None:
+            raise ValueError(
+                f"Model {model.name!r}: layer {layer.name!r} has weights but no timm counterpart "
+                "(only ResNet-B/C/D models built by bot_keras.models load timm weights)"
+            )
+        if isinstance(layer, keras.layers.Conv2D):
+            targets[f"{prefix}.weight"] = (layer.kernel, (2, 3, 1, 0))  # OIHW → HWIO
+            if layer.use_bias:
+                targets[f"{prefix}.bias"] = (layer.bias, None)
+        elif isinstance(layer, keras.layers.BatchNormalization):
+            if layer.scale:
+                targets[f"{prefix}.weight"] = (layer.gamma, None)
+            if layer.center:
+                targets[f"{prefix}.bias"] = (layer.beta, None)
+            targets[f"{prefix}.running_mean"] = (layer.moving_mean, None)
+            targets[f"{prefix}.running_var"] = (layer.moving_variance, None)
+        elif isinstance(layer, keras.layers.Dense):
+            targets[f"{prefix}.weight"] = (layer.kernel, (1, 0))  # (out, in) → (in, out)
+            if layer.use_bias:
+                targets[f"{prefix}.bias"] = (layer.bias, None)
+        else:
+            raise ValueError(
+                f"Model {model.name!r}: layer {layer.name!r} is a {type(layer).__name__}; "
+                "timm ResNets only have Conv2D, BatchNormalization and Dense weights"
+            )
+    return targets
+
+
+def _reject_resnet_a(model, layers):
+    """The original ResNet (stride on a bottleneck's 1×1 conv) has ResNet-B's tensors but not its maths."""
+    for layer in layers:
+        if (
+            isinstance(layer, keras.layers.Conv2D)
+            and re.fullmatch(r"stage\d+_block\d+_conv1", layer.name)
+            and tuple(layer.kernel_size) == (1, 1)
+            and tuple(layer.strides) != (1, 1)
+        ):
+            raise ValueError(
+                f"Model {model.name!r} is the original ResNet (layer {layer.name!r} strides in its 1×1 "
+                "conv), which timm does not have: timm's resnetNN is our resnetNN_b (ResNet-B)"
+            )
+
+
+def expected_timm_shapes(model, *, include_classifier=True):
+    """`{timm key: shape in timm's layout}` for every tensor `model` takes from a timm state dict."""
+    shapes = {}
+    for key, (variable, permutation) in _targets(model).items():
+        if not include_classifier and key.startswith(CLASSIFIER_PREFIX):
+            continue
+        shape = tuple(variable.shape)
+        if permutation is not None:  # ours = timm.transpose(permutation) → timm = ours.transpose(inverse)
+            shape = tuple(shape[permutation.index(axis)] for axis in range(len(shape)))
+        shapes[key] = shape
+    return shapes
+
+
+def load_timm_weights(model, weights, *, skip_classifier=False):
+    """Loads a timm ResNet state dict into our ResNet-B/C/D `model` (a classifier or a backbone).
+
+    `weights` is a `.safetensors` path or a `{key: array}` mapping (numpy arrays, or anything
+    `np.asarray` takes). With `skip_classifier=True` timm's `fc.*` tensors are ignored and our `logits`
+    layer keeps its initialisation: fine-tuning to another number of classes, or a backbone without head.
+    Everything else is strict (see the module docstring); the model is returned for chaining.
+    """
+    if isinstance(weights, (str, os.PathLike)):
+        source = f" from {str(weights)!r}"
+        state = read_safetensors(weights)
+    else:
+        source = ""
+        state = {key: np.asarray(value) for key, value in weights.items()}
+    state = {key: value for key, value in state.items() if not key.endswith(".num_batches_tracked")}
+    targets = _targets(model)
+    if skip_classifier:
+        targets = {k: v for k, v in targets.items() if not k.startswith(CLASSIFIER_PREFIX)}
+        state = {k: v for k, v in state.items() if not k.startswith(CLASSIFIER_PREFIX)}
+
+    def mismatch(problem, hint=""):
+        try:
+            ours = f" (timm {timm_model_name(model.name.removesuffix('_backbone'))!r})"
+        except ValueError:
+            ours = ""
+        return ValueError(
+            f"timm weights{source} do not fit model {model.name!r}{ours}: {problem}. "
+            f"The weights look like {describe_timm_state_dict(state)}.{hint}"
+        )
+
+    classifier_hint = (
+        " Pass skip_classifier=True (the tool: --num_classes) to keep a freshly initialised classifier."
+    )
+    arrays = {}
+    for key, (variable, permutation) in targets.items():
+        if key not in state:
+            raise mismatch(f"key {key!r} is missing")
+        value = state[key]
+        if permutation is not None and value.ndim == len(permutation):
+            value = np.transpose(value, permutation)
+        if tuple(value.shape) != tuple(variable.shape):
+            timm_shape = tuple(state[key].shape)
+            expected = expected_timm_shapes(model)[key]
+            hint = classifier_hint if key.startswith(CLASSIFIER_PREFIX) else ""
+            raise mismatch(f"key {key!r} has shape {timm_shape}, the model needs {expected}", hint)
+        arrays[key] = value
+    for key in state:
+        if key not in targets:
+            hint = classifier_hint if key.startswith(CLASSIFIER_PREFIX) else ""
+            raise mismatch(f"key {key!r} has no place in the model", hint)
+    for key, (variable, _) in targets.items():
+        variable.assign(arrays[key].astype(variable.dtype))
+    return model

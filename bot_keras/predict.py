@@ -1,0 +1,166 @@
+"""Classify image files and print the top-k classes with their names and probabilities.
+
+    python -m bot_keras.predict --model=PATH [--top_k=5] IMAGE [IMAGE ...]
+
+PATH is any of:
+  - a SavedModel directory written by `bot_keras.export` (its `serving_default` signature decodes and
+    preprocesses the file bytes inside the graph; class names come from the export itself);
+  - a run directory written by `bot_keras.train` (its final `model.keras`, rebuilt in float32 if it was
+    trained in mixed precision), or that `model.keras` itself, or the directory `--format=keras` writes;
+  - any other `.keras` file, with `classes.txt` beside it; the image size comes from `flags.txt` beside it
+    or else the model's input shape.
+For the last two the images go through `data.augment.decode_image` and `preprocess_for_eval`, the
+evaluation transform of Section 2.1 of the paper that the SavedModel carries in its graph.
+
+Output, for each image:
+
+    cat.jpg
+      1. tabby_cat        0.8123
+      2. tiger_cat        0.1010
+"""
+
+import dataclasses
+import pathlib
+import sys
+from collections.abc import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import app, flags
+
+from bot_keras import export
+from bot_keras.data.augment import check_encoded_image, decode_image, preprocess_for_eval
+from bot_keras.data.sources import read_class_names
+
+
+@dataclasses.dataclass(frozen=True)
+class Classifier:
+    """`probabilities(list of encoded images) -> float array [N, K]` and the K class names."""
+
+    probabilities: Callable
+    class_names: tuple
+    kind: str  # "savedmodel", "keras" or "run"
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    class_id: int
+    class_name: str
+    probability: float
+
+
+def _keras_classifier(model, class_names, image_size, kind):
+    def probabilities(encoded_images):
+        batch = tf.stack([preprocess_for_eval(decode_image(data), image_size) for data in encoded_images])
+        return tf.nn.softmax(tf.cast(model(batch, training=False), tf.float32), axis=-1).numpy()
+
+    return Classifier(probabilities=probabilities, class_names=tuple(class_names), kind=kind)
+
+
+def _read_class_names(path):
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; it lists the class names (one a line, index order)")
+    names = read_class_names(path)
+    if not names:
+        raise ValueError(f"{path} lists no classes")
+    return names
+
+
+def load_classifier(path):
+    """A `Classifier` for a SavedModel directory, a `.keras` file or a run directory (module docstring)."""
+    path = pathlib.Path(path)
+    if (path / "saved_model.pb").is_file():
+        loaded = tf.saved_model.load(str(path))
+        if "serving_default" not in loaded.signatures or not hasattr(loaded, "class_names"):
+            raise ValueError(f"--model={path} is a SavedModel but not one bot_keras.export wrote "
+                             "(it needs a serving_default signature and class_names)")
+        serve = loaded.signatures["serving_default"]
+
+        def probabilities(encoded_images):
+            return serve(image_bytes=tf.constant(list(encoded_images)))["probabilities"].numpy()
+
+        names = tuple(name.decode() for name in loaded.class_names.numpy())
+        return Classifier(probabilities=probabilities, class_names=names, kind="savedmodel")
+    if path.is_file() and path.name == "model.keras" and (path.parent / "flags.txt").is_file():
+        path = path.parent  # a run directory's final model: load it as the run (float32 rebuild included)
+    if path.is_file() and path.suffix == ".keras":
+        model = keras.models.load_model(path, compile=False)
+        class_names = _read_class_names(path.parent / "classes.txt")
+        flagfile = path.parent / "flags.txt"
+        image_size = export.read_flagfile(flagfile).get("image_size") if flagfile.is_file() else None
+        image_size = int(image_size) if image_size else model.input_shape[1]
+        if image_size is None:
+            raise ValueError(f"{path} takes any image size and no flags.txt beside it gives --image_size")
+        return _keras_classifier(model, class_names, image_size, "keras")
+    if path.is_dir() and (path / "flags.txt").is_file():
+        run = export.read_run(path)
+        return _keras_classifier(export.load_model(run), run.class_names, run.image_size, "run")
+    if not path.exists():
+        raise FileNotFoundError(f"--model={path} does not exist")
+    raise ValueError(f"--model={path} is neither a SavedModel directory (saved_model.pb), a .keras file "
+                     "nor a run directory (flags.txt, classes.txt, model.keras)")
+
+
+def read_images(paths):
+    """The bytes of each image file; an error names the first file that is missing or not an image."""
+    encoded = []
+    for path in map(pathlib.Path, paths):
+        if not path.is_file():
+            raise FileNotFoundError(f"image file {path} does not exist")
+        data = path.read_bytes()
+        if not bool(check_encoded_image(data)):
+            raise ValueError(f"{path} is not a complete JPEG, PNG, GIF or BMP image")
+        encoded.append(data)
+    return encoded
+
+
+def top_k(probabilities, class_names, k):
+    """For each row of `probabilities`, the k most likely classes, most likely first (ties: lower id)."""
+    k = min(k, len(class_names))
+    order = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k]
+    return [
+        [Prediction(int(i), class_names[i], float(row[i])) for i in ids]
+        for row, ids in zip(probabilities, order, strict=True)
+    ]
+
+
+def predict(model_path, image_paths, *, k=5):
+    """[(image path, [Prediction, ...]), ...] for the image files, in order."""
+    if k < 1:
+        raise ValueError(f"--top_k={k} must be at least 1")
+    classifier = load_classifier(model_path)
+    encoded = read_images(image_paths)
+    return list(zip(image_paths, top_k(classifier.probabilities(encoded), classifier.class_names, k),
+                    strict=True))
+
+
+def format_predictions(results):
+    lines = []
+    for path, predictions in results:
+        lines.append(str(path))
+        width = max(len(p.class_name) for p in predictions)
+        lines.extend(f"  {rank}. {p.class_name:<{width}}  {p.probability:.4f}"
+                     for rank, p in enumerate(predictions, start=1))
+    return "\n".join(lines)
+
+
+def _define_flags():
+    flags.DEFINE_string("model", None, "SavedModel directory, .keras file or run directory.", required=True)
+    flags.DEFINE_integer("top_k", 5, "How many classes to print per image.")
+
+
+def main(argv):
+    if len(argv) < 2:
+        raise app.UsageError("name at least one image: python -m bot_keras.predict --model=PATH IMAGE ...")
+    FLAGS = flags.FLAGS
+    try:
+        results = predict(FLAGS.model, argv[1:], k=FLAGS.top_k)
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"bot_keras.predict: error: {err}")
+    print(format_predictions(results))
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)

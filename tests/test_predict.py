@@ -1,0 +1,142 @@
+"""bot_keras/predict.py: the same top-k from a SavedModel, a `.keras` file and a run directory; output
+format; errors that name the bad file or path; the CLI."""
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tiny_run import CLASS_NAMES, make_run, reference_logits, sample_images
+
+from bot_keras import export, predict
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("run") / "run", seed=3)
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    paths = []
+    for name, data in sample_images():
+        (root / name).write_bytes(data)
+        paths.append(str(root / name))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def expected_probabilities(run, image_files):
+    logits = reference_logits(run[1], [pathlib.Path(p).read_bytes() for p in image_files])
+    return tf.nn.softmax(logits).numpy()
+
+
+def _check(results, image_files, expected_probabilities, k):
+    assert [path for path, _ in results] == image_files
+    for (_, predictions), expected in zip(results, expected_probabilities, strict=True):
+        ids = np.argsort(-expected, kind="stable")[:k]
+        assert [p.class_id for p in predictions] == ids.tolist()
+        assert [p.class_name for p in predictions] == [CLASS_NAMES[i] for i in ids]
+        np.testing.assert_allclose([p.probability for p in predictions], expected[ids], atol=1e-5)
+
+
+def test_run_directory(run, image_files, expected_probabilities):
+    _check(predict.predict(run[0], image_files, k=3), image_files, expected_probabilities, 3)
+
+
+def test_saved_model_and_keras_exports(run, image_files, expected_probabilities, tmp_path):
+    saved_model = export.export(run[0], tmp_path / "sm")
+    keras_dir = export.export(run[0], tmp_path / "k", export_format="keras")
+    assert predict.load_classifier(saved_model).kind == "savedmodel"
+    _check(predict.predict(saved_model, image_files, k=2), image_files, expected_probabilities, 2)
+    # --top_k larger than the export's own top_k: predict ranks the full probability vector itself.
+    _check(predict.predict(saved_model, image_files, k=5), image_files, expected_probabilities, 5)
+    results = predict.predict(keras_dir / "model.keras", image_files, k=4)
+    _check(results, image_files, expected_probabilities, 4)
+    # The trainer's own model.keras, with classes.txt and flags.txt beside it, loads as the run.
+    assert predict.load_classifier(run[0] / "model.keras").kind == "run"
+    _check(predict.predict(run[0] / "model.keras", image_files, k=1), image_files, expected_probabilities, 1)
+    # Any .keras file with a class list beside it; the image size from the model's input shape.
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(run[0] / "model.keras", other / "classifier.keras")
+    shutil.copy(run[0] / "classes.txt", other)
+    assert predict.load_classifier(other / "classifier.keras").kind == "keras"
+    results = predict.predict(other / "classifier.keras", image_files, k=2)
+    _check(results, image_files, expected_probabilities, 2)
+
+
+def test_top_k_orders_by_probability_and_breaks_ties_by_class_id():
+    probabilities = np.array([[0.1, 0.4, 0.1, 0.4], [0.7, 0.1, 0.15, 0.05]])
+    names = ("a", "b", "c", "d")
+    result = predict.top_k(probabilities, names, 3)
+    assert [[p.class_id for p in row] for row in result] == [[1, 3, 0], [0, 2, 1]]
+    assert [p.class_name for p in result[1]] == ["a", "c", "b"]
+    assert [len(row) for row in predict.top_k(probabilities, names, 10)] == [4, 4]
+
+
+def test_format_prints_each_image_then_ranked_names_and_probabilities():
+    results = [("x.jpg", [predict.Prediction(2, "fox", 0.81234), predict.Prediction(0, "cat", 0.1)]),
+               ("y.png", [predict.Prediction(4, "yak", 1.0)])]
+    assert predict.format_predictions(results) == (
+        "x.jpg\n"
+        "  1. fox  0.8123\n"
+        "  2. cat  0.1000\n"
+        "y.png\n"
+        "  1. yak  1.0000")
+
+
+def test_missing_and_non_image_files_are_named(run, image_files, tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"image file {tmp_path / 'gone.jpg'} does not exist"):
+        predict.predict(run[0], [image_files[0], str(tmp_path / "gone.jpg")])
+    (tmp_path / "notes.jpg").write_text("not a picture")
+    truncated = pathlib.Path(image_files[1]).read_bytes()[:500]  # a JPEG cut short
+    (tmp_path / "cut.jpg").write_bytes(truncated)
+    for name in ("notes.jpg", "cut.jpg"):
+        with pytest.raises(ValueError, match=f"{tmp_path / name} is not a complete JPEG, PNG, GIF or BMP"):
+            predict.predict(run[0], [image_files[0], str(tmp_path / name)])
+
+
+def test_bad_model_paths_are_named(run, image_files, tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"--model={tmp_path / 'nothing'} does not exist"):
+        predict.load_classifier(tmp_path / "nothing")
+    with pytest.raises(ValueError, match="neither a SavedModel directory"):
+        predict.load_classifier(tmp_path)
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    (lonely / "model.keras").write_bytes((run[0] / "model.keras").read_bytes())
+    with pytest.raises(FileNotFoundError, match=f"{lonely / 'classes.txt'} is missing"):
+        predict.load_classifier(lonely / "model.keras")
+    with pytest.raises(ValueError, match="--top_k=0 must be at least 1"):
+        predict.predict(run[0], image_files, k=0)
+
+
+@pytest.mark.slow
+def test_cli_prints_names_and_probabilities(run, image_files, expected_probabilities):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run(
+        [sys.executable, "-m", "bot_keras.predict", f"--model={run[0]}", "--top_k=2", *image_files[:2]],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()[-6:]
+    expected = []
+    for path, probabilities in zip(image_files[:2], expected_probabilities, strict=False):
+        expected.append(path)
+        ids = np.argsort(-probabilities, kind="stable")[:2]
+        width = max(len(CLASS_NAMES[i]) for i in ids)
+        expected += [f"  {rank}. {CLASS_NAMES[i]:<{width}}  {probabilities[i]:.4f}"
+                     for rank, i in enumerate(ids, start=1)]
+    assert lines == expected
+
+    missing = subprocess.run([sys.executable, "-m", "bot_keras.predict", f"--model={run[0]}", "gone.png"],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 1
+    last_line = missing.stderr.strip().splitlines()[-1]
+    assert last_line == "bot_keras.predict: error: image file gone.png does not exist"

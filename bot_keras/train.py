@@ -252,7 +252,15 @@ def load_teacher(spec, *, num_classes, image_size):
         classes = teacher.output_shape[-1]
         size = tuple(teacher.input_shape[1:3])
     else:
-        probe = teacher(tf.zeros((1, image_size, image_size, 3)))
+        try:
+            probe = teacher(tf.zeros((1, image_size, image_size, 3)))
+        except Exception as error:  # noqa: BLE001 - any signature mismatch is reported with the file name
+            raise FlagError(
+                f"--teacher={spec!r}: its serving signature does not take normalised float32 "
+                f"[N, {image_size}, {image_size}, 3] images (a bot_keras.export SavedModel takes image bytes "
+                "and preprocesses itself; pass the teacher run's model.keras instead): "
+                f"{str(error).splitlines()[0]}"
+            ) from None
         probe = next(iter(probe.values())) if isinstance(probe, dict) else probe
         classes, size = probe.shape[-1], (None, None)
     if classes != num_classes:
@@ -397,7 +405,12 @@ def make_callbacks(run_dir, *, chief, verbose, epochs, steps_per_epoch, model, r
         log_dir = os.path.join(run_dir, "logs")
         os.makedirs(log_dir, exist_ok=True)
         if importlib.util.find_spec("tensorboard") is not None:
-            callbacks.append(keras.callbacks.TensorBoard(log_dir, write_graph=False, profile_batch=0))
+
+            class TensorBoard(keras.callbacks.TensorBoard):
+                def _collect_learning_rate(self, logs):
+                    return logs  # our logs carry "lr"; Keras' version reads a compiled model's optimizer
+
+            callbacks.append(TensorBoard(log_dir, write_graph=False, profile_batch=0))
         else:  # TensorFlow 2.21 does not depend on it; the CSV log below has the same numbers
             logging.warning("tensorboard is not installed (pip install tensorboard): no TensorBoard logs.")
         callbacks.append(FixedColumnsCSVLogger(os.path.join(log_dir, "training.csv"), append=resume))
@@ -663,7 +676,7 @@ def main(argv):
         chief=chief,
         verbose=FLAGS.verbose,
         epochs=int(math.ceil(FLAGS.epochs)),
-        steps_per_epoch=steps_per_epoch,
+        steps_per_epoch=min(steps_per_epoch, FLAGS.max_steps or steps_per_epoch),  # the progress bar's end
         model=model,
         resume=FLAGS.resume,
     )

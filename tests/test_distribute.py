@@ -224,3 +224,56 @@ def test_two_workers_on_localhost_train_to_identical_weights(tmp_path):
     assert _max_abs_diff(results[0]["weights"], results[1]["weights"]) == 0.0
     assert results[0]["sums"][3] == 4 * 8  # 4 steps of the global batch, counted across both workers
     assert _max_abs_diff(results[0]["weights"], results[0]["initial"]) > 1e-3  # it really trained
+
+
+@pytest.mark.slow
+def test_two_worker_cli_run_only_the_chief_writes_the_run_directory(tmp_path):
+    run_dir = str(tmp_path / "run")
+    workers = [f"localhost:{port}" for port in _free_ports(2)]
+    args = [
+        sys.executable,
+        "-m",
+        "bot_keras.train",
+        "--model=resnet18",
+        "--dataset=synthetic:40",
+        "--image_size=16",
+        "--batch_size=8",
+        "--steps_per_epoch=3",
+        "--epochs=2",
+        "--checkpoint_steps=2",
+        "--eval_split=",
+        "--strategy=multi_worker_mirrored",
+        "--precision=mixed_float16",
+        "--verbose=0",
+        f"--model_dir={run_dir}",
+    ]
+    procs = []
+    for index in range(2):
+        tf_config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+        env = _env(TF_CONFIG=tf_config, TMPDIR=str(tmp_path))
+        env.pop("TF_ENABLE_ONEDNN_OPTS", None)
+        procs.append(
+            subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    outputs = []
+    for proc in procs:
+        try:
+            outputs.append(proc.communicate(timeout=300))
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, outputs[-1][1][-3000:]
+    assert "Finished:" in outputs[0][0] and "Finished:" not in outputs[1][0]  # only the chief reports
+    assert sorted(os.listdir(run_dir)) == [
+        "checkpoints",
+        "classes.txt",
+        "final_metrics.json",
+        "flags.txt",
+        "logs",
+        "model.keras",
+    ]
+    steps = sorted(
+        int(n[5:-6]) for n in os.listdir(os.path.join(run_dir, "checkpoints")) if n.endswith(".index")
+    )
+    assert steps[-1] == 6
+    # The non-chief's private checkpoint directory was deleted when training ended.
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("bot_keras_worker")]

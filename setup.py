@@ -28,6 +28,8 @@ EXTRAS = {
     "timm": ["torch==2.13.0", "torchvision==0.28.0", "timm>=1.0", "safetensors>=0.4"],
     "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],
     "lint": ["ruff>=0.6"],
+    # Only tools/ablation.py's accuracy plot (PNG) uses it; training never does (README, "Ablations").
+    "tools": ["matplotlib>=3.8"],
 }
 
 setup(

@@ -1,0 +1,122 @@
+"""configs/**/*.flags: every recipe parses with the trainer's flags and passes its validation (no training).
+
+A typo in a flag name, a value the trainer rejects, a nested --flagfile that moved, or a distillation
+recipe whose --teacher does not point at the run its teacher recipe makes fails here, not 80 GPU-hours in.
+"""
+
+import pathlib
+import re
+
+import pytest
+from absl import flags
+
+from bot_keras import train
+from bot_keras.models.applications import APPLICATIONS
+
+FLAGS = flags.FLAGS
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+RECIPES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.flags"))
+
+
+@pytest.fixture
+def parse(monkeypatch):
+    """Parses a train command line from the repository root (nested --flagfile paths are relative to it)."""
+    monkeypatch.chdir(ROOT)
+
+    def _parse(*args):
+        FLAGS.unparse_flags()
+        FLAGS(["train", *args])
+        return FLAGS
+
+    yield _parse
+    FLAGS.unparse_flags()
+
+
+def header(recipe):
+    """The leading comment block of a flagfile, without the '#' marks."""
+    lines = []
+    for line in (ROOT / recipe).read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    return "\n".join(lines)
+
+
+def header_model_dir(recipe):
+    """The --model_dir of the training command in a recipe's header."""
+    match = re.search(r"--model_dir=(\S+)", header(recipe))
+    return match.group(1) if match else None
+
+
+def test_there_are_recipes_for_every_table6_row():
+    names = {pathlib.PurePath(r).stem for r in RECIPES if r.startswith("configs/imagenet/")}
+    expected = {
+        "resnet50_d_efficient", "resnet50_d_cosine", "resnet50_d_label_smoothing", "resnet152_d_teacher",
+        "resnet50_d_distill", "resnet50_d_mixup", "resnet50_d_all_tricks", "mobilenet_efficient",
+        "mobilenet_all_tricks", "inception_v3_efficient", "inception_v3_all_tricks",
+    }
+    assert expected <= names, sorted(expected - names)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_header_states_command_hardware_and_result(recipe):
+    text = header(recipe)
+    assert f"python -m bot_keras.train --flagfile={recipe}" in text, f"{recipe}: header lacks its own command"
+    assert re.search(r"^Hardware:", text, re.MULTILINE), f"{recipe}: header does not state the hardware"
+    assert re.search(r"^(Paper|Result)\b", text, re.MULTILINE), f"{recipe}: header states no result"
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_parses_and_validates(parse, tmp_path, recipe):
+    f = parse(f"--flagfile={recipe}")
+    assert f.model_dir is None, f"{recipe} sets --model_dir; the command line chooses the run directory"
+    assert not f.resume, f"{recipe} sets --resume"
+    assert not (f.model in APPLICATIONS and f.zero_gamma), f"{recipe}: --zero_gamma with --model={f.model}"
+    if f.teacher:
+        # The teacher file exists only after the teacher's own run; checked separately below.
+        stand_in = tmp_path / "teacher.keras"
+        stand_in.write_bytes(b"")
+        f.teacher = f"{f.teacher.split(':')[0]}:{stand_in}" if ":" in f.teacher else str(stand_in)
+    f.model_dir = str(tmp_path / "run")
+    train.validate_flags(f)
+
+
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if "--teacher=" in (ROOT / r).read_text()])
+def test_teacher_points_at_the_run_of_a_teacher_recipe(parse, recipe):
+    f = parse(f"--flagfile={recipe}")
+    student_size = f.image_size
+    name, _, weights = f.teacher.rpartition(":")
+    run_dir, file_name = weights.rsplit("/", 1)
+    assert file_name == "model.keras", f"{recipe}: --teacher={f.teacher} is not a run's model.keras"
+    makers = [r for r in RECIPES if header_model_dir(r) == run_dir]
+    assert makers, f"{recipe}: no recipe's header trains into {run_dir}"
+    teacher = parse(f"--flagfile={makers[0]}")
+    if name:  # NAME:WEIGHTS builds NAME at the student's size and loads the weights
+        assert name == teacher.model
+    else:  # a .keras file keeps the input size it was trained at; the trainer rejects a mismatch
+        assert teacher.image_size == student_size, (recipe, teacher.image_size, student_size)
+
+
+def test_a_typo_in_a_recipe_fails(parse, tmp_path):
+    typo = tmp_path / "typo.flags"
+    typo.write_text("--flagfile=configs/imagenet/resnet50_d_efficient.flags\n--lable_smoothing=0.1\n")
+    with pytest.raises(flags.UnrecognizedFlagError, match="lable_smoothing"):
+        parse(f"--flagfile={typo}")
+
+
+def test_a_bad_value_in_a_recipe_fails_validation(parse, tmp_path):
+    bad = tmp_path / "bad.flags"
+    bad.write_text("--flagfile=configs/imagenet/resnet50_d_efficient.flags\n--lr_schedule=cosin\n")
+    f = parse(f"--flagfile={bad}", f"--model_dir={tmp_path / 'run'}")
+    with pytest.raises(train.FlagError, match="--lr_schedule='cosin'"):
+        train.validate_flags(f)
+
+
+def test_nested_recipes_override_their_base(parse):
+    f = parse("--flagfile=configs/imagenet/resnet50_d_all_tricks.flags")
+    assert (f.model, f.epochs, f.batch_size, f.base_lr) == ("resnet50_d", 200, 1024, 0.1)
+    assert (f.lr_schedule, f.label_smoothing, f.mixup_alpha) == ("cosine", 0.1, 0.2)
+    assert (f.teacher, f.distill_temperature) == ("runs/resnet152_d_teacher/model.keras", 20)
+    assert f.zero_gamma and f.no_bias_decay and f.precision == "mixed_float16"
+    g = parse("--flagfile=configs/imagenet/inception_v3_all_tricks.flags")
+    assert (g.model, g.image_size, g.zero_gamma) == ("inception_v3", 299, False)

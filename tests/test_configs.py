@@ -81,6 +81,21 @@ def test_recipe_parses_and_validates(parse, tmp_path, recipe):
     train.validate_flags(f)
 
 
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if re.fullmatch(
+    r"configs/imagenet/resnet50(_[bcd])?_(baseline|efficient)\.flags", r)])
+def test_section_2_to_4_recipes_hold_the_papers_settings(parse, recipe):
+    f = parse(f"--flagfile={recipe}")
+    # Section 2: 0.1 per 256 images, L2 1e-4, 120 epochs; Section 3.1 adds batch 1024 in fp16, 5 warmup
+    # epochs, zero-gamma and no bias decay.
+    assert f.base_lr == 0.1 and f.weight_decay_mode == "l2" and f.weight_decay == 1e-4 and f.epochs == 120
+    efficient = "efficient" in recipe
+    assert (f.batch_size, f.precision, f.warmup_epochs) == (
+        (1024, "mixed_float16", 5) if efficient else (256, "float32", 0)
+    )
+    assert f.zero_gamma == f.no_bias_decay == efficient
+    assert f.lr_schedule == "step" and [float(e) for e in f.lr_decay_epochs] == [30, 60, 90]
+
+
 @pytest.mark.parametrize("recipe", [r for r in RECIPES if "--teacher=" in (ROOT / r).read_text()])
 def test_teacher_points_at_the_run_of_a_teacher_recipe(parse, recipe):
     f = parse(f"--flagfile={recipe}")

@@ -527,33 +527,6 @@ def test_demo_config_trains_clearly_above_chance(tmp_path):
         assert len(f.read().split()) == 10
 
 
-@pytest.mark.parametrize(
-    "config",
-    sorted(
-        os.path.relpath(os.path.join(root, name), REPO)
-        for root, _, names in os.walk(os.path.join(REPO, "configs"))
-        for name in names
-        # Distillation recipes name a teacher run that does not exist yet: tests/test_configs.py checks them.
-        if name.endswith(".flags") and "--teacher=" not in open(os.path.join(root, name)).read()
-    ),
-)
-def test_every_config_parses_validates_and_states_its_command(parse, tmp_path, config):
-    path = os.path.join(REPO, config)
-    header = open(path).read().split("\n--", 1)[0]
-    assert f"--flagfile={config}" in header and "Hardware" in header
-    f = parse(f"--flagfile={path}", f"--model_dir={tmp_path / 'run'}")
-    train.validate_flags(f)
-    # The Table 6 recipes (cosine, label smoothing, mixup, 200 epochs, MobileNet, ...): tests/test_configs.py.
-    if re.fullmatch(r"configs/imagenet/resnet50(_[bcd])?_(baseline|efficient)\.flags", config):
-        # Section 3: linear scaling from 0.1 per 256 images; the efficient recipes add the Section 3.1 tricks.
-        assert f.base_lr == 0.1 and f.weight_decay_mode == "l2" and f.weight_decay == 1e-4
-        efficient = "efficient" in config
-        assert (f.batch_size, f.precision, f.warmup_epochs) == (
-            (1024, "mixed_float16", 5) if efficient else (256, "float32", 0)
-        )
-        assert f.zero_gamma == f.no_bias_decay == efficient and f.epochs == 120
-
-
 def test_mixup_in_the_step_uses_the_replica_seeded_lambda_and_switches_off():
     from bot_keras.data import mixup as mixup_ops
 

@@ -71,7 +71,10 @@ def load_classifier(path):
     """A `Classifier` for a SavedModel directory, a `.keras` file or a run directory (module docstring)."""
     path = pathlib.Path(path)
     if (path / "saved_model.pb").is_file():
-        loaded = tf.saved_model.load(str(path))
+        try:
+            loaded = tf.saved_model.load(str(path))
+        except Exception as err:  # a damaged SavedModel raises many TensorFlow error types
+            raise ValueError(f"--model={path}: cannot load the SavedModel: {err}") from err
         if "serving_default" not in loaded.signatures or not hasattr(loaded, "class_names"):
             raise ValueError(f"--model={path} is a SavedModel but not one bot_keras.export wrote "
                              "(it needs a serving_default signature and class_names)")
@@ -85,7 +88,10 @@ def load_classifier(path):
     if path.is_file() and path.name == "model.keras" and (path.parent / "flags.txt").is_file():
         path = path.parent  # a run directory's final model: load it as the run (float32 rebuild included)
     if path.is_file() and path.suffix == ".keras":
-        model = keras.models.load_model(path, compile=False)
+        try:
+            model = keras.models.load_model(path, compile=False)
+        except Exception as err:  # Keras raises many types for a damaged archive
+            raise ValueError(f"--model={path}: cannot load the .keras file: {err}") from err
         class_names = _read_class_names(path.parent / "classes.txt")
         flagfile = path.parent / "flags.txt"
         image_size = export.read_flagfile(flagfile).get("image_size") if flagfile.is_file() else None

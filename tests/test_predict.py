@@ -116,6 +116,14 @@ def test_bad_model_paths_are_named(run, image_files, tmp_path):
         predict.load_classifier(lonely / "model.keras")
     with pytest.raises(ValueError, match="--top_k=0 must be at least 1"):
         predict.predict(run[0], image_files, k=0)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.keras").write_bytes(b"not a zip archive")
+    with pytest.raises(ValueError, match=f"--model={broken / 'model.keras'}: cannot load the .keras file"):
+        predict.load_classifier(broken / "model.keras")
+    (broken / "saved_model.pb").write_bytes(b"not a protobuf")
+    with pytest.raises(ValueError, match=f"--model={broken}: cannot load the SavedModel"):
+        predict.load_classifier(broken)
 
 
 @pytest.mark.slow

@@ -53,9 +53,9 @@ def make_run(model_dir, *, precision="float32", seed=0):
     model.save(model_dir / "model.keras")
     (model_dir / "classes.txt").write_text("".join(f"{name}\n" for name in CLASS_NAMES))
     (model_dir / "flags.txt").write_text(
-        "# resolved flags (as bot_keras.train writes them)\n"
-        f"--model={MODEL}\n--image_size={IMAGE_SIZE}\n--precision={precision}\n--global_batch_size=8\n"
-        "--nesterov\n--nono_bias_decay\n"
+        "# flags as bot_keras.train writes them (a subset; all are train.py flags)\n"
+        f"--model={MODEL}\n--image_size={IMAGE_SIZE}\n--precision={precision}\n--batch_size=8\n"
+        "--zero_gamma\n--nono_bias_decay\n"
     )
     return model_dir, model
 

@@ -577,23 +577,14 @@ def main(argv):
         chief = distribute.is_chief(strategy)
         write_dir = distribute.worker_dir(FLAGS.model_dir, strategy)
 
-        # Data.
-        train_info = dataset_info(
-            FLAGS.dataset,
-            split=FLAGS.train_split,
-            data_dir=FLAGS.data_dir,
-            label_offset=FLAGS.label_offset,
-            skip_corrupt=FLAGS.skip_corrupt,
+        # Data. Every read of the source names the same directory, label offset and corrupt-file policy.
+        source = dict(
+            data_dir=FLAGS.data_dir, label_offset=FLAGS.label_offset, skip_corrupt=FLAGS.skip_corrupt
         )
+        train_info = dataset_info(FLAGS.dataset, split=FLAGS.train_split, **source)
         steps_per_epoch = FLAGS.steps_per_epoch or train_info.num_examples // FLAGS.batch_size
         if FLAGS.eval_split:
-            eval_info = dataset_info(
-                FLAGS.dataset,
-                split=FLAGS.eval_split,
-                data_dir=FLAGS.data_dir,
-                label_offset=FLAGS.label_offset,
-                skip_corrupt=FLAGS.skip_corrupt,
-            )
+            eval_info = dataset_info(FLAGS.dataset, split=FLAGS.eval_split, **source)
             if list(eval_info.class_names) != list(train_info.class_names):
                 fail(
                     f"--eval_split={FLAGS.eval_split!r} has {eval_info.num_classes} classes "
@@ -614,7 +605,6 @@ def main(argv):
                 image_size=FLAGS.image_size,
                 global_batch_size=FLAGS.batch_size,
                 training=True,
-                data_dir=FLAGS.data_dir,
                 input_context=context,
                 seed=FLAGS.seed,
                 random_crop=FLAGS.random_crop,
@@ -622,8 +612,7 @@ def main(argv):
                 flip=FLAGS.flip,
                 color_jitter=FLAGS.color_jitter,
                 pca_lighting=FLAGS.pca_lighting,
-                skip_corrupt=FLAGS.skip_corrupt,
-                label_offset=FLAGS.label_offset,
+                **source,
             )
 
         def eval_input(context):
@@ -633,10 +622,8 @@ def main(argv):
                 image_size=FLAGS.image_size,
                 global_batch_size=FLAGS.batch_size,
                 training=False,
-                data_dir=FLAGS.data_dir,
                 input_context=context,
-                skip_corrupt=FLAGS.skip_corrupt,
-                label_offset=FLAGS.label_offset,
+                **source,
             )
 
         train_iterator = iter(strategy.distribute_datasets_from_function(train_input))

@@ -359,13 +359,16 @@ def test_teacher_with_other_classes_or_size_is_rejected_naming_the_file(tmp_path
         train.load_teacher(str(tmp_path / "broken.keras"), num_classes=5, image_size=6)
 
 
-def test_distillation_trains_the_student_and_never_changes_the_teacher(tmp_path):
+@pytest.mark.parametrize("precision", ["float32", "mixed_float16"])
+def test_distillation_trains_the_student_and_never_changes_the_teacher(tmp_path, precision):
     keras.utils.set_random_seed(1)
     path = str(tmp_path / "teacher.keras")
     _tiny_model(batch_norm=True).save(path)
     teacher = train.load_teacher(path, num_classes=3, image_size=6)
     teacher_before = [w.copy() for w in teacher.get_weights()]  # includes BN moving mean/variance
-    model, optimizer, _ = _step_setup("float32")
+    # Under mixed_float16 the student's step is loss-scaled; the teacher's logits enter the loss in float32.
+    model, optimizer, _ = _step_setup(precision)
+    assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer) == (precision == "mixed_float16")
     loss = train.make_per_example_loss(label_smoothing=0.1, temperature=4.0, hard_weight=None)
     step = train.make_train_function(
         tf.distribute.get_strategy(),

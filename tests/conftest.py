@@ -31,3 +31,24 @@ def _reset_keras_state():
     yield
     keras.mixed_precision.set_global_policy("float32")
     keras.backend.clear_session()
+
+
+@pytest.fixture
+def parse(monkeypatch):
+    """Parses a `bot_keras.train` command line into absl's FLAGS (from the repository root, where nested
+    `--flagfile=configs/...` paths resolve) and resets the flags afterwards."""
+    import pathlib
+
+    from absl import flags
+
+    import bot_keras.train  # noqa: F401 - defines the flags
+
+    monkeypatch.chdir(pathlib.Path(__file__).resolve().parent.parent)
+
+    def _parse(*args):
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["train", *args])
+        return flags.FLAGS
+
+    yield _parse
+    flags.FLAGS.unparse_flags()

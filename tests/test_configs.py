@@ -13,23 +13,8 @@ from absl import flags
 from bot_keras import train
 from bot_keras.models.applications import APPLICATIONS
 
-FLAGS = flags.FLAGS
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RECIPES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.flags"))
-
-
-@pytest.fixture
-def parse(monkeypatch):
-    """Parses a train command line from the repository root (nested --flagfile paths are relative to it)."""
-    monkeypatch.chdir(ROOT)
-
-    def _parse(*args):
-        FLAGS.unparse_flags()
-        FLAGS(["train", *args])
-        return FLAGS
-
-    yield _parse
-    FLAGS.unparse_flags()
 
 
 def header(recipe):

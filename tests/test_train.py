@@ -10,24 +10,8 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from absl import flags
 
 from bot_keras import distribute, optimizers, schedules, train
-
-FLAGS = flags.FLAGS
-
-
-@pytest.fixture
-def parse():
-    """Parses a train command line into absl's FLAGS and resets them afterwards."""
-
-    def _parse(*args):
-        FLAGS.unparse_flags()
-        FLAGS(["train", *args])
-        return FLAGS
-
-    yield _parse
-    FLAGS.unparse_flags()
 
 
 def _base(tmp_path):

@@ -18,14 +18,17 @@ INSTALL_REQUIRES = [
     # TensorFlow 2.21 no longer pulls TensorBoard in; the trainer writes TensorBoard logs.
     "tensorboard>=2.20,<2.22",
     "numpy>=1.26,<3",
+    # Reads timm's weights into numpy (models/timm_weights.py), no PyTorch. 0.4.0's numpy loader fails on
+    # BF16 tensors; 0.4.5 and 0.8.0 pass tests/test_timm_weights.py (BF16 through TensorFlow's ml_dtypes).
+    "safetensors>=0.4.5,<1",
 ]
 
 EXTRAS = {
     "test": ["pytest>=8,<10", "pillow>=10"],
     # Optional: the timm-equivalence test of the weight converter (tests/test_timm_weights.py, `slow`).
-    # The converter itself needs none of these (it reads safetensors with numpy). torchvision (a timm
-    # dependency) is pinned to the release built for torch 2.13 so pip cannot swap torch for a newer one.
-    "timm": ["torch==2.13.0", "torchvision==0.28.0", "timm>=1.0", "safetensors>=0.4"],
+    # The converter itself needs none of these. torchvision (a timm dependency) is pinned to the release
+    # built for torch 2.13 so pip cannot swap torch for a newer one.
+    "timm": ["torch==2.13.0", "torchvision==0.28.0", "timm>=1.0"],
     "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],
     "lint": ["ruff>=0.6"],
     # Only tools/ablation.py's accuracy plot (PNG) uses it; training never does (README, "Ablations").

@@ -1,4 +1,4 @@
-"""timm weight import: the numpy safetensors reader, the key mapping, strict errors, the tool, and (slow,
+"""timm weight import: reading safetensors, the key mapping, strict errors, the tool, and (slow,
 optional) logits equal to timm's own ResNets."""
 
 import json
@@ -136,32 +136,29 @@ def test_read_safetensors_dtypes_and_values(tmp_path):
     assert read["i64"].dtype == np.int64 and int(read["i64"]) == 123456789012
 
 
-def test_reader_agrees_with_the_safetensors_package(tmp_path):
-    safetensors_numpy = pytest.importorskip("safetensors.numpy")
-    tensors = {"a": np.random.default_rng(1).normal(size=(4, 3, 2, 2)).astype(np.float32), "b": np.arange(5)}
-    safetensors_numpy.save_file(tensors, str(tmp_path / "theirs.safetensors"))
-    ours = read_safetensors(tmp_path / "theirs.safetensors")
-    for name in tensors:
-        np.testing.assert_array_equal(ours[name], tensors[name])
-    # ... and our test writer produces files the package reads.
-    write_safetensors(tmp_path / "ours.safetensors", tensors)
-    theirs = safetensors_numpy.load_file(str(tmp_path / "ours.safetensors"))
-    for name in tensors:
-        np.testing.assert_array_equal(theirs[name], tensors[name])
-
-
 def test_reader_errors_name_the_file_and_tensor(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         read_safetensors(tmp_path / "nope.safetensors")
-    pickle = tmp_path / "model.pth"
-    pickle.write_bytes(b"PK\x03\x04" + b"\x00" * 100)  # a zip (torch.save) archive, not safetensors
-    with pytest.raises(ValueError, match=r"model\.pth.*not a safetensors file"):
-        read_safetensors(pickle)
-    path = write_safetensors(
-        tmp_path / "cut.safetensors", {"layer1.0.conv1.weight": np.ones((4, 4), np.float32)}
-    )
-    path.write_bytes(path.read_bytes()[:-8])  # truncated: the tensor's bytes no longer fit
-    with pytest.raises(ValueError, match=r"cut\.safetensors.*'layer1\.0\.conv1\.weight'.*data_offsets"):
+    zip_archive = tmp_path / "model.pth"
+    zip_archive.write_bytes(b"PK\x03\x04" + b"\x00" * 100)  # a torch.save archive, not safetensors
+    text = tmp_path / "notes.safetensors"
+    text.write_text("an HTML error page saved under the wrong name\n" * 4)
+    cut = write_safetensors(tmp_path / "cut.safetensors", {"a": np.ones((4, 4), np.float32)})
+    cut.write_bytes(cut.read_bytes()[:-8])  # a truncated download: the tensor's bytes no longer fit
+    tiny = tmp_path / "tiny.safetensors"
+    tiny.write_bytes(b"\x01\x02")  # shorter than the 8-byte header length
+    for path in (zip_archive, text, cut, tiny):
+        one_line = rf"^'[^\n]*{path.name}' is not a readable safetensors file [^\n]*$"
+        with pytest.raises(ValueError, match=one_line):
+            read_safetensors(path)
+
+
+def test_reader_names_a_tensor_whose_dtype_numpy_cannot_hold(tmp_path):
+    header = json.dumps({"fc.weight": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}})
+    header = header.encode() + b" " * (-len(header) % 8)
+    path = tmp_path / "fp8.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\x00\x00")
+    with pytest.raises(ValueError, match=r"fp8\.safetensors': tensor 'fc\.weight' has dtype F8_E4M3"):
         read_safetensors(path)
 
 
@@ -395,6 +392,20 @@ def test_convert_tool_errors(tmp_path, capsys, args, message):
         convert_timm_weights.main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_convert_tool_reports_a_damaged_file_in_one_line(tmp_path, capsys):
+    weights = write_safetensors(tmp_path / "w.safetensors", random_state(timm_layout(18, "d", 7)))
+    weights.write_bytes(weights.read_bytes()[:1000])  # an interrupted download
+    argv = ["--model", "resnet18_d", "--weights", str(weights), "--output", str(tmp_path / "o.keras")]
+    with pytest.raises(SystemExit) as exit_info:
+        convert_timm_weights.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(  # after argparse's usage lines
+        f"convert_timm_weights: error: --weights: {str(weights)!r} is not a readable safetensors file ("
+    )
 
 
 # --- equivalence with timm itself (optional extra: pip install -e ".[timm]") ------------------------------

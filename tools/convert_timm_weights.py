@@ -8,7 +8,7 @@ timm's `resnetNN` is our `resnetNN_b`, `resnetNNc` our `resnetNN_c`, `resnetNNd`
 `--num_classes` asks for a different size; then it is freshly initialised (fine-tuning). An output ending in
 `.weights.h5` gets the weights only (for `model.load_weights` on a model built with the same name and
 number of classes, at any image size); `.keras` gets the whole model at `--image_size`.
-No PyTorch is needed: the file is read with numpy.
+No PyTorch is needed: the `safetensors` package reads the file into numpy.
 """
 
 import argparse

@@ -25,13 +25,14 @@ shape, and every tensor in the file must be used; otherwise a ValueError names t
 and what the weights look like (e.g. "the weights look like timm 'resnet50c'"), and no weight is changed.
 """
 
-import json
 import os
 import pathlib
 import re
 
 import keras
+import ml_dtypes  # numpy's bfloat16 (TensorFlow's and Keras's own dependency); safetensors needs it for BF16
 import numpy as np
+import safetensors
 
 # Depth → blocks per stage and block type, as timm builds them (used to describe a file in errors).
 _TIMM_DEPTHS = {
@@ -58,84 +59,39 @@ _PLAIN_STEM_KEYS = {"stem_conv": "conv1", "stem_bn": "bn1"}
 _BLOCK_LAYER = re.compile(r"stage(\d+)_block(\d+)_(conv\d+|bn\d+|down_conv|down_bn)")
 CLASSIFIER_PREFIX = "fc."
 
-# safetensors dtype → numpy dtype (the format is little-endian). BF16 is widened to float32 by hand.
-_SAFETENSORS_DTYPES = {
-    "F64": "<f8",
-    "F32": "<f4",
-    "F16": "<f2",
-    "I64": "<i8",
-    "I32": "<i4",
-    "I16": "<i2",
-    "I8": "i1",
-    "U64": "<u8",
-    "U32": "<u4",
-    "U16": "<u2",
-    "U8": "u1",
-    "BOOL": "?",
-}
-
 
 def read_safetensors(path):
-    """Reads a `.safetensors` file into `{name: np.ndarray}` with numpy only (no torch, no safetensors).
+    """Reads a `.safetensors` file into `{name: np.ndarray}` with the `safetensors` package (numpy, no torch).
 
-    The format: an 8-byte little-endian header length N, N bytes of JSON
-    `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`, then the tensors'
-    raw little-endian bytes, offsets counted from the end of the header. BF16 tensors come back as float32.
+    BF16 tensors come back as float32. A file that is not safetensors (a PyTorch `.pth`, a truncated
+    download) or holds a dtype numpy has no type for (the FP8 formats) raises a one-line ValueError naming it.
     """
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"safetensors file not found: {str(path)!r}")
-    data = path.read_bytes()
-    if len(data) < 8:
-        raise ValueError(
-            f"{str(path)!r} is not a safetensors file: {len(data)} bytes, shorter than its header"
-        )
-    header_size = int.from_bytes(data[:8], "little")
-    if header_size > len(data) - 8:
-        raise ValueError(
-            f"{str(path)!r} is not a safetensors file: its first 8 bytes give a header of {header_size} "
-            f"bytes but the file has {len(data)} (a PyTorch .pth/.bin checkpoint? timm's Hugging Face "
-            "repos have model.safetensors)"
-        )
-    try:
-        header = json.loads(data[8 : 8 + header_size].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(
-            f"{str(path)!r} is not a safetensors file: its header is not JSON ({error})"
-        ) from error
-    if not isinstance(header, dict):
-        raise ValueError(f"{str(path)!r} is not a safetensors file: its header is not a JSON object")
-    buffer = memoryview(data)[8 + header_size :]
     tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        tensors[name] = _decode_tensor(path, name, info, buffer)
+    try:
+        with safetensors.safe_open(str(path), framework="numpy") as file:
+            for name in file.keys():
+                tensors[name] = _get_tensor(path, file, name)
+    except safetensors.SafetensorError as error:
+        raise ValueError(
+            f"{str(path)!r} is not a readable safetensors file ({error}): damaged or truncated, or another "
+            "format such as a PyTorch .pth/.bin checkpoint (timm's Hugging Face repos have model.safetensors)"
+        ) from error
     return tensors
 
 
-def _decode_tensor(path, name, info, buffer):
+def _get_tensor(path, file, name):
     try:
-        dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-    except (TypeError, KeyError, ValueError) as error:
-        raise ValueError(f"{str(path)!r}: malformed header entry for tensor {name!r}: {info!r}") from error
-    if dtype_name == "BF16":
-        dtype = np.dtype("<u2")
-    elif dtype_name in _SAFETENSORS_DTYPES:
-        dtype = np.dtype(_SAFETENSORS_DTYPES[dtype_name])
-    else:
+        array = file.get_tensor(name)
+    except (TypeError, AttributeError) as error:  # how the package reports a dtype numpy cannot name
+        dtype = file.get_slice(name).get_dtype()
         raise ValueError(
-            f"{str(path)!r}: tensor {name!r} has dtype {dtype_name}, which this reader does not support"
-        )
-    expected_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if not 0 <= begin <= end <= len(buffer) or end - begin != expected_bytes:
-        raise ValueError(
-            f"{str(path)!r}: tensor {name!r} ({dtype_name}, shape {list(shape)}) has data_offsets "
-            f"[{begin}, {end}], which do not fit its {expected_bytes} bytes in a {len(buffer)}-byte buffer"
-        )
-    array = np.frombuffer(buffer[begin:end], dtype=dtype).reshape(shape)
-    if dtype_name == "BF16":  # bfloat16 is the top half of a float32
-        array = (array.astype(np.uint32) << 16).view(np.float32)
+            f"{str(path)!r}: tensor {name!r} has dtype {dtype}, which numpy cannot hold"
+        ) from error
+    if array.dtype == ml_dtypes.bfloat16:
+        array = array.astype(np.float32)
     return array
 
 

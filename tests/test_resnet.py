@@ -1,5 +1,5 @@
 """ResNet-A/B/C/D: exact sizes, the tweaks' layer structure, padding semantics against a numpy reference,
-dilation, zero-γ, gradients, precision policies, serialisation, backbones and error messages."""
+dilation, zero-γ, precision policies, serialisation, backbones and error messages."""
 
 import os
 import subprocess
@@ -281,25 +281,7 @@ def test_kernel_initializers():
     assert not np.array_equal(first, second)
 
 
-# --- gradients, NaN, precision ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", ["resnet18", "resnet50_d"])
-def test_every_trainable_variable_gets_a_gradient(name):
-    import tensorflow as tf  # imported here so this file also collects where only JAX is installed
-    model = build_model(name, num_classes=10, input_shape=(64, 64, 3), dropout_rate=0.2)
-    projection = tf.constant(np.random.default_rng(2).normal(size=(2, 10)).astype("float32"))
-    with tf.GradientTape() as tape:
-        logits = model(images(64), training=True)
-        loss = tf.reduce_sum(logits * projection)
-    grads = tape.gradient(loss, model.trainable_variables)
-    assert np.isfinite(logits.numpy()).all()
-    for variable, grad in zip(model.trainable_variables, grads, strict=True):
-        assert grad is not None, variable.path
-        grad = np.asarray(grad)
-        assert np.isfinite(grad).all() and np.abs(grad).max() > 0, variable.path
-    inference = np.asarray(model(images(64), training=False))
-    assert np.isfinite(inference).all() and inference.std() > 0
+# --- precision (every model's gradients: test_models.py) ---------------------------------------------------
 
 
 @pytest.mark.parametrize("policy, compute", [("mixed_float16", "float16"), ("mixed_bfloat16", "bfloat16")])

@@ -1,4 +1,4 @@
-"""Shared test set-up: quiet TensorFlow, CPU only, and the `gpu` marker's skip."""
+"""Shared test set-up: quiet TensorFlow, a fresh Keras state per test, and the train-flags parser."""
 
 import os
 
@@ -8,19 +8,6 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import pytest  # noqa: E402
-
-
-def pytest_collection_modifyitems(config, items):
-    if not any(item.get_closest_marker("gpu") for item in items):
-        return
-    import tensorflow as tf
-
-    if tf.config.list_physical_devices("GPU"):
-        return
-    skip = pytest.mark.skip(reason="needs a GPU; TensorFlow sees none")
-    for item in items:
-        if item.get_closest_marker("gpu"):
-            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,6 @@ from bot_keras.models.head import check_dropout_rate, check_num_classes, classif
 from bot_keras.models.resnet import RESNET_NAMES, make_initializer, parse_resnet_name, resnet_features
 
 MODEL_NAMES = RESNET_NAMES + tuple(APPLICATIONS)
-PYRAMID_LEVELS = ("P2", "P3", "P4", "P5")
 
 
 def _check_name(name, valid):

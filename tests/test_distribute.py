@@ -4,6 +4,8 @@ The multi-device checks run in subprocesses: logical CPU devices must be configu
 initialises, and a multi-worker run needs one process per worker.
 """
 
+import contextlib
+import errno
 import json
 import os
 import socket
@@ -190,21 +192,39 @@ _WORKER = _COMMON + textwrap.dedent(
 )
 
 
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
+@pytest.fixture
+def two_worker_addresses():
+    """Two localhost ports for a two-worker cluster, held until the test ends.
+
+    TF_CONFIG must name every worker's port before any worker starts, so TensorFlow cannot pick them
+    (port 0). Binding and closing a socket would free the port for anyone until the worker binds it; here
+    a socket of ours keeps each port bound, with SO_REUSEADDR and never listening: the OS gives the port
+    to no other bind or outgoing connection, while the worker's gRPC server, which also sets SO_REUSEADDR,
+    can bind and listen on it (Linux allows that while no other socket on the port listens). SO_REUSEPORT
+    would not do: TensorFlow switches it off for its server, which then fails to start.
+    """
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(2):
+            held = stack.enter_context(socket.socket())
+            held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            held.bind(("127.0.0.1", 0))
+            ports.append(held.getsockname()[1])
+        yield [f"localhost:{port}" for port in ports]
+
+
+def test_reserved_worker_ports_cannot_be_taken_by_another_socket(two_worker_addresses):
+    for address in two_worker_addresses:
+        with socket.socket() as other, pytest.raises(OSError) as error:
+            other.bind(("127.0.0.1", int(address.rsplit(":", 1)[1])))
+        assert error.value.errno == errno.EADDRINUSE
 
 
 @pytest.mark.slow
-def test_two_workers_on_localhost_train_to_identical_weights(tmp_path):
+def test_two_workers_on_localhost_train_to_identical_weights(tmp_path, two_worker_addresses):
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
-    workers = [f"localhost:{port}" for port in _free_ports(2)]
+    workers = two_worker_addresses
     procs = []
     for index in range(2):
         tf_config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
@@ -232,9 +252,9 @@ def test_two_workers_on_localhost_train_to_identical_weights(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_worker_cli_run_only_the_chief_writes_the_run_directory(tmp_path):
+def test_two_worker_cli_run_only_the_chief_writes_the_run_directory(tmp_path, two_worker_addresses):
     run_dir = str(tmp_path / "run")
-    workers = [f"localhost:{port}" for port in _free_ports(2)]
+    workers = two_worker_addresses
     args = [
         sys.executable,
         "-m",

@@ -10,8 +10,13 @@ import keras
 
 from bot_keras.models.applications import APPLICATIONS, build_application
 from bot_keras.models.head import check_dropout_rate, check_num_classes, classification_head
-from bot_keras.models.resnet import (RESNET_NAMES, check_output_stride, make_initializer, parse_resnet_name,
-                                     resnet_features)
+from bot_keras.models.resnet import (
+    RESNET_NAMES,
+    check_output_stride,
+    make_initializer,
+    parse_resnet_name,
+    resnet_features,
+)
 
 MODEL_NAMES = RESNET_NAMES + tuple(APPLICATIONS)
 

@@ -198,7 +198,7 @@ def test_stage_output_strides(output_stride, sizes):
 
 @pytest.mark.parametrize("output_stride, keys", [(32, "P2 P3 P4 P5"), (16, "P2 P3 P4"), (8, "P2 P3")])
 def test_pyramid_keys_name_the_true_stride(output_stride, keys):
-    """keras-hub reads P{n} as stride 2**n: each key maps 64 px to 64 / 2**n; the last stage has the last key."""
+    """keras-hub reads P{n} as stride 2**n: a key maps 64 px to 64 / 2**n; the last stage has the last key."""
     backbone = build_backbone("resnet18_d", input_shape=(64, 64, 3), output_stride=output_stride)
     assert list(backbone.pyramid_outputs) == keys.split() == list(backbone.output)
     for key, tensor in backbone.pyramid_outputs.items():

@@ -63,7 +63,7 @@ def summarize(confusion, class_names=None):
     return {
         "pixel_accuracy": pixel_accuracy(confusion),
         "mean_iou": mean_iou(confusion),
-        "per_class_iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(names, iou, strict=True)},
+        "per_class_iou": {n: None if np.isnan(v) else float(v) for n, v in zip(names, iou, strict=True)},
     }
 
 
@@ -83,7 +83,7 @@ class ConfusionMatrix(keras.metrics.Metric):
 
     def update_state(self, labels, predictions, sample_weight=None):
         if sample_weight is not None:
-            raise ValueError("ConfusionMatrix takes no sample_weight; mark pixels to skip with the ignore label.")
+            raise ValueError("ConfusionMatrix takes no sample_weight; label skipped pixels 255 instead.")
         predictions = tf.convert_to_tensor(predictions)
         if predictions.shape.rank == tf.convert_to_tensor(labels).shape.rank + 1:
             predictions = tf.argmax(predictions, axis=-1)

@@ -109,6 +109,6 @@ def preprocess_for_eval(image, mask, crop_size, mode="pad"):
     else:
         tf.debugging.assert_less_equal(
             tf.shape(mask)[:2], crop_size,
-            message=f"an image is larger than the evaluation size {crop_size}: raise crop_size or use 'center'")
+            message=f"an image is larger than the evaluation size {crop_size}: raise crop_size or use center")
         image, mask = pad_pair(normalize(image), mask, (crop_size, crop_size))
     return tf.ensure_shape(image, [crop_size, crop_size, 3]), tf.ensure_shape(mask, [crop_size, crop_size])

@@ -24,3 +24,20 @@ def pixel_cross_entropy(labels, logits, ignore_label=IGNORE_LABEL):
     total = tf.reduce_sum(pixel * weights, axis=[1, 2])
     count = tf.reduce_sum(weights, axis=[1, 2])
     return tf.math.divide_no_nan(total, count)
+
+
+AUX_WEIGHT = 0.5  # GluonCV's segmentation train.py `--aux-weight`
+
+
+def segmentation_loss(labels, outputs, aux_weight=AUX_WEIGHT, ignore_label=IGNORE_LABEL):
+    """Per-image loss [B] of a segmenter's outputs: logits, or FCN's `{"logits", "aux_logits"}` dict, for
+    which it is CE(logits) + aux_weight · CE(aux_logits) (GluonCV's `MixSoftmaxCrossEntropyLoss`)."""
+    if isinstance(outputs, dict):
+        return (pixel_cross_entropy(labels, outputs["logits"], ignore_label)
+                + aux_weight * pixel_cross_entropy(labels, outputs["aux_logits"], ignore_label))
+    return pixel_cross_entropy(labels, outputs, ignore_label)
+
+
+def main_logits(outputs):
+    """The logits to score: FCN's main output when the model has an auxiliary head."""
+    return outputs["logits"] if isinstance(outputs, dict) else outputs

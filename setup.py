@@ -24,7 +24,11 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8,<10", "pillow>=10"],
+    # The test suite exercises the keras-hub segmentation head where keras-hub installs (Python >= 3.11).
+    "test": ["pytest>=8,<10", "pillow>=10", "keras-hub>=0.32,<0.33; python_version>='3.11'"],
+    # Optional: keras-hub's task heads on our backbone (DeepLabV3 segmentation, detection). Not a core
+    # dependency: it needs Python >= 3.11 and pulls tensorflow-text, kagglehub and tokenizers (README, Models).
+    "transfer": ["keras-hub>=0.32,<0.33; python_version>='3.11'"],
     # Optional: the timm-equivalence test of the weight converter (tests/test_timm_weights.py, `slow`).
     # The converter itself needs none of these. torchvision (a timm dependency) is pinned to the release
     # built for torch 2.13 so pip cannot swap torch for a newer one.

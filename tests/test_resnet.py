@@ -191,16 +191,30 @@ def test_avg_down_pool_is_ceil_mode_without_padded_cells():
 )
 def test_stage_output_strides(output_stride, sizes):
     backbone = build_backbone("resnet18_d", input_shape=(64, 64, 3), output_stride=output_stride)
-    shapes = {level: tuple(t.shape) for level, t in backbone.pyramid_outputs.items()}
-    assert shapes == {f"P{i + 2}": (None, s, s, c) for i, (s, c) in enumerate(zip(sizes, (64, 128, 256, 512),
-                                                                                        strict=True))}
-    assert backbone.output.keys() == shapes.keys()
+    shapes = {stage: tuple(t.shape) for stage, t in backbone.stage_outputs.items()}
+    assert shapes == {i + 1: (None, s, s, c) for i, (s, c) in enumerate(zip(sizes, (64, 128, 256, 512),
+                                                                              strict=True))}
+
+
+@pytest.mark.parametrize("output_stride, keys", [(32, "P2 P3 P4 P5"), (16, "P2 P3 P4"), (8, "P2 P3")])
+def test_pyramid_keys_name_the_true_stride(output_stride, keys):
+    """keras-hub reads P{n} as stride 2**n: a key maps 64 px to 64 / 2**n; the last stage has the last key."""
+    backbone = build_backbone("resnet18_d", input_shape=(64, 64, 3), output_stride=output_stride)
+    assert list(backbone.pyramid_outputs) == keys.split() == list(backbone.output)
+    for key, tensor in backbone.pyramid_outputs.items():
+        assert tensor.shape[1:3] == (64 >> int(key[1:]),) * 2, key
+    last = backbone.pyramid_outputs[keys.split()[-1]]
+    assert last is backbone.stage_outputs[4] and last.shape[-1] == 512
+    x = images(64)
+    out = backbone(x, training=False)
+    assert {k: v.shape[1] for k, v in out.items()} == {k: 64 >> int(k[1:]) for k in keys.split()}
 
 
 def test_odd_input_sizes_follow_the_floor_formula():
     # PyTorch: floor((n + 2p - k) / s) + 1 → 33 → 17 (stem conv) → 9 (pool) → 5 → 3 → 2 (ceil for D's pool).
     backbone = build_backbone("resnet18_d", input_shape=(33, 33, 3))
     assert [t.shape[1] for t in backbone.pyramid_outputs.values()] == [9, 5, 3, 2]
+    assert [t.shape[1] for t in backbone.stage_outputs.values()] == [9, 5, 3, 2]
 
 
 def test_dilation_follows_the_gluoncv_timm_rule():
@@ -317,11 +331,15 @@ def test_keras_file_round_trip(tmp_path):
     loaded = keras.models.load_model(tmp_path / "model.keras")
     x = images(32)
     np.testing.assert_array_equal(np.asarray(loaded(x, training=False)), np.asarray(model(x, training=False)))
-    backbone = build_backbone("resnet18_d", output_stride=16, weights_from=model)
+    backbone = build_backbone("resnet18_d", output_stride=16, weights_from=model,
+                              kernel_initializer="msra_prelu")
     backbone.save(tmp_path / "backbone.keras")
     loaded = keras.models.load_model(tmp_path / "backbone.keras")
+    # Reloaded as the registered class with its arguments, so the keras-hub contract survives the file.
+    assert type(loaded) is type(backbone) and loaded.get_config() == backbone.get_config()
+    assert list(loaded.pyramid_outputs) == ["P2", "P3", "P4"] and loaded.output_stride == 16
     out, ref = loaded(x, training=False), backbone(x, training=False)
-    assert out.keys() == ref.keys() == {"P2", "P3", "P4", "P5"}
+    assert out.keys() == ref.keys() == {"P2", "P3", "P4"}
     for level in ref:
         np.testing.assert_array_equal(np.asarray(out[level]), np.asarray(ref[level]))
 
@@ -407,7 +425,7 @@ logits = np.asarray(model(x, training=False))
 assert logits.shape == (2, 10) and np.isfinite(logits).all()
 p = build_backbone("resnet18_d", output_stride=8)(x)
 shapes = [tuple(t.shape) for t in p.values()]
-assert shapes == [(2, 16, 16, 64), (2, 8, 8, 128), (2, 8, 8, 256), (2, 8, 8, 512)], shapes
+assert list(p) == ["P2", "P3"] and shapes == [(2, 16, 16, 64), (2, 8, 8, 512)], shapes
 # D's shortcut pool: the bottom-right cell of a 9×9 input averages only the one real cell (ceil mode,
 # padded cells not counted) under this backend's pooling too.
 ramp = np.arange(81, dtype="float32").reshape(1, 9, 9, 1)

@@ -1,7 +1,7 @@
 """Models by name: the ResNet-A/B/C/D family (resnet.py) and Table 6's MobileNet / Inception-V3.
 
     model = build_model("resnet50_d", num_classes=1000, zero_gamma=True)      # classifier, float32 logits
-    backbone = build_backbone("resnet50_d", output_stride=16, weights_from=model)   # {"P2".."P5"}
+    backbone = build_backbone("resnet50_d", output_stride=16, weights_from=model)   # {"P2", "P3", "P4"}
 
 `MODEL_NAMES` lists every name `build_model` accepts; `build_backbone` takes the ResNet names.
 """
@@ -10,7 +10,13 @@ import keras
 
 from bot_keras.models.applications import APPLICATIONS, build_application
 from bot_keras.models.head import check_dropout_rate, check_num_classes, classification_head
-from bot_keras.models.resnet import RESNET_NAMES, make_initializer, parse_resnet_name, resnet_features
+from bot_keras.models.resnet import (
+    RESNET_NAMES,
+    check_output_stride,
+    make_initializer,
+    parse_resnet_name,
+    resnet_features,
+)
 
 MODEL_NAMES = RESNET_NAMES + tuple(APPLICATIONS)
 
@@ -53,29 +59,30 @@ def build_model(name, *, num_classes, input_shape=(224, 224, 3), zero_gamma=Fals
     inputs = keras.Input(shape=input_shape, name="images")
     features = resnet_features(inputs, depth, tweaks=tweaks, zero_gamma=zero_gamma,
                                kernel_initializer=kernel_initializer)
-    logits = classification_head(features["P5"], num_classes=num_classes, dropout_rate=dropout_rate,
+    logits = classification_head(features[4], num_classes=num_classes, dropout_rate=dropout_rate,
                                  kernel_initializer=make_initializer(kernel_initializer))
     return keras.Model(inputs, logits, name=name)
 
 
 def build_backbone(name, *, input_shape=(None, None, 3), output_stride=32, zero_gamma=False,
                    kernel_initializer="glorot_uniform", weights_from=None):
-    """A headless ResNet whose outputs are the stage outputs `{"P2", "P3", "P4", "P5"}`.
+    """A headless ResNet (`ResNetBackbone`) whose outputs are its stage outputs keyed by true stride.
 
-    The strides of P2..P5 are 4, 8, 16, 32; with `output_stride` 16 (or 8) the last (two) stage(s) keep
-    stride 1 and dilate instead. The same dict of symbolic tensors is on `model.pyramid_outputs`, the
-    backbone contract of keras-hub's detection and segmentation heads. Layer names equal the classifier's,
-    so `weights_from=classifier` (a model from `build_model` with the same name) copies its weights in;
-    see `load_classifier_weights`.
+    Keys follow keras-hub's backbone contract, `P{n}` = stride 2**n, also on `model.pyramid_outputs`:
+    output stride 32 → P2, P3, P4, P5 (strides 4..32); 16 → P2, P3, P4 (P4 = the last stage, dilated by 2);
+    8 → P2, P3 (P3 = the last stage; stages 3 and 4 dilate by 2 and 4). Dilated stages that share a stride
+    with the last one have no key; they are on `model.stage_outputs[stage]` (see `resnet.pyramid_keys`).
+    The model saves to and loads from `.keras` files (also inside keras-hub tasks). Layer names equal the
+    classifier's, so `weights_from=classifier` (a model from `build_model` with the same name) copies its
+    weights in; see `load_classifier_weights`.
     """
     _check_name(name, RESNET_NAMES)
     input_shape = _check_input_shape(input_shape)
-    depth, tweaks = parse_resnet_name(name)
-    inputs = keras.Input(shape=input_shape, name="images")
-    features = resnet_features(inputs, depth, tweaks=tweaks, output_stride=output_stride,
-                               zero_gamma=zero_gamma, kernel_initializer=kernel_initializer)
-    model = keras.Model(inputs, features, name=f"{name}_backbone")
-    model.pyramid_outputs = dict(features)
+    check_output_stride(output_stride)
+    from bot_keras.models.backbone import ResNetBackbone  # imports keras-hub when installed: only here
+
+    model = ResNetBackbone(name, input_shape=input_shape, output_stride=output_stride, zero_gamma=zero_gamma,
+                           kernel_initializer=kernel_initializer)
     if weights_from is not None:
         load_classifier_weights(model, weights_from)
     return model

@@ -212,12 +212,34 @@ def residual_block(x, width, *, prefix, bottleneck, strides, dilation, first_dil
     return keras.layers.ReLU(name=f"{prefix}_out")(y)
 
 
+def stage_strides(output_stride=32):
+    """The stride of each stage's output, stages 1..4: (4, 8, 16, 32) capped at `output_stride`."""
+    check_output_stride(output_stride)
+    return tuple(min(stride, output_stride) for stride in (4, 8, 16, 32))
+
+
+def pyramid_keys(output_stride=32):
+    """Stage number → pyramid key `P{n}` = stride 2**n (keras-hub's reading), for the stages that keep one.
+
+    Output stride 32: stages 1..4 are P2..P5. A dilated stage shares its stride with the stage after it, and
+    the deepest stage at a stride holds the key (as TF Model Garden does): OS 16 → {1: P2, 2: P3, 4: P4},
+    OS 8 → {1: P2, 4: P3}. The stages left without a key (3 at OS 16; 2 and 3 at OS 8) stay reachable by
+    stage number (`resnet_features`, `ResNetBackbone.stage_outputs`): FCN's auxiliary head reads stage 3.
+    """
+    keys = {}
+    for stage, stride in enumerate(stage_strides(output_stride), start=1):
+        keys = {s: k for s, k in keys.items() if k != f"P{stride.bit_length() - 1}"}
+        keys[stage] = f"P{stride.bit_length() - 1}"
+    return keys
+
+
 def resnet_features(inputs, depth, *, tweaks=Tweaks(), output_stride=32, zero_gamma=False,
                     kernel_initializer="glorot_uniform"):
-    """Stem and four stages on a symbolic `inputs`; returns `{"P2": ..., "P5": ...}` (strides 4..32).
+    """Stem and four stages on a symbolic `inputs`; returns the stage outputs `{1: ..., 4: ...}`.
 
-    With `output_stride` 16 or 8 the last one or two stages keep stride 1 and dilate their 3×3 convs by
-    2, then 4 (GluonCV `dilated=True` / timm `output_stride`), for segmentation backbones.
+    Strides are `stage_strides(output_stride)`: 4, 8, 16, 32 by default. With `output_stride` 16 or 8 the last
+    one or two stages keep stride 1 and dilate their 3×3 convs by 2, then 4 (GluonCV `dilated=True` / timm
+    `output_stride`), for segmentation backbones.
     """
     check_depth(depth)
     check_output_stride(output_stride)
@@ -245,5 +267,5 @@ def resnet_features(inputs, depth, *, tweaks=Tweaks(), output_stride=32, zero_ga
                 zero_gamma=zero_gamma,
                 kernel_initializer=kernel_initializer,
             )
-        features[f"P{stage + 1}"] = x
+        features[stage] = x
     return features

@@ -89,7 +89,7 @@ def make_detection_dataset(
         hw = tf.shape(image)[:2]
         checks = [
             tf.debugging.Assert(tf.reduce_all(declared == 0) | tf.reduce_all(declared == hw),
-                                ["Image size (h, w)", hw, "differs from its annotation's", declared, "in", key]),
+                                ["Image size (h, w)", hw, "differs from the annotated size", declared, "in", key]),
             tf.debugging.Assert(tf.reduce_all((labels >= 0) & (labels < num_classes)),
                                 [f"Box label out of range [0, {num_classes}) in", key]),
         ]

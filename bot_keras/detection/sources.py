@@ -201,6 +201,11 @@ def read_voc(root, split):
                     f"Annotation {xml_path}: unknown class name {name!r} (classes: {', '.join(class_names)})."
                 )
             where = f"Annotation {xml_path}, object {k} ({name})"
+            # In VOC's inclusive 1-based indices xmin == xmax is one pixel wide; we still reject it, as the
+            # issue asks: such boxes are annotation slips far more often than 1-pixel objects.
+            if not (xmin < xmax and ymin < ymax):
+                raise ValueError(f"{where}: box needs xmin < xmax and ymin < ymax; got x {xmin:g}..{xmax:g}, "
+                                 f"y {ymin:g}..{ymax:g}.")
             image_boxes.append(_box_to_normalized(xmin - 1, ymin - 1, xmax, ymax, width, height, where))
             image_labels.append(index[name])
             image_difficult.append(hard)
@@ -282,7 +287,7 @@ def _tfds_builder(name, data_dir):
         raise FileNotFoundError(
             f"TFDS dataset {name!r} is not prepared in {builder.data_dir!r}; run `tfds build {name}`."
         )
-    objects = builder.info.features.get("objects") if "objects" in builder.info.features else None
+    objects = builder.info.features["objects"] if "objects" in builder.info.features else None
     if objects is None or "bbox" not in objects or "label" not in objects:
         raise ValueError(f"TFDS dataset {name!r} is not object detection (needs objects/bbox, objects/label).")
     return builder

@@ -21,12 +21,15 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8,<10", "pillow>=10"],
+    "test": ["pytest>=8,<10", "pillow>=10", "pycocotools>=2.0.8,<3"],
     # Optional: the timm-equivalence test of the weight converter (tests/test_timm_weights.py, `slow`).
     # The converter itself needs none of these (it reads safetensors with numpy). torchvision (a timm
     # dependency) is pinned to the release built for torch 2.13 so pip cannot swap torch for a newer one.
     "timm": ["torch==2.13.0", "torchvision==0.28.0", "timm>=1.0", "safetensors>=0.4"],
     "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],
+    # Only COCO mAP@[.5:.95] (bot_keras/detection/metrics.py, for `coco:` data) needs the reference
+    # implementation; VOC mAP is ours, and the import is lazy, so detection on VOC runs without it.
+    "coco": ["pycocotools>=2.0.8,<3"],
     "lint": ["ruff>=0.6"],
     # Only tools/ablation.py's accuracy plot (PNG) uses it; training never does (README, "Ablations").
     "tools": ["matplotlib>=3.8"],

@@ -1,4 +1,4 @@
-"""RetinaNet on our backbone (bot_keras/detection/{model,loss}.py): init, loss, padding, precision, training."""
+"""RetinaNet on our backbone (bot_keras/detection/{model,loss}.py): init, loss, padding, precision, fit."""
 
 import keras
 import numpy as np

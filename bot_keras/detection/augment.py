@@ -38,7 +38,7 @@ def fit_size(image_hw, image_size, scale=1.0):
 
 
 def resize(image, boxes, new_hw):
-    """Bilinear resize to `new_hw`; boxes scaled by new / old on each axis. Returns (image, boxes, [sy, sx])."""
+    """Bilinear resize to `new_hw`, boxes scaled by new / old per axis; returns (image, boxes, [sy, sx])."""
     old = tf.cast(tf.shape(image)[:2], tf.float32)
     scale = tf.cast(new_hw, tf.float32) / old
     image = tf.image.resize(tf.cast(image, tf.float32), new_hw, method="bilinear", antialias=False)

@@ -66,8 +66,8 @@ def make_detection_dataset(
     info = sources.detection_info(source, split=split, data_dir=data_dir)
     if training and drop_remainder is not False and info.num_examples < global_batch_size:
         raise ValueError(
-            f"Detection dataset {source!r} split {split!r} has {info.num_examples} images, fewer than a global "
-            f"batch ({global_batch_size}); training would yield no batches."
+            f"Detection dataset {source!r} split {split!r} has {info.num_examples} images, fewer "
+            f"than a global batch ({global_batch_size}); training would yield no batches."
         )
     num_classes = info.num_classes
     repeat = training if repeat is None else repeat
@@ -89,7 +89,8 @@ def make_detection_dataset(
         hw = tf.shape(image)[:2]
         checks = [
             tf.debugging.Assert(tf.reduce_all(declared == 0) | tf.reduce_all(declared == hw),
-                                ["Image size (h, w)", hw, "differs from the annotated size", declared, "in", key]),
+                                ["Image size (h, w)", hw, "differs from the annotated size", declared,
+                                 "in", key]),
             tf.debugging.Assert(tf.reduce_all((labels >= 0) & (labels < num_classes)),
                                 [f"Box label out of range [0, {num_classes}) in", key]),
         ]

@@ -63,23 +63,26 @@ class VOCEvaluator:
         """One image; -1 labels (padding) on either side are ignored."""
         gt_labels = np.asarray(gt_labels).reshape(-1)
         real = gt_labels >= 0
-        difficult = np.zeros_like(real) if gt_difficult is None else np.asarray(gt_difficult, bool).reshape(-1)
+        difficult = np.zeros_like(real)
+        if gt_difficult is not None:
+            difficult = np.asarray(gt_difficult, bool).reshape(-1)
         self._ground_truth.append(
             (np.asarray(gt_boxes, np.float64).reshape(-1, 4)[real], gt_labels[real], difficult[real])
         )
         image = len(self._ground_truth) - 1
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-        for box, score, label in zip(boxes, np.asarray(scores).reshape(-1), np.asarray(labels).reshape(-1)):
+        scores, labels = np.asarray(scores).reshape(-1), np.asarray(labels).reshape(-1)
+        for box, score, label in zip(boxes, scores, labels, strict=True):
             if label >= 0:
                 self._detections.append((image, float(score), int(label), box))
 
     def class_ranking(self, label):
         """(recall, precision) along the score-sorted detections of one class; None without ground truth."""
-        num_positives = sum(int(np.sum((l == label) & ~d)) for _, l, d in self._ground_truth)
+        num_positives = sum(int(np.sum((lab == label) & ~d)) for _, lab, d in self._ground_truth)
         if num_positives == 0:
             return None
         dets = sorted((d for d in self._detections if d[2] == label), key=lambda d: -d[1])
-        matched = [np.zeros(int(np.sum(l == label)), bool) for _, l, _ in self._ground_truth]
+        matched = [np.zeros(int(np.sum(lab == label)), bool) for _, lab, _ in self._ground_truth]
         tp, fp = np.zeros(len(dets)), np.zeros(len(dets))
         for i, (image, _, _, box) in enumerate(dets):
             gt_boxes, gt_labels, gt_difficult = self._ground_truth[image]
@@ -111,7 +114,8 @@ class VOCEvaluator:
                 ap07.append(average_precision(*ranking, eleven_point=True))
                 ap_all.append(average_precision(*ranking, eleven_point=False))
         mean = lambda values: float(np.nanmean(values)) if not np.all(np.isnan(values)) else float("nan")
-        return {"ap_voc07": ap07, "ap_all_point": ap_all, "map_voc07": mean(ap07), "map_all_point": mean(ap_all)}
+        return {"ap_voc07": ap07, "ap_all_point": ap_all,
+                "map_voc07": mean(ap07), "map_all_point": mean(ap_all)}
 
 
 COCO_STAT_NAMES = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large",
@@ -139,13 +143,14 @@ def coco_map(images, num_classes):
     for image_id, image in enumerate(images):
         labels = np.asarray(image["gt_labels"]).reshape(-1)
         crowd = np.asarray(image.get("gt_difficult", np.zeros_like(labels, bool))).reshape(-1)
-        for box, label, is_crowd in zip(np.reshape(image["gt_boxes"], (-1, 4)), labels, crowd):
+        for box, label, is_crowd in zip(np.reshape(image["gt_boxes"], (-1, 4)), labels, crowd, strict=True):
             if label >= 0:
                 b = xywh(box)
-                gt_annotations.append({"id": len(gt_annotations) + 1, "image_id": image_id, "category_id": int(label),
-                                       "bbox": b, "area": b[2] * b[3], "iscrowd": int(is_crowd)})
+                gt_annotations.append({"id": len(gt_annotations) + 1, "image_id": image_id,
+                                       "category_id": int(label), "bbox": b, "area": b[2] * b[3],
+                                       "iscrowd": int(is_crowd)})
         for box, score, label in zip(np.reshape(image["boxes"], (-1, 4)), np.reshape(image["scores"], -1),
-                                     np.reshape(image["labels"], -1)):
+                                     np.reshape(image["labels"], -1), strict=True):
             if label >= 0:
                 detections.append({"image_id": image_id, "category_id": int(label), "bbox": xywh(box),
                                    "score": float(score)})
@@ -163,4 +168,4 @@ def coco_map(images, num_classes):
         evaluation.evaluate()
         evaluation.accumulate()
         evaluation.summarize()
-    return dict(zip(COCO_STAT_NAMES, (float(v) for v in evaluation.stats)))
+    return dict(zip(COCO_STAT_NAMES, (float(v) for v in evaluation.stats), strict=True))

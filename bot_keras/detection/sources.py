@@ -14,7 +14,8 @@ Source strings (the `--dataset` of detection):
   coco:PATTERN      a COCO instances JSON; `{split}` in PATTERN is replaced by the split (e.g.
                     `coco:/coco/annotations/instances_{split}.json`). Images (`file_name`) are relative to
                     `data_dir` when given (`{split}` replaced there too, e.g. `--data_dir=/coco/{split}`),
-                    else to the JSON's folder (Roboflow-style exports: `coco:export/{split}/_annotations.coco.json`).
+                    else to the JSON's folder (Roboflow-style exports:
+                    `coco:export/{split}/_annotations.coco.json`).
                     Classes: the categories sorted by id, mapped to 0..K-1.
   tfds:NAME         a TFDS detection dataset with `objects/bbox` and `objects/label` (`tfds:voc/2007`, the
                     paper's data); `objects/is_difficult` (or `is_crowd`) marks difficult boxes.
@@ -43,8 +44,8 @@ import tensorflow as tf
 
 SOURCE_FORMS = "'voc:ROOT', 'coco:ANNOTATIONS_{split}.json' or 'tfds:NAME'"
 VOC_CLASSES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+    "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )  # fmt: skip
 VOC_YEARS = ("VOC2007", "VOC2012")
 VOC_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -177,7 +178,7 @@ def read_voc(root, split):
     """`Annotations` of ROOT/ImageSets/Main/SPLIT.txt."""
     for sub in ("JPEGImages", "Annotations"):
         if not os.path.isdir(os.path.join(root, sub)):
-            raise FileNotFoundError(f"VOC root {root!r} has no {sub}/ folder (expected the VOCdevkit layout).")
+            raise FileNotFoundError(f"VOC root {root!r} has no {sub}/ folder (expected VOCdevkit's layout).")
     split_file = os.path.join(root, "ImageSets", "Main", f"{split}.txt")
     if not os.path.exists(split_file):
         raise FileNotFoundError(f"VOC split file {split_file} does not exist (split {split!r}).")
@@ -250,7 +251,7 @@ def read_coco(ann_path, image_dir):
         if not os.path.exists(path):
             raise ValueError(f"COCO file {ann_path}: image {image['file_name']!r} not found in {image_dir}.")
         if not (image.get("width", 0) > 0 and image.get("height", 0) > 0):
-            raise ValueError(f"COCO file {ann_path}: image {image['file_name']!r} has no positive width/height.")
+            raise ValueError(f"COCO file {ann_path}: image {image['file_name']!r} lacks a positive size.")
         images[image["id"]] = (path, image["height"], image["width"], [])
     for ann in data["annotations"]:
         where = f"COCO file {ann_path}, annotation id {ann.get('id')}"
@@ -289,7 +290,7 @@ def _tfds_builder(name, data_dir):
         )
     objects = builder.info.features["objects"] if "objects" in builder.info.features else None
     if objects is None or "bbox" not in objects or "label" not in objects:
-        raise ValueError(f"TFDS dataset {name!r} is not object detection (needs objects/bbox, objects/label).")
+        raise ValueError(f"TFDS dataset {name!r} is not detection (needs objects/bbox and objects/label).")
     return builder
 
 
@@ -297,7 +298,8 @@ def _tfds_split(builder, name, split):
     try:
         return builder.info.splits[split]
     except (KeyError, ValueError):
-        raise ValueError(f"TFDS dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}.") from None
+        splits = sorted(builder.info.splits)
+        raise ValueError(f"TFDS dataset {name!r} has no split {split!r}; it has {splits}.") from None
 
 
 def _tfds_examples(name, split, data_dir, input_context, shuffle, seed):

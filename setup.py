@@ -24,8 +24,13 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    # The test suite exercises the keras-hub segmentation head where keras-hub installs (Python >= 3.11).
-    "test": ["pytest>=8,<10", "pillow>=10", "keras-hub>=0.32,<0.33; python_version>='3.11'"],
+    # The test suite exercises the keras-hub heads (segmentation, detection) and COCO mAP where keras-hub installs (Python >= 3.11).
+    "test": [
+        "pytest>=8,<10",
+        "pillow>=10",
+        "keras-hub>=0.32,<0.33; python_version>='3.11'",
+        "pycocotools>=2.0.8,<3",
+    ],
     # Optional: keras-hub's task heads on our backbone (DeepLabV3 segmentation, detection). Not a core
     # dependency: it needs Python >= 3.11 and pulls tensorflow-text, kagglehub and tokenizers (README, Models).
     "transfer": ["keras-hub>=0.32,<0.33; python_version>='3.11'"],
@@ -34,6 +39,9 @@ EXTRAS = {
     # built for torch 2.13 so pip cannot swap torch for a newer one.
     "timm": ["torch==2.13.0", "torchvision==0.28.0", "timm>=1.0"],
     "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],
+    # Only COCO mAP@[.5:.95] (bot_keras/detection/metrics.py, for `coco:` data) needs the reference
+    # implementation; VOC mAP is ours, and the import is lazy, so detection on VOC runs without it.
+    "coco": ["pycocotools>=2.0.8,<3"],
     "lint": ["ruff>=0.6"],
     # Only tools/ablation.py's accuracy plot (PNG) uses it; training never does (README, "Ablations").
     "tools": ["matplotlib>=3.8"],

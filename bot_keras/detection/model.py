@@ -1,0 +1,121 @@
+"""The detector: keras-hub's RetinaNet (FPN on P3-P5, levels 3-7) on a bot_keras ResNet backbone.
+
+The paper (Section 6.1) fine-tunes its backbones as Faster-RCNN; keras-hub has no Faster-RCNN, and a
+maintained, tested Keras 3 RetinaNet beats a home-made two-stage detector, so ours is RetinaNet (Lin et al.,
+"Focal Loss for Dense Object Detection", 2017).
+
+Box format at this boundary: **"yxyx" in pixels of the network input** (`[y_min, x_min, y_max, x_max]`,
+continuous edges, so a box covering pixel rows 2..5 is y_min = 2, y_max = 6). Labels `{"boxes": [B, N, 4],
+"labels": [B, N]}` padded with -1; predictions are the same format.
+
+Three things differ from `keras_hub.models.RetinaNetObjectDetector` as keras-hub 0.32 builds it:
+  * the heads are initialised as Lin et al. Section 4.1 says (`init_heads`): every head conv Gaussian
+    σ = 0.01 with bias 0, except the classification output's bias b = -log((1 - π) / π), π = 0.01, so every
+    anchor starts at confidence π. keras-hub 0.32 puts that prior on the *box* head (every box delta -4.6)
+    and draws kernels with σ = 0.05, whose four 3×3×256 convs amplify: measured on resnet18_d at 64 px, a
+    first loss of 379 and mean confidence 0.41 with only the bias moved, 1.5 and 0.010 with both fixed;
+  * under mixed_float16 the head outputs are float16 and keras-hub's box decoding fails against its float32
+    anchors; `decode_predictions` casts to float32 first (the float32 island of STYLE.md, habit 9);
+  * the NMS confidence threshold is a parameter: keras-hub's 0.5 suits pictures, mAP needs low-confidence
+    detections too (0.05, as the VOC/COCO benchmarks' reference detectors use).
+keras-hub's NMS is class-agnostic: each anchor keeps its best class only, then one NMS over all classes.
+"""
+
+import math
+
+import keras
+import keras_hub
+import tensorflow as tf
+
+from bot_keras.models import build_backbone
+
+BOX_FORMAT = "yxyx"
+MIN_LEVEL, MAX_LEVEL = 3, 7  # Lin et al.: FPN levels P3-P7; P6, P7 from the backbone's last stage (C5)
+PRIOR_PROBABILITY = 0.01
+HEAD_INIT_STDDEV = 0.01
+NMS_IOU = 0.5
+MAP_CONFIDENCE_THRESHOLD = 0.05  # what mAP evaluation uses; keras-hub's default (for pictures) is 0.5
+MAX_DETECTIONS = 100
+
+
+@keras.saving.register_keras_serializable(package="bot_keras")
+class RetinaNet(keras_hub.models.RetinaNetObjectDetector):
+    """keras-hub's RetinaNetObjectDetector with the head-bias fix and float32 box decoding."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Weights restored by `load_model` overwrite these; a fresh model gets Lin et al.'s initialisation.
+        init_heads(self, PRIOR_PROBABILITY)
+
+    def decode_predictions(self, predictions, data):
+        predictions = {k: tf.cast(v, tf.float32) for k, v in predictions.items()}
+        return super().decode_predictions(predictions, data)
+
+
+def init_heads(detector, prior_probability=PRIOR_PROBABILITY):
+    """Lin et al. Section 4.1: head convs N(0, 0.01²), biases 0, classification output bias at the prior."""
+    initializer = keras.initializers.RandomNormal(stddev=HEAD_INIT_STDDEV)
+    for head in (detector.classification_head, detector.box_head):
+        for conv in [*head.conv_layers, head.prediction_layer]:
+            conv.kernel.assign(initializer(conv.kernel.shape, dtype=conv.kernel.dtype))
+            conv.bias.assign(tf.zeros(conv.bias.shape, conv.bias.dtype))
+    cls_bias = detector.classification_head.prediction_layer.bias
+    cls_bias.assign(tf.fill(cls_bias.shape, -math.log((1 - prior_probability) / prior_probability)))
+    return detector
+
+
+def make_nms(confidence_threshold=MAP_CONFIDENCE_THRESHOLD, *, iou_threshold=NMS_IOU,
+             max_detections=MAX_DETECTIONS):
+    """keras-hub's NonMaxSuppression on sigmoid scores of the class logits, in `BOX_FORMAT`."""
+    if not 0.0 <= confidence_threshold < 1.0:
+        raise ValueError(f"confidence_threshold must be in [0, 1); got {confidence_threshold!r}.")
+    return keras_hub.layers.NonMaxSuppression(
+        bounding_box_format=BOX_FORMAT,
+        from_logits=True,
+        iou_threshold=iou_threshold,
+        confidence_threshold=confidence_threshold,
+        max_detections=max_detections,
+    )
+
+
+def build_detector(backbone_name, *, num_classes, image_size, image_encoder=None,
+                   confidence_threshold=MAP_CONFIDENCE_THRESHOLD, max_detections=MAX_DETECTIONS,
+                   kernel_initializer="glorot_uniform"):
+    """A `RetinaNet` on `build_backbone(backbone_name, output_stride=32)` for square `image_size` inputs.
+
+    Args:
+      backbone_name: a ResNet name (`resnet50_d`, ...) for `bot_keras.models.build_backbone`.
+      num_classes: object classes (no background class: RetinaNet's sigmoid classifier has none).
+      image_size: S; the input is a static [S, S, 3] (keras-hub's anchor generator and NMS need a real H/W;
+        a multiple of 128 lets every FPN level up to P7 tile the image exactly).
+      image_encoder: an already built backbone (e.g. with a classifier's weights, or a registered
+        keras-hub FeaturePyramidBackbone); its `pyramid_outputs` must hold P3..P5 at strides 8, 16, 32.
+      confidence_threshold: NMS confidence threshold of `predict` (0.05 for mAP; 0.5 for pictures).
+      max_detections: detections kept per image after NMS.
+      kernel_initializer: for the backbone's convolutions (random init only).
+
+    Compile it before `fit` or `compute_loss` (see `loss.py`): keras-hub's loss lives in `compile`.
+    """
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer; got {num_classes!r}.")
+    if not isinstance(image_size, int) or image_size < 2 ** MAX_LEVEL // 2:
+        raise ValueError(f"image_size must be an integer >= {2 ** MAX_LEVEL // 2}; got {image_size!r}.")
+    if image_encoder is None:
+        image_encoder = build_backbone(backbone_name, input_shape=(image_size, image_size, 3),
+                                       output_stride=32, kernel_initializer=kernel_initializer)
+    missing = [k for k in ("P3", "P4", "P5") if k not in getattr(image_encoder, "pyramid_outputs", {})]
+    if missing:
+        raise ValueError(f"Backbone {image_encoder.name!r} lacks pyramid outputs {missing} (needs P3-P5).")
+    backbone = keras_hub.models.RetinaNetBackbone(
+        image_encoder=image_encoder,
+        min_level=MIN_LEVEL,
+        max_level=MAX_LEVEL,
+        use_p5=False,
+        image_shape=(image_size, image_size, 3),
+    )
+    return RetinaNet(
+        backbone=backbone,
+        num_classes=num_classes,
+        bounding_box_format=BOX_FORMAT,
+        prediction_decoder=make_nms(confidence_threshold, max_detections=max_detections),
+    )

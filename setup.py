@@ -24,7 +24,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    # The test suite exercises the keras-hub heads (segmentation, detection) and COCO mAP where keras-hub installs (Python >= 3.11).
+    # The test suite exercises the keras-hub heads (segmentation, detection) where keras-hub installs
+    # (Python >= 3.11), and COCO mAP through pycocotools.
     "test": [
         "pytest>=8,<10",
         "pillow>=10",

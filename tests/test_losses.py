@@ -148,7 +148,7 @@ def test_distillation_rejects_bad_values(kwargs, message):
 
 
 def test_label_smoothing_rejects_out_of_range():
-    with pytest.raises(ValueError, match="--label_smoothing must be in \\[0, 1\\), got 1.0"):
+    with pytest.raises(ValueError, match="label_smoothing must be in \\[0, 1\\), got 1.0"):
         classification_loss(1.0)
 
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from bot_keras import distribute, optimizers, schedules, train
+from bot_keras import cli, distribute, loop, optimizers, schedules, steps, train
+from bot_keras.teacher import load_teacher, teacher_logits
 
 
 def _base(tmp_path):
@@ -120,11 +121,12 @@ def _run_loop(
         calls.append((int(start_step), int(num_steps), bool(mixup_on)))
         n = float(num_steps) * 4
         loss = float("nan") if nan_at_call == len(calls) else 0.5 * n
-        return tf.constant([loss, 0.25 * n, 0.75 * n, n])
+        return {"loss": tf.constant(loss), "top1": tf.constant(0.25 * n), "top5": tf.constant(0.75 * n),
+                "count": tf.constant(n)}
 
     step_var = tf.Variable(start, dtype=tf.int64)
     manager = _RecordingManager()
-    callbacks = train.make_callbacks(
+    callbacks = loop.make_callbacks(
         str(tmp_path),
         chief=True,
         verbose=0,
@@ -133,15 +135,12 @@ def _run_loop(
         model=keras.Sequential(),
         resume=False,
     )
-    logs = train.train_loop(
-        strategy=None,
-        model=None,
+    logs = loop.train_loop(
         optimizer=_FakeOptimizer(),
         train_function=fake_train_function,
         train_iterator=None,
         evaluate=lambda _: {"loss": 1.0, "top1": 0.5, "top5": 0.9},
         eval_dataset=None,
-        checkpoint=None,
         manager=manager,
         step_var=step_var,
         callbacks=callbacks,
@@ -229,13 +228,15 @@ def _step_setup(precision, *, learning_rate=0.1, loss_scaling=None):
     if loss_scaling if loss_scaling is not None else distribute.needs_loss_scaling(precision):
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     optimizer.build(model.trainable_variables)
-    loss = train.make_per_example_loss(label_smoothing=0.0, temperature=1.0, hard_weight=None)
-    step = train.make_train_function(strategy, model, optimizer, per_example_loss=loss, global_batch_size=8)
+    loss = steps.make_per_example_loss(label_smoothing=0.0, temperature=1.0, hard_weight=None)
+    step = steps.make_train_function(strategy, model, optimizer, per_example_loss=loss, global_batch_size=8)
     return model, optimizer, step
 
 
 def _steps(step, data, n, start=0):
-    return step(iter(data), tf.constant(start, tf.int64), tf.constant(n), tf.constant(False)).numpy()
+    sums = step(iter(data), tf.constant(start, tf.int64), tf.constant(n), tf.constant(False))
+    assert all(value.dtype == tf.float32 for value in sums.values())
+    return {name: float(value) for name, value in sums.items()}
 
 
 def test_mixed_float16_computes_in_half_keeps_float32_variables_logits_and_loss():
@@ -245,7 +246,7 @@ def test_mixed_float16_computes_in_half_keeps_float32_variables_logits_and_loss(
     assert model(tf.zeros((1, 6, 6, 3))).dtype == tf.float32
     assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     sums = _steps(step, _batches(), 3)
-    assert sums.dtype == np.float32 and sums[3] == 24
+    assert sums["count"] == 24
     weights_16 = model.get_weights()
     assert float(optimizer.dynamic_scale.numpy()) == 32768.0  # finite steps keep the initial scale
 
@@ -256,7 +257,7 @@ def test_mixed_float16_computes_in_half_keeps_float32_variables_logits_and_loss(
     # The scaled float16 step is the float32 step up to half-precision round-off (~1e-3 relative).
     for a, b in zip(weights_16, model_32.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-3)
-    assert sums[0] == pytest.approx(sums_32[0], rel=1e-2)
+    assert sums["loss"] == pytest.approx(sums_32["loss"], rel=1e-2)
 
 
 def test_overflowing_float16_gradients_skip_the_step_and_halve_the_loss_scale():
@@ -286,8 +287,8 @@ def test_checkpoint_restores_weights_step_learning_rate_and_loss_scale(tmp_path)
 
     distribute.set_precision("mixed_float16")
     model, optimizer, step_var, checkpoint = setup()
-    loss = train.make_per_example_loss(label_smoothing=0.1, temperature=1.0, hard_weight=None)
-    step = train.make_train_function(
+    loss = steps.make_per_example_loss(label_smoothing=0.1, temperature=1.0, hard_weight=None)
+    step = steps.make_train_function(
         tf.distribute.get_strategy(), model, optimizer, per_example_loss=loss, global_batch_size=8
     )
     _steps(step, _batches(scale=3000.0), 1)  # one skipped step: scale 16384, iterations 0
@@ -306,7 +307,7 @@ def test_checkpoint_restores_weights_step_learning_rate_and_loss_scale(tmp_path)
     assert float(optimizer2.dynamic_scale.numpy()) == 16384.0
     # optimizer.learning_rate is the next update's; last_learning_rate the last one's.
     assert float(optimizer2.learning_rate) == pytest.approx(float(schedule(6)), rel=1e-6)
-    assert train.last_learning_rate(optimizer2) == pytest.approx(float(schedule(5)), rel=1e-6)
+    assert loop.last_learning_rate(optimizer2) == pytest.approx(float(schedule(5)), rel=1e-6)
     # Warmup over 5 steps to 0.1, then cosine: at step 6 the lr is ½(1 + cos(π·1/14))·0.1.
     assert float(schedule(6)) == pytest.approx(0.5 * (1 + math.cos(math.pi / 14)) * 0.1, rel=1e-6)
     for a, b in zip(expected_weights, model2.get_weights(), strict=True):
@@ -322,7 +323,7 @@ def test_sync_bn_converts_every_batch_norm_of_a_built_model():
     from bot_keras.models import build_model
 
     model = build_model("resnet18_d", num_classes=10, input_shape=(32, 32, 3))
-    count = train.set_synchronized_batch_norm(model, True)
+    count = distribute.set_synchronized_batch_norm(model, True)
     # resnet18_d: 3 stem BNs + 8 blocks × 2 + 3 downsampling shortcuts.
     assert count == 3 + 16 + 3
     configs = [
@@ -334,13 +335,13 @@ def test_sync_bn_converts_every_batch_norm_of_a_built_model():
 def test_teacher_with_other_classes_or_size_is_rejected_naming_the_file(tmp_path):
     path = str(tmp_path / "teacher.keras")
     _tiny_model(num_classes=5).save(path)
-    with pytest.raises(train.FlagError, match=r"teacher\.keras' predicts 5 classes; the dataset has 3"):
-        train.load_teacher(path, num_classes=3, image_size=6)
-    with pytest.raises(train.FlagError, match=r"takes 6x6 images; --image_size=8"):
-        train.load_teacher(path, num_classes=5, image_size=8)
+    with pytest.raises(cli.SetupError, match=r"teacher\.keras' predicts 5 classes; the dataset has 3"):
+        load_teacher(path, num_classes=3, image_size=6)
+    with pytest.raises(cli.SetupError, match=r"takes 6x6 images; --image_size=8"):
+        load_teacher(path, num_classes=5, image_size=8)
     (tmp_path / "broken.keras").write_bytes(b"not a zip")
-    with pytest.raises(train.FlagError, match=r"broken\.keras' is not a readable Keras model"):
-        train.load_teacher(str(tmp_path / "broken.keras"), num_classes=5, image_size=6)
+    with pytest.raises(cli.SetupError, match=r"broken\.keras': cannot load the \.keras file"):
+        load_teacher(str(tmp_path / "broken.keras"), num_classes=5, image_size=6)
 
 
 @pytest.mark.parametrize("precision", ["float32", "mixed_float16"])
@@ -348,13 +349,13 @@ def test_distillation_trains_the_student_and_never_changes_the_teacher(tmp_path,
     keras.utils.set_random_seed(1)
     path = str(tmp_path / "teacher.keras")
     _tiny_model(batch_norm=True).save(path)
-    teacher = train.load_teacher(path, num_classes=3, image_size=6)
+    teacher = load_teacher(path, num_classes=3, image_size=6)
     teacher_before = [w.copy() for w in teacher.get_weights()]  # includes BN moving mean/variance
     # Under mixed_float16 the student's step is loss-scaled; the teacher's logits enter the loss in float32.
     model, optimizer, _ = _step_setup(precision)
     assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer) == (precision == "mixed_float16")
-    loss = train.make_per_example_loss(label_smoothing=0.1, temperature=4.0, hard_weight=None)
-    step = train.make_train_function(
+    loss = steps.make_per_example_loss(label_smoothing=0.1, temperature=4.0, hard_weight=None)
+    step = steps.make_train_function(
         tf.distribute.get_strategy(),
         model,
         optimizer,
@@ -388,12 +389,10 @@ def _folder(root, splits):
 )
 def test_set_up_errors_are_one_message_not_a_traceback(parse, tmp_path, capsys, splits, eval_split, message):
     _folder(str(tmp_path / "data"), splits)
-    parse(*_base(tmp_path), f"--dataset=folder:{tmp_path / 'data'}", f"--eval_split={eval_split}",
-          "--batch_size=2", "--image_size=16", "--verbose=0")
-    with pytest.raises(SystemExit) as exit_:
-        train.main([])
-    assert exit_.value.code == 2
-    assert re.search(message, capsys.readouterr().err)
+    f = parse(*_base(tmp_path), f"--dataset=folder:{tmp_path / 'data'}", f"--eval_split={eval_split}",
+              "--batch_size=2", "--image_size=16", "--verbose=0")
+    with pytest.raises(cli.SetupError, match=message):  # cli.run prints it in one line, exit 2
+        train.main([], f)
     assert not os.path.exists(tmp_path / "run")  # nothing written for a run that never started
 
 
@@ -512,6 +511,7 @@ def test_demo_config_trains_clearly_above_chance(tmp_path):
         "flags.txt",
         "logs",
         "model.keras",
+        "run.json",
     ]
     with open(os.path.join(run_dir, "classes.txt")) as f:
         assert len(f.read().split()) == 10
@@ -524,8 +524,8 @@ def test_mixup_in_the_step_uses_the_replica_seeded_lambda_and_switches_off():
     model = _tiny_model()
     optimizer = optimizers.build_optimizer(0.0, weight_decay=0.0)  # lr 0: the model stays fixed
     optimizer.build(model.trainable_variables)
-    loss = train.make_per_example_loss(label_smoothing=0.0, temperature=1.0, hard_weight=None)
-    step = train.make_train_function(
+    loss = steps.make_per_example_loss(label_smoothing=0.0, temperature=1.0, hard_weight=None)
+    step = steps.make_train_function(
         tf.distribute.get_strategy(),
         model,
         optimizer,
@@ -541,7 +541,7 @@ def test_mixup_in_the_step_uses_the_replica_seeded_lambda_and_switches_off():
 
     def run(start, mixup_on):
         it = iter(_batches())
-        return step(it, tf.constant(start, tf.int64), tf.constant(1), tf.constant(mixup_on)).numpy()[0]
+        return step(it, tf.constant(start, tf.int64), tf.constant(1), tf.constant(mixup_on))["loss"].numpy()
 
     # λ of replica 0 at step 7 with run seed 5: seed (5, 7·1024 + 0).
     lam = mixup_ops.sample_mixup_lambda(0.2, seed=tf.constant([5, 7 * 1024], tf.int64))
@@ -554,11 +554,11 @@ def test_mixup_in_the_step_uses_the_replica_seeded_lambda_and_switches_off():
 def test_savedmodel_teacher_gives_the_models_logits(tmp_path):
     model = _tiny_model()
     model.export(str(tmp_path / "teacher_savedmodel"), verbose=False)  # Keras' SavedModel: float images in
-    teacher = train.load_teacher(str(tmp_path / "teacher_savedmodel"), num_classes=3, image_size=6)
+    teacher = load_teacher(str(tmp_path / "teacher_savedmodel"), num_classes=3, image_size=6)
     images = tf.random.stateless_normal((4, 6, 6, 3), seed=(1, 2))
-    np.testing.assert_allclose(train._teacher_logits(teacher, images), model(images), rtol=1e-5, atol=1e-6)
-    with pytest.raises(train.FlagError, match=r"teacher_savedmodel' predicts 3 classes; the dataset has 4"):
-        train.load_teacher(str(tmp_path / "teacher_savedmodel"), num_classes=4, image_size=6)
+    np.testing.assert_allclose(teacher_logits(teacher, images), model(images), rtol=1e-5, atol=1e-6)
+    with pytest.raises(cli.SetupError, match=r"teacher_savedmodel' predicts 3 classes; the dataset has 4"):
+        load_teacher(str(tmp_path / "teacher_savedmodel"), num_classes=4, image_size=6)
 
 
 def test_tensorboard_logs_train_and_validation_scalars_when_installed(tmp_path):

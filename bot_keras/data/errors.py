@@ -8,6 +8,8 @@ pipeline.py builds the undecodable-image message from `UNDECODABLE_IMAGE` (its l
 starts with `LABEL_OUT_OF_RANGE`), and `bad_input_message` is the only reader.
 """
 
+import re
+
 import tensorflow as tf
 
 UNDECODABLE_IMAGE = "Undecodable image file (empty, not an image, or truncated):"
@@ -19,6 +21,9 @@ def bad_input_message(error):
     of the pipeline's input checks (then it is not the data's fault and should keep its traceback)."""
     if not isinstance(error, tf.errors.InvalidArgumentError):
         return None
-    lines = [line.strip() for line in (error.message or str(error)).splitlines() if line.strip()]
-    ours = [line for line in lines if UNDECODABLE_IMAGE in line or LABEL_OUT_OF_RANGE in line]
+    ours = []
+    for line in (error.message or str(error)).splitlines():
+        starts = [line.find(marker) for marker in (UNDECODABLE_IMAGE, LABEL_OUT_OF_RANGE) if marker in line]
+        if starts:  # from the marker on, without tf.debugging.Assert's [brackets] around each part
+            ours.append(re.sub(r"\]\s*\[", " ", line[min(starts) :]).strip("[] "))
     return "\n".join(ours) or None

@@ -34,7 +34,7 @@ def test_unknown_strategy_and_precision_echo_the_value():
 
 def test_global_batch_must_split_over_replicas():
     assert distribute.per_replica_batch_size(256, 8) == 32
-    with pytest.raises(ValueError, match=r"global_batch_size=100 .* not divisible by the 8 replicas.*e\.g\. 104"):
+    with pytest.raises(ValueError, match=r"size=100 .* not divisible by the 8 replicas.*e\.g\. 104"):
         distribute.per_replica_batch_size(100, 8)
     with pytest.raises(ValueError, match=r"global_batch_size=0"):
         distribute.per_replica_batch_size(0, 1)

@@ -163,6 +163,8 @@ def paper_weight_decay(weight_decay_mode, *, momentum=0.9):
         raise ValueError(
             f"weight_decay_mode must be one of {', '.join(WEIGHT_DECAY_MODES)}; got {weight_decay_mode!r}."
         )
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}.")
     if weight_decay_mode == "l2":
         return PAPER_L2_WEIGHT_DECAY
     return PAPER_L2_WEIGHT_DECAY / (1.0 - momentum)

@@ -283,3 +283,16 @@ def test_two_worker_cli_run_only_the_chief_writes_the_run_directory(tmp_path):
     assert steps[-1] == 6
     # The non-chief's private checkpoint directory was deleted when training ended.
     assert not [n for n in os.listdir(tmp_path) if n.startswith("bot_keras_worker")]
+
+
+def test_sync_bn_converts_every_batch_norm_of_a_built_model():
+    from bot_keras.models import build_model
+
+    model = build_model("resnet18_d", num_classes=10, input_shape=(32, 32, 3))
+    count = distribute.set_synchronized_batch_norm(model, True)
+    # resnet18_d: 3 stem BNs + 8 blocks × 2 + 3 downsampling shortcuts.
+    assert count == 3 + 16 + 3
+    configs = [
+        layer.get_config() for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    assert len(configs) == count and all(c["synchronized"] for c in configs)

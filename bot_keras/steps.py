@@ -43,17 +43,20 @@ def classification_sums(per_example_loss, labels, logits):
 @dataclasses.dataclass(frozen=True)
 class Metrics:
     """What a step sums: `sums(per_example_loss, labels, outputs) -> {name: float32 scalar}` over one
-    replica's batch, with exactly the keys `names` (among them "loss" and "count"). The names are fixed
-    up front because the step loop's accumulator must exist before its first iteration."""
+    replica's batch, with exactly the keys `names` (among them "loss" and "count"). Inside the step the
+    sums travel as one vector in `names` order: one all-reduce a step (a dict of scalars would be one
+    each, and MultiWorkerMirroredStrategy's `reduce` rejects it), and the step loop's accumulator exists
+    before its first iteration."""
 
     names: tuple
     sums: Callable
 
-    def zeros(self):
-        return {name: tf.zeros([], tf.float32) for name in self.names}
+    def vector(self, per_example_loss, labels, outputs):
+        sums = self.sums(per_example_loss, labels, outputs)
+        return tf.stack([tf.cast(sums[name], tf.float32) for name in self.names])
 
-    def add(self, totals, sums):
-        return {name: totals[name] + sums[name] for name in self.names}
+    def named(self, vector):
+        return dict(zip(self.names, tf.unstack(vector, num=len(self.names)), strict=True))
 
 
 CLASSIFICATION_METRICS = Metrics(("loss", "top1", "top5", "count"), classification_sums)
@@ -150,17 +153,17 @@ def make_train_function(
         if agree_on_overflow:
             grads = _poison_if_any_replica_overflowed(grads)
         optimizer.apply(grads, model.trainable_variables)
-        return metrics.sums(example_losses, labels, outputs)
+        return metrics.vector(example_losses, labels, outputs)
 
     @tf.function
     def train_steps(iterator, start_step, num_steps, mixup_on):
-        totals = metrics.zeros()
+        totals = tf.zeros([len(metrics.names)])
         for i in tf.range(num_steps):
             per_replica = strategy.run(
                 replica_step, args=(next(iterator), start_step + tf.cast(i, tf.int64), mixup_on)
             )
-            totals = metrics.add(totals, strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None))
-        return totals
+            totals += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        return metrics.named(totals)
 
     return train_steps
 
@@ -173,13 +176,12 @@ def make_eval_function(strategy, model, *, per_example_loss=cross_entropy, metri
     def replica_step(batch):
         images, labels = batch
         outputs = _float32(model(images, training=False))
-        return metrics.sums(per_example_loss(labels, outputs, None), labels, outputs)
+        return metrics.vector(per_example_loss(labels, outputs, None), labels, outputs)
 
     @tf.function
     def eval_batch(batch):
-        return strategy.reduce(
-            tf.distribute.ReduceOp.SUM, strategy.run(replica_step, args=(batch,)), axis=None
-        )
+        per_replica = strategy.run(replica_step, args=(batch,))
+        return metrics.named(strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None))
 
     def evaluate(dataset):
         totals = {name: 0.0 for name in metrics.names}

@@ -6,7 +6,15 @@ Layout, one concern a module:
   schedules    linear scaling, warmup (Section 3.1) and cosine decay (Section 5.1)
   optimizers   Nesterov SGD, weight decay with no bias/BN decay (Section 3.1)
   losses       label smoothing (Section 5.2), knowledge distillation (Section 5.3)
+  steps / loop the distributed train and eval steps; the host loop, callbacks and checkpoints
+  teacher      the distillation teacher (Section 5.3)
+  run_dir      the run directory: flags.txt, classes.txt, run.json, model.keras
+  cli          exit codes, SetupError and the entry-point wrapper every command uses
   train / evaluate / export / predict   the command-line entry points
 """
+
+from bot_keras import console
+
+console.quiet_tensorflow_start_up()  # before anything imports TensorFlow (see console.py)
 
 __version__ = "0.1.0"

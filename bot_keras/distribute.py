@@ -6,6 +6,8 @@ Everything the trainer needs to know about devices goes through here:
 - `set_precision(name)` sets the Keras dtype policy for `--precision`, once, before any layer is built;
 - `per_replica_batch_size(global_batch_size, num_replicas)` checks that the global batch (the only batch
   size a user sets) splits evenly over the replicas;
+- `set_synchronized_batch_norm(model, on)` makes every BatchNorm compute global-batch statistics
+  (`--sync_bn`);
 - `is_chief(strategy)` / `worker_dir(model_dir, strategy)` implement the multi-worker rule that only the
   chief writes to the run directory (the TensorFlow multi-worker guide's pattern: the other workers
   write to a private temporary directory, because every worker must take part in saving).
@@ -37,7 +39,7 @@ def create_strategy(name, *, tpu_address=""):
     - `tpu`: a TPU reached through `tpu_address` (empty: the local TPU VM).
     """
     if name not in STRATEGIES:
-        raise ValueError(f"--strategy={name!r} is not one of {', '.join(STRATEGIES)}.")
+        raise ValueError(f"strategy name={name!r} is not one of {', '.join(STRATEGIES)}.")
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
@@ -59,7 +61,7 @@ def _check_tf_config():
     raw = os.environ.get("TF_CONFIG", "")
     if not raw:
         raise ValueError(
-            "--strategy=multi_worker_mirrored needs the TF_CONFIG environment variable, e.g. "
+            "strategy multi_worker_mirrored needs the TF_CONFIG environment variable, e.g. "
             '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", '
             '"index": 0}}; it is not set.'
         )
@@ -89,7 +91,7 @@ def set_precision(name):
     in float32.
     """
     if name not in PRECISIONS:
-        raise ValueError(f"--precision={name!r} is not one of {', '.join(PRECISIONS)}.")
+        raise ValueError(f"precision name={name!r} is not one of {', '.join(PRECISIONS)}.")
     keras.mixed_precision.set_global_policy(name)
     return keras.mixed_precision.global_policy()
 
@@ -102,10 +104,10 @@ def needs_loss_scaling(precision):
 def per_replica_batch_size(global_batch_size, num_replicas):
     """The global batch split over `num_replicas`; raises ValueError when it does not split evenly."""
     if global_batch_size <= 0:
-        raise ValueError(f"--batch_size={global_batch_size} must be positive.")
+        raise ValueError(f"global_batch_size={global_batch_size} must be positive.")
     if global_batch_size % num_replicas:
         raise ValueError(
-            f"--batch_size={global_batch_size} (the global batch) is not divisible by the "
+            f"global_batch_size={global_batch_size} is not divisible by the "
             f"{num_replicas} replicas of this strategy; use a multiple of {num_replicas}, e.g. "
             f"{(global_batch_size // num_replicas + 1) * num_replicas}."
         )
@@ -131,3 +133,23 @@ def worker_dir(model_dir, strategy):
     if is_chief(strategy):
         return model_dir
     return tempfile.mkdtemp(prefix=f"bot_keras_worker{strategy.cluster_resolver.task_id}_")
+
+
+def set_synchronized_batch_norm(model, synchronized):
+    """`--sync_bn`: every BatchNormalization of `model` computes global-batch statistics across replicas.
+
+    Keras reads `synchronized` at call time, so switching it after the build converts the model in place.
+    Returns how many layers it set.
+    """
+
+    def all_layers(parent):  # nested models (e.g. a wrapped backbone) included
+        for layer in getattr(parent, "layers", []):
+            yield layer
+            yield from all_layers(layer)
+
+    count = 0
+    for layer in all_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = synchronized
+            count += 1
+    return count

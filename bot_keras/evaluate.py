@@ -1,170 +1,98 @@
 """`python -m bot_keras.evaluate --model_dir=RUN [--dataset=...] [--split=...]`: top-1 / top-5 of a run.
 
-Loads `RUN/model.keras`, evaluates it on the split with the evaluation transform the trainer uses
-(`make_dataset(..., training=False)`: shorter side to S/0.875, centre crop, as in Section 2 of the
-paper), prints top-1 and top-5 and writes them as JSON (default `RUN/eval_<split>.json`). What is not
-given on the command line is read from the run's `flags.txt` (dataset, data_dir, image size, the
-trainer's eval split), so `--model_dir` alone re-evaluates a run.
+Loads the run's final model through `run_dir` (a mixed-precision run as its float32 rebuild), evaluates it
+on the split with the evaluation transform the trainer uses (`make_dataset(..., training=False)`: shorter
+side to S/0.875, centre crop, as in Section 2 of the paper), prints top-1 and top-5 and writes them as
+JSON (default `RUN/eval_<split>.json`). What is not given on the command line comes from the run's
+`flags.txt` (dataset, data_dir, image size, the trainer's eval split, label offset and `--skip_corrupt`),
+so `--model_dir` alone re-evaluates a run exactly as its trainer did.
 """
 
 import json
 import os
-import sys
 
-from absl import app, flags
+import tensorflow as tf
+from absl import flags
 
-# Summed per replica, reduced with SUM across replicas, accumulated on the host.
-SUM_KEYS = ("loss", "top1", "top5", "count")
+from bot_keras import cli, run_dir, steps
+from bot_keras.data import dataset_info, make_dataset
+from bot_keras.data.errors import bad_input_message
 
-
-def top_k_sums(per_example_loss, labels, logits):
-    import tensorflow as tf
-
-    classes = tf.argmax(labels, axis=-1, output_type=tf.int32)
-    k5 = min(5, logits.shape[-1])
-    return tf.stack(
-        [
-            tf.reduce_sum(per_example_loss),
-            tf.reduce_sum(tf.cast(tf.math.in_top_k(classes, logits, 1), tf.float32)),
-            tf.reduce_sum(tf.cast(tf.math.in_top_k(classes, logits, k5), tf.float32)),
-            tf.cast(tf.shape(logits)[0], tf.float32),
-        ]
-    )
-
-
-def make_eval_function(strategy, model):
-    """Returns `evaluate(distributed_dataset) -> {"loss", "top1", "top5", "count"}` (plain cross-entropy)."""
-    import numpy as np
-    import tensorflow as tf
-
-    def replica_step(batch):
-        images, labels = batch
-        logits = tf.cast(model(images, training=False), tf.float32)
-        losses = tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=logits)
-        return top_k_sums(losses, labels, logits)
-
-    @tf.function
-    def eval_batch(batch):
-        return strategy.reduce(
-            tf.distribute.ReduceOp.SUM, strategy.run(replica_step, args=(batch,)), axis=None
-        )
-
-    def evaluate(dataset):
-        totals = np.zeros(len(SUM_KEYS))
-        for batch in dataset:
-            totals += eval_batch(batch).numpy()
-        count = max(totals[3], 1.0)
-        return {
-            "loss": totals[0] / count,
-            "top1": totals[1] / count,
-            "top5": totals[2] / count,
-            "count": int(totals[3]),
-        }
-
-    return evaluate
+COMMAND = "bot_keras.evaluate"
 
 
 def evaluate_run(model_dir, *, dataset=None, split=None, data_dir=None, image_size=None, batch_size=None):
-    """Evaluates `model_dir/model.keras`; returns {"top1", "top5", "loss", "count", "split", ...}."""
-    model_path = os.path.join(model_dir, "model.keras")
-    if not os.path.exists(model_path):
-        raise ValueError(f"--model_dir={model_dir!r} has no model.keras (has its training finished?).")
-    from bot_keras.export import read_flagfile  # the one reader of a run's flags.txt
+    """Evaluates the run in `model_dir`; returns {"top1", "top5", "loss", "count", "split", ...}.
 
-    run_flags = {}
-    if os.path.exists(os.path.join(model_dir, "flags.txt")):
-        run_flags = read_flagfile(os.path.join(model_dir, "flags.txt"))
-    dataset = dataset or run_flags.get("dataset")
-    split = split or run_flags.get("eval_split") or "validation"
-    data_dir = data_dir or run_flags.get("data_dir")
-    image_size = int(image_size or run_flags.get("image_size", 224))
-    batch_size = int(batch_size or run_flags.get("batch_size", 256))
-    # TFRecord label offset: the run's, since the same shards are read with the same labels.
-    label_offset = int(run_flags["label_offset"]) if run_flags.get("label_offset") else None
+    Set-up problems (a missing file, other classes) raise cli.SetupError."""
+    run = run_dir.read_run(model_dir)
+    dataset = dataset or run.flags["dataset"]
+    split = split or run.flags["eval_split"] or "validation"
+    data_dir = data_dir or run.flags["data_dir"]
+    image_size = int(image_size or run.image_size)
+    batch_size = int(batch_size or run.flags["batch_size"])
+    # The same shards are read with the same labels and the same corrupt-file policy as in training.
+    source = dict(
+        data_dir=data_dir, label_offset=run.flags["label_offset"], skip_corrupt=run.flags["skip_corrupt"]
+    )
     if not dataset:
-        raise ValueError(f"--dataset is not set and {model_dir!r}/flags.txt does not name one.")
-
-    import keras
-    import tensorflow as tf
-
-    from bot_keras.data import dataset_info, make_dataset, read_class_names
-
-    info = dataset_info(dataset, split=split, data_dir=data_dir, label_offset=label_offset)
-    classes_path = os.path.join(model_dir, "classes.txt")
-    classes = read_class_names(classes_path) if os.path.exists(classes_path) else None
-    if classes is not None and list(classes) != list(info.class_names):
-        raise ValueError(
-            f"{model_dir!r}/classes.txt lists {len(classes)} classes ({', '.join(classes[:5])}, ...) but "
-            f"--dataset={dataset!r} split {split!r} has {info.num_classes} ({', '.join(info.class_names[:5])}"
-            ", ...); the model was trained on other classes."
+        raise cli.SetupError(
+            f"--dataset is not set and {run.model_dir / run_dir.FLAGS_FILE} does not name one."
+        )
+    with cli.setup_errors(f"--dataset={dataset}"):
+        info = dataset_info(dataset, split=split, **source)
+    if list(run.class_names) != list(info.class_names):
+        raise cli.SetupError(
+            f"{run.model_dir / run_dir.CLASSES_FILE} lists {len(run.class_names)} classes "
+            f"({', '.join(run.class_names[:5])}, ...) but --dataset={dataset!r} split {split!r} has "
+            f"{info.num_classes} ({', '.join(info.class_names[:5])}, ...); the model was trained on other "
+            "classes."
+        )
+    model = run_dir.load_model(run)
+    with cli.setup_errors(f"--dataset={dataset}"):
+        data = make_dataset(
+            dataset,
+            split=split,
+            image_size=image_size,
+            global_batch_size=batch_size,
+            training=False,
+            **source,
         )
     try:
-        model = keras.models.load_model(model_path, compile=False)
-    except Exception as error:  # Keras raises many types for a damaged archive
-        raise ValueError(f"cannot load {model_path!r}: {error}") from error
-    if model.output_shape[-1] != info.num_classes:
-        raise ValueError(
-            f"{model_path!r} predicts {model.output_shape[-1]} classes; --dataset={dataset!r} has "
-            f"{info.num_classes}."
-        )
-    strategy = tf.distribute.get_strategy()
-    data = make_dataset(
-        dataset,
-        split=split,
-        image_size=image_size,
-        global_batch_size=batch_size,
-        training=False,
-        data_dir=data_dir,
-        label_offset=label_offset,
-    )
-    result = make_eval_function(strategy, model)(data)
-    result = {k: float(v) for k, v in result.items()}
-    result.update(
-        count=int(result["count"]), split=split, dataset=dataset, image_size=image_size, model=model_path
-    )
+        result = steps.make_eval_function(tf.distribute.get_strategy(), model)(data)
+    except tf.errors.InvalidArgumentError as error:
+        message = bad_input_message(error)  # the pipeline's check naming the file, or None: a bug
+        if message is None:
+            raise
+        raise cli.SetupError(f"Evaluation stopped by bad input data: {message}") from None
+    result.update(split=split, dataset=dataset, image_size=image_size, model=str(run.model_path))
     return result
 
 
-def define_flags(flag_values=flags.FLAGS):
-    flags.DEFINE_string(
-        "model_dir", None, "Run directory holding model.keras (and flags.txt).", flag_values=flag_values
-    )
-    flags.DEFINE_string(
-        "dataset", None, "Data source (default: the run's --dataset).", flag_values=flag_values
-    )
-    flags.DEFINE_string(
-        "data_dir", None, "TFDS data directory (default: the run's).", flag_values=flag_values
-    )
-    flags.DEFINE_string(
-        "split", None, "Split to evaluate (default: the run's --eval_split).", flag_values=flag_values
-    )
-    flags.DEFINE_integer("image_size", None, "Resolution (default: the run's).", flag_values=flag_values)
-    flags.DEFINE_integer("batch_size", None, "Batch size (default: the run's).", flag_values=flag_values)
-    flags.DEFINE_string(
-        "output", None, "JSON file to write (default: MODEL_DIR/eval_SPLIT.json).", flag_values=flag_values
-    )
+def define_flags(fv):
+    d = dict(flag_values=fv)
+    flags.DEFINE_string("model_dir", None, "Run directory written by bot_keras.train.", **d)
+    flags.DEFINE_string("dataset", None, "Data source (default: the run's --dataset).", **d)
+    flags.DEFINE_string("data_dir", None, "TFDS data directory (default: the run's).", **d)
+    flags.DEFINE_string("split", None, "Split to evaluate (default: the run's --eval_split).", **d)
+    flags.DEFINE_integer("image_size", None, "Resolution (default: the run's).", **d)
+    flags.DEFINE_integer("batch_size", None, "Batch size (default: the run's).", **d)
+    flags.DEFINE_string("output", None, "JSON file to write (default: MODEL_DIR/eval_SPLIT.json).", **d)
 
 
-def main(argv):
-    del argv
-    f = flags.FLAGS
-    if not f.model_dir:
-        raise app.UsageError("--model_dir is required.")
-    try:
-        result = evaluate_run(
-            f.model_dir,
-            dataset=f.dataset,
-            split=f.split,
-            data_dir=f.data_dir,
-            image_size=f.image_size,
-            batch_size=f.batch_size,
-        )
-    except (ValueError, OSError) as error:  # bad flags, missing data or run files: one line, no traceback
-        print(f"evaluate: {error}", file=sys.stderr)
-        sys.exit(1)
+def main(argv, f=flags.FLAGS):
+    if len(argv) > 1:
+        raise cli.SetupError(f"unexpected arguments: {' '.join(argv[1:])}")
+    result = evaluate_run(
+        f.model_dir,
+        dataset=f.dataset,
+        split=f.split,
+        data_dir=f.data_dir,
+        image_size=f.image_size,
+        batch_size=f.batch_size,
+    )
     output = f.output or os.path.join(f.model_dir, f"eval_{result['split']}.json")
-    with open(output, "w") as out:
-        json.dump(result, out, indent=2)
+    run_dir.write_atomic(output, json.dumps(result, indent=2) + "\n")
     print(
         f"{result['dataset']} {result['split']} ({result['count']} images): "
         f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%"
@@ -173,5 +101,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main, define_flags, command=COMMAND, required=("model_dir",))

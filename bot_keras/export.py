@@ -3,8 +3,8 @@
     python -m bot_keras.export --model_dir=RUN --export_dir=DIR [--format=savedmodel|keras|tflite]
         [--overwrite] [--quantize=none|dynamic] [--top_k=5]
 
-A run directory (written by `bot_keras.train`) holds `flags.txt` (the resolved flags), `classes.txt` (one
-class name a line, index order) and the final `model.keras`; those three are what export reads.
+Export reads a run directory (written by `bot_keras.train`) through `bot_keras.run_dir`: its `flags.txt`
+(the model name and image size), `classes.txt` and final `model.keras`.
 
 The SavedModel is a `tf.Module` with two signatures, both running the evaluation transform of Section 2.1
 of the paper (shorter side to S/0.875, centre crop S, normalise; `data.augment.preprocess_for_eval`, the
@@ -19,7 +19,7 @@ Both return `logits` [N, K], `probabilities` [N, K], `top_k_ids` [N, k], `top_k_
 
 Low-precision training (Section 3.2) keeps float32 master weights; a model trained under
 `mixed_float16`/`mixed_bfloat16` is exported from a float32 rebuild of the same architecture with those
-weights copied in, because float16 graphs are slow on CPU and TFLite rejects them.
+weights copied in (`run_dir.load_model`), because float16 graphs are slow on CPU and TFLite rejects them.
 
 The TFLite model takes one uint8 image [1, H, W, 3] (resize the input tensor to the image's H and W) and
 runs the same evaluation transform before the network; `--quantize=dynamic` stores the weights as int8
@@ -29,142 +29,24 @@ Every export is written to a temporary sibling of `--export_dir` and renamed int
 failed export leaves nothing half-written; an existing `--export_dir` is replaced only with `--overwrite`.
 """
 
-import dataclasses
 import os
 import pathlib
 import shutil
-import sys
 import uuid
 
 import keras
 import tensorflow as tf
-from absl import app, flags
+from absl import flags
 
+from bot_keras import cli, run_dir
 from bot_keras.data.augment import check_encoded_image, decode_image, preprocess_for_eval
-from bot_keras.data.sources import read_class_names
-from bot_keras.models import build_backbone, build_model
 
-RUN_FILES = ("flags.txt", "classes.txt", "model.keras")
+COMMAND = "bot_keras.export"
 FORMATS = ("savedmodel", "keras", "tflite")
 QUANTIZE = ("none", "dynamic")
 SIGNATURES = ("serving_default", "serving_images")
 TFLITE_FILE = "model.tflite"
 KERAS_FILE = "model.keras"
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-    """What export needs from a run directory (see `read_run`)."""
-
-    model_dir: pathlib.Path
-    flags: dict
-    class_names: tuple
-    model_name: str
-    image_size: int
-
-    @property
-    def model_path(self):
-        return self.model_dir / "model.keras"
-
-
-def read_flagfile(path):
-    """absl flagfile → {name: value string}. A bare boolean (`--name`, or absl's `--noname` for false)
-    maps to "true" under the name as written: telling `--noname` from a flag called `noname` needs the
-    flag definitions, and export reads only valued flags (--model, --image_size)."""
-    values = {}
-    for line in pathlib.Path(path).read_text().splitlines():
-        line = line.strip()
-        if not line.startswith("--"):
-            continue  # blank lines and `#` comments
-        name, sep, value = line[2:].partition("=")
-        values[name] = value if sep else "true"
-    return values
-
-
-def read_run(model_dir):
-    """Checks a run directory and reads its flags and class names; errors name what is missing."""
-    model_dir = pathlib.Path(model_dir)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"run directory {model_dir} does not exist (--model_dir={model_dir})")
-    missing = [name for name in RUN_FILES if not (model_dir / name).is_file()]
-    if missing:
-        hint = " (bot_keras.train writes model.keras when training ends)" if "model.keras" in missing else ""
-        raise FileNotFoundError(
-            f"run directory {model_dir} is incomplete: missing {', '.join(missing)}{hint}")
-    flags = read_flagfile(model_dir / "flags.txt")
-    lacking = [f"--{name}" for name in ("model", "image_size") if not flags.get(name)]
-    if lacking:
-        raise ValueError(f"{model_dir / 'flags.txt'} lacks {', '.join(lacking)}")
-    try:
-        image_size = int(flags["image_size"])
-    except ValueError:
-        raise ValueError(
-            f"{model_dir / 'flags.txt'}: --image_size={flags['image_size']} is not an integer") from None
-    class_names = read_class_names(model_dir / "classes.txt")
-    if not class_names:
-        raise ValueError(f"{model_dir / 'classes.txt'} lists no classes")
-    return Run(
-        model_dir=model_dir,
-        flags=flags,
-        class_names=class_names,
-        model_name=flags["model"],
-        image_size=image_size,
-    )
-
-
-def _computes_in_float32(model):
-    return all(layer.dtype_policy.compute_dtype == "float32" for layer in model.layers)
-
-
-def float32_rebuild(model, run):
-    """The model itself when every layer computes in float32; else (a model saved under a mixed policy,
-    Section 3.2's FP16 training) `--model` from `flags.txt` rebuilt under the float32 policy with the
-    trained float32 master weights copied in, in order, each shape checked."""
-    if _computes_in_float32(model):
-        return model
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("float32")
-    try:
-        rebuilt = build_model(
-            run.model_name, num_classes=len(run.class_names), input_shape=model.input_shape[1:])
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
-    if len(rebuilt.weights) != len(model.weights):
-        raise ValueError(
-            f"{run.model_path} has {len(model.weights)} weights but --model={run.model_name} from flags.txt "
-            f"builds {len(rebuilt.weights)}; the run's flags do not describe its model"
-        )
-    for target, source in zip(rebuilt.weights, model.weights, strict=True):
-        if tuple(target.shape) != tuple(source.shape):
-            raise ValueError(
-                f"{run.model_path}: weight {source.path} has shape {tuple(source.shape)} but the float32 "
-                f"rebuild of --model={run.model_name} expects {tuple(target.shape)} ({target.path})"
-            )
-        target.assign(tf.cast(source.value, target.dtype))
-    return rebuilt
-
-
-def load_model(run):
-    """The run's final model as a float32 `keras.Model` ready for inference."""
-    try:
-        model = keras.models.load_model(run.model_path, compile=False)
-    except Exception as err:  # Keras raises a zoo of types for a damaged archive
-        raise ValueError(f"cannot load {run.model_path}: {err}") from err
-    num_outputs = model.output_shape[-1]
-    if num_outputs != len(run.class_names):
-        raise ValueError(
-            f"{run.model_path} predicts {num_outputs} classes but {run.model_dir / 'classes.txt'} "
-            f"lists {len(run.class_names)}"
-        )
-    return float32_rebuild(model, run)
-
-
-def load_backbone(model_dir, **backbone_kwargs):
-    """`build_backbone` of the run's architecture holding the trained classifier's weights (copied layer by
-    layer by `models.load_classifier_weights`; the `logits` head is left out). `backbone_kwargs` go to
-    `build_backbone` (e.g. `output_stride`, `input_shape`): the start for segmentation or detection."""
-    run = read_run(model_dir)
-    return build_backbone(run.model_name, weights_from=load_model(run), **backbone_kwargs)
 
 
 class ServingModule(tf.Module):
@@ -204,11 +86,14 @@ class ServingModule(tf.Module):
         ok = tf.map_fn(check_encoded_image, image_bytes, fn_output_signature=tf.bool)
         checks = [
             _assert_batch_not_empty("serving_default", image_bytes),
-            tf.debugging.Assert(tf.reduce_all(ok), [
-                "serving_default: image_bytes entries at these batch indices are not complete JPEG, PNG, "
-                "GIF or BMP images:",
-                tf.reshape(tf.where(tf.logical_not(ok)), [-1]),
-            ]),
+            tf.debugging.Assert(
+                tf.reduce_all(ok),
+                [
+                    "serving_default: image_bytes entries at these batch indices are not complete JPEG, PNG, "
+                    "GIF or BMP images:",
+                    tf.reshape(tf.where(tf.logical_not(ok)), [-1]),
+                ],
+            ),
         ]
         with tf.control_dependencies(checks):
             images = self._preprocess(tf.identity(image_bytes), decode=True)
@@ -219,9 +104,13 @@ class ServingModule(tf.Module):
         shape = tf.shape(images)
         checks = [
             _assert_batch_not_empty("serving_images", images),
-            tf.debugging.Assert(tf.logical_and(shape[1] > 0, shape[2] > 0), [
-                "serving_images: images need a height and width of at least 1 pixel; got shape", shape,
-            ]),
+            tf.debugging.Assert(
+                tf.logical_and(shape[1] > 0, shape[2] > 0),
+                [
+                    "serving_images: images need a height and width of at least 1 pixel; got shape",
+                    shape,
+                ],
+            ),
         ]
         with tf.control_dependencies(checks):
             batch = self._preprocess(tf.identity(images), decode=False)
@@ -230,7 +119,8 @@ class ServingModule(tf.Module):
 
 def _assert_batch_not_empty(signature, batch):
     return tf.debugging.Assert(
-        tf.shape(batch)[0] > 0, [f"{signature}: got an empty batch; send at least one image"])
+        tf.shape(batch)[0] > 0, [f"{signature}: got an empty batch; send at least one image"]
+    )
 
 
 def _tflite_bytes(model, image_size, quantize, scratch):
@@ -275,26 +165,28 @@ def _write(run, model, staging, *, export_format, quantize, top_k):
         (staging / TFLITE_FILE).write_bytes(_tflite_bytes(model, run.image_size, quantize, scratch))
         shutil.rmtree(scratch)
         extra = staging
-    for name in ("classes.txt", "flags.txt"):
+    for name in (run_dir.CLASSES_FILE, run_dir.FLAGS_FILE):
         shutil.copyfile(run.model_dir / name, extra / name)
 
 
 def export(model_dir, export_dir, *, export_format="savedmodel", overwrite=False, quantize="none", top_k=5):
-    """Exports the run in `model_dir` to `export_dir`; returns the export directory as a Path."""
+    """Exports the run in `model_dir` to `export_dir`; returns the export directory as a Path. Bad
+    options or a bad run directory raise cli.SetupError naming them."""
     if export_format not in FORMATS:
-        raise ValueError(f"--format={export_format} is not one of {', '.join(FORMATS)}")
+        raise cli.SetupError(f"export_format={export_format} is not one of {', '.join(FORMATS)}")
     if quantize not in QUANTIZE:
-        raise ValueError(f"--quantize={quantize} is not one of {', '.join(QUANTIZE)}")
+        raise cli.SetupError(f"quantize={quantize} is not one of {', '.join(QUANTIZE)}")
     if quantize != "none" and export_format != "tflite":
-        raise ValueError(
-            f"--quantize={quantize} applies to --format=tflite only (got --format={export_format})")
+        raise cli.SetupError(
+            f"quantize={quantize} applies to export_format=tflite only (got {export_format})"
+        )
     if top_k < 1:
-        raise ValueError(f"--top_k={top_k} must be at least 1")
+        raise cli.SetupError(f"top_k={top_k} must be at least 1")
     export_dir = pathlib.Path(export_dir)
     if export_dir.exists() and not overwrite:
-        raise FileExistsError(f"--export_dir={export_dir} already exists; pass --overwrite to replace it")
-    run = read_run(model_dir)
-    model = load_model(run)
+        raise cli.SetupError(f"--export_dir={export_dir} already exists; pass --overwrite to replace it")
+    run = run_dir.read_run(model_dir)
+    model = run_dir.load_model(run)
 
     export_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = _sibling(export_dir, "partial")
@@ -326,29 +218,31 @@ def _sibling(path, kind):
     return sibling
 
 
-def _define_flags():
-    flags.DEFINE_string("model_dir", None, "Run directory written by bot_keras.train.", required=True)
-    flags.DEFINE_string("export_dir", None, "Directory to create (must not exist unless --overwrite).",
-                        required=True)
-    flags.DEFINE_enum("format", "savedmodel", FORMATS, "What to write.")
-    flags.DEFINE_bool("overwrite", False, "Replace an existing --export_dir.")
-    flags.DEFINE_enum("quantize", "none", QUANTIZE, "TFLite only: dynamic-range (int8 weight) quantisation.")
-    flags.DEFINE_integer("top_k", 5, "SavedModel only: how many classes the top_k_* outputs hold.")
-    return flags.FLAGS
+def define_flags(fv):
+    d = dict(flag_values=fv)
+    flags.DEFINE_string("model_dir", None, "Run directory written by bot_keras.train.", **d)
+    flags.DEFINE_string("export_dir", None, "Directory to create (must not exist unless --overwrite).", **d)
+    flags.DEFINE_enum("format", "savedmodel", FORMATS, "What to write.", **d)
+    flags.DEFINE_bool("overwrite", False, "Replace an existing --export_dir.", **d)
+    flags.DEFINE_enum(
+        "quantize", "none", QUANTIZE, "TFLite only: dynamic-range (int8 weight) quantisation.", **d
+    )
+    flags.DEFINE_integer("top_k", 5, "SavedModel only: how many classes the top_k_* outputs hold.", **d)
 
 
-def main(argv):
+def main(argv, f=flags.FLAGS):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    FLAGS = flags.FLAGS
-    try:
-        path = export(FLAGS.model_dir, FLAGS.export_dir, export_format=FLAGS.format,
-                      overwrite=FLAGS.overwrite, quantize=FLAGS.quantize, top_k=FLAGS.top_k)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        sys.exit(f"bot_keras.export: error: {err}")
-    print(f"exported {FLAGS.model_dir} ({FLAGS.format}) to {path}")
+        raise cli.SetupError(f"unexpected arguments: {' '.join(argv[1:])}")
+    path = export(
+        f.model_dir,
+        f.export_dir,
+        export_format=f.format,
+        overwrite=f.overwrite,
+        quantize=f.quantize,
+        top_k=f.top_k,
+    )
+    print(f"exported {f.model_dir} ({f.format}) to {path}")
 
 
 if __name__ == "__main__":
-    _define_flags()
-    app.run(main)
+    cli.run(main, define_flags, command=COMMAND, required=("model_dir", "export_dir"))

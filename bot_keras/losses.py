@@ -23,7 +23,7 @@ def classification_loss(label_smoothing=0.0):
     """
     label_smoothing = float(label_smoothing)
     if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"--label_smoothing must be in [0, 1), got {label_smoothing!r}.")
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}.")
     return keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=label_smoothing)
 
 
@@ -57,11 +57,11 @@ def distillation_loss(
     custom distributed step that divides by the global batch).
     """
     if not temperature > 0:
-        raise ValueError(f"--distill_temperature must be > 0, got {temperature!r}.")
+        raise ValueError(f"temperature must be > 0, got {temperature!r}.")
     if hard_weight is not None and not 0.0 <= hard_weight <= 1.0:
-        raise ValueError(f"--distill_hard_weight must be in [0, 1], got {hard_weight!r}.")
+        raise ValueError(f"hard_weight must be in [0, 1], got {hard_weight!r}.")
     if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"--label_smoothing must be in [0, 1), got {label_smoothing!r}.")
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}.")
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}.")
     labels = ops.cast(labels, "float32")

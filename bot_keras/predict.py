@@ -21,17 +21,16 @@ Output, for each image:
 
 import dataclasses
 import pathlib
-import sys
 from collections.abc import Callable
 
-import keras
 import numpy as np
 import tensorflow as tf
-from absl import app, flags
+from absl import flags
 
-from bot_keras import export
+from bot_keras import cli, run_dir
 from bot_keras.data.augment import check_encoded_image, decode_image, preprocess_for_eval
-from bot_keras.data.sources import read_class_names
+
+COMMAND = "bot_keras.predict"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,24 +59,27 @@ def _keras_classifier(model, class_names, image_size, kind):
 
 def _read_class_names(path):
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; it lists the class names (one a line, index order)")
-    names = read_class_names(path)
+        raise cli.SetupError(f"{path} is missing; it lists the class names (one a line, index order)")
+    names = run_dir.read_class_names(path)
     if not names:
-        raise ValueError(f"{path} lists no classes")
+        raise cli.SetupError(f"{path} lists no classes")
     return names
 
 
 def load_classifier(path):
-    """A `Classifier` for a SavedModel directory, a `.keras` file or a run directory (module docstring)."""
+    """A `Classifier` for a SavedModel directory, a `.keras` file or a run directory (module docstring);
+    a path that is none of them, or a damaged one, raises cli.SetupError."""
     path = pathlib.Path(path)
     if (path / "saved_model.pb").is_file():
         try:
             loaded = tf.saved_model.load(str(path))
         except Exception as err:  # a damaged SavedModel raises many TensorFlow error types
-            raise ValueError(f"--model={path}: cannot load the SavedModel: {err}") from err
+            raise cli.SetupError(f"--model={path}: cannot load the SavedModel: {err}") from err
         if "serving_default" not in loaded.signatures or not hasattr(loaded, "class_names"):
-            raise ValueError(f"--model={path} is a SavedModel but not one bot_keras.export wrote "
-                             "(it needs a serving_default signature and class_names)")
+            raise cli.SetupError(
+                f"--model={path} is a SavedModel but not one bot_keras.export wrote "
+                "(it needs a serving_default signature and class_names)"
+            )
         serve = loaded.signatures["serving_default"]
 
         def probabilities(encoded_images):
@@ -85,27 +87,29 @@ def load_classifier(path):
 
         names = tuple(name.decode() for name in loaded.class_names.numpy())
         return Classifier(probabilities=probabilities, class_names=names, kind="savedmodel")
-    if path.is_file() and path.name == "model.keras" and (path.parent / "flags.txt").is_file():
+    if path.is_file() and path.name == run_dir.MODEL_FILE and (path.parent / run_dir.FLAGS_FILE).is_file():
         path = path.parent  # a run directory's final model: load it as the run (float32 rebuild included)
     if path.is_file() and path.suffix == ".keras":
-        try:
-            model = keras.models.load_model(path, compile=False)
-        except Exception as err:  # Keras raises many types for a damaged archive
-            raise ValueError(f"--model={path}: cannot load the .keras file: {err}") from err
-        class_names = _read_class_names(path.parent / "classes.txt")
-        flagfile = path.parent / "flags.txt"
-        image_size = export.read_flagfile(flagfile).get("image_size") if flagfile.is_file() else None
-        image_size = int(image_size) if image_size else model.input_shape[1]
+        model = run_dir.load_keras_model(path, label=f"--model={path}")
+        class_names = _read_class_names(path.parent / run_dir.CLASSES_FILE)
+        flagfile = path.parent / run_dir.FLAGS_FILE
+        image_size = model.input_shape[1]
+        if flagfile.is_file():
+            image_size = run_dir.read_flags(
+                flagfile, run_dir.command_flags(run_dir.CLASSIFICATION)
+            ).image_size
         if image_size is None:
-            raise ValueError(f"{path} takes any image size and no flags.txt beside it gives --image_size")
+            raise cli.SetupError(f"{path} takes any image size and no flags.txt beside it gives --image_size")
         return _keras_classifier(model, class_names, image_size, "keras")
-    if path.is_dir() and (path / "flags.txt").is_file():
-        run = export.read_run(path)
-        return _keras_classifier(export.load_model(run), run.class_names, run.image_size, "run")
+    if path.is_dir() and (path / run_dir.FLAGS_FILE).is_file():
+        run = run_dir.read_run(path)
+        return _keras_classifier(run_dir.load_model(run), run.class_names, run.image_size, "run")
     if not path.exists():
-        raise FileNotFoundError(f"--model={path} does not exist")
-    raise ValueError(f"--model={path} is neither a SavedModel directory (saved_model.pb), a .keras file "
-                     "nor a run directory (flags.txt, classes.txt, model.keras)")
+        raise cli.SetupError(f"--model={path} does not exist")
+    raise cli.SetupError(
+        f"--model={path} is neither a SavedModel directory (saved_model.pb), a .keras file "
+        "nor a run directory (flags.txt, classes.txt, model.keras)"
+    )
 
 
 def read_images(paths):
@@ -113,10 +117,10 @@ def read_images(paths):
     encoded = []
     for path in map(pathlib.Path, paths):
         if not path.is_file():
-            raise FileNotFoundError(f"image file {path} does not exist")
+            raise cli.SetupError(f"image file {path} does not exist")
         data = path.read_bytes()
         if not bool(check_encoded_image(data)):
-            raise ValueError(f"{path} is not a complete JPEG, PNG, GIF or BMP image")
+            raise cli.SetupError(f"{path} is not a complete JPEG, PNG, GIF or BMP image")
         encoded.append(data)
     return encoded
 
@@ -134,11 +138,12 @@ def top_k(probabilities, class_names, k):
 def predict(model_path, image_paths, *, k=5):
     """[(image path, [Prediction, ...]), ...] for the image files, in order."""
     if k < 1:
-        raise ValueError(f"--top_k={k} must be at least 1")
+        raise cli.SetupError(f"k={k} must be at least 1")
     classifier = load_classifier(model_path)
     encoded = read_images(image_paths)
-    return list(zip(image_paths, top_k(classifier.probabilities(encoded), classifier.class_names, k),
-                    strict=True))
+    return list(
+        zip(image_paths, top_k(classifier.probabilities(encoded), classifier.class_names, k), strict=True)
+    )
 
 
 def format_predictions(results):
@@ -146,27 +151,24 @@ def format_predictions(results):
     for path, predictions in results:
         lines.append(str(path))
         width = max(len(p.class_name) for p in predictions)
-        lines.extend(f"  {rank}. {p.class_name:<{width}}  {p.probability:.4f}"
-                     for rank, p in enumerate(predictions, start=1))
+        lines.extend(
+            f"  {rank}. {p.class_name:<{width}}  {p.probability:.4f}"
+            for rank, p in enumerate(predictions, start=1)
+        )
     return "\n".join(lines)
 
 
-def _define_flags():
-    flags.DEFINE_string("model", None, "SavedModel directory, .keras file or run directory.", required=True)
-    flags.DEFINE_integer("top_k", 5, "How many classes to print per image.")
+def define_flags(fv):
+    d = dict(flag_values=fv)
+    flags.DEFINE_string("model", None, "SavedModel directory, .keras file or run directory.", **d)
+    flags.DEFINE_integer("top_k", 5, "How many classes to print per image.", **d)
 
 
-def main(argv):
+def main(argv, f=flags.FLAGS):
     if len(argv) < 2:
-        raise app.UsageError("name at least one image: python -m bot_keras.predict --model=PATH IMAGE ...")
-    FLAGS = flags.FLAGS
-    try:
-        results = predict(FLAGS.model, argv[1:], k=FLAGS.top_k)
-    except (FileNotFoundError, ValueError) as err:
-        sys.exit(f"bot_keras.predict: error: {err}")
-    print(format_predictions(results))
+        raise cli.SetupError("name at least one image: python -m bot_keras.predict --model=PATH IMAGE ...")
+    print(format_predictions(predict(f.model, argv[1:], k=f.top_k)))
 
 
 if __name__ == "__main__":
-    _define_flags()
-    app.run(main)
+    cli.run(main, define_flags, command=COMMAND, required=("model",))

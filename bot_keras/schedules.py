@@ -35,9 +35,9 @@ SCHEDULE_NAMES = ("step", "cosine", "constant")
 def scaled_learning_rate(base_lr, global_batch_size):
     """Linear scaling rule (Section 3.1): base_lr × global_batch_size / 256."""
     if not base_lr > 0:
-        raise ValueError(f"--base_lr must be > 0, got {base_lr!r}.")
+        raise ValueError(f"base_lr must be > 0, got {base_lr!r}.")
     if int(global_batch_size) != global_batch_size or global_batch_size < 1:
-        raise ValueError(f"--batch_size (global) must be a positive integer, got {global_batch_size!r}.")
+        raise ValueError(f"global_batch_size must be a positive integer, got {global_batch_size!r}.")
     return float(base_lr) * global_batch_size / PAPER_BATCH_SIZE
 
 
@@ -179,15 +179,15 @@ def build_lr_schedule(
     Epoch counts may be fractional as long as they give whole steps (e.g. warmup 0.5 epochs).
     """
     if name not in SCHEDULE_NAMES:
-        raise ValueError(f"--lr_schedule must be one of {', '.join(SCHEDULE_NAMES)}; got {name!r}.")
+        raise ValueError(f"name must be one of {', '.join(SCHEDULE_NAMES)}; got {name!r}.")
     if int(steps_per_epoch) != steps_per_epoch or steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be a positive integer, got {steps_per_epoch!r}.")
     if not epochs > 0:
-        raise ValueError(f"--epochs must be > 0, got {epochs!r}.")
+        raise ValueError(f"epochs must be > 0, got {epochs!r}.")
     if warmup_epochs < 0:
-        raise ValueError(f"--warmup_epochs must be >= 0, got {warmup_epochs!r}.")
+        raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs!r}.")
     if warmup_epochs >= epochs:
-        raise ValueError(f"--warmup_epochs ({warmup_epochs!r}) must be smaller than --epochs ({epochs!r}).")
+        raise ValueError(f"warmup_epochs ({warmup_epochs!r}) must be smaller than epochs ({epochs!r}).")
     peak = scaled_learning_rate(base_lr, global_batch_size)
     total_steps = training_steps(epochs, steps_per_epoch)
     warmup_steps = int(round(warmup_epochs * steps_per_epoch))
@@ -196,7 +196,7 @@ def build_lr_schedule(
         decay_epochs = list(decay_epochs)
         if decay_epochs != sorted(set(decay_epochs)) or any(e <= warmup_epochs for e in decay_epochs):
             raise ValueError(
-                f"decay epochs must be strictly increasing and after --warmup_epochs={warmup_epochs!r}; "
+                f"decay_epochs must be strictly increasing and after warmup_epochs={warmup_epochs!r}; "
                 f"got {decay_epochs}."
             )
         boundaries = [int(round(e * steps_per_epoch)) for e in decay_epochs]

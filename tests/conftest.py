@@ -22,20 +22,20 @@ def _reset_keras_state():
 
 @pytest.fixture
 def parse(monkeypatch):
-    """Parses a `bot_keras.train` command line into absl's FLAGS (from the repository root, where nested
-    `--flagfile=configs/...` paths resolve) and resets the flags afterwards."""
+    """Parses a `bot_keras.train` command line into a fresh `absl.flags.FlagValues` holding the trainer's
+    flags (from the repository root, where nested `--flagfile=configs/...` paths resolve)."""
     import pathlib
 
     from absl import flags
 
-    import bot_keras.train  # noqa: F401 - defines the flags
+    from bot_keras import train
 
     monkeypatch.chdir(pathlib.Path(__file__).resolve().parent.parent)
 
     def _parse(*args):
-        flags.FLAGS.unparse_flags()
-        flags.FLAGS(["train", *args])
-        return flags.FLAGS
+        flag_values = flags.FlagValues()
+        train.define_flags(flag_values)
+        flag_values(["train", *args])
+        return flag_values
 
-    yield _parse
-    flags.FLAGS.unparse_flags()
+    return _parse

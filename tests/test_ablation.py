@@ -8,9 +8,8 @@ import sys
 
 import keras
 import pytest
-from absl import flags
 
-from bot_keras import train
+from bot_keras import loop
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("ablation", ROOT / "tools" / "ablation.py")
@@ -79,21 +78,16 @@ def test_row_directory_names():
     assert ablation.row_dir_name(12, "+++") == "12_row"
 
 
-def test_row_flags_override_base_and_common_flags_and_the_budget_is_last(monkeypatch, tmp_path):
+def test_row_flags_override_base_and_common_flags_and_the_budget_is_last(monkeypatch, tmp_path, parse):
     """The order the trainer sees (absl: the last occurrence of a flag wins)."""
     monkeypatch.chdir(ROOT)
     row = ablation.Row("+ big batch", ("--batch_size=512", "--dataset=synthetic:99"))
     args = ablation.row_arguments(row, base=BASE, common=["--dataset=synthetic", "--seed=7"], epochs=2.5,
                                   run_dir=str(tmp_path / "r"))
     assert args[0] == f"--flagfile={BASE}" and args[-2:] == ["--epochs=2.5", f"--model_dir={tmp_path / 'r'}"]
-    flags.FLAGS.unparse_flags()
-    try:
-        flags.FLAGS(["train", *args])
-        f = flags.FLAGS
-        assert (f.batch_size, f.dataset, f.seed) == (512, "synthetic:99", 7)
-        assert (f.epochs, f.lr_schedule) == (2.5, "step")
-    finally:
-        flags.FLAGS.unparse_flags()
+    f = parse(*args)
+    assert (f.batch_size, f.dataset, f.seed) == (512, "synthetic:99", 7)
+    assert (f.epochs, f.lr_schedule) == (2.5, "step")
 
 
 def test_rows_are_validated_with_the_trainer_flags_before_training(monkeypatch, tmp_path):
@@ -141,8 +135,8 @@ def test_main_dry_run_prints_every_command_and_rejects_typos(monkeypatch, tmp_pa
 def _write_trainer_csv(run_dir, epochs_logs):
     """Writes logs/training.csv through the trainer's own callbacks (the file the tool reads)."""
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
-    callbacks = train.make_callbacks(str(run_dir), chief=True, verbose=0, epochs=len(epochs_logs),
-                                     steps_per_epoch=1, model=model, resume=False)
+    callbacks = loop.make_callbacks(str(run_dir), chief=True, verbose=0, epochs=len(epochs_logs),
+                                    steps_per_epoch=1, model=model, resume=False)
     callbacks.on_train_begin()
     for epoch, logs in enumerate(epochs_logs):
         callbacks.on_epoch_begin(epoch)

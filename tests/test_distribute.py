@@ -28,17 +28,17 @@ def _env(**extra):
 
 
 def test_unknown_strategy_and_precision_echo_the_value():
-    with pytest.raises(ValueError, match=r"--strategy='mirorred'"):
+    with pytest.raises(ValueError, match=r"strategy name='mirorred'"):
         distribute.create_strategy("mirorred")
-    with pytest.raises(ValueError, match=r"--precision='float16'"):
+    with pytest.raises(ValueError, match=r"precision name='float16'"):
         distribute.set_precision("float16")
 
 
 def test_global_batch_must_split_over_replicas():
     assert distribute.per_replica_batch_size(256, 8) == 32
-    with pytest.raises(ValueError, match=r"--batch_size=100 .* not divisible by the 8 replicas.*e\.g\. 104"):
+    with pytest.raises(ValueError, match=r"size=100 .* not divisible by the 8 replicas.*e\.g\. 104"):
         distribute.per_replica_batch_size(100, 8)
-    with pytest.raises(ValueError, match=r"--batch_size=0"):
+    with pytest.raises(ValueError, match=r"global_batch_size=0"):
         distribute.per_replica_batch_size(0, 1)
 
 
@@ -80,7 +80,7 @@ _COMMON = textwrap.dedent(
     import numpy as np
     import tensorflow as tf
     import keras
-    from bot_keras import distribute, train
+    from bot_keras import distribute, steps
 
     GLOBAL_BATCH = 8
     x = np.random.RandomState(0).randn(64, 6, 6, 3).astype("float32")
@@ -99,20 +99,20 @@ _COMMON = textwrap.dedent(
         layers += [keras.layers.ReLU(), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3)]
         return keras.Sequential(layers)
 
-    def run(strategy, batch_norm=False, sync_bn=False, steps=5):
+    def run(strategy, batch_norm=False, sync_bn=False, n_steps=5):
         keras.utils.set_random_seed(0)
         iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
         with strategy.scope():
             model = build(batch_norm)
-            train.set_synchronized_batch_norm(model, sync_bn)
+            distribute.set_synchronized_batch_norm(model, sync_bn)
             optimizer = keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True)
             optimizer.build(model.trainable_variables)
         initial = [w.tolist() for w in model.get_weights()]
         loss = lambda labels, logits, _: tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=logits)
-        step = train.make_train_function(strategy, model, optimizer, per_example_loss=loss,
+        step = steps.make_train_function(strategy, model, optimizer, per_example_loss=loss,
                                          global_batch_size=GLOBAL_BATCH)
-        sums = step(iterator, tf.constant(0, tf.int64), tf.constant(steps), tf.constant(False)).numpy()
-        return [w.tolist() for w in model.get_weights()], sums.tolist(), initial
+        sums = step(iterator, tf.constant(0, tf.int64), tf.constant(n_steps), tf.constant(False))
+        return [w.tolist() for w in model.get_weights()], [float(v) for v in sums.values()], initial
     """
 )
 
@@ -140,7 +140,7 @@ _MIRRORED = _COMMON + textwrap.dedent(
         optimizer.build(model.trainable_variables)
     before = model.get_weights()
     loss = lambda labels, logits, _: tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=logits)
-    step = train.make_train_function(mirrored, model, optimizer, per_example_loss=loss, global_batch_size=8)
+    step = steps.make_train_function(mirrored, model, optimizer, per_example_loss=loss, global_batch_size=8)
     step(iter(mirrored.experimental_distribute_dataset(bad)), tf.constant(0, tf.int64), tf.constant(1),
          tf.constant(False))
     out["overflow"] = {
@@ -185,7 +185,7 @@ def test_mirrored_two_devices_matches_one_device_with_the_same_global_batch(tmp_
 _WORKER = _COMMON + textwrap.dedent(
     """
     strategy = distribute.create_strategy("multi_worker_mirrored")
-    weights, sums, initial = run(strategy, steps=4)
+    weights, sums, initial = run(strategy, n_steps=4)
     print("RESULT " + json.dumps({"chief": distribute.is_chief(strategy), "weights": weights, "sums": sums,
                                   "initial": initial}))
     """
@@ -295,6 +295,7 @@ def test_two_worker_cli_run_only_the_chief_writes_the_run_directory(tmp_path, tw
         "flags.txt",
         "logs",
         "model.keras",
+        "run.json",
     ]
     steps = sorted(
         int(n[5:-6]) for n in os.listdir(os.path.join(run_dir, "checkpoints")) if n.endswith(".index")
@@ -302,3 +303,16 @@ def test_two_worker_cli_run_only_the_chief_writes_the_run_directory(tmp_path, tw
     assert steps[-1] == 6
     # The non-chief's private checkpoint directory was deleted when training ended.
     assert not [n for n in os.listdir(tmp_path) if n.startswith("bot_keras_worker")]
+
+
+def test_sync_bn_converts_every_batch_norm_of_a_built_model():
+    from bot_keras.models import build_model
+
+    model = build_model("resnet18_d", num_classes=10, input_shape=(32, 32, 3))
+    count = distribute.set_synchronized_batch_norm(model, True)
+    # resnet18_d: 3 stem BNs + 8 blocks × 2 + 3 downsampling shortcuts.
+    assert count == 3 + 16 + 3
+    configs = [
+        layer.get_config() for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    assert len(configs) == count and all(c["synchronized"] for c in configs)

@@ -2,13 +2,14 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from absl import flags
 
-from bot_keras import evaluate, train
+from bot_keras import cli, evaluate, steps, train
 
 
 def test_top_k_sums_count_hits_by_hand():
@@ -20,8 +21,9 @@ def test_top_k_sums_count_hits_by_hand():
         ]
     )  # true 4: ranked 5th, top-5 hit
     labels = tf.one_hot([1, 5, 4], 6)
-    sums = evaluate.top_k_sums(tf.constant([1.0, 2.0, 3.0]), labels, logits).numpy()
-    np.testing.assert_array_equal(sums, [6.0, 1.0, 2.0, 3.0])
+    sums = steps.classification_sums(tf.constant([1.0, 2.0, 3.0]), labels, logits)
+    sums = {name: float(value) for name, value in sums.items()}
+    assert sums == {"loss": 6.0, "top1": 1.0, "top5": 2.0, "count": 3.0}
 
 
 def _write_folder(root, *, classes=("cat", "dog", "fish"), per_class=(12, 4)):
@@ -42,8 +44,8 @@ def trained_folder_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("folder_run")
     _write_folder(str(tmp_path / "data"))
     run_dir = str(tmp_path / "run")
-    f = flags.FLAGS
-    f.unparse_flags()
+    f = flags.FlagValues()
+    train.define_flags(f)
     f(
         [
             "train",
@@ -65,10 +67,7 @@ def trained_folder_run(tmp_path_factory):
             "--seed=2",
         ]
     )
-    try:
-        train.main([])
-    finally:
-        f.unparse_flags()
+    train.main([], f)
     return run_dir, str(tmp_path / "data")
 
 
@@ -96,5 +95,28 @@ def test_evaluate_rejects_runs_trained_on_other_classes(trained_folder_run, tmp_
         ValueError, match=r"classes\.txt lists 3 classes \(cat, dog, fish.*has 3 \(ant, bee, cow"
     ):
         evaluate.evaluate_run(run_dir, dataset=f"folder:{other}")
-    with pytest.raises(ValueError, match=r"has no model\.keras"):
+    with pytest.raises(cli.SetupError, match=r"incomplete: missing .*model\.keras"):
         evaluate.evaluate_run(str(tmp_path))
+
+
+def test_evaluate_honours_the_runs_skip_corrupt(trained_folder_run, tmp_path):
+    """A truncated image in the evaluated split: skipped when the run trained with --skip_corrupt, and
+    otherwise a one-line error naming the file (evaluate reads the run's flag, typed, from flags.txt)."""
+    run, data = trained_folder_run
+    clean = evaluate.evaluate_run(run)
+    shutil.copytree(data, tmp_path / "data")
+    png = tf.io.encode_png(np.full((20, 20, 3), 90, np.uint8)).numpy()
+    (tmp_path / "data" / "test" / "dog" / "broken.png").write_bytes(png[: len(png) // 2])
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    text = (copy / "flags.txt").read_text()
+    text = text.replace(f"--dataset=folder:{data}", f"--dataset=folder:{tmp_path / 'data'}")
+    assert "--noskip_corrupt\n" in text
+    (copy / "flags.txt").write_text(text.replace("--noskip_corrupt", "--skip_corrupt"))
+    result = evaluate.evaluate_run(str(copy))
+    assert result["count"] == 12 and result["top1"] == pytest.approx(clean["top1"], abs=1e-6)
+    (copy / "flags.txt").write_text(text)
+    expected = (r"^Evaluation stopped by bad input data: Undecodable image file \(empty, not an image, or "
+                r"truncated\): \S*broken\.png — pass skip_corrupt$")
+    with pytest.raises(cli.SetupError, match=expected):
+        evaluate.evaluate_run(str(copy))

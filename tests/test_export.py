@@ -24,7 +24,8 @@ from tiny_run import (
     write_image_folder,
 )
 
-from bot_keras import export
+from bot_keras import cli, export
+from bot_keras import run_dir as runs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated:UserWarning")
@@ -157,7 +158,7 @@ def test_export_dir_carries_the_class_list_and_flags(run, saved_model):
 def test_mixed_float16_run_is_exported_as_float32_with_the_same_logits(tmp_path):
     run_dir, trained = make_run(tmp_path / "run16", precision="mixed_float16", seed=1)
     assert {layer.compute_dtype for layer in trained.layers if layer.weights} >= {"float16"}
-    rebuilt = export.load_model(export.read_run(run_dir))
+    rebuilt = runs.load_model(runs.read_run(run_dir))
     assert {layer.compute_dtype for layer in rebuilt.layers} == {"float32"}
     for source, target in zip(trained.weights, rebuilt.weights, strict=True):
         np.testing.assert_array_equal(source.numpy(), target.numpy())
@@ -185,7 +186,7 @@ def test_weights_that_do_not_fit_the_flags_architecture_are_named(tmp_path):
     flags = (run_dir / "flags.txt").read_text().replace(f"--model={MODEL}", "--model=resnet34_d")
     (run_dir / "flags.txt").write_text(flags)
     with pytest.raises(ValueError, match="--model=resnet34_d"):
-        export.load_model(export.read_run(run_dir))
+        runs.load_model(runs.read_run(run_dir))
 
 
 # --- .keras and TFLite ----------------------------------------------------------------------------------
@@ -242,7 +243,7 @@ def test_dynamic_range_tflite_stores_int8_weights(tflite_files):
 
 def test_trained_weights_load_into_the_backbone(run):
     run_dir, model = run
-    backbone = export.load_backbone(run_dir)
+    backbone = runs.load_backbone(run_dir)
     pool = next(layer for layer in model.layers if isinstance(layer, keras.layers.GlobalAveragePooling2D))
     features = keras.Model(model.inputs, pool.input)
     images = tf.constant(np.random.default_rng(0).normal(size=(2, IMAGE_SIZE, IMAGE_SIZE, 3)), tf.float32)
@@ -276,7 +277,7 @@ def test_empty_batches_fail_with_a_message(loaded):
 
 
 def test_missing_run_directory_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match=f"run directory {tmp_path / 'nope'} does not exist"):
+    with pytest.raises(cli.SetupError, match=f"run directory {tmp_path / 'nope'} does not exist"):
         export.export(tmp_path / "nope", tmp_path / "out")
 
 
@@ -285,7 +286,7 @@ def test_incomplete_run_directory_names_the_missing_files(run, tmp_path):
     partial.mkdir()
     shutil.copy(run[0] / "classes.txt", partial)
     (partial / "checkpoints").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"incomplete: missing flags\.txt, model\.keras"):
+    with pytest.raises(cli.SetupError, match=r"incomplete: missing flags\.txt, model\.keras"):
         export.export(partial, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -295,10 +296,10 @@ def test_flags_without_model_or_image_size_are_named(run, tmp_path):
     shutil.copytree(run[0], broken)
     (broken / "flags.txt").write_text("--precision=float32\n")
     with pytest.raises(ValueError, match="lacks --model, --image_size"):
-        export.read_run(broken)
+        runs.read_run(broken)
     (broken / "flags.txt").write_text(f"--model={MODEL}\n--image_size=big\n")
-    with pytest.raises(ValueError, match="--image_size=big is not an integer"):
-        export.read_run(broken)
+    with pytest.raises(cli.SetupError, match=r"flags\.txt: .*--image_size=big"):
+        runs.read_run(broken)
 
 
 def test_class_list_that_does_not_match_the_model_is_named(run, tmp_path):
@@ -309,14 +310,14 @@ def test_class_list_that_does_not_match_the_model_is_named(run, tmp_path):
         export.export(broken, tmp_path / "out")
     (broken / "classes.txt").write_text("\n\n")
     with pytest.raises(ValueError, match="lists no classes"):
-        export.read_run(broken)
+        runs.read_run(broken)
 
 
 def test_existing_export_is_kept_without_overwrite_and_replaced_with_it(run, tmp_path):
     target = tmp_path / "out"
     target.mkdir()
     (target / "precious.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="pass --overwrite"):
+    with pytest.raises(cli.SetupError, match="pass --overwrite"):
         export.export(run[0], target, export_format="keras")
     assert (target / "precious.txt").read_text() == "keep me"
     export.export(run[0], target, export_format="keras", overwrite=True)
@@ -343,24 +344,15 @@ def test_a_failed_export_leaves_nothing_behind(run, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"export_format": "onnx"}, "--format=onnx is not one of savedmodel, keras, tflite"),
-    ({"quantize": "int4", "export_format": "tflite"}, "--quantize=int4 is not one of none, dynamic"),
-    ({"quantize": "dynamic"}, "applies to --format=tflite only"),
-    ({"top_k": 0}, "--top_k=0 must be at least 1"),
+    ({"export_format": "onnx"}, "export_format=onnx is not one of savedmodel, keras, tflite"),
+    ({"quantize": "int4", "export_format": "tflite"}, "quantize=int4 is not one of none, dynamic"),
+    ({"quantize": "dynamic"}, "applies to export_format=tflite only"),
+    ({"top_k": 0}, "top_k=0 must be at least 1"),
 ])
 def test_bad_options_are_named(run, tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         export.export(run[0], tmp_path / "out", **kwargs)
     assert not (tmp_path / "out").exists()
-
-
-def test_read_flagfile_keeps_values_and_bare_booleans(tmp_path):
-    path = tmp_path / "flags.txt"
-    path.write_text("# comment\n--model=resnet50_d\n--data=tfds:imagenet2012:5.1.0\n\n--nesterov\n"
-                    "--label_smoothing=0.1\n--lr=\n")
-    assert export.read_flagfile(path) == {
-        "model": "resnet50_d", "data": "tfds:imagenet2012:5.1.0", "nesterov": "true",
-        "label_smoothing": "0.1", "lr": ""}
 
 
 @pytest.mark.slow
@@ -371,7 +363,7 @@ def test_cli_exports_and_refuses_to_overwrite(run, tmp_path):
     assert first.returncode == 0, first.stderr
     assert (tmp_path / "out" / "model.keras").is_file()
     second = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
-    assert second.returncode == 1
+    assert second.returncode == 2  # cli.USAGE_ERROR
     assert second.stderr.strip().splitlines()[-1] == (
         f"bot_keras.export: error: --export_dir={tmp_path / 'out'} already exists; "
         "pass --overwrite to replace it")

@@ -129,8 +129,8 @@ def test_distillation_is_float32_and_gives_no_teacher_gradient():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"temperature": 0.0}, "--distill_temperature must be > 0, got 0.0"),
-        ({"hard_weight": 1.5}, "--distill_hard_weight must be in [0, 1], got 1.5"),
+        ({"temperature": 0.0}, "temperature must be > 0, got 0.0"),
+        ({"hard_weight": 1.5}, "hard_weight must be in [0, 1], got 1.5"),
         ({"teacher_logits": np.zeros((2, 5), np.float32)}, "teacher logits 5"),
     ],
 )
@@ -148,7 +148,7 @@ def test_distillation_rejects_bad_values(kwargs, message):
 
 
 def test_label_smoothing_rejects_out_of_range():
-    with pytest.raises(ValueError, match="--label_smoothing must be in \\[0, 1\\), got 1.0"):
+    with pytest.raises(ValueError, match="label_smoothing must be in \\[0, 1\\), got 1.0"):
         classification_loss(1.0)
 
 

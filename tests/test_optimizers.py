@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from bot_keras import optimizers
 from bot_keras.optimizers import NO_DECAY_PATTERN, MomentumSGD, build_optimizer, decayed_variables
 from bot_keras.schedules import CosineDecay, LinearWarmup, StepDecay
 
@@ -269,3 +270,24 @@ def test_two_replicas_match_single_device():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert float(result.stdout.split("MAXDIFF")[1]) < 1e-6
+
+
+def test_default_decay_regularises_like_the_papers_l2():
+    # build_optimizer's default (decoupled, weight_decay=None) shrinks weights at the steady-state rate of
+    # the paper's L2 1e-4 with momentum 0.9: 1e-4/(1 − μ) = 1e-3 decoupled, measured as in the ratio test.
+    assert optimizers.paper_weight_decay("decoupled", momentum=MU) == pytest.approx(1e-3)
+    assert optimizers.paper_weight_decay("l2", momentum=MU) == 1e-4
+    lr, steps = 0.1, 200
+    shrink = {}
+    for name, optimizer in {
+        "paper_l2": build_optimizer(lr, weight_decay=1e-4, weight_decay_mode="l2", no_bias_decay=False),
+        "default": build_optimizer(lr, no_bias_decay=False),
+    }.items():
+        w = variable([1.0])
+        for _ in range(steps):
+            optimizer.apply([tf.zeros([1])], [w])
+        before = float(w.numpy()[0])
+        optimizer.apply([tf.zeros([1])], [w])
+        shrink[name] = 1 - float(w.numpy()[0]) / before
+    assert shrink["default"] == pytest.approx(lr * 1e-3, rel=1e-3)
+    assert shrink["default"] / shrink["paper_l2"] == pytest.approx(1.0, rel=0.02)

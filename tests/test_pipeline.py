@@ -127,7 +127,7 @@ def test_ablation_switches_reach_the_transform():
 def test_per_replica_batch_size_and_its_errors():
     context = tf.distribute.InputContext(num_input_pipelines=1, input_pipeline_id=0, num_replicas_in_sync=4)
     assert per_replica_batch_size(32, context) == 8 and per_replica_batch_size(32) == 32
-    with pytest.raises(ValueError, match=r"--batch_size=30 \(the global batch\) is not divisible by the 4"):
+    with pytest.raises(ValueError, match=r"global_batch_size=30 is not divisible by the 4"):
         per_replica_batch_size(30, context)
     with pytest.raises(ValueError, match="positive integer; got 0"):
         make_dataset("synthetic", split="train", image_size=16, global_batch_size=0, training=True)

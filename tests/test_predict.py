@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 from tiny_run import CLASS_NAMES, make_run, reference_logits, sample_images
 
-from bot_keras import export, predict
+from bot_keras import cli, export, predict
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -94,7 +94,7 @@ def test_format_prints_each_image_then_ranked_names_and_probabilities():
 
 
 def test_missing_and_non_image_files_are_named(run, image_files, tmp_path):
-    with pytest.raises(FileNotFoundError, match=f"image file {tmp_path / 'gone.jpg'} does not exist"):
+    with pytest.raises(cli.SetupError, match=f"image file {tmp_path / 'gone.jpg'} does not exist"):
         predict.predict(run[0], [image_files[0], str(tmp_path / "gone.jpg")])
     (tmp_path / "notes.jpg").write_text("not a picture")
     truncated = pathlib.Path(image_files[1]).read_bytes()[:500]  # a JPEG cut short
@@ -105,16 +105,16 @@ def test_missing_and_non_image_files_are_named(run, image_files, tmp_path):
 
 
 def test_bad_model_paths_are_named(run, image_files, tmp_path):
-    with pytest.raises(FileNotFoundError, match=f"--model={tmp_path / 'nothing'} does not exist"):
+    with pytest.raises(cli.SetupError, match=f"--model={tmp_path / 'nothing'} does not exist"):
         predict.load_classifier(tmp_path / "nothing")
     with pytest.raises(ValueError, match="neither a SavedModel directory"):
         predict.load_classifier(tmp_path)
     lonely = tmp_path / "lonely"
     lonely.mkdir()
     (lonely / "model.keras").write_bytes((run[0] / "model.keras").read_bytes())
-    with pytest.raises(FileNotFoundError, match=f"{lonely / 'classes.txt'} is missing"):
+    with pytest.raises(cli.SetupError, match=f"{lonely / 'classes.txt'} is missing"):
         predict.load_classifier(lonely / "model.keras")
-    with pytest.raises(ValueError, match="--top_k=0 must be at least 1"):
+    with pytest.raises(ValueError, match="k=0 must be at least 1"):
         predict.predict(run[0], image_files, k=0)
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -145,6 +145,6 @@ def test_cli_prints_names_and_probabilities(run, image_files, expected_probabili
 
     missing = subprocess.run([sys.executable, "-m", "bot_keras.predict", f"--model={run[0]}", "gone.png"],
                              env=env, capture_output=True, text=True, timeout=300)
-    assert missing.returncode == 1
+    assert missing.returncode == 2  # cli.USAGE_ERROR
     last_line = missing.stderr.strip().splitlines()[-1]
     assert last_line == "bot_keras.predict: error: image file gone.png does not exist"

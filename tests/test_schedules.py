@@ -99,10 +99,10 @@ def test_build_constant_and_no_warmup():
     [
         ({"name": "linear"}, "'linear'"),
         ({"epochs": -1}, "-1"),
-        ({"warmup_epochs": 10}, "--warmup_epochs (10)"),
+        ({"warmup_epochs": 10}, "warmup_epochs (10)"),
         ({"warmup_epochs": -2}, "-2"),
-        ({"base_lr": 0.0}, "--base_lr"),
-        ({"global_batch_size": 0}, "--batch_size"),
+        ({"base_lr": 0.0}, "base_lr must be > 0"),
+        ({"global_batch_size": 0}, "global_batch_size"),
         ({"name": "step", "decay_epochs": (3, 2)}, "[3, 2]"),
         ({"name": "step", "warmup_epochs": 5, "decay_epochs": (4, 8)}, "[4, 8]"),
         ({"steps_per_epoch": 1, "epochs": 2, "warmup_epochs": 1}, "leave 1"),

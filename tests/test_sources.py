@@ -64,12 +64,6 @@ def test_unknown_or_malformed_source_strings_are_rejected_by_name(bad):
         sources.dataset_info(bad, split="train")
 
 
-def test_class_names_round_trip(tmp_path):
-    sources.write_class_names(tmp_path / "classes.txt", ["cat", "dog", "n01440764"])
-    assert (tmp_path / "classes.txt").read_text() == "cat\ndog\nn01440764\n"
-    assert sources.read_class_names(tmp_path / "classes.txt") == ("cat", "dog", "n01440764")
-
-
 # ------------------------------------------------------------------------------------------------ folder
 
 

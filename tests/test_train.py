@@ -1,17 +1,15 @@
-"""train.py: flag validation, the loop's bookkeeping, mixed precision, checkpoints, distillation, the CLI."""
+"""train.py: flag validation, flags.txt, set-up errors, and the command line end to end."""
 
-import csv
 import math
 import os
 import pathlib
 import re
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from bot_keras import distribute, optimizers, schedules, train
+from bot_keras import cli, train
 
 
 def _base(tmp_path):
@@ -90,283 +88,10 @@ def test_resolved_flags_reload_as_a_flagfile(parse, tmp_path):
 # --- the loop's bookkeeping, with a stand-in step function -------------------------------------------
 
 
-class _FakeOptimizer:
-    learning_rate = 0.25
-
-
-class _RecordingManager:
-    def __init__(self):
-        self.saved = []
-
-    def save(self, checkpoint_number):
-        self.saved.append(checkpoint_number)
-
-
-def _run_loop(
-    tmp_path,
-    *,
-    epochs=3,
-    steps_per_epoch=5,
-    steps_per_execution=2,
-    checkpoint_steps=3,
-    mixup_epochs=0,
-    nan_at_call=None,
-    max_steps=0,
-    start=0,
-):
-    calls = []
-
-    def fake_train_function(iterator, start_step, num_steps, mixup_on):
-        calls.append((int(start_step), int(num_steps), bool(mixup_on)))
-        n = float(num_steps) * 4
-        loss = float("nan") if nan_at_call == len(calls) else 0.5 * n
-        return tf.constant([loss, 0.25 * n, 0.75 * n, n])
-
-    step_var = tf.Variable(start, dtype=tf.int64)
-    manager = _RecordingManager()
-    callbacks = train.make_callbacks(
-        str(tmp_path),
-        chief=True,
-        verbose=0,
-        epochs=epochs,
-        steps_per_epoch=steps_per_epoch,
-        model=keras.Sequential(),
-        resume=False,
-    )
-    logs = train.train_loop(
-        strategy=None,
-        model=None,
-        optimizer=_FakeOptimizer(),
-        train_function=fake_train_function,
-        train_iterator=None,
-        evaluate=lambda _: {"loss": 1.0, "top1": 0.5, "top5": 0.9},
-        eval_dataset=None,
-        checkpoint=None,
-        manager=manager,
-        step_var=step_var,
-        callbacks=callbacks,
-        steps_per_epoch=steps_per_epoch,
-        epochs=epochs,
-        global_batch_size=4,
-        steps_per_execution=steps_per_execution,
-        checkpoint_steps=checkpoint_steps,
-        max_steps=max_steps,
-        mixup_epochs=mixup_epochs,
-        precision="float32",
-    )
-    return calls, manager.saved, logs, int(step_var.numpy())
-
-
-def test_loop_respects_epochs_steps_per_execution_and_checkpoint_steps(tmp_path):
-    calls, saved, logs, step = _run_loop(tmp_path, mixup_epochs=2)
-    # 3 epochs of 5 steps, at most 2 steps a call, never crossing an epoch end or a multiple of 3.
-    assert [(s, n) for s, n, _ in calls] == [
-        (0, 2),
-        (2, 1),
-        (3, 2),  # epoch 0: checkpoint after step 3, epoch end at 5
-        (5, 1),
-        (6, 2),
-        (8, 1),
-        (9, 1),  # epoch 1: checkpoints at 6 and 9, epoch end at 10
-        (10, 2),
-        (12, 2),
-        (14, 1),  # epoch 2: checkpoint at 12, end at 15
-    ]
-    assert saved == [3, 5, 6, 9, 10, 12, 15]
-    assert step == 15
-    # --mixup_off_epochs: the last epoch trains on clean batches.
-    assert [m for _, _, m in calls] == [True] * 7 + [False] * 3
-    assert logs["top1"] == 0.25 and logs["val_top1"] == 0.5 and logs["lr"] == 0.25
-    with open(tmp_path / "logs" / "training.csv") as f:
-        rows = list(csv.DictReader(f))
-    # Mixup epochs report no training accuracy (accuracy against mixed labels is not accuracy).
-    assert [row["top1"] for row in rows] == ["NA", "NA", "0.25"]
-    assert [float(row["val_top5"]) for row in rows] == [0.9] * 3
-    assert float(rows[0]["loss"]) == 0.5
-
-
-def test_loop_resumes_mid_epoch_and_honours_max_steps(tmp_path):
-    calls, saved, _, step = _run_loop(tmp_path, start=7, max_steps=11, checkpoint_steps=0)
-    assert [(s, n) for s, n, _ in calls] == [(7, 2), (9, 1), (10, 1)]
-    assert saved == [10, 11] and step == 11
-
-
-def test_non_finite_loss_stops_naming_step_precision_and_lr(tmp_path):
-    with pytest.raises(
-        FloatingPointError, match=r"at step 3 \(epoch 0\), --precision=float32, learning rate 0.25"
-    ):
-        _run_loop(tmp_path, steps_per_execution=1, checkpoint_steps=0, nan_at_call=3)
-
-
 # --- the real distributed step on one device -----------------------------------------------------------
 
 
-def _tiny_model(num_classes=3, batch_norm=False):
-    layers = [keras.Input((6, 6, 3)), keras.layers.Conv2D(4, 3)]
-    if batch_norm:
-        layers.append(keras.layers.BatchNormalization())
-    layers += [
-        keras.layers.ReLU(),
-        keras.layers.GlobalAveragePooling2D(),
-        keras.layers.Flatten(),
-        keras.layers.Dense(num_classes, dtype="float32"),
-    ]
-    return keras.Sequential(layers)
-
-
-def _batches(scale=1.0, n=8, seed=0):
-    x = np.random.RandomState(seed).randn(n, 6, 6, 3).astype("float32") * scale
-    y = np.eye(3, dtype="float32")[np.arange(n) % 3]
-    return tf.data.Dataset.from_tensors((x, y)).repeat()
-
-
-def _step_setup(precision, *, learning_rate=0.1, loss_scaling=None):
-    distribute.set_precision(precision)
-    keras.utils.set_random_seed(0)
-    strategy = tf.distribute.get_strategy()
-    model = _tiny_model()
-    optimizer = optimizers.build_optimizer(learning_rate, weight_decay=0.0)
-    if loss_scaling if loss_scaling is not None else distribute.needs_loss_scaling(precision):
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    optimizer.build(model.trainable_variables)
-    loss = train.make_per_example_loss(label_smoothing=0.0, temperature=1.0, hard_weight=None)
-    step = train.make_train_function(strategy, model, optimizer, per_example_loss=loss, global_batch_size=8)
-    return model, optimizer, step
-
-
-def _steps(step, data, n, start=0):
-    return step(iter(data), tf.constant(start, tf.int64), tf.constant(n), tf.constant(False)).numpy()
-
-
-def test_mixed_float16_computes_in_half_keeps_float32_variables_logits_and_loss():
-    model, optimizer, step = _step_setup("mixed_float16")
-    conv = model.layers[0]
-    assert conv.compute_dtype == "float16" and conv.kernel.dtype == "float32"
-    assert model(tf.zeros((1, 6, 6, 3))).dtype == tf.float32
-    assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-    sums = _steps(step, _batches(), 3)
-    assert sums.dtype == np.float32 and sums[3] == 24
-    weights_16 = model.get_weights()
-    assert float(optimizer.dynamic_scale.numpy()) == 32768.0  # finite steps keep the initial scale
-
-    keras.mixed_precision.set_global_policy("float32")
-    keras.backend.clear_session()
-    model_32, _, step_32 = _step_setup("float32")
-    sums_32 = _steps(step_32, _batches(), 3)
-    # The scaled float16 step is the float32 step up to half-precision round-off (~1e-3 relative).
-    for a, b in zip(weights_16, model_32.get_weights(), strict=True):
-        np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-3)
-    assert sums[0] == pytest.approx(sums_32[0], rel=1e-2)
-
-
-def test_overflowing_float16_gradients_skip_the_step_and_halve_the_loss_scale():
-    model, optimizer, step = _step_setup("mixed_float16")
-    before = model.get_weights()
-    # Inputs of 3000 make the scaled (×32768) kernel gradients overflow float16's 65504.
-    _steps(step, _batches(scale=3000.0), 1)
-    assert float(optimizer.dynamic_scale.numpy()) == 16384.0
-    for a, b in zip(before, model.get_weights(), strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert int(optimizer.iterations.numpy()) == 0
-
-
-def test_checkpoint_restores_weights_step_learning_rate_and_loss_scale(tmp_path):
-    schedule = schedules.build_lr_schedule(
-        "cosine", base_lr=0.1, global_batch_size=256, steps_per_epoch=10, epochs=2, warmup_epochs=0.5
-    )
-
-    def setup():
-        keras.utils.set_random_seed(0)
-        model = _tiny_model()
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizers.build_optimizer(schedule))
-        optimizer.build(model.trainable_variables)
-        step_var = tf.Variable(0, dtype=tf.int64)
-        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var)
-        return model, optimizer, step_var, checkpoint
-
-    distribute.set_precision("mixed_float16")
-    model, optimizer, step_var, checkpoint = setup()
-    loss = train.make_per_example_loss(label_smoothing=0.1, temperature=1.0, hard_weight=None)
-    step = train.make_train_function(
-        tf.distribute.get_strategy(), model, optimizer, per_example_loss=loss, global_batch_size=8
-    )
-    _steps(step, _batches(scale=3000.0), 1)  # one skipped step: scale 16384, iterations 0
-    _steps(step, _batches(), 6, start=1)
-    step_var.assign(7)
-    manager = tf.train.CheckpointManager(checkpoint, str(tmp_path), max_to_keep=2)
-    manager.save(checkpoint_number=7)
-    expected_weights = model.get_weights()
-    expected_momenta = [v.numpy() for v in optimizer.inner_optimizer.variables]
-
-    keras.backend.clear_session()
-    model2, optimizer2, step_var2, checkpoint2 = setup()
-    checkpoint2.restore(tf.train.latest_checkpoint(str(tmp_path))).assert_existing_objects_matched()
-    assert int(step_var2.numpy()) == 7
-    assert int(optimizer2.iterations.numpy()) == 6  # the skipped step did not advance the schedule
-    assert float(optimizer2.dynamic_scale.numpy()) == 16384.0
-    # optimizer.learning_rate is the next update's; last_learning_rate the last one's.
-    assert float(optimizer2.learning_rate) == pytest.approx(float(schedule(6)), rel=1e-6)
-    assert train.last_learning_rate(optimizer2) == pytest.approx(float(schedule(5)), rel=1e-6)
-    # Warmup over 5 steps to 0.1, then cosine: at step 6 the lr is ½(1 + cos(π·1/14))·0.1.
-    assert float(schedule(6)) == pytest.approx(0.5 * (1 + math.cos(math.pi / 14)) * 0.1, rel=1e-6)
-    for a, b in zip(expected_weights, model2.get_weights(), strict=True):
-        np.testing.assert_array_equal(a, b)
-    for a, b in zip(expected_momenta, [v.numpy() for v in optimizer2.inner_optimizer.variables], strict=True):
-        np.testing.assert_array_equal(a, b)
-
-
 # --- sync BN and distillation ---------------------------------------------------------------------------
-
-
-def test_sync_bn_converts_every_batch_norm_of_a_built_model():
-    from bot_keras.models import build_model
-
-    model = build_model("resnet18_d", num_classes=10, input_shape=(32, 32, 3))
-    count = train.set_synchronized_batch_norm(model, True)
-    # resnet18_d: 3 stem BNs + 8 blocks × 2 + 3 downsampling shortcuts.
-    assert count == 3 + 16 + 3
-    configs = [
-        layer.get_config() for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)
-    ]
-    assert len(configs) == count and all(c["synchronized"] for c in configs)
-
-
-def test_teacher_with_other_classes_or_size_is_rejected_naming_the_file(tmp_path):
-    path = str(tmp_path / "teacher.keras")
-    _tiny_model(num_classes=5).save(path)
-    with pytest.raises(train.FlagError, match=r"teacher\.keras' predicts 5 classes; the dataset has 3"):
-        train.load_teacher(path, num_classes=3, image_size=6)
-    with pytest.raises(train.FlagError, match=r"takes 6x6 images; --image_size=8"):
-        train.load_teacher(path, num_classes=5, image_size=8)
-    (tmp_path / "broken.keras").write_bytes(b"not a zip")
-    with pytest.raises(train.FlagError, match=r"broken\.keras' is not a readable Keras model"):
-        train.load_teacher(str(tmp_path / "broken.keras"), num_classes=5, image_size=6)
-
-
-@pytest.mark.parametrize("precision", ["float32", "mixed_float16"])
-def test_distillation_trains_the_student_and_never_changes_the_teacher(tmp_path, precision):
-    keras.utils.set_random_seed(1)
-    path = str(tmp_path / "teacher.keras")
-    _tiny_model(batch_norm=True).save(path)
-    teacher = train.load_teacher(path, num_classes=3, image_size=6)
-    teacher_before = [w.copy() for w in teacher.get_weights()]  # includes BN moving mean/variance
-    # Under mixed_float16 the student's step is loss-scaled; the teacher's logits enter the loss in float32.
-    model, optimizer, _ = _step_setup(precision)
-    assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer) == (precision == "mixed_float16")
-    loss = train.make_per_example_loss(label_smoothing=0.1, temperature=4.0, hard_weight=None)
-    step = train.make_train_function(
-        tf.distribute.get_strategy(),
-        model,
-        optimizer,
-        per_example_loss=loss,
-        global_batch_size=8,
-        teacher=teacher,
-    )
-    student_before = model.get_weights()
-    _steps(step, _batches(), 3)
-    for a, b in zip(teacher_before, teacher.get_weights(), strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert max(np.abs(a - b).max() for a, b in zip(student_before, model.get_weights(), strict=True)) > 1e-4
 
 
 def _folder(root, splits):
@@ -388,12 +113,10 @@ def _folder(root, splits):
 )
 def test_set_up_errors_are_one_message_not_a_traceback(parse, tmp_path, capsys, splits, eval_split, message):
     _folder(str(tmp_path / "data"), splits)
-    parse(*_base(tmp_path), f"--dataset=folder:{tmp_path / 'data'}", f"--eval_split={eval_split}",
-          "--batch_size=2", "--image_size=16", "--verbose=0")
-    with pytest.raises(SystemExit) as exit_:
-        train.main([])
-    assert exit_.value.code == 2
-    assert re.search(message, capsys.readouterr().err)
+    f = parse(*_base(tmp_path), f"--dataset=folder:{tmp_path / 'data'}", f"--eval_split={eval_split}",
+              "--batch_size=2", "--image_size=16", "--verbose=0")
+    with pytest.raises(cli.SetupError, match=message):  # cli.run prints it in one line, exit 2
+        train.main([], f)
     assert not os.path.exists(tmp_path / "run")  # nothing written for a run that never started
 
 
@@ -512,60 +235,10 @@ def test_demo_config_trains_clearly_above_chance(tmp_path):
         "flags.txt",
         "logs",
         "model.keras",
+        "run.json",
     ]
     with open(os.path.join(run_dir, "classes.txt")) as f:
         assert len(f.read().split()) == 10
-
-
-def test_mixup_in_the_step_uses_the_replica_seeded_lambda_and_switches_off():
-    from bot_keras.data import mixup as mixup_ops
-
-    keras.utils.set_random_seed(0)
-    model = _tiny_model()
-    optimizer = optimizers.build_optimizer(0.0, weight_decay=0.0)  # lr 0: the model stays fixed
-    optimizer.build(model.trainable_variables)
-    loss = train.make_per_example_loss(label_smoothing=0.0, temperature=1.0, hard_weight=None)
-    step = train.make_train_function(
-        tf.distribute.get_strategy(),
-        model,
-        optimizer,
-        per_example_loss=loss,
-        global_batch_size=8,
-        mixup_alpha=0.2,
-        seed=5,
-    )
-    images, labels = next(iter(_batches()))
-
-    def loss_sum(x, y):
-        return float(tf.reduce_sum(tf.nn.softmax_cross_entropy_with_logits(labels=y, logits=model(x))))
-
-    def run(start, mixup_on):
-        it = iter(_batches())
-        return step(it, tf.constant(start, tf.int64), tf.constant(1), tf.constant(mixup_on)).numpy()[0]
-
-    # λ of replica 0 at step 7 with run seed 5: seed (5, 7·1024 + 0).
-    lam = mixup_ops.sample_mixup_lambda(0.2, seed=tf.constant([5, 7 * 1024], tf.int64))
-    mixed_images, mixed_labels = mixup_ops.mixup(images, labels, lam)
-    assert run(7, True) == pytest.approx(loss_sum(mixed_images, mixed_labels), rel=1e-5)
-    assert run(8, True) != pytest.approx(run(7, True), rel=1e-5)  # a new λ each step
-    assert run(7, False) == pytest.approx(loss_sum(images, labels), rel=1e-5)  # --mixup_off_epochs
-
-
-def test_savedmodel_teacher_gives_the_models_logits(tmp_path):
-    model = _tiny_model()
-    model.export(str(tmp_path / "teacher_savedmodel"), verbose=False)  # Keras' SavedModel: float images in
-    teacher = train.load_teacher(str(tmp_path / "teacher_savedmodel"), num_classes=3, image_size=6)
-    images = tf.random.stateless_normal((4, 6, 6, 3), seed=(1, 2))
-    np.testing.assert_allclose(train._teacher_logits(teacher, images), model(images), rtol=1e-5, atol=1e-6)
-    with pytest.raises(train.FlagError, match=r"teacher_savedmodel' predicts 3 classes; the dataset has 4"):
-        train.load_teacher(str(tmp_path / "teacher_savedmodel"), num_classes=4, image_size=6)
-
-
-def test_tensorboard_logs_train_and_validation_scalars_when_installed(tmp_path):
-    pytest.importorskip("tensorboard")
-    _run_loop(tmp_path, epochs=1, checkpoint_steps=0)
-    for split in ("train", "validation"):
-        assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "logs" / split))
 
 
 @pytest.mark.slow

@@ -36,9 +36,13 @@ import subprocess
 import sys
 import time
 
+from absl import flags
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)  # `python tools/ablation.py` in a checkout: the trainer's flags come from it
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from bot_keras import cli, train  # noqa: E402 - after the path set-up above
+
 RESERVED_FLAGS = ("epochs", "model_dir", "resume")  # the tool owns the budget and the run directories
 
 
@@ -127,24 +131,19 @@ def row_arguments(row, *, base, common, epochs, run_dir):
 
 def validate_rows(rows, *, base, common, epochs, out_dir, skip=()):
     """Parses and validates every row's arguments with the trainer's flags; raises SpecError listing all."""
-    from absl import flags
-
-    from bot_keras import train
-
     problems = []
     for i, row in enumerate(rows):
         if i in skip:
             continue
         run_dir = os.path.join(out_dir, row_dir_name(i, row.name))
         args = row_arguments(row, base=base, common=common, epochs=epochs, run_dir=run_dir)
-        flags.FLAGS.unparse_flags()
+        flag_values = flags.FlagValues()  # a fresh set of the trainer's flags for every row
+        train.define_flags(flag_values)
         try:
-            flags.FLAGS(["train", *args])
-            train.validate_flags(flags.FLAGS)
+            flag_values(["train", *args])
+            train.validate_flags(flag_values)
         except (flags.Error, train.FlagError) as error:
             problems.append(f"row {row.name!r}: {error}")
-        finally:
-            flags.FLAGS.unparse_flags()
     if problems:
         raise SpecError("\n".join(problems))
 
@@ -285,7 +284,6 @@ def run_row(index, row, *, base, common, epochs, out_dir):
         return {**result, "returncode": 0, "wall_s": None, **summarize_run(run_dir)}
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     command = [sys.executable, "-m", "bot_keras.train", *arguments]
     print(f"[{index + 1}] {row.name}: training (log: {log_path})", flush=True)
     start = time.perf_counter()
@@ -352,7 +350,7 @@ def main(argv=None):
         validate_rows(rows, base=args.base, common=common, epochs=args.epochs,
                       out_dir=args.out_dir, skip=finished)
     except SpecError as error:
-        parser.exit(2, f"tools/ablation.py: {error}\n")
+        cli.fail("tools/ablation.py", str(error))
     if args.dry_run:
         for i, row in enumerate(rows):
             run_dir = os.path.join(args.out_dir, row_dir_name(i, row.name))

@@ -19,11 +19,15 @@ import os
 import random
 import sys
 
-import tensorflow as tf
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import bot_keras  # noqa: E402, F401, I001 - first: it keeps TensorFlow's start-up lines off (bot_keras/console.py)
+import tensorflow as tf  # noqa: E402
+
+from bot_keras import cli  # noqa: E402
 from bot_keras.data import augment, sources  # noqa: E402
+
+COMMAND = "tools/build_tfrecords.py"
 
 
 def _feature_bytes(value):
@@ -132,7 +136,7 @@ def _parse_shards(text, splits):
     for item in text.split(","):
         split, _, count = item.partition("=")
         if not count.isdigit() or int(count) < 1:
-            raise SystemExit(f"--shards: expected N or split=N,...; got {text!r}")
+            cli.fail(COMMAND, f"--shards: expected N or split=N,...; got {text!r}")
         shards[split] = int(count)
     return shards
 
@@ -151,7 +155,7 @@ def main(argv=None):
     parser.add_argument("--skip_corrupt", action="store_true", help="skip undecodable files and list them")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.input):
-        raise SystemExit(f"--input {args.input!r} is not a directory")
+        cli.fail(COMMAND, f"--input {args.input!r} is not a directory")
     splits = (
         args.splits.split(",")
         if args.splits
@@ -167,7 +171,7 @@ def main(argv=None):
             skip_corrupt=args.skip_corrupt,
         )
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+        cli.fail(COMMAND, str(e))
     print(f"wrote {meta['num_examples']} examples of {len(meta['class_names'])} classes to {args.output}")
 
 

@@ -6,7 +6,8 @@ strings (`tfds:`, `tfrecord:`, `folder:`, `synthetic`), `pipeline` the tf.data a
 
 from bot_keras.data.augment import decode_image, preprocess_for_eval, preprocess_for_train
 from bot_keras.data.pipeline import make_dataset, per_replica_batch_size
-from bot_keras.data.sources import DatasetInfo, dataset_info, read_class_names, write_class_names
+from bot_keras.data.sources import DatasetInfo, dataset_info
+from bot_keras.run_dir import read_class_names, write_class_names  # classes.txt lives in run_dir
 
 __all__ = [
     "DatasetInfo",

@@ -17,7 +17,7 @@ import sys
 import tensorflow as tf
 
 from bot_keras import distribute
-from bot_keras.data import augment, sources
+from bot_keras.data import augment, errors, sources
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def make_dataset(
         checks = [
             tf.debugging.Assert(
                 augment.check_encoded_image(example["encoded"]),
-                ["Undecodable image file (empty, not an image, or truncated):", key, "— pass skip_corrupt"],
+                [errors.UNDECODABLE_IMAGE, key, "— pass skip_corrupt"],
             ),
             tf.debugging.Assert(
                 (label >= 0) & (label < num_classes),

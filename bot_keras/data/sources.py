@@ -48,18 +48,6 @@ class DatasetInfo:
     split: str = ""
 
 
-def write_class_names(path, class_names):
-    """Writes one class name a line in index order (the run directory's `classes.txt`)."""
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(f"{name}\n" for name in class_names)
-
-
-def read_class_names(path):
-    """Reads a `classes.txt` written by `write_class_names`."""
-    with open(path, encoding="utf-8") as f:
-        return tuple(line.rstrip("\n") for line in f if line.strip())
-
-
 def parse_source(source):
     """Splits a source string into (kind, argument); raises ValueError naming the string if unknown."""
     if not isinstance(source, str) or not source:

@@ -1,0 +1,80 @@
+"""The one convention every command line follows (`bot_keras.train`, `evaluate`, `export`, `predict`, tools/).
+
+- Flags are defined by a module's `define_flags(flag_values)`; importing a module registers nothing.
+  `run(main, define_flags, ...)` defines them on absl's global `FLAGS` only when the command runs.
+- Exit status (the README's table):
+
+      0  OK                 the command did what it was asked
+      1  INTERNAL_ERROR     a bug (ours, Keras' or TensorFlow's): Python's traceback, unchanged
+      2  USAGE_ERROR        bad flags or input (a missing flag or file, undecodable data): one message
+      3  NON_FINITE_LOSS    training stopped on a NaN/inf loss (`FloatingPointError`)
+
+- A set-up problem the user can fix raises `SetupError` (a `ValueError`) with a message naming the flag,
+  file or value; `run` prints it after `<command>: error:` and exits 2. Any other exception is a bug and
+  keeps its traceback. A missing required flag, an unknown flag or a value absl cannot parse is one line
+  and exit 2 too, not absl's help dump.
+"""
+
+import contextlib
+import sys
+
+from absl import app, flags
+
+OK = 0
+INTERNAL_ERROR = 1
+USAGE_ERROR = 2
+NON_FINITE_LOSS = 3
+
+
+class SetupError(ValueError):
+    """A problem with the command's input that the user can fix; the message names the flag or file."""
+
+
+def fail(command, message, code=USAGE_ERROR):
+    """Prints `command: error: message` on stderr and exits with `code`."""
+    print(f"{command}: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+@contextlib.contextmanager
+def setup_errors(context=""):
+    """Re-raises the ValueError / OSError of a call whose documented errors are the user's input (a
+    missing split, a TF_CONFIG that does not parse) as SetupError. Wrap single calls, never a block that
+    runs Keras or TensorFlow code whose ValueError would be a bug."""
+    try:
+        yield
+    except SetupError:
+        raise
+    except (ValueError, OSError) as error:
+        prefix = f"{context}: " if context else ""
+        raise SetupError(f"{prefix}{error}") from error
+
+
+def require(flag_values, names):
+    """Raises SetupError naming every flag of `names` that is unset (None or empty)."""
+    missing = [f"--{name}" for name in names if flag_values[name].value in (None, "", [])]
+    if missing:
+        raise SetupError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required.")
+
+
+def run(main, define_flags, *, command, required=()):
+    """The entry point of a command: defines its flags, parses argv, checks `required`, runs
+    `main(argv)` and maps SetupError and FloatingPointError to their exit codes (module docstring)."""
+    define_flags(flags.FLAGS)
+
+    def parse(argv):
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as error:
+            fail(command, str(error))
+
+    def checked_main(argv):
+        try:
+            require(flags.FLAGS, required)
+            return main(argv)
+        except SetupError as error:
+            fail(command, str(error))
+        except FloatingPointError as error:
+            fail(command, f"training stopped: {error}", NON_FINITE_LOSS)
+
+    app.run(checked_main, flags_parser=parse)

@@ -1,0 +1,29 @@
+"""Recognising the input pipeline's own checks in a TensorFlow error, in one place.
+
+`make_dataset` validates every example inside the graph (`tf.debugging.Assert` in pipeline.py): an
+undecodable image file or an out-of-range label fails the running step with a
+`tf.errors.InvalidArgumentError` whose message contains one of the markers below and names the file or
+record. A graph op can raise nothing but TensorFlow's error types, so the marker text is the contract:
+pipeline.py builds the undecodable-image message from `UNDECODABLE_IMAGE` (its label check's message
+starts with `LABEL_OUT_OF_RANGE`), and `bad_input_message` is the only reader.
+"""
+
+import re
+
+import tensorflow as tf
+
+UNDECODABLE_IMAGE = "Undecodable image file (empty, not an image, or truncated):"
+LABEL_OUT_OF_RANGE = "Label out of range"
+
+
+def bad_input_message(error):
+    """The pipeline's own lines of `error` (naming the file or record), or None when `error` is not one
+    of the pipeline's input checks (then it is not the data's fault and should keep its traceback)."""
+    if not isinstance(error, tf.errors.InvalidArgumentError):
+        return None
+    ours = []
+    for line in (error.message or str(error)).splitlines():
+        starts = [line.find(marker) for marker in (UNDECODABLE_IMAGE, LABEL_OUT_OF_RANGE) if marker in line]
+        if starts:  # from the marker on, without tf.debugging.Assert's [brackets] around each part
+            ours.append(re.sub(r"\]\s*\[", " ", line[min(starts) :]).strip("[] "))
+    return "\n".join(ours) or None

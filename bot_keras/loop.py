@@ -1,0 +1,188 @@
+"""The host side of training: checkpoints and resume, the step loop, and the Keras callbacks it drives.
+
+Kept apart from `steps.py` (graph code that runs per replica) because this is eager Python bookkeeping
+that works with any step function: `train_loop` calls `train_function(iterator, start_step, num_steps,
+mixup_on) -> {name: sum}` (e.g. `steps.make_train_function`'s) in chunks of `steps_per_execution` that
+never cross an epoch end or a checkpoint, logs the means through `keras.callbacks.CallbackList`
+(progress bar, TensorBoard, CSVLogger), evaluates at each epoch end and saves checkpoints. A
+fine-tuning command reuses it with its own step, metrics and evaluation.
+"""
+
+import importlib.util
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from bot_keras import run_dir
+from bot_keras.cli import SetupError
+from bot_keras.schedules import training_steps
+
+# The CSV log's columns, fixed so that mixup epochs show NA for accuracy.
+CSV_COLUMNS = ("loss", "top1", "top5", "lr", "images_per_sec", "val_loss", "val_top1", "val_top5")
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------
+
+
+def latest_checkpoint(model_dir):
+    """The newest checkpoint of the run in `model_dir`, or None."""
+    directory = os.path.join(model_dir, run_dir.CHECKPOINTS_DIR)
+    return tf.train.latest_checkpoint(directory) if os.path.isdir(directory) else None
+
+
+def checkpoint_manager(write_dir, *, keep, **objects):
+    """A `tf.train.CheckpointManager` of `objects` (e.g. model=, optimizer=, step=) in
+    `write_dir/checkpoints`, keeping the last `keep`."""
+    checkpoint = tf.train.Checkpoint(**objects)
+    directory = os.path.join(write_dir, run_dir.CHECKPOINTS_DIR)
+    return tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep)
+
+
+def restore_latest(manager, model_dir):
+    """Restores the newest checkpoint of `model_dir` into the manager's objects; returns its path. A
+    checkpoint that does not fit (another model, precision or class count) is a SetupError."""
+    path = latest_checkpoint(model_dir)
+    if path is None:
+        raise SetupError(f"--resume: no checkpoint in {os.path.join(model_dir, run_dir.CHECKPOINTS_DIR)!r}.")
+    try:
+        manager.checkpoint.restore(path).assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as error:
+        raise SetupError(
+            f"--resume: {path} does not fit this model and optimizer (were --model, --precision or the "
+            f"dataset's classes changed?): {str(error).splitlines()[0]}"
+        ) from None
+    return path
+
+
+# --- the loop -------------------------------------------------------------------------------------------
+
+
+def make_callbacks(write_dir, *, chief, verbose, epochs, steps_per_epoch, model, resume):
+    """Progress bar, TensorBoard and a CSV log in `write_dir/logs` (the chief only)."""
+    callbacks = []
+    if chief:
+        log_dir = os.path.join(write_dir, run_dir.LOGS_DIR)
+        os.makedirs(log_dir, exist_ok=True)
+        if importlib.util.find_spec("tensorboard") is not None:
+            callbacks.append(_TensorBoard(log_dir, write_graph=False, profile_batch=0))
+        else:  # a dependency of bot-keras, but not of TensorFlow 2.21; the CSV log has the same numbers
+            logging.warning("tensorboard is not installed (pip install tensorboard): no TensorBoard logs.")
+        callbacks.append(_FixedColumnsCSVLogger(os.path.join(log_dir, "training.csv"), append=resume))
+    return keras.callbacks.CallbackList(
+        callbacks,
+        add_progbar=chief and verbose > 0,
+        model=model,
+        verbose=verbose if chief else 0,
+        epochs=epochs,
+        steps=steps_per_epoch,
+    )
+
+
+class _FixedColumnsCSVLogger(keras.callbacks.CSVLogger):
+    def on_epoch_end(self, epoch, logs=None):
+        self.keys = list(CSV_COLUMNS)
+        super().on_epoch_end(epoch, logs)
+
+
+class _TensorBoard(keras.callbacks.TensorBoard):
+    def _collect_learning_rate(self, logs):
+        return logs  # our logs carry "lr"; Keras' version reads a compiled model's optimizer
+
+
+def train_loop(
+    *,
+    optimizer,
+    train_function,
+    train_iterator,
+    evaluate,
+    eval_dataset,
+    manager,
+    step_var,
+    callbacks,
+    steps_per_epoch,
+    epochs,
+    global_batch_size,
+    steps_per_execution,
+    checkpoint_steps,
+    max_steps,
+    mixup_epochs,
+    precision,
+):
+    """Runs from `step_var` to the end; checkpoints every `checkpoint_steps` and at each epoch end.
+
+    `evaluate(eval_dataset) -> {name: mean}` (or None: no evaluation) adds `val_<name>` to the epoch's
+    logs. Returns the last epoch's logs. Raises FloatingPointError on a non-finite loss.
+    """
+    total_steps = training_steps(epochs, steps_per_epoch)
+    if max_steps:
+        total_steps = min(total_steps, max_steps)
+    step = int(step_var.numpy())
+    logs, traced = {}, False
+    callbacks.on_train_begin()
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
+        mixup_on = epoch < mixup_epochs
+        callbacks.on_epoch_begin(epoch)
+        totals, timed_steps = {}, 0
+        start_time = time.perf_counter()
+        while step < epoch_end:
+            n = min(steps_per_execution, epoch_end - step)
+            if checkpoint_steps:
+                n = min(n, checkpoint_steps - step % checkpoint_steps)
+            callbacks.on_train_batch_begin(step - epoch * steps_per_epoch)
+            sums = train_function(
+                train_iterator, tf.constant(step, tf.int64), tf.constant(n), tf.constant(mixup_on)
+            )
+            sums = {name: float(value) for name, value in sums.items()}
+            step += n
+            if traced:
+                timed_steps += n
+            else:  # images/s leaves out the first call, which traces and compiles the step
+                traced, start_time = True, time.perf_counter()
+            step_var.assign(step)
+            lr = last_learning_rate(optimizer)
+            if not np.isfinite(sums["loss"]):
+                where = f"at step {step}" if n == 1 else f"in steps {step - n + 1}-{step}"
+                raise FloatingPointError(
+                    f"Non-finite training loss ({sums['loss'] / sums['count']}) {where} (epoch {epoch}), "
+                    f"--precision={precision}, learning rate {lr:.6g}; lower --base_lr or add "
+                    "--warmup_epochs."
+                )
+            totals = {name: totals.get(name, 0.0) + value for name, value in sums.items()}
+            images_per_sec = timed_steps * global_batch_size / max(time.perf_counter() - start_time, 1e-9)
+            logs = _train_logs(totals, mixup_on, lr, images_per_sec)
+            callbacks.on_train_batch_end(step - epoch * steps_per_epoch - 1, logs)
+            if checkpoint_steps and step % checkpoint_steps == 0 and step < epoch_end:
+                manager.save(checkpoint_number=step)
+        if evaluate is not None:
+            result = evaluate(eval_dataset)
+            logs.update({f"val_{name}": value for name, value in result.items() if name != "count"})
+        manager.save(checkpoint_number=step)
+        callbacks.on_epoch_end(epoch, logs)
+    callbacks.on_train_end(logs)
+    return logs
+
+
+def last_learning_rate(optimizer):
+    """The learning rate of the last update (Keras' `optimizer.learning_rate` is the next update's)."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    schedule = getattr(inner, "_learning_rate", None)  # Keras 3 keeps the schedule object here
+    if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
+        return float(schedule(max(int(inner.iterations.numpy()) - 1, 0)))
+    return float(optimizer.learning_rate)
+
+
+def _train_logs(totals, mixup_on, lr, images_per_sec):
+    """Means of the summed metrics; under mixup only the loss (accuracy against mixed labels is not
+    accuracy, Section 5.4)."""
+    count = max(totals["count"], 1.0)
+    logs = {name: value / count for name, value in totals.items() if name != "count"}
+    if mixup_on:
+        logs = {"loss": logs["loss"]}
+    logs.update(lr=lr, images_per_sec=images_per_sec)
+    return logs

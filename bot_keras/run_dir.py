@@ -1,0 +1,261 @@
+"""The run directory: the one module that names, writes and reads its files.
+
+A run directory (`--model_dir`) as `bot_keras.train` leaves it:
+
+    run.json            {"task": "classification"}: what kind of model the run trained (readers check it)
+    flags.txt           the resolved flags, a flagfile that reproduces the run (`--flagfile=RUN/flags.txt`)
+    classes.txt         one class name a line, in label order
+    checkpoints/        tf.train.CheckpointManager's checkpoints (model, optimizer, step), for --resume
+    logs/               training.csv and TensorBoard events
+    model.keras         the final model, written when training ends
+    final_metrics.json  the last epoch's logs, step and wall time
+
+Every file is written atomically (a temporary sibling, then `os.replace`), so a reader never sees half a
+file and a crash leaves the previous version or nothing. `flags.txt` is read back with the training
+command's own flag definitions, so a negated boolean (`--noskip_corrupt`) or a list reads back typed, as
+the trainer parsed it. Runs written before `run.json` existed are classification runs.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+import tempfile
+
+import keras
+import tensorflow as tf
+from absl import flags
+
+from bot_keras.cli import SetupError
+from bot_keras.models import build_backbone, build_model
+
+RUN_FILE = "run.json"
+FLAGS_FILE = "flags.txt"
+CLASSES_FILE = "classes.txt"
+MODEL_FILE = "model.keras"
+METRICS_FILE = "final_metrics.json"
+CHECKPOINTS_DIR = "checkpoints"
+LOGS_DIR = "logs"
+
+CLASSIFICATION = "classification"
+TASKS = (CLASSIFICATION,)  # segmentation and detection runs come with the fine-tuning command
+TASK_COMMANDS = {CLASSIFICATION: "bot_keras.train"}
+
+
+# --- writing, atomically ----------------------------------------------------------------------------------
+
+
+def write_atomic(path, data):
+    """Writes `data` (str or bytes) to `path` through a temporary sibling and `os.replace`."""
+    path = pathlib.Path(path)
+    mode = "wb" if isinstance(data, bytes) else "w"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({} if mode == "wb" else {"encoding": "utf-8"})) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from a serving user
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_run_info(model_dir, *, task=CLASSIFICATION):
+    if task not in TASKS:
+        raise ValueError(f"task={task!r} is not one of {TASKS}")
+    write_atomic(pathlib.Path(model_dir) / RUN_FILE, json.dumps({"task": task}, indent=2) + "\n")
+
+
+def flags_text(flag_values, names):
+    """`names` of `flag_values` as flagfile lines (`--name=value`, `--flag` / `--noflag`), unset ones left
+    out: the text `read_flags` parses back to the same values."""
+    lines = [flag_values[name].serialize() for name in names if flag_values[name].value is not None]
+    return "\n".join(lines) + "\n"
+
+
+def write_flags(model_dir, flag_values, names):
+    write_atomic(pathlib.Path(model_dir) / FLAGS_FILE, flags_text(flag_values, names))
+
+
+def write_class_names(path, class_names):
+    """Writes one class name a line in index order (the run directory's `classes.txt`)."""
+    write_atomic(path, "".join(f"{name}\n" for name in class_names))
+
+
+def read_class_names(path):
+    """Reads a `classes.txt` written by `write_class_names`."""
+    with open(path, encoding="utf-8") as f:
+        return tuple(line.rstrip("\n") for line in f if line.strip())
+
+
+def write_metrics(model_dir, metrics):
+    write_atomic(pathlib.Path(model_dir) / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+
+
+def save_model(model, model_dir):
+    """`model.save` to `model_dir/model.keras`, atomically (Keras needs the `.keras` suffix on the
+    temporary name too)."""
+    path = pathlib.Path(model_dir) / MODEL_FILE
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+# --- reading ----------------------------------------------------------------------------------------------
+
+
+def read_task(model_dir):
+    """The run's task from run.json; a run without one predates the field and is a classification run."""
+    path = pathlib.Path(model_dir) / RUN_FILE
+    if not path.is_file():
+        return CLASSIFICATION
+    try:
+        task = json.loads(path.read_text())["task"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise SetupError(f"{path} is not a run description ({{'task': ...}}): {error!r}") from None
+    if task not in TASKS:
+        raise SetupError(f"{path}: task {task!r} is not one this version reads ({', '.join(TASKS)})")
+    return task
+
+
+def command_flags(task):
+    """The flag definitions (`define_flags(flag_values)`) of the command that writes runs of `task`."""
+    # Imported here, not at the top: the trainer imports this module to write its runs.
+    from bot_keras import train
+
+    return {CLASSIFICATION: train.define_flags}[task]
+
+
+def read_flags(path, define_flags):
+    """Parses the flagfile `path` with `define_flags` into a fresh `absl.flags.FlagValues` (typed values;
+    flags the file does not set keep their defaults, `.present` tells them apart)."""
+    path = pathlib.Path(path)
+    flag_values = flags.FlagValues()
+    define_flags(flag_values)
+    try:
+        flag_values(["run_dir", f"--flagfile={path}"], known_only=False)
+    except flags.Error as error:
+        raise SetupError(f"{path}: {error}") from None
+    return flag_values
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A finished run directory, as `read_run` checked it."""
+
+    model_dir: pathlib.Path
+    task: str
+    flags: dict  # every flag of the training command: the run's value, or the command's default
+    class_names: tuple
+
+    @property
+    def model_path(self):
+        return self.model_dir / MODEL_FILE
+
+    @property
+    def model_name(self):
+        return self.flags["model"]
+
+    @property
+    def image_size(self):
+        return self.flags["image_size"]
+
+
+def read_run(model_dir, *, task=CLASSIFICATION):
+    """Checks a finished run directory of `task` and reads its flags and class names; a SetupError names
+    what is missing or wrong."""
+    model_dir = pathlib.Path(model_dir)
+    if not model_dir.is_dir():
+        raise SetupError(f"run directory {model_dir} does not exist (--model_dir={model_dir})")
+    missing = [name for name in (FLAGS_FILE, CLASSES_FILE, MODEL_FILE) if not (model_dir / name).is_file()]
+    if missing:
+        hint = " (bot_keras.train writes model.keras when training ends)" if MODEL_FILE in missing else ""
+        raise SetupError(f"run directory {model_dir} is incomplete: missing {', '.join(missing)}{hint}")
+    run_task = read_task(model_dir)
+    if run_task != task:
+        raise SetupError(f"{model_dir} is a {run_task} run; this command reads {task} runs")
+    parsed = read_flags(model_dir / FLAGS_FILE, command_flags(run_task))
+    lacking = [f"--{name}" for name in ("model", "image_size") if not parsed[name].present]
+    if lacking:
+        raise SetupError(f"{model_dir / FLAGS_FILE} lacks {', '.join(lacking)}")
+    class_names = read_class_names(model_dir / CLASSES_FILE)
+    if not class_names:
+        raise SetupError(f"{model_dir / CLASSES_FILE} lists no classes")
+    values = {name: parsed[name].value for name in parsed}
+    return Run(model_dir=model_dir, task=run_task, flags=values, class_names=class_names)
+
+
+# --- the model --------------------------------------------------------------------------------------------
+
+
+def load_keras_model(path, *, label=None):
+    """`keras.models.load_model(path, compile=False)`; a damaged or missing file is a SetupError naming it
+    (`label`, default the path)."""
+    try:
+        return keras.models.load_model(path, compile=False)
+    except Exception as error:  # Keras raises a zoo of types for a damaged archive
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SetupError(f"{label or path}: cannot load the .keras file: {first}") from error
+
+
+def load_model(run):
+    """The run's final model as a float32 `keras.Model` ready for inference (see `float32_rebuild`)."""
+    model = load_keras_model(run.model_path)
+    num_outputs = model.output_shape[-1]
+    if num_outputs != len(run.class_names):
+        raise SetupError(
+            f"{run.model_path} predicts {num_outputs} classes but {run.model_dir / CLASSES_FILE} "
+            f"lists {len(run.class_names)}"
+        )
+    return float32_rebuild(model, run)
+
+
+def float32_rebuild(model, run):
+    """The model itself when every layer computes in float32; else (a model saved under a mixed policy,
+    Section 3.2's FP16 training) `--model` from `flags.txt` rebuilt under the float32 policy with the
+    trained float32 master weights copied in, in order, each shape checked. float16 graphs are slow on
+    CPU and TFLite rejects them."""
+    if all(layer.dtype_policy.compute_dtype == "float32" for layer in model.layers):
+        return model
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        rebuilt = build_model(
+            run.model_name, num_classes=len(run.class_names), input_shape=model.input_shape[1:]
+        )
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    if len(rebuilt.weights) != len(model.weights):
+        raise SetupError(
+            f"{run.model_path} has {len(model.weights)} weights but --model={run.model_name} from flags.txt "
+            f"builds {len(rebuilt.weights)}; the run's flags do not describe its model"
+        )
+    for target, source in zip(rebuilt.weights, model.weights, strict=True):
+        if tuple(target.shape) != tuple(source.shape):
+            raise SetupError(
+                f"{run.model_path}: weight {source.path} has shape {tuple(source.shape)} but the float32 "
+                f"rebuild of --model={run.model_name} expects {tuple(target.shape)} ({target.path})"
+            )
+        target.assign(tf.cast(source.value, target.dtype))
+    return rebuilt
+
+
+def load_backbone(model_dir, **backbone_kwargs):
+    """`build_backbone` of the run's architecture holding the trained classifier's weights (copied layer by
+    layer by `models.load_classifier_weights`; the `logits` head is left out). `backbone_kwargs` go to
+    `build_backbone` (e.g. `output_stride`, `input_shape`): the start for segmentation or detection."""
+    run = read_run(model_dir)
+    return build_backbone(run.model_name, weights_from=load_model(run), **backbone_kwargs)

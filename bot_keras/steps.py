@@ -1,0 +1,206 @@
+"""The distributed train and eval steps: what runs inside `strategy.run`, in a `tf.function`.
+
+One pattern for every strategy (TensorFlow's custom-training-loop guide; Keras 3.15's `model.fit` fails
+under `MultiWorkerMirroredStrategy` with two workers): the per-example loss is computed in float32 and
+divided by the *global* batch (`tf.nn.compute_average_loss`), so the optimizer's all-reduce SUM of replica
+gradients is the gradient of the global mean; `optimizer.scale_loss` gives dynamic loss scaling under
+mixed_float16, with the overflow verdict agreed across replicas (`_poison_if_any_replica_overflowed`).
+
+The steps are generic in the model, the loss and the metrics:
+
+- `per_example_loss(labels, outputs, teacher_outputs) -> float32 [B]`;
+- `Metrics`: the names and the function that sums them over one replica's batch ("loss" and "count"
+  among them; `CLASSIFICATION_METRICS` adds top-1 and top-5 hits);
+- the steps return those sums, summed over replicas and steps; `means` divides them by the count.
+
+A fine-tuning command passes its own model, loss and sums; distillation and mixup are the classifier's
+options (Sections 5.3 and 5.4) and are off unless asked for.
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+import keras
+import tensorflow as tf
+
+from bot_keras import losses
+from bot_keras.data import mixup as mixup_ops
+from bot_keras.teacher import teacher_logits
+
+
+def classification_sums(per_example_loss, labels, logits):
+    """Summed loss, top-1 and top-5 hits and the example count of one replica's batch (one-hot labels)."""
+    classes = tf.argmax(labels, axis=-1, output_type=tf.int32)
+    k5 = min(5, logits.shape[-1])
+    return {
+        "loss": tf.reduce_sum(per_example_loss),
+        "top1": tf.reduce_sum(tf.cast(tf.math.in_top_k(classes, logits, 1), tf.float32)),
+        "top5": tf.reduce_sum(tf.cast(tf.math.in_top_k(classes, logits, k5), tf.float32)),
+        "count": tf.cast(tf.shape(logits)[0], tf.float32),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Metrics:
+    """What a step sums: `sums(per_example_loss, labels, outputs) -> {name: float32 scalar}` over one
+    replica's batch, with exactly the keys `names` (among them "loss" and "count"). Inside the step the
+    sums travel as one vector in `names` order: one all-reduce a step (a dict of scalars would be one
+    each, and MultiWorkerMirroredStrategy's `reduce` rejects it), and the step loop's accumulator exists
+    before its first iteration."""
+
+    names: tuple
+    sums: Callable
+
+    def vector(self, per_example_loss, labels, outputs):
+        sums = self.sums(per_example_loss, labels, outputs)
+        return tf.stack([tf.cast(sums[name], tf.float32) for name in self.names])
+
+    def named(self, vector):
+        return dict(zip(self.names, tf.unstack(vector, num=len(self.names)), strict=True))
+
+
+CLASSIFICATION_METRICS = Metrics(("loss", "top1", "top5", "count"), classification_sums)
+
+
+def means(sums):
+    """{name: sum / count} for every summed metric, and "count" itself as an int."""
+    sums = {name: float(value) for name, value in sums.items()}
+    count = max(sums["count"], 1.0)
+    result = {name: value / count for name, value in sums.items() if name != "count"}
+    result["count"] = int(sums["count"])
+    return result
+
+
+def cross_entropy(labels, logits, teacher_logits=None):
+    """Plain softmax cross-entropy per example: the evaluation loss (no smoothing, no teacher)."""
+    del teacher_logits
+    return tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+
+
+def make_per_example_loss(*, label_smoothing, temperature, hard_weight):
+    """`(labels, logits, teacher_logits) -> float32 [B]`: Section 5.2's smoothed CE, or 5.3's distillation.
+
+    Smoothing applies to the (possibly mixed) one-hot labels; smoothing is linear in the labels, so this
+    equals mixing already-smoothed labels (Section 5.4's order).
+    """
+    smoothed = losses.classification_loss(label_smoothing)
+
+    def per_example_loss(labels, logits, teacher_logits):
+        if teacher_logits is None:
+            return smoothed.call(labels, logits)  # `call`: one value per example, no reduction
+        return losses.distillation_loss(
+            labels=labels,
+            student_logits=logits,
+            teacher_logits=teacher_logits,
+            temperature=temperature,
+            hard_weight=hard_weight,
+            label_smoothing=label_smoothing,
+            reduction="none",
+        )
+
+    return per_example_loss
+
+
+def _float32(outputs):
+    return tf.nest.map_structure(lambda t: tf.cast(t, tf.float32), outputs)
+
+
+def make_train_function(
+    strategy,
+    model,
+    optimizer,
+    *,
+    per_example_loss,
+    global_batch_size,
+    metrics=None,
+    teacher=None,
+    mixup_alpha=0.0,
+    seed=0,
+):
+    """Returns `train_steps(iterator, start_step, num_steps, mixup_on) -> {name: sum over the steps}`.
+
+    Each replica mixes its own batch with its own λ (Section 5.4: one λ a batch; the partner of example i
+    is example B-1-i), the teacher (`teacher.load_teacher`'s, if any) sees the same mixed
+    batch, and the loss is divided by the global batch so that the all-reduced SUM of replica gradients is
+    the gradient of the global mean. Build the model and optimizer in `strategy.scope()`. `metrics`
+    defaults to `CLASSIFICATION_METRICS`.
+    """
+    metrics = metrics or CLASSIFICATION_METRICS
+    agree_on_overflow = (
+        isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and strategy.num_replicas_in_sync > 1
+    )
+
+    def replica_step(batch, step, mixup_on):
+        images, labels = batch
+        if mixup_alpha > 0:
+            # A different λ on every replica and step: stateless seed (run seed, step·1024 + replica).
+            replica = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, tf.int64)
+            lam_seed = tf.stack([tf.cast(seed, tf.int64), tf.cast(step, tf.int64) * 1024 + replica])
+            lam = mixup_ops.sample_mixup_lambda(mixup_alpha, seed=lam_seed)
+            lam = tf.where(mixup_on, lam, 1.0)
+            images, labels = mixup_ops.mixup(images, labels, lam)
+        teacher_outputs = teacher_logits(teacher, images) if teacher is not None else None
+        with tf.GradientTape() as tape:
+            outputs = _float32(model(images, training=True))
+            example_losses = per_example_loss(labels, outputs, teacher_outputs)
+            loss = tf.nn.compute_average_loss(example_losses, global_batch_size=global_batch_size)
+            if model.losses:
+                loss += tf.nn.scale_regularization_loss(
+                    tf.add_n([tf.cast(x, tf.float32) for x in model.losses])
+                )
+            scaled_loss = optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled_loss, model.trainable_variables)
+        if agree_on_overflow:
+            grads = _poison_if_any_replica_overflowed(grads)
+        optimizer.apply(grads, model.trainable_variables)
+        return metrics.vector(example_losses, labels, outputs)
+
+    @tf.function
+    def train_steps(iterator, start_step, num_steps, mixup_on):
+        totals = tf.zeros([len(metrics.names)])
+        for i in tf.range(num_steps):
+            per_replica = strategy.run(
+                replica_step, args=(next(iterator), start_step + tf.cast(i, tf.int64), mixup_on)
+            )
+            totals += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        return metrics.named(totals)
+
+    return train_steps
+
+
+def make_eval_function(strategy, model, *, per_example_loss=cross_entropy, metrics=None):
+    """Returns `evaluate(distributed_dataset) -> means(...)`: {"loss", "top1", "top5", "count"} by default
+    (plain cross-entropy, inference mode)."""
+    metrics = metrics or CLASSIFICATION_METRICS
+
+    def replica_step(batch):
+        images, labels = batch
+        outputs = _float32(model(images, training=False))
+        return metrics.vector(per_example_loss(labels, outputs, None), labels, outputs)
+
+    @tf.function
+    def eval_batch(batch):
+        per_replica = strategy.run(replica_step, args=(batch,))
+        return metrics.named(strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None))
+
+    def evaluate(dataset):
+        totals = {name: 0.0 for name in metrics.names}
+        for batch in dataset:
+            totals = {name: totals[name] + float(value) for name, value in eval_batch(batch).items()}
+        return means(totals)
+
+    return evaluate
+
+
+def _poison_if_any_replica_overflowed(grads):
+    """Makes every replica's gradients non-finite when any replica's are (dynamic loss scaling).
+
+    Keras' LossScaleOptimizer checks the *local* gradients for inf/NaN before its inner optimizer
+    all-reduces them, and under MirroredStrategy it takes replica 0's verdict for all: an overflow on
+    another replica is then summed into every weight (measured: NaN weights, loss scale unchanged). One
+    scalar all-reduce of the non-finite count makes all replicas skip the step and halve the scale.
+    """
+    local = [tf.reduce_sum(tf.cast(~tf.math.is_finite(g), tf.float32)) for g in grads if g is not None]
+    bad = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, tf.add_n(local))
+    poison = tf.where(bad > 0, float("nan"), 0.0)
+    return [None if g is None else g + tf.cast(poison, g.dtype) for g in grads]

@@ -1,0 +1,113 @@
+"""steps.py: the distributed train step (mixed precision, loss scaling, mixup) and the named metric sums."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from bot_keras import distribute, optimizers, steps
+
+
+def _tiny_model(num_classes=3, batch_norm=False):
+    layers = [keras.Input((6, 6, 3)), keras.layers.Conv2D(4, 3)]
+    if batch_norm:
+        layers.append(keras.layers.BatchNormalization())
+    layers += [
+        keras.layers.ReLU(),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Flatten(),
+        keras.layers.Dense(num_classes, dtype="float32"),
+    ]
+    return keras.Sequential(layers)
+
+
+def _batches(scale=1.0, n=8, seed=0):
+    x = np.random.RandomState(seed).randn(n, 6, 6, 3).astype("float32") * scale
+    y = np.eye(3, dtype="float32")[np.arange(n) % 3]
+    return tf.data.Dataset.from_tensors((x, y)).repeat()
+
+
+def _step_setup(precision, *, learning_rate=0.1, loss_scaling=None):
+    distribute.set_precision(precision)
+    keras.utils.set_random_seed(0)
+    strategy = tf.distribute.get_strategy()
+    model = _tiny_model()
+    optimizer = optimizers.build_optimizer(learning_rate, weight_decay=0.0)
+    if loss_scaling if loss_scaling is not None else distribute.needs_loss_scaling(precision):
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    optimizer.build(model.trainable_variables)
+    loss = steps.make_per_example_loss(label_smoothing=0.0, temperature=1.0, hard_weight=None)
+    step = steps.make_train_function(strategy, model, optimizer, per_example_loss=loss, global_batch_size=8)
+    return model, optimizer, step
+
+
+def _steps(step, data, n, start=0):
+    sums = step(iter(data), tf.constant(start, tf.int64), tf.constant(n), tf.constant(False))
+    assert all(value.dtype == tf.float32 for value in sums.values())
+    return {name: float(value) for name, value in sums.items()}
+
+
+def test_mixed_float16_computes_in_half_keeps_float32_variables_logits_and_loss():
+    model, optimizer, step = _step_setup("mixed_float16")
+    conv = model.layers[0]
+    assert conv.compute_dtype == "float16" and conv.kernel.dtype == "float32"
+    assert model(tf.zeros((1, 6, 6, 3))).dtype == tf.float32
+    assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    sums = _steps(step, _batches(), 3)
+    assert sums["count"] == 24
+    weights_16 = model.get_weights()
+    assert float(optimizer.dynamic_scale.numpy()) == 32768.0  # finite steps keep the initial scale
+
+    keras.mixed_precision.set_global_policy("float32")
+    keras.backend.clear_session()
+    model_32, _, step_32 = _step_setup("float32")
+    sums_32 = _steps(step_32, _batches(), 3)
+    # The scaled float16 step is the float32 step up to half-precision round-off (~1e-3 relative).
+    for a, b in zip(weights_16, model_32.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-3)
+    assert sums["loss"] == pytest.approx(sums_32["loss"], rel=1e-2)
+
+
+def test_overflowing_float16_gradients_skip_the_step_and_halve_the_loss_scale():
+    model, optimizer, step = _step_setup("mixed_float16")
+    before = model.get_weights()
+    # Inputs of 3000 make the scaled (×32768) kernel gradients overflow float16's 65504.
+    _steps(step, _batches(scale=3000.0), 1)
+    assert float(optimizer.dynamic_scale.numpy()) == 16384.0
+    for a, b in zip(before, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert int(optimizer.iterations.numpy()) == 0
+
+
+def test_mixup_in_the_step_uses_the_replica_seeded_lambda_and_switches_off():
+    from bot_keras.data import mixup as mixup_ops
+
+    keras.utils.set_random_seed(0)
+    model = _tiny_model()
+    optimizer = optimizers.build_optimizer(0.0, weight_decay=0.0)  # lr 0: the model stays fixed
+    optimizer.build(model.trainable_variables)
+    loss = steps.make_per_example_loss(label_smoothing=0.0, temperature=1.0, hard_weight=None)
+    step = steps.make_train_function(
+        tf.distribute.get_strategy(),
+        model,
+        optimizer,
+        per_example_loss=loss,
+        global_batch_size=8,
+        mixup_alpha=0.2,
+        seed=5,
+    )
+    images, labels = next(iter(_batches()))
+
+    def loss_sum(x, y):
+        return float(tf.reduce_sum(tf.nn.softmax_cross_entropy_with_logits(labels=y, logits=model(x))))
+
+    def run(start, mixup_on):
+        it = iter(_batches())
+        return step(it, tf.constant(start, tf.int64), tf.constant(1), tf.constant(mixup_on))["loss"].numpy()
+
+    # λ of replica 0 at step 7 with run seed 5: seed (5, 7·1024 + 0).
+    lam = mixup_ops.sample_mixup_lambda(0.2, seed=tf.constant([5, 7 * 1024], tf.int64))
+    mixed_images, mixed_labels = mixup_ops.mixup(images, labels, lam)
+    assert run(7, True) == pytest.approx(loss_sum(mixed_images, mixed_labels), rel=1e-5)
+    assert run(8, True) != pytest.approx(run(7, True), rel=1e-5)  # a new λ each step
+    assert run(7, False) == pytest.approx(loss_sum(images, labels), rel=1e-5)  # --mixup_off_epochs

@@ -563,7 +563,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
         tf.get_logger().setLevel("WARNING")
     from bot_keras import optimizers, schedules
-    from bot_keras.data import dataset_info, make_dataset, write_class_names
+    from bot_keras.data import Augmentation, dataset_info, make_dataset, write_class_names
     from bot_keras.models import build_model
 
     # Set-up errors (a missing folder or split, a TF_CONFIG that does not parse, a teacher that does not
@@ -607,11 +607,13 @@ def main(argv):
                 training=True,
                 input_context=context,
                 seed=FLAGS.seed,
-                random_crop=FLAGS.random_crop,
-                crop_area_range=(FLAGS.crop_min_area, 1.0),
-                flip=FLAGS.flip,
-                color_jitter=FLAGS.color_jitter,
-                pca_lighting=FLAGS.pca_lighting,
+                augmentation=Augmentation(
+                    random_crop=FLAGS.random_crop,
+                    crop_area_range=(FLAGS.crop_min_area, 1.0),
+                    flip=FLAGS.flip,
+                    color_jitter=FLAGS.color_jitter,
+                    pca_lighting=FLAGS.pca_lighting,
+                ),
                 **source,
             )
 

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from bot_keras.data import augment
+from bot_keras.data import augment, decode
 
 MEAN = np.array(augment.MEAN_RGB, np.float32)
 STD = np.array(augment.STD_RGB, np.float32)
@@ -143,18 +143,18 @@ def test_decode_image_formats_and_odd_jpegs():
     rng = np.random.default_rng(1)
     rgb = rng.integers(0, 256, (9, 13, 3), dtype=np.uint8)
     for fmt in ("PNG", "BMP"):  # lossless: exact pixels
-        np.testing.assert_array_equal(augment.decode_image(encode(rgb, fmt)).numpy(), rgb)
-    gif = augment.decode_image(encode(rgb, "GIF")).numpy()
+        np.testing.assert_array_equal(decode.decode_image(encode(rgb, fmt)).numpy(), rgb)
+    gif = decode.decode_image(encode(rgb, "GIF")).numpy()
     assert gif.shape == (9, 13, 3)
     grey = smooth_image(20, 30)[..., 0]
-    decoded = augment.decode_image(encode(grey, quality=95)).numpy()
+    decoded = decode.decode_image(encode(grey, quality=95)).numpy()
     assert decoded.shape == (20, 30, 3)
     np.testing.assert_array_equal(decoded[..., 0], decoded[..., 2])  # grey replicated to 3 channels
     assert np.abs(decoded[..., 0].astype(int) - grey).max() <= 6
     smooth = smooth_image(24, 32)
     buffer = io.BytesIO()
     Image.fromarray(smooth).convert("CMYK").save(buffer, "JPEG", quality=95)
-    cmyk = augment.decode_image(buffer.getvalue()).numpy()
+    cmyk = decode.decode_image(buffer.getvalue()).numpy()
     assert cmyk.shape == (24, 32, 3)
     assert np.abs(cmyk.astype(int) - smooth).mean() < 12  # PIL's naive RGB→CMYK, decoded back to RGB
 
@@ -163,7 +163,7 @@ def test_check_encoded_image_accepts_images_and_rejects_broken_bytes():
     rgb = smooth_image(30, 40)
     good = {fmt: encode(rgb, fmt) for fmt in ("JPEG", "PNG", "GIF", "BMP")}
     for fmt, data in good.items():
-        assert bool(augment.check_encoded_image(data)), fmt
+        assert bool(decode.check_encoded_image(data)), fmt
     bad = {
         "empty": b"",
         "text": b"this is a text file, not an image\n" * 4,
@@ -172,8 +172,8 @@ def test_check_encoded_image_accepts_images_and_rejects_broken_bytes():
         "truncated bmp": good["BMP"][:200],
     }
     for name, data in bad.items():
-        assert not bool(augment.check_encoded_image(data)), name
-    assert bool(augment.is_jpeg(good["JPEG"])) and not bool(augment.is_jpeg(good["PNG"]))
+        assert not bool(decode.check_encoded_image(data)), name
+    assert bool(decode.is_jpeg(good["JPEG"])) and not bool(decode.is_jpeg(good["PNG"]))
 
 
 # --------------------------------------------------------------------------------------- random ops
@@ -203,7 +203,9 @@ def test_milder_crop_area_range_is_respected():
     area = windows[:, 2] * windows[:, 3] / (375 * 500)
     assert area.min() >= 0.35 - 0.005 and area.min() < 0.4 and area.max() <= 1.0
     image = tf.image.encode_jpeg(tf.fill([40, 60, 3], tf.constant(128, tf.uint8)))
-    out = augment.preprocess_for_train(image, 16, tf.constant([1, 2]), crop_area_range=(0.5, 1.0))
+    out = augment.preprocess_for_train(
+        image, 16, tf.constant([1, 2]), augment.Augmentation(crop_area_range=(0.5, 1.0))
+    )
     assert out.shape == (16, 16, 3)
 
 
@@ -245,11 +247,11 @@ def test_eager_and_tf_data_agree_for_the_same_seed():
         )
         np.testing.assert_allclose(eager, inside, atol=1e-5)
         assert not np.allclose(eager[0], eager[1])  # different seeds, different draws
-    eval_eager = augment.preprocess_for_eval(augment.decode_image(jpeg), 32).numpy()
+    eval_eager = augment.preprocess_for_eval(decode.decode_image(jpeg), 32).numpy()
     eval_inside = next(
         iter(
             tf.data.Dataset.from_tensors(jpeg).map(
-                lambda d: augment.preprocess_for_eval(augment.decode_image(d), 32)
+                lambda d: augment.preprocess_for_eval(decode.decode_image(d), 32)
             )
         )
     )
@@ -266,7 +268,7 @@ def test_fused_and_unfused_crops_draw_the_same_window():
         assert np.abs(fused - plain).mean() < 1.0 and np.abs(fused - plain).max() < 16
         # And it is the window sample_crop_window draws, cropped from the decoded image.
         window = augment.sample_crop_window([120, 160], seed)
-        expected = augment.crop_and_resize(augment.decode_image(jpeg), window, 32).numpy()
+        expected = augment.crop_and_resize(decode.decode_image(jpeg), window, 32).numpy()
         np.testing.assert_allclose(plain, expected, atol=1e-4)
 
 
@@ -276,18 +278,19 @@ def test_tiny_and_elongated_images_go_through_training_and_eval(shape):
     for data in (encode(image, quality=90), encode(image, "PNG")):
         out = augment.preprocess_for_train(data, 32, [1, 2]).numpy()
         assert out.shape == (32, 32, 3) and np.isfinite(out).all()
-        out = augment.preprocess_for_eval(augment.decode_image(data), 32).numpy()
+        out = augment.preprocess_for_eval(decode.decode_image(data), 32).numpy()
         assert out.shape == (32, 32, 3) and np.isfinite(out).all()
 
 
 def test_training_switches_turn_steps_off():
     jpeg = encode(smooth_image(40, 40), quality=95)
-    off = dict(random_crop=False, flip=False, jitter=False, pca_lighting=False)
-    plain = augment.preprocess_for_train(jpeg, 32, [1, 2], **off).numpy()
+    off = dict(random_crop=False, flip=False, color_jitter=False, pca_lighting=False)
+    plain = augment.preprocess_for_train(jpeg, 32, [1, 2], augment.Augmentation(**off)).numpy()
     np.testing.assert_allclose(
-        plain, augment.preprocess_for_eval(augment.decode_image(jpeg), 32).numpy(), atol=1e-5
+        plain, augment.preprocess_for_eval(decode.decode_image(jpeg), 32).numpy(), atol=1e-5
     )
-    with_lighting = augment.preprocess_for_train(jpeg, 32, [1, 2], **{**off, "pca_lighting": True}).numpy()
+    lighting_only = augment.Augmentation(**{**off, "pca_lighting": True})
+    with_lighting = augment.preprocess_for_train(jpeg, 32, [1, 2], lighting_only).numpy()
     offset = (with_lighting - plain) * STD  # one RGB offset for every pixel
     np.testing.assert_allclose(offset, np.broadcast_to(offset[0, 0], offset.shape), atol=1e-3)
     assert np.abs(offset[0, 0]).max() > 0.01

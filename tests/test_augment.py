@@ -90,6 +90,22 @@ def test_color_jitter_every_order_matches_the_closed_form():
         np.testing.assert_allclose(out, sequential.numpy(), rtol=1e-4, err_msg=f"order {order}")
 
 
+def test_color_and_normalize_is_jitter_then_lighting_then_normalize():
+    rng = np.random.default_rng(2)
+    x = tf.constant(rng.uniform(0, 255, (5, 7, 3)).astype(np.float32))
+    factors, alpha = tf.constant([0.7, 1.3, 0.9]), tf.constant([0.05, -0.1, 0.2])
+    for order in range(6):
+        step_by_step = augment.normalize(augment.lighting(augment.apply_color_jitter(x, factors, order), alpha))
+        fused = augment.color_and_normalize(x, jitter=(factors, order), lighting_alpha=alpha)
+        np.testing.assert_allclose(fused.numpy(), step_by_step.numpy(), atol=1e-4, err_msg=f"order {order}")
+    np.testing.assert_allclose(
+        augment.color_and_normalize(x, lighting_alpha=alpha).numpy(),
+        augment.normalize(augment.lighting(x, alpha)).numpy(),
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(augment.color_and_normalize(x).numpy(), (x.numpy() - MEAN) / STD, atol=1e-5)
+
+
 def test_flip_left_right_by_hand():
     image = tf.reshape(tf.range(6.0), [2, 3, 1])
     np.testing.assert_array_equal(
@@ -176,6 +192,29 @@ def test_check_encoded_image_accepts_images_and_rejects_broken_bytes():
     assert bool(decode.is_jpeg(good["JPEG"])) and not bool(decode.is_jpeg(good["PNG"]))
 
 
+def test_images_with_a_trailer_after_the_end_marker_pass_the_check_and_decode():
+    # Cameras and editors append data after a JPEG's end-of-image marker (here 10 KiB, beyond the 4 KiB the
+    # old check looked at); decoders ignore it, so the framing check must too. Same for a PNG after IEND.
+    rgb = smooth_image(30, 40)
+    trailer = b"TRAILER-" * 1280  # 10 KiB without FF D9 or IEND
+    for fmt in ("JPEG", "PNG"):
+        data = encode(rgb, fmt) + trailer
+        assert bool(decode.check_encoded_image(data)), fmt
+        np.testing.assert_array_equal(decode.decode_image(data).numpy(), decode.decode_image(encode(rgb, fmt)))
+    # Not an image until the end marker: cut short, the same file fails.
+    assert not bool(decode.check_encoded_image(encode(rgb, "JPEG")[:-2] + trailer))
+
+
+def test_truncated_jpeg_with_an_end_marker_appended_is_the_decoders_call():
+    # Documented limit of the framing check (decode.check_encoded_image): a file cut short and given an
+    # end marker looks complete; libjpeg fills the missing rows with grey and only logs a warning.
+    jpeg = encode(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8), quality=90)
+    patched = jpeg[: len(jpeg) // 2] + b"\xff\xd9"
+    assert bool(decode.check_encoded_image(patched))
+    image = decode.decode_image(patched).numpy()
+    assert image.shape == (64, 64, 3) and (image[-8:] == 128).all()  # the grey fill
+
+
 # --------------------------------------------------------------------------------------- random ops
 
 
@@ -195,11 +234,71 @@ def test_crop_window_statistics():
     assert np.mean(area > 0.999) < 0.05
 
 
+def paper_crop_reference(height, width, count, rng, area_range=(0.08, 1.0), attempts=10):
+    """Independent numpy version of the authors' crop (MXNet random_size_crop / torchvision
+    RandomResizedCrop): (area fraction, log aspect, fell back) of `count` draws."""
+    area = rng.uniform(*area_range, (count, attempts)) * height * width
+    aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3), (count, attempts)))
+    w, h = np.round(np.sqrt(area * aspect)), np.round(np.sqrt(area / aspect))
+    fits = (w >= 1) & (w <= width) & (h >= 1) & (h <= height)
+    first = fits.argmax(1)
+    fell_back = ~fits.any(1)
+    w, h = w[np.arange(count), first], h[np.arange(count), first]
+    # torchvision's fallback: the whole image with its aspect ratio clamped into [3/4, 4/3].
+    ratio = width / height
+    fb_w = min(width, round(height * 4 / 3)) if ratio > 4 / 3 else width
+    fb_h = min(height, round(width / (3 / 4))) if ratio < 3 / 4 else height
+    w, h = np.where(fell_back, fb_w, w), np.where(fell_back, fb_h, h)
+    return h * w / (height * width), np.log(w / h), fell_back
+
+
+def ks_distance(a, b):
+    """Two-sample Kolmogorov-Smirnov statistic D = max |F_a - F_b|."""
+    grid = np.sort(np.concatenate([a, b]))
+    cdf = lambda x: np.searchsorted(np.sort(x), grid, side="right") / len(x)
+    return np.abs(cdf(a) - cdf(b)).max()
+
+
+def crop_statistics(sampler, height, width, count):
+    windows = over_seeds(
+        lambda seed: augment.sample_crop_window([height, width], seed, sampler=sampler), count
+    )
+    _, _, h, w = windows.T.astype(np.float64)
+    fallback = augment.center_crop_window([height, width]).numpy()
+    return h * w / (height * width), np.log(w / h), (windows == fallback).all(1)
+
+
+def test_paper_crop_matches_the_authors_distribution_and_tf_sampler_does_not():
+    # Two-sample KS at alpha = 0.001 (critical D = 1.949 * sqrt((n + m) / (n m))) against the numpy
+    # reference, on a 375 x 500 photo, and the fallback rate on a 100 x 1000 strip, where few boxes fit
+    # (reference ~79 %; binomial sd of 1000 draws ~0.013, 4 sd tolerance). TF's sampler must fail.
+    rng = np.random.default_rng(0)
+    n, m = 2000, 20000
+    ref_area, ref_log_aspect, _ = paper_crop_reference(375, 500, m, rng)
+    _, _, ref_fell_back = paper_crop_reference(100, 1000, 200000, rng)
+    critical = 1.949 * np.sqrt((n + m) / (n * m))
+    verdicts = {}
+    for sampler in ("paper", "tf"):
+        area, log_aspect, _ = crop_statistics(sampler, 375, 500, n)
+        _, _, fell_back = crop_statistics(sampler, 100, 1000, 1000)
+        verdicts[sampler] = (
+            bool(ks_distance(area, ref_area) < critical),
+            bool(ks_distance(log_aspect, ref_log_aspect) < critical),
+            bool(abs(fell_back.mean() - ref_fell_back.mean()) < 0.052),
+        )
+    assert 0.75 < ref_fell_back.mean() < 0.83
+    # Seen: paper D = 0.024 (area), 0.030 (log aspect) < 0.046, falls back 80.0 % vs 77.9 %;
+    # tf D = 0.155 (area), 0.023 (log aspect), falls back 0 %.
+    assert verdicts["paper"] == (True, True, True)
+    assert verdicts["tf"][0] is False and verdicts["tf"][2] is False  # area skewed small, never falls back
+
+
 def test_milder_crop_area_range_is_respected():
     # A user-chosen lower bound (e.g. 0.35 for 32-px images) moves the smallest crops up, nothing else.
     windows = over_seeds(
         lambda seed: augment.sample_crop_window([375, 500], seed, area_range=(0.35, 1.0)), 1000
     )
+    assert windows[:, 2:].prod(1).min() >= 0.35 * 375 * 500 * 0.99
     area = windows[:, 2] * windows[:, 3] / (375 * 500)
     assert area.min() >= 0.35 - 0.005 and area.min() < 0.4 and area.max() <= 1.0
     image = tf.image.encode_jpeg(tf.fill([40, 60, 3], tf.constant(128, tf.uint8)))

@@ -7,7 +7,7 @@
 For each folder (the generated one: ~500 photo-like 500x375 JPEGs, multi-scale smooth noise with edges and
 grain at quality 90, about the size and entropy of ImageNet photos; and `--folder ROOT`'s `--split`), the
 encoded bytes are held in memory and these paths are timed at 224 px, batch 16, in interleaved rounds (so
-background load hits every path alike; the median round is reported):
+background load hits every path alike; each path's best round is reported):
 
   decode_jpeg            the floor: `tf.io.decode_jpeg` of the whole file, nothing else;
   minimal fused chain    what the paper's crop needs at least: sample a box (8-100 % area, aspect 3/4-4/3),
@@ -24,7 +24,6 @@ cores): the first pass reads files, later passes come from the cache of encoded 
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bot_keras.data import augment, make_dataset, sources  # noqa: E402
+from bot_keras.data import augment, folder, make_dataset  # noqa: E402
 
 
 def photo_like(rng, height=375, width=500):
@@ -54,11 +53,11 @@ def photo_like(rng, height=375, width=500):
 def write_images(root, count, make, quality=90, classes=10):
     rng = np.random.default_rng(0)
     for i in range(count):
-        folder = os.path.join(root, "train", f"class{i % classes}")
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, f"{i:05d}.jpg"), "wb") as f:
+        class_dir = os.path.join(root, "train", f"class{i % classes}")
+        os.makedirs(class_dir, exist_ok=True)
+        with open(os.path.join(class_dir, f"{i:05d}.jpg"), "wb") as f:
             f.write(tf.io.encode_jpeg(make(rng), quality=quality).numpy())
-    sources.list_folder.cache_clear()
+    folder.list_folder.cache_clear()
 
 
 def limit_threads(ds, threads):
@@ -114,25 +113,32 @@ def library_paths(source, split, image_size, batch_size):
     }
 
 
-def time_interleaved(datasets, threads, images, batch_size, rounds):
-    """{name: median images/s over `rounds` rounds}; each round times every dataset for `images` images."""
-    iterators = {name: iter(limit_threads(ds, threads)) for name, ds in datasets.items()}
-    for iterator in iterators.values():  # warm-up: first pass fills the cache of encoded bytes
-        for _ in range(max(2, images // batch_size)):
-            next(iterator)
+def time_interleaved(datasets, threads, images, batch_size, rounds, warmup_batches=2):
+    """{name: best images per CPU-second over `rounds` rounds}; each round times every dataset for `images`
+    images, in the process's CPU time (all threads), which a busy machine inflates far less than wall time.
+
+    Each round opens a fresh iterator per path and closes it after timing, so that no idle pipeline keeps
+    working (and filling its prefetch buffers) in the background while another is timed; after
+    `warmup_batches` the consumer waits on every batch, so the timed batches are produced while timed. The
+    best round is the one least disturbed by other processes (as `timeit` takes the minimum time)."""
+    datasets = {name: limit_threads(ds, threads) for name, ds in datasets.items()}
     batches = max(1, images // batch_size)
     rates = {name: [] for name in datasets}
     for _ in range(rounds):
-        for name, iterator in iterators.items():
-            start = time.perf_counter()
+        for name, ds in datasets.items():
+            iterator = iter(ds)
+            for _ in range(warmup_batches):
+                next(iterator)
+            start = time.process_time()
             for _ in range(batches):
                 next(iterator)
-            rates[name].append(batches * batch_size / (time.perf_counter() - start))
-    return {name: statistics.median(r) for name, r in rates.items()}
+            rates[name].append(batches * batch_size / (time.process_time() - start))
+            del iterator
+    return {name: max(r) for name, r in rates.items()}
 
 
 def bench_folder(title, root, split, args):
-    listing = sources.list_folder(root, split)
+    listing = folder.list_folder(root, split)
     encoded = [open(path, "rb").read() for path in listing.paths]
     sizes = [tf.io.extract_jpeg_shape(data).numpy()[:2] for data in encoded]
     print(
@@ -180,8 +186,8 @@ def main(argv=None):
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="tf.data threads (1: images/s per core)")
-    parser.add_argument("--timed_images", type=int, default=400, help="images timed per path and round")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (the median is reported)")
+    parser.add_argument("--timed_images", type=int, default=160, help="images timed per path and round")
+    parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds (the best is reported)")
     parser.add_argument("--small_images", type=int, default=5000, help="32x32 JPEGs for the last table")
     args = parser.parse_args(argv)
     print(f"{os.cpu_count()} CPUs on the machine; TensorFlow {tf.__version__}")

@@ -148,21 +148,20 @@ def sample_crop_window(
     if sampler != "paper":
         raise ValueError(f"sampler must be one of {CROP_SAMPLERS}; got {sampler!r}.")
     hw = tf.cast(image_hw, tf.float32)
-    height, width = hw[0], hw[1]
     # All attempts in one draw: rows are area fraction, log aspect, offset y, offset x (uniform [0, 1)).
+    # Few, vector-wide ops: in a tf.data map each op costs microseconds whatever its size.
     u = tf.random.stateless_uniform([4, max_attempts], tf.cast(seed, tf.int64))
-    area = (area_range[0] + (area_range[1] - area_range[0]) * u[0]) * (height * width)
+    area = (area_range[0] + (area_range[1] - area_range[0]) * u[0]) * (hw[0] * hw[1])
     log_low, log_high = math.log(aspect_range[0]), math.log(aspect_range[1])
-    aspect = tf.exp(log_low + (log_high - log_low) * u[1])
-    crop_w = tf.round(tf.sqrt(area * aspect))
-    crop_h = tf.round(tf.sqrt(area / aspect))
-    fits = (crop_h >= 1) & (crop_h <= height) & (crop_w >= 1) & (crop_w <= width)
-    first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)  # first True (0 when none)
-    crop_h, crop_w = crop_h[first], crop_w[first]
-    top = tf.minimum(tf.floor(u[2, first] * (height - crop_h + 1)), height - crop_h)
-    left = tf.minimum(tf.floor(u[3, first] * (width - crop_w + 1)), width - crop_w)
-    window = tf.cast(tf.stack([top, left, crop_h, crop_w]), tf.int32)
-    return tf.where(tf.reduce_any(fits), window, center_crop_window(image_hw, aspect_range))
+    log_aspect = log_low + (log_high - log_low) * u[1]
+    # Rows: height = sqrt(area / aspect), width = sqrt(area * aspect), rounded to pixels.
+    sides = tf.round(tf.sqrt(area * tf.exp(tf.stack([-log_aspect, log_aspect]))))
+    fits = tf.reduce_all((sides >= 1) & (sides <= hw[:, None]), axis=0)
+    first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)  # the first that fits (0 if none)
+    size = sides[:, first]
+    offset = tf.minimum(tf.floor(u[2:, first] * (hw - size + 1)), hw - size)
+    window = tf.cast(tf.concat([offset, size], 0), tf.int32)
+    return tf.cond(fits[first], lambda: window, lambda: center_crop_window(image_hw, aspect_range))
 
 
 def _sample_window_tf(image_hw, seed, area_range, aspect_range, max_attempts):

@@ -13,6 +13,8 @@ background load hits every path alike; each path's best round is reported):
   minimal fused chain    what the paper's crop needs at least: sample a box (8-100 % area, aspect 3/4-4/3),
                          `decode_and_crop_jpeg`, resize to 224, flip;
   train, crop + flip     `make_dataset(training=True)` with jitter and lighting off;
+  ..., TF sampler        the same with `crop_sampler="tf"`: the minimal chain's crop distribution (smaller
+                         crops, so less to decode and resize than the paper's);
   train, Section 2.1     `make_dataset(training=True)`, every step (the default);
   train, unfused         the same with `fused_crop=False` (whole image decoded, then cropped);
   validation             `make_dataset(training=False)` (shorter side 256, centre crop).
@@ -23,6 +25,7 @@ cores): the first pass reads files, later passes come from the cache of encoded 
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -105,6 +108,9 @@ def library_paths(source, split, image_size, batch_size):
     crop_flip = augment.Augmentation(color_jitter=False, pca_lighting=False)
     return {
         "train, crop + flip": make_dataset(source, training=True, seed=0, augmentation=crop_flip, **common),
+        "train, crop + flip, TF sampler": make_dataset(
+            source, training=True, seed=0, augmentation=dataclasses.replace(crop_flip, crop_sampler="tf"), **common
+        ),
         "train, Section 2.1": make_dataset(source, training=True, seed=0, **common),
         "train, unfused": make_dataset(
             source, training=True, seed=0, augmentation=augment.Augmentation(fused_crop=False), **common

@@ -28,7 +28,8 @@ import tensorflow as tf
 from absl import flags
 
 from bot_keras import cli, run_dir
-from bot_keras.data.augment import check_encoded_image, decode_image, preprocess_for_eval
+from bot_keras.data.augment import preprocess_for_eval
+from bot_keras.data.decode import check_encoded_image, decode_image
 
 COMMAND = "bot_keras.predict"
 

@@ -22,7 +22,7 @@ import tensorflow as tf
 from absl import flags, logging
 
 from bot_keras import cli, distribute, loop, optimizers, run_dir, schedules, steps
-from bot_keras.data import dataset_info, make_dataset
+from bot_keras.data import Augmentation, dataset_info, make_dataset
 from bot_keras.data.errors import bad_input_message
 from bot_keras.data.sources import parse_source
 from bot_keras.models import MODEL_NAMES, RESNET_NAMES, build_model
@@ -324,11 +324,13 @@ def main(argv, f=flags.FLAGS):
             training=True,
             input_context=context,
             seed=f.seed,
-            random_crop=f.random_crop,
-            crop_area_range=(f.crop_min_area, 1.0),
-            flip=f.flip,
-            color_jitter=f.color_jitter,
-            pca_lighting=f.pca_lighting,
+            augmentation=Augmentation(
+                random_crop=f.random_crop,
+                crop_area_range=(f.crop_min_area, 1.0),
+                flip=f.flip,
+                color_jitter=f.color_jitter,
+                pca_lighting=f.pca_lighting,
+            ),
             **source,
         )
 

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from bot_keras.data import augment
+from bot_keras.data import augment, decode
 
 MEAN = np.array(augment.MEAN_RGB, np.float32)
 STD = np.array(augment.STD_RGB, np.float32)
@@ -90,6 +90,24 @@ def test_color_jitter_every_order_matches_the_closed_form():
         np.testing.assert_allclose(out, sequential.numpy(), rtol=1e-4, err_msg=f"order {order}")
 
 
+def test_color_and_normalize_is_jitter_then_lighting_then_normalize():
+    rng = np.random.default_rng(2)
+    x = tf.constant(rng.uniform(0, 255, (5, 7, 3)).astype(np.float32))
+    factors, alpha = tf.constant([0.7, 1.3, 0.9]), tf.constant([0.05, -0.1, 0.2])
+    for order in range(6):
+        step_by_step = augment.normalize(
+            augment.lighting(augment.apply_color_jitter(x, factors, order), alpha)
+        )
+        fused = augment.color_and_normalize(x, jitter=(factors, order), lighting_alpha=alpha)
+        np.testing.assert_allclose(fused.numpy(), step_by_step.numpy(), atol=1e-4, err_msg=f"order {order}")
+    np.testing.assert_allclose(
+        augment.color_and_normalize(x, lighting_alpha=alpha).numpy(),
+        augment.normalize(augment.lighting(x, alpha)).numpy(),
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(augment.color_and_normalize(x).numpy(), (x.numpy() - MEAN) / STD, atol=1e-5)
+
+
 def test_flip_left_right_by_hand():
     image = tf.reshape(tf.range(6.0), [2, 3, 1])
     np.testing.assert_array_equal(
@@ -143,18 +161,18 @@ def test_decode_image_formats_and_odd_jpegs():
     rng = np.random.default_rng(1)
     rgb = rng.integers(0, 256, (9, 13, 3), dtype=np.uint8)
     for fmt in ("PNG", "BMP"):  # lossless: exact pixels
-        np.testing.assert_array_equal(augment.decode_image(encode(rgb, fmt)).numpy(), rgb)
-    gif = augment.decode_image(encode(rgb, "GIF")).numpy()
+        np.testing.assert_array_equal(decode.decode_image(encode(rgb, fmt)).numpy(), rgb)
+    gif = decode.decode_image(encode(rgb, "GIF")).numpy()
     assert gif.shape == (9, 13, 3)
     grey = smooth_image(20, 30)[..., 0]
-    decoded = augment.decode_image(encode(grey, quality=95)).numpy()
+    decoded = decode.decode_image(encode(grey, quality=95)).numpy()
     assert decoded.shape == (20, 30, 3)
     np.testing.assert_array_equal(decoded[..., 0], decoded[..., 2])  # grey replicated to 3 channels
     assert np.abs(decoded[..., 0].astype(int) - grey).max() <= 6
     smooth = smooth_image(24, 32)
     buffer = io.BytesIO()
     Image.fromarray(smooth).convert("CMYK").save(buffer, "JPEG", quality=95)
-    cmyk = augment.decode_image(buffer.getvalue()).numpy()
+    cmyk = decode.decode_image(buffer.getvalue()).numpy()
     assert cmyk.shape == (24, 32, 3)
     assert np.abs(cmyk.astype(int) - smooth).mean() < 12  # PIL's naive RGB→CMYK, decoded back to RGB
 
@@ -163,7 +181,7 @@ def test_check_encoded_image_accepts_images_and_rejects_broken_bytes():
     rgb = smooth_image(30, 40)
     good = {fmt: encode(rgb, fmt) for fmt in ("JPEG", "PNG", "GIF", "BMP")}
     for fmt, data in good.items():
-        assert bool(augment.check_encoded_image(data)), fmt
+        assert bool(decode.check_encoded_image(data)), fmt
     bad = {
         "empty": b"",
         "text": b"this is a text file, not an image\n" * 4,
@@ -172,8 +190,33 @@ def test_check_encoded_image_accepts_images_and_rejects_broken_bytes():
         "truncated bmp": good["BMP"][:200],
     }
     for name, data in bad.items():
-        assert not bool(augment.check_encoded_image(data)), name
-    assert bool(augment.is_jpeg(good["JPEG"])) and not bool(augment.is_jpeg(good["PNG"]))
+        assert not bool(decode.check_encoded_image(data)), name
+    assert bool(decode.is_jpeg(good["JPEG"])) and not bool(decode.is_jpeg(good["PNG"]))
+
+
+def test_images_with_a_trailer_after_the_end_marker_pass_the_check_and_decode():
+    # Cameras and editors append data after a JPEG's end-of-image marker (here 10 KiB, beyond the 4 KiB the
+    # old check looked at); decoders ignore it, so the framing check must too. Same for a PNG after IEND.
+    rgb = smooth_image(30, 40)
+    trailer = b"TRAILER-" * 1280  # 10 KiB without FF D9 or IEND
+    for fmt in ("JPEG", "PNG"):
+        data = encode(rgb, fmt) + trailer
+        assert bool(decode.check_encoded_image(data)), fmt
+        np.testing.assert_array_equal(
+            decode.decode_image(data).numpy(), decode.decode_image(encode(rgb, fmt))
+        )
+    # Not an image until the end marker: cut short, the same file fails.
+    assert not bool(decode.check_encoded_image(encode(rgb, "JPEG")[:-2] + trailer))
+
+
+def test_truncated_jpeg_with_an_end_marker_appended_is_the_decoders_call():
+    # Documented limit of the framing check (decode.check_encoded_image): a file cut short and given an
+    # end marker looks complete; libjpeg fills the missing rows with grey and only logs a warning.
+    jpeg = encode(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8), quality=90)
+    patched = jpeg[: len(jpeg) // 2] + b"\xff\xd9"
+    assert bool(decode.check_encoded_image(patched))
+    image = decode.decode_image(patched).numpy()
+    assert image.shape == (64, 64, 3) and (image[-8:] == 128).all()  # the grey fill
 
 
 # --------------------------------------------------------------------------------------- random ops
@@ -195,15 +238,77 @@ def test_crop_window_statistics():
     assert np.mean(area > 0.999) < 0.05
 
 
+def paper_crop_reference(height, width, count, rng, area_range=(0.08, 1.0), attempts=10):
+    """Independent numpy version of the authors' crop (MXNet random_size_crop / torchvision
+    RandomResizedCrop): (area fraction, log aspect, fell back) of `count` draws."""
+    area = rng.uniform(*area_range, (count, attempts)) * height * width
+    aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3), (count, attempts)))
+    w, h = np.round(np.sqrt(area * aspect)), np.round(np.sqrt(area / aspect))
+    fits = (w >= 1) & (w <= width) & (h >= 1) & (h <= height)
+    first = fits.argmax(1)
+    fell_back = ~fits.any(1)
+    w, h = w[np.arange(count), first], h[np.arange(count), first]
+    # torchvision's fallback: the whole image with its aspect ratio clamped into [3/4, 4/3].
+    ratio = width / height
+    fb_w = min(width, round(height * 4 / 3)) if ratio > 4 / 3 else width
+    fb_h = min(height, round(width / (3 / 4))) if ratio < 3 / 4 else height
+    w, h = np.where(fell_back, fb_w, w), np.where(fell_back, fb_h, h)
+    return h * w / (height * width), np.log(w / h), fell_back
+
+
+def ks_distance(a, b):
+    """Two-sample Kolmogorov-Smirnov statistic D = max |F_a - F_b|."""
+    grid = np.sort(np.concatenate([a, b]))
+    cdf = lambda x: np.searchsorted(np.sort(x), grid, side="right") / len(x)
+    return np.abs(cdf(a) - cdf(b)).max()
+
+
+def crop_statistics(sampler, height, width, count):
+    windows = over_seeds(
+        lambda seed: augment.sample_crop_window([height, width], seed, sampler=sampler), count
+    )
+    _, _, h, w = windows.T.astype(np.float64)
+    fallback = augment.center_crop_window([height, width]).numpy()
+    return h * w / (height * width), np.log(w / h), (windows == fallback).all(1)
+
+
+def test_paper_crop_matches_the_authors_distribution_and_tf_sampler_does_not():
+    # Two-sample KS at alpha = 0.001 (critical D = 1.949 * sqrt((n + m) / (n m))) against the numpy
+    # reference, on a 375 x 500 photo, and the fallback rate on a 100 x 1000 strip, where few boxes fit
+    # (reference ~79 %; binomial sd of 1000 draws ~0.013, 4 sd tolerance). TF's sampler must fail.
+    rng = np.random.default_rng(0)
+    n, m = 2000, 20000
+    ref_area, ref_log_aspect, _ = paper_crop_reference(375, 500, m, rng)
+    _, _, ref_fell_back = paper_crop_reference(100, 1000, 200000, rng)
+    critical = 1.949 * np.sqrt((n + m) / (n * m))
+    verdicts = {}
+    for sampler in ("paper", "tf"):
+        area, log_aspect, _ = crop_statistics(sampler, 375, 500, n)
+        _, _, fell_back = crop_statistics(sampler, 100, 1000, 1000)
+        verdicts[sampler] = (
+            bool(ks_distance(area, ref_area) < critical),
+            bool(ks_distance(log_aspect, ref_log_aspect) < critical),
+            bool(abs(fell_back.mean() - ref_fell_back.mean()) < 0.052),
+        )
+    assert 0.75 < ref_fell_back.mean() < 0.83
+    # Seen: paper D = 0.024 (area), 0.030 (log aspect) < 0.046, falls back 80.0 % vs 77.9 %;
+    # tf D = 0.155 (area), 0.023 (log aspect), falls back 0 %.
+    assert verdicts["paper"] == (True, True, True)
+    assert verdicts["tf"][0] is False and verdicts["tf"][2] is False  # area skewed small, never falls back
+
+
 def test_milder_crop_area_range_is_respected():
     # A user-chosen lower bound (e.g. 0.35 for 32-px images) moves the smallest crops up, nothing else.
     windows = over_seeds(
         lambda seed: augment.sample_crop_window([375, 500], seed, area_range=(0.35, 1.0)), 1000
     )
+    assert windows[:, 2:].prod(1).min() >= 0.35 * 375 * 500 * 0.99
     area = windows[:, 2] * windows[:, 3] / (375 * 500)
     assert area.min() >= 0.35 - 0.005 and area.min() < 0.4 and area.max() <= 1.0
     image = tf.image.encode_jpeg(tf.fill([40, 60, 3], tf.constant(128, tf.uint8)))
-    out = augment.preprocess_for_train(image, 16, tf.constant([1, 2]), crop_area_range=(0.5, 1.0))
+    out = augment.preprocess_for_train(
+        image, 16, tf.constant([1, 2]), augment.Augmentation(crop_area_range=(0.5, 1.0))
+    )
     assert out.shape == (16, 16, 3)
 
 
@@ -245,11 +350,11 @@ def test_eager_and_tf_data_agree_for_the_same_seed():
         )
         np.testing.assert_allclose(eager, inside, atol=1e-5)
         assert not np.allclose(eager[0], eager[1])  # different seeds, different draws
-    eval_eager = augment.preprocess_for_eval(augment.decode_image(jpeg), 32).numpy()
+    eval_eager = augment.preprocess_for_eval(decode.decode_image(jpeg), 32).numpy()
     eval_inside = next(
         iter(
             tf.data.Dataset.from_tensors(jpeg).map(
-                lambda d: augment.preprocess_for_eval(augment.decode_image(d), 32)
+                lambda d: augment.preprocess_for_eval(decode.decode_image(d), 32)
             )
         )
     )
@@ -266,7 +371,7 @@ def test_fused_and_unfused_crops_draw_the_same_window():
         assert np.abs(fused - plain).mean() < 1.0 and np.abs(fused - plain).max() < 16
         # And it is the window sample_crop_window draws, cropped from the decoded image.
         window = augment.sample_crop_window([120, 160], seed)
-        expected = augment.crop_and_resize(augment.decode_image(jpeg), window, 32).numpy()
+        expected = augment.crop_and_resize(decode.decode_image(jpeg), window, 32).numpy()
         np.testing.assert_allclose(plain, expected, atol=1e-4)
 
 
@@ -276,18 +381,19 @@ def test_tiny_and_elongated_images_go_through_training_and_eval(shape):
     for data in (encode(image, quality=90), encode(image, "PNG")):
         out = augment.preprocess_for_train(data, 32, [1, 2]).numpy()
         assert out.shape == (32, 32, 3) and np.isfinite(out).all()
-        out = augment.preprocess_for_eval(augment.decode_image(data), 32).numpy()
+        out = augment.preprocess_for_eval(decode.decode_image(data), 32).numpy()
         assert out.shape == (32, 32, 3) and np.isfinite(out).all()
 
 
 def test_training_switches_turn_steps_off():
     jpeg = encode(smooth_image(40, 40), quality=95)
-    off = dict(random_crop=False, flip=False, jitter=False, pca_lighting=False)
-    plain = augment.preprocess_for_train(jpeg, 32, [1, 2], **off).numpy()
+    off = dict(random_crop=False, flip=False, color_jitter=False, pca_lighting=False)
+    plain = augment.preprocess_for_train(jpeg, 32, [1, 2], augment.Augmentation(**off)).numpy()
     np.testing.assert_allclose(
-        plain, augment.preprocess_for_eval(augment.decode_image(jpeg), 32).numpy(), atol=1e-5
+        plain, augment.preprocess_for_eval(decode.decode_image(jpeg), 32).numpy(), atol=1e-5
     )
-    with_lighting = augment.preprocess_for_train(jpeg, 32, [1, 2], **{**off, "pca_lighting": True}).numpy()
+    lighting_only = augment.Augmentation(**{**off, "pca_lighting": True})
+    with_lighting = augment.preprocess_for_train(jpeg, 32, [1, 2], lighting_only).numpy()
     offset = (with_lighting - plain) * STD  # one RGB offset for every pixel
     np.testing.assert_allclose(offset, np.broadcast_to(offset[0, 0], offset.shape), atol=1e-3)
     assert np.abs(offset[0, 0]).max() > 0.01

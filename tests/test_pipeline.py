@@ -12,7 +12,16 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from bot_keras.data import augment, make_dataset, per_replica_batch_size, sources
+from bot_keras.data import (
+    SkippedFiles,
+    augment,
+    bad_input_message,
+    decode,
+    folder,
+    make_dataset,
+    per_replica_batch_size,
+    synthetic,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -33,7 +42,7 @@ def write_folder(root, files):
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
-    sources._list_folder.cache_clear()
+    folder.list_folder.cache_clear()
     return f"folder:{root}"
 
 
@@ -92,14 +101,14 @@ def test_validation_keeps_order_and_every_example_and_matches_preprocess_for_eva
     assert [y.shape[0] for _, y in got] == [4, 4, 2]  # all 10 examples, last batch short, one pass
     labels = np.concatenate([y for _, y in got]).argmax(1)
     np.testing.assert_array_equal(labels, np.arange(10) % 10)
-    images, _ = sources._synthetic_split("validation", 10)
-    expected = np.stack([augment.preprocess_for_eval(augment.decode_image(e), 24).numpy() for e in images])
+    images, _ = synthetic.split_examples("validation", 10)
+    expected = np.stack([augment.preprocess_for_eval(decode.decode_image(e), 24).numpy() for e in images])
     np.testing.assert_allclose(np.concatenate([x for x, _ in got]), expected, atol=1e-5)
 
 
 def test_ablation_switches_reach_the_transform():
     # With every random step off, a training batch holds the validation images (in shuffled order).
-    off = dict(random_crop=False, flip=False, color_jitter=False, pca_lighting=False)
+    off = augment.Augmentation(random_crop=False, flip=False, color_jitter=False, pca_lighting=False)
     train = make_dataset(
         "synthetic:50",
         split="validation",
@@ -108,7 +117,7 @@ def test_ablation_switches_reach_the_transform():
         training=True,
         seed=2,
         repeat=False,
-        **off,
+        augmentation=off,
     )
     val = make_dataset(
         "synthetic:50", split="validation", image_size=16, global_batch_size=10, training=False
@@ -205,15 +214,17 @@ def test_odd_but_decodable_files_work_in_training_and_validation(tmp_path):
             "train/b/wide.png": encode(smooth(3, 500), "PNG"),
             "train/b/animated.gif": encode(smooth(10, 10), "GIF"),
             "train/b/bitmap.bmp": encode(smooth(10, 10), "BMP"),
+            # 10 KiB after the end-of-image marker (camera/editor trailers): decoders read it, so do we.
+            "train/b/trailer.jpg": encode(smooth(20, 24)) + b"TRAILER-" * 1280,
         },
     )
     for training in (True, False):
         ds = make_dataset(
-            source, split="train", image_size=16, global_batch_size=8, training=training, seed=0
+            source, split="train", image_size=16, global_batch_size=9, training=training, seed=0
         )
         x, y = next(iter(ds))
-        assert x.shape == (8, 16, 16, 3) and np.isfinite(x.numpy()).all()
-        assert sorted(y.numpy().argmax(1)) == [0, 0, 0, 1, 1, 1, 1, 1]
+        assert x.shape == (9, 16, 16, 3) and np.isfinite(x.numpy()).all()
+        assert sorted(y.numpy().argmax(1)) == [0, 0, 0, 1, 1, 1, 1, 1, 1]
 
 
 @pytest.mark.parametrize("bad_name", ["truncated.jpg", "empty.jpg", "text.jpg", "truncated.png"])
@@ -232,14 +243,24 @@ def test_undecodable_file_fails_naming_it_or_is_skipped_and_counted(tmp_path, ca
         ds = make_dataset(
             source, split="train", image_size=16, global_batch_size=7, training=training, seed=0
         )
-        with pytest.raises(tf.errors.InvalidArgumentError, match=rf"Undecodable image file.*{bad_name}"):
+        with pytest.raises(tf.errors.InvalidArgumentError) as error:
             batches(ds.take(1))
+        # Our sentence and the file, without TensorFlow's iterator path.
+        bad_path = str(tmp_path / "train" / "c1" / bad_name)
+        assert bad_input_message(error.value) == (
+            f"Undecodable image file (empty, not an image, or truncated): {bad_path} "
+            "(skip such files with skip_corrupt)"
+        )
+    skipped = SkippedFiles()
     ds = make_dataset(
-        source, split="train", image_size=16, global_batch_size=3, training=False, skip_corrupt=True
+        source, split="train", image_size=16, global_batch_size=3, training=True, seed=0,
+        skip_corrupt=True, skipped_files=skipped,
     )
-    assert sum(y.shape[0] for _, y in batches(ds)) == 6
+    assert sum(y.shape[0] for _, y in batches(ds.take(8))) == 24  # 4 passes of 6 good images
     err = capfd.readouterr().err
-    assert "skipped undecodable image" in err and bad_name in err and "1 skipped so far" in err
+    assert err.count("skipped undecodable image") == 1 and bad_name in err  # once per file, not per pass
+    assert "1 distinct files skipped so far" in err
+    assert skipped.count() == 1 and skipped.keys() == [bad_path]
 
 
 def test_label_out_of_range_names_the_record(tmp_path):
@@ -259,8 +280,11 @@ def test_label_out_of_range_names_the_record(tmp_path):
     ds = make_dataset(
         f"tfrecord:{tmp_path}", split="train", image_size=8, global_batch_size=3, training=False
     )
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"Label out of range.*train-00000-of-00001#2"):
+    with pytest.raises(tf.errors.InvalidArgumentError) as error:
         batches(ds)
+    assert bad_input_message(error.value) == (
+        f"Label out of range [0, 2) (check label_offset) in {path}#2 label 7"
+    )
 
 
 def test_empty_or_too_small_datasets_and_bad_sizes_are_clear_errors(tmp_path):
@@ -272,7 +296,8 @@ def test_empty_or_too_small_datasets_and_bad_sizes_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="image_size must be an integer >= 8; got 4"):
         make_dataset("synthetic", split="train", image_size=4, global_batch_size=2, training=True)
     with pytest.raises(ValueError, match=r"crop_area_range must satisfy 0 < low <= high <= 1; got \(0.0, 1"):
-        make_dataset("synthetic", split="train", image_size=8, global_batch_size=2, training=True,
-                     crop_area_range=(0.0, 1.0))
+        augment.Augmentation(crop_area_range=(0.0, 1.0))
+    with pytest.raises(ValueError, match=r"crop_sampler must be one of \('paper', 'tf'\); got 'torch'"):
+        augment.Augmentation(crop_sampler="torch")
     with pytest.raises(ValueError, match="Unknown dataset source 'imagenet'"):
         make_dataset("imagenet", split="train", image_size=8, global_batch_size=2, training=True)

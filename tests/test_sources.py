@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from bot_keras.data import augment, sources
+from bot_keras.data import augment, decode, folder, sources, synthetic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,7 @@ def write_folder(root, files):
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
-    sources._list_folder.cache_clear()
+    folder.list_folder.cache_clear()
     return root
 
 
@@ -109,13 +109,26 @@ def test_folder_errors_name_the_problem(tmp_path):
         sources.dataset_info(f"folder:{root}", split="empty")
 
 
-def test_folder_non_image_file_fails_by_name_or_is_skipped(tmp_path):
+def test_folder_non_image_files_are_all_named_in_one_error_or_skipped(tmp_path, caplog):
+    names = ["notes.txt", "Thumbs.db", "model.keras"] + [
+        f"extra{i:02d}.txt" for i in range(folder.MAX_LISTED_FILES)
+    ]
     root = write_folder(
-        tmp_path, {"train/cat/a.jpg": jpeg(colour(1)), "train/cat/notes.txt": b"not an image"}
+        tmp_path,
+        {
+            "train/cat/a.jpg": jpeg(colour(1)),
+            **{f"train/dog/{n}": b"x" for n in names},
+            "train/dog/b.png": png(colour(2)),
+        },
     )
-    with pytest.raises(ValueError, match=r"Not an image file: .*notes\.txt.*skip_corrupt"):
+    with pytest.raises(ValueError) as error:
         sources.dataset_info(f"folder:{root}", split="train")
-    assert sources.dataset_info(f"folder:{root}", split="train", skip_corrupt=True).num_examples == 1
+    message = str(error.value)
+    assert message.startswith(f"{len(names)} files in ") and "skip_corrupt" in message and "\n" not in message
+    listed = sorted(names)[: folder.MAX_LISTED_FILES]  # sorted per class folder, the rest counted
+    assert all(n in message for n in listed) and f"and {len(names) - len(listed)} more" in message
+    assert sources.dataset_info(f"folder:{root}", split="train", skip_corrupt=True).num_examples == 2
+    assert f"Skipped {len(names)} non-image files" in caplog.text
 
 
 def test_folder_sharding_and_shuffling(tmp_path):
@@ -173,9 +186,9 @@ def test_build_tfrecords_reencodes_png_and_cmyk_and_the_source_reads_them(tmp_pa
     examples = list(sources.load_examples(f"tfrecord:{out}", split="train").as_numpy_iterator())
     assert sorted(int(ex["label"]) for ex in examples) == [0, 0, 1, 1]
     for ex in examples:
-        assert bool(augment.is_jpeg(ex["encoded"]))
+        assert bool(decode.is_jpeg(ex["encoded"]))
         assert int(tf.io.extract_jpeg_shape(ex["encoded"])[2]) in (1, 3)  # no CMYK left
-        decoded = augment.decode_image(ex["encoded"]).numpy().astype(int)
+        decoded = decode.decode_image(ex["encoded"]).numpy().astype(int)
         error = min(np.abs(decoded - smooth).mean(), np.abs(decoded - smooth[..., :1]).mean())  # RGB or grey
         assert error < 12, ex["key"]
         assert b"-of-00002#" in ex["key"]
@@ -238,7 +251,7 @@ def test_tfds_source_reads_encoded_images(mock_cifar10):
     assert len(examples) == 6
     for ex in examples:
         assert ex["encoded"][:4] == b"\x89PNG"  # SkipDecoding: the stored bytes reach the pipeline
-        assert augment.decode_image(ex["encoded"]).shape == (32, 32, 3)
+        assert decode.decode_image(ex["encoded"]).shape == (32, 32, 3)
         assert 0 <= ex["label"] < 10 and ex["key"].startswith(b"cifar10-train")
 
 
@@ -259,15 +272,15 @@ def test_tfds_unprepared_dataset_says_how_to_prepare_it(tmp_path):
 
 def test_synthetic_is_deterministic_balanced_and_jpeg():
     info = sources.dataset_info("synthetic:100", split="train")
-    assert (info.num_classes, info.num_examples, info.class_names) == (10, 100, sources.SYNTHETIC_CLASSES)
+    assert (info.num_classes, info.num_examples, info.class_names) == (10, 100, synthetic.CLASSES)
     assert sources.dataset_info("synthetic:100", split="validation").num_examples == 20
     assert sources.dataset_info("synthetic", split="train").num_examples == 5000
-    images, labels = sources._synthetic_split("train", 100)
+    images, labels = synthetic.split_examples("train", 100)
     assert np.bincount(labels).tolist() == [10] * 10
-    assert all(bool(augment.is_jpeg(x)) for x in images)
-    assert tuple(augment.decode_image(images[0]).shape) == (64, 64, 3)
-    again = sources.synthetic_image(3, np.random.default_rng(5))
-    np.testing.assert_array_equal(again, sources.synthetic_image(3, np.random.default_rng(5)))
+    assert all(bool(decode.is_jpeg(x)) for x in images)
+    assert tuple(decode.decode_image(images[0]).shape) == (64, 64, 3)
+    again = synthetic.texture_image(3, np.random.default_rng(5))
+    np.testing.assert_array_equal(again, synthetic.texture_image(3, np.random.default_rng(5)))
     with pytest.raises(ValueError, match="splits.*'test'"):
         sources.dataset_info("synthetic", split="test")
 
@@ -278,8 +291,8 @@ def test_synthetic_classes_differ_in_texture_not_just_colour():
     rng = np.random.default_rng(0)
     luma = np.array(augment.LUMA_RGB)
     for _ in range(5):
-        h = sources.synthetic_image(0, rng) @ luma
-        v = sources.synthetic_image(1, rng) @ luma
+        h = synthetic.texture_image(0, rng) @ luma
+        v = synthetic.texture_image(1, rng) @ luma
         assert (np.diff(h, axis=0) ** 2).mean() > 3 * (np.diff(h, axis=1) ** 2).mean()
         assert (np.diff(v, axis=1) ** 2).mean() > 3 * (np.diff(v, axis=0) ** 2).mean()
 

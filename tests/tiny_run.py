@@ -12,7 +12,8 @@ import tensorflow as tf
 from PIL import Image
 
 from bot_keras.data import make_dataset
-from bot_keras.data.augment import decode_image, preprocess_for_eval
+from bot_keras.data.augment import preprocess_for_eval
+from bot_keras.data.decode import decode_image
 from bot_keras.models import build_model
 
 MODEL = "resnet18_d"

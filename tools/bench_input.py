@@ -1,19 +1,31 @@
-"""Input-pipeline throughput: fused decode-and-crop vs decode-then-crop, and the validation path.
+"""Input-pipeline throughput (images/s per core) against the floor set by the ops the paper's crop needs.
 
-    python tools/bench_input.py                     # 500 photo-like 500x375 JPEGs, 224 px, 1 thread
-    python tools/bench_input.py --threads 4         # images/s with 4 tf.data threads, also divided per thread
+    python tools/bench_input.py                                  # generated photo-like JPEGs only
+    python tools/bench_input.py --folder /tmp/raccoon_folder     # and a real image folder ROOT/train/*/*
+    python tools/bench_input.py --threads 4                      # 4 tf.data threads, images/s per thread
 
-Generates ~500 photo-like JPEGs (multi-scale smooth noise with edges and grain, 500x375, quality 90, about
-the size and entropy of ImageNet photos) in a temporary image folder, then times `make_dataset` at 224 px:
-the Section 2.1 training path with the fused `decode_and_crop_jpeg` (`fused_crop=True`, the default), the
-same with the whole image decoded before cropping (`fused_crop=False`), and the validation path (decode,
-shorter side to 256, centre crop). The tf.data private thread pool is limited to --threads, so the figures
-are images/s per CPU core at --threads 1. Encoded bytes are cached in memory, so disk speed is not measured.
-A second table times a CIFAR-sized folder (32x32 JPEGs at 32 px, all cores): the first pass reads files,
-later passes come from the cache of encoded bytes.
+For each folder (the generated one: ~500 photo-like 500x375 JPEGs, multi-scale smooth noise with edges and
+grain at quality 90, about the size and entropy of ImageNet photos; and `--folder ROOT`'s `--split`), the
+encoded bytes are held in memory and these paths are timed at 224 px, batch 16, in interleaved rounds (so
+background load hits every path alike; each path's best round is reported):
+
+  decode_jpeg            the floor: `tf.io.decode_jpeg` of the whole file, nothing else;
+  minimal fused chain    what the paper's crop needs at least: sample a box (8-100 % area, aspect 3/4-4/3),
+                         `decode_and_crop_jpeg`, resize to 224, flip;
+  train, crop + flip     `make_dataset(training=True)` with jitter and lighting off;
+  ..., TF sampler        the same with `crop_sampler="tf"`: the minimal chain's crop distribution (smaller
+                         crops, so less to decode and resize than the paper's);
+  train, Section 2.1     `make_dataset(training=True)`, every step (the default);
+  train, unfused         the same with `fused_crop=False` (whole image decoded, then cropped);
+  validation             `make_dataset(training=False)` (shorter side 256, centre crop).
+
+The tf.data private thread pool is limited to --threads (1: per-core figures). Ratios are against the
+minimal fused chain of the same run. A last table times a CIFAR-sized folder (32x32 JPEGs at 32 px, all
+cores): the first pass reads files, later passes come from the cache of encoded bytes.
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -24,7 +36,7 @@ import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bot_keras.data import make_dataset, sources  # noqa: E402
+from bot_keras.data import augment, folder, make_dataset  # noqa: E402
 
 
 def photo_like(rng, height=375, width=500):
@@ -43,104 +55,163 @@ def photo_like(rng, height=375, width=500):
 
 def write_images(root, count, make, quality=90, classes=10):
     rng = np.random.default_rng(0)
-    total = 0
     for i in range(count):
-        folder = os.path.join(root, "train", f"class{i % classes}")
-        os.makedirs(folder, exist_ok=True)
-        data = tf.io.encode_jpeg(make(rng), quality=quality).numpy()
-        with open(os.path.join(folder, f"{i:05d}.jpg"), "wb") as f:
-            f.write(data)
-        total += len(data)
-    sources._list_folder.cache_clear()
-    return total / count
+        class_dir = os.path.join(root, "train", f"class{i % classes}")
+        os.makedirs(class_dir, exist_ok=True)
+        with open(os.path.join(class_dir, f"{i:05d}.jpg"), "wb") as f:
+            f.write(tf.io.encode_jpeg(make(rng), quality=quality).numpy())
+    folder.list_folder.cache_clear()
 
 
-def images_per_second(ds, images, batch_size, threads, warmup_batches=2):
-    if threads:
-        options = tf.data.Options()
-        options.threading.private_threadpool_size = threads
-        options.threading.max_intra_op_parallelism = 1
-        ds = ds.with_options(options)
-    iterator = iter(ds.repeat())
-    for _ in range(warmup_batches):
-        next(iterator)
+def limit_threads(ds, threads):
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = threads
+    options.threading.max_intra_op_parallelism = 1
+    return ds.with_options(options)
+
+
+def reference_paths(encoded, image_size, batch_size):
+    """The two floors, on the same bytes in memory, with one stateless seed per image like make_dataset."""
+    seeds = tf.data.Dataset.random(seed=0, rerandomize_each_iteration=True).batch(2)
+    images = tf.data.Dataset.from_tensor_slices(encoded).repeat()
+    paired = tf.data.Dataset.zip(images, seeds)
+
+    def decode_only(data, seed):
+        return tf.shape(tf.io.decode_jpeg(data, channels=3))
+
+    def minimal_chain(data, seed):
+        box_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        shape = tf.io.extract_jpeg_shape(data)
+        begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+            shape,
+            tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+            seed=box_seed,
+            min_object_covered=0.0,
+            aspect_ratio_range=(3 / 4, 4 / 3),
+            area_range=(0.08, 1.0),
+            max_attempts=10,
+            use_image_if_no_bounding_boxes=True,
+        )
+        window = tf.stack([begin[0], begin[1], size[0], size[1]])
+        crop = tf.image.decode_and_crop_jpeg(data, window, channels=3)
+        image = tf.image.resize(crop, [image_size, image_size], antialias=False)
+        return tf.image.stateless_random_flip_left_right(image, flip_seed)
+
+    return {
+        "decode_jpeg (whole file)": paired.map(decode_only).batch(batch_size),
+        "minimal fused chain": paired.map(minimal_chain).batch(batch_size),
+    }
+
+
+def library_paths(source, split, image_size, batch_size):
+    common = dict(split=split, image_size=image_size, global_batch_size=batch_size, cache=True)
+    crop_flip = augment.Augmentation(color_jitter=False, pca_lighting=False)
+    return {
+        "train, crop + flip": make_dataset(source, training=True, seed=0, augmentation=crop_flip, **common),
+        "train, crop + flip, TF sampler": make_dataset(
+            source,
+            training=True,
+            seed=0,
+            augmentation=dataclasses.replace(crop_flip, crop_sampler="tf"),
+            **common,
+        ),
+        "train, Section 2.1": make_dataset(source, training=True, seed=0, **common),
+        "train, unfused": make_dataset(
+            source, training=True, seed=0, augmentation=augment.Augmentation(fused_crop=False), **common
+        ),
+        "validation": make_dataset(source, training=False, repeat=True, **common),
+    }
+
+
+def time_interleaved(datasets, threads, images, batch_size, rounds, warmup_batches=2):
+    """{name: best images per CPU-second over `rounds` rounds}; each round times every dataset for `images`
+    images, in the process's CPU time (all threads), which a busy machine inflates far less than wall time.
+
+    Each round opens a fresh iterator per path and closes it after timing, so that no idle pipeline keeps
+    working (and filling its prefetch buffers) in the background while another is timed; after
+    `warmup_batches` the consumer waits on every batch, so the timed batches are produced while timed. The
+    best round is the one least disturbed by other processes (as `timeit` takes the minimum time)."""
+    datasets = {name: limit_threads(ds, threads) for name, ds in datasets.items()}
     batches = max(1, images // batch_size)
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(iterator)
-    return batches * batch_size / (time.perf_counter() - start)
+    rates = {name: [] for name in datasets}
+    for _ in range(rounds):
+        for name, ds in datasets.items():
+            iterator = iter(ds)
+            for _ in range(warmup_batches):
+                next(iterator)
+            start = time.process_time()
+            for _ in range(batches):
+                next(iterator)
+            rates[name].append(batches * batch_size / (time.process_time() - start))
+            del iterator
+    return {name: max(r) for name, r in rates.items()}
+
+
+def bench_folder(title, root, split, args):
+    listing = folder.list_folder(root, split)
+    encoded = [open(path, "rb").read() for path in listing.paths]
+    sizes = [tf.io.extract_jpeg_shape(data).numpy()[:2] for data in encoded]
+    print(
+        f"\n{title}: {len(encoded)} JPEGs, mean {np.mean([len(e) for e in encoded]) / 1024:.0f} KiB, "
+        f"mean {np.mean([s[0] for s in sizes]):.0f}x{np.mean([s[1] for s in sizes]):.0f} px; "
+        f"{args.image_size} px, batch {args.batch_size}, {args.threads} tf.data thread(s), "
+        f"{args.rounds} interleaved rounds of {args.timed_images} images"
+    )
+    datasets = {
+        **reference_paths(encoded, args.image_size, args.batch_size),
+        **library_paths(f"folder:{root}", split, args.image_size, args.batch_size),
+    }
+    rates = time_interleaved(datasets, args.threads, args.timed_images, args.batch_size, args.rounds)
+    floor = rates["minimal fused chain"]
+    per = "images/s per thread" if args.threads > 1 else "images/s per core"
+    print(f"| path | {per} | / minimal chain |\n| --- | ---: | ---: |")
+    for name, rate in rates.items():
+        print(f"| {name} | {rate / args.threads:.0f} | {rate / floor:.2f} |")
+    print(f"fused / unfused: {rates['train, Section 2.1'] / rates['train, unfused']:.2f}")
+
+
+def bench_small_folder(count):
+    with tempfile.TemporaryDirectory() as tmp:
+        write_images(tmp, count, lambda rng: photo_like(rng, 32, 32))
+        ds = make_dataset(f"folder:{tmp}", split="train", image_size=32, global_batch_size=256, training=True)
+        iterator = iter(ds)
+        passes = []
+        for _ in range(3):
+            start = time.perf_counter()
+            for _ in range(count // 256):
+                next(iterator)
+            passes.append((count // 256) * 256 / (time.perf_counter() - start))
+        print(
+            f"\nsmall folder: {count} 32x32 JPEGs at 32 px, batch 256, all cores "
+            "(encoded bytes cached after pass 1)"
+        )
+        print("images/s by pass: " + ", ".join(f"pass {i + 1}: {r:.0f}" for i, r in enumerate(passes)))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--num_images", type=int, default=500)
+    parser.add_argument("--folder", help="also time this image folder ROOT (ROOT/<split>/<class>/*.jpg)")
+    parser.add_argument("--split", default="train", help="the split of --folder to read")
+    parser.add_argument("--num_images", type=int, default=500, help="generated photo-like JPEGs (0: none)")
     parser.add_argument("--image_size", type=int, default=224)
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="tf.data threads (1: images/s per core)")
-    parser.add_argument("--timed_images", type=int, default=1000, help="images timed per configuration")
-    parser.add_argument(
-        "--small_images", type=int, default=5000, help="32x32 JPEGs for the small-folder table"
-    )
+    parser.add_argument("--timed_images", type=int, default=160, help="images timed per path and round")
+    parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds (the best is reported)")
+    parser.add_argument("--small_images", type=int, default=5000, help="32x32 JPEGs for the last table")
     args = parser.parse_args(argv)
+    print(f"{os.cpu_count()} CPUs on the machine; TensorFlow {tf.__version__}")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        mean_bytes = write_images(tmp, args.num_images, photo_like)
-        source = f"folder:{tmp}"
-        print(
-            f"{args.num_images} JPEGs 500x375 q90, mean {mean_bytes / 1024:.0f} KiB; {args.image_size} px, "
-            f"batch {args.batch_size}, {args.threads} tf.data thread(s), {os.cpu_count()} CPUs on the machine"
-        )
-        common = dict(
-            split="train", image_size=args.image_size, global_batch_size=args.batch_size, cache=True
-        )
-        rates = {
-            "train, fused decode_and_crop_jpeg": images_per_second(
-                make_dataset(source, training=True, seed=0, **common),
-                args.timed_images,
-                args.batch_size,
-                args.threads,
-            ),
-            "train, decode then crop": images_per_second(
-                make_dataset(source, training=True, seed=0, fused_crop=False, **common),
-                args.timed_images,
-                args.batch_size,
-                args.threads,
-            ),
-            "validation (resize 256, centre crop)": images_per_second(
-                make_dataset(source, training=False, **common),
-                args.timed_images,
-                args.batch_size,
-                args.threads,
-            ),
-        }
-        per = f"images/s per thread (x{args.threads})" if args.threads > 1 else "images/s per core"
-        print(f"{'path':40s} {per:>28s}")
-        for name, rate in rates.items():
-            print(f"{name:40s} {rate / args.threads:28.1f}")
-        fused, plain = rates["train, fused decode_and_crop_jpeg"], rates["train, decode then crop"]
-        print(f"fused / decode-then-crop ratio: {fused / plain:.2f}x")
-
-    if args.small_images:
+    if args.folder:
+        bench_folder(f"folder {args.folder}", args.folder, args.split, args)
+    if args.num_images:
         with tempfile.TemporaryDirectory() as tmp:
-            small = lambda rng: photo_like(rng, 32, 32)
-            write_images(tmp, args.small_images, small)
-            ds = make_dataset(
-                f"folder:{tmp}", split="train", image_size=32, global_batch_size=256, training=True
-            )
-            iterator = iter(ds)
-            passes = []
-            for _ in range(3):
-                start = time.perf_counter()
-                for _ in range(args.small_images // 256):
-                    next(iterator)
-                passes.append((args.small_images // 256) * 256 / (time.perf_counter() - start))
-            print(
-                f"\nsmall folder: {args.small_images} 32x32 JPEGs at 32 px, batch 256, all cores "
-                "(encoded bytes cached after pass 1)"
-            )
-            print("images/s by pass: " + ", ".join(f"pass {i + 1}: {r:.0f}" for i, r in enumerate(passes)))
+            write_images(tmp, args.num_images, photo_like)
+            bench_folder("generated photo-like 500x375 q90", tmp, "train", args)
+    if args.small_images:
+        bench_small_folder(args.small_images)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import bot_keras  # noqa: E402, F401, I001 - first: it keeps TensorFlow's start-
 import tensorflow as tf  # noqa: E402
 
 from bot_keras import cli  # noqa: E402
-from bot_keras.data import augment, sources  # noqa: E402
+from bot_keras.data import decode, folder, sources  # noqa: E402
 
 COMMAND = "tools/build_tfrecords.py"
 
@@ -40,13 +40,13 @@ def _feature_int(value):
 
 def to_rgb_jpeg(encoded, path):
     """The bytes to store: JPEG files unchanged unless CMYK; anything else decoded and re-encoded as JPEG."""
-    if not bool(augment.check_encoded_image(encoded)):
+    if not bool(decode.check_encoded_image(encoded)):
         raise ValueError(f"Undecodable image file (empty, not an image, or truncated): {path!r}")
     try:
-        if bool(augment.is_jpeg(encoded)) and int(tf.io.extract_jpeg_shape(encoded)[2]) in (1, 3):
+        if bool(decode.is_jpeg(encoded)) and int(tf.io.extract_jpeg_shape(encoded)[2]) in (1, 3):
             tf.io.decode_jpeg(encoded, channels=3)  # validates the whole stream
             return encoded
-        image = augment.decode_image(encoded)
+        image = decode.decode_image(encoded)
     except tf.errors.InvalidArgumentError as e:
         raise ValueError(f"Undecodable image file: {path!r} ({e.message.splitlines()[-1]})") from None
     return tf.io.encode_jpeg(image, quality=95).numpy()
@@ -63,7 +63,7 @@ def _progress(done, total, label):
 
 def build_split(input_root, output_dir, split, num_shards, *, label_offset=0, skip_corrupt=False, seed=0):
     """Writes one split's shards; returns (number of examples written, class names, skipped paths)."""
-    listing = sources._list_folder(os.path.abspath(input_root), split, skip_corrupt)
+    listing = folder.list_folder(os.path.abspath(input_root), split, skip_corrupt)
     order = list(range(len(listing.paths)))
     random.Random(seed).shuffle(order)
     num_shards = max(1, min(num_shards, len(order)))

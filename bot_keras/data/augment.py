@@ -23,14 +23,26 @@ paper's ImageNet training script) rather than the paper's text:
     commute: the random order (kept, to mirror the reference) changes only float rounding;
   * the eigen-values/vectors are the ones in GluonCV (0-255 scale here; GluonCV applies eigval / 255 to
     images in [0, 1], which is the same offset).
-The crop is drawn by `tf.image.sample_distorted_bounding_box`, which draws the aspect ratio uniformly and
-then the crop *height* uniformly within the area bounds (GluonCV draws the area uniformly); bounds, attempts
-and the centre-crop fallback are the paper's / torchvision's.
+The crop (`sample_crop_window`, sampler "paper", the default) draws what the authors' code draws (MXNet's
+`random_size_crop`, like torchvision's `RandomResizedCrop`): an area fraction uniform in [0.08, 1] and an
+aspect ratio (width / height) log-uniform in [3/4, 4/3], width and height rounded to pixels, boxes that do not
+fit the image rejected, 10 attempts (drawn at once), then a centre crop (torchvision's fallback) when none
+fits; the offset is uniform over the positions where the box fits. Sampler "tf" is
+`tf.image.stateless_sample_distorted_bounding_box` (TF Model Garden's choice): it draws the aspect ratio
+uniformly, then the height uniformly within what the area bounds allow, so its areas skew small and it
+almost never falls back.
+
+Steps 4-7 (jitter, lighting, normalise) are one affine map of each pixel's RGB (a 3x3 matrix and an offset;
+see `color_and_normalize`), applied in one pass after the resize; the step-by-step functions are kept as
+the readable definition and tests check that the two agree.
 """
 
+import dataclasses
 import math
 
 import tensorflow as tf
+
+from bot_keras.data.decode import decode_image, is_jpeg
 
 # Section 2.1 step 7: ImageNet RGB mean and standard deviation on the 0-255 scale.
 MEAN_RGB = (123.68, 116.779, 103.939)
@@ -49,6 +61,7 @@ LIGHTING_STD = 0.1
 CROP_AREA_RANGE = (0.08, 1.0)
 CROP_ASPECT_RANGE = (3 / 4, 4 / 3)
 CROP_ATTEMPTS = 10
+CROP_SAMPLERS = ("paper", "tf")
 JITTER_STRENGTH = 0.4  # coefficients from U[1 - 0.4, 1 + 0.4] = U[0.6, 1.4]
 EVAL_CROP_FRACTION = 0.875  # 224 / 256
 
@@ -57,12 +70,31 @@ LUMA_RGB = (0.299, 0.587, 0.114)
 # The six orders in which brightness (0), contrast (1) and saturation (2) can be applied.
 _JITTER_ORDERS = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
 
-_JPEG_MAGIC = b"\xff\xd8\xff"
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_TAIL_BYTES = 4096  # how far from the end a JPEG's end-of-image marker (or PNG's IEND) may sit
+
+# ------------------------------------------------------------------------------------------------ switches
 
 
-# ----------------------------------------------------------------------------------------------- decoding
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+    """Section 2.1's training steps, one switch each (the defaults are the paper's baseline)."""
+
+    random_crop: bool = True  # step 2; off: resize and centre crop as for validation
+    fused_crop: bool = True  # decode only the crop of a JPEG (same draws, faster); off: decode, then crop
+    flip: bool = True  # step 3
+    color_jitter: bool = True  # step 4 (brightness, contrast, saturation as the authors' code)
+    pca_lighting: bool = True  # step 6
+    crop_area_range: tuple = CROP_AREA_RANGE  # the crop's area fraction; a milder low end suits 32 px images
+    crop_sampler: str = "paper"  # "paper": the authors' distribution; "tf": TensorFlow's bounding-box sampler
+
+    def __post_init__(self):
+        area = tuple(float(a) for a in self.crop_area_range)
+        if len(area) != 2 or not 0 < area[0] <= area[1] <= 1:
+            raise ValueError(
+                f"crop_area_range must satisfy 0 < low <= high <= 1; got {tuple(self.crop_area_range)!r}."
+            )
+        object.__setattr__(self, "crop_area_range", area)
+        if self.crop_sampler not in CROP_SAMPLERS:
+            raise ValueError(f"crop_sampler must be one of {CROP_SAMPLERS}; got {self.crop_sampler!r}.")
 
 
 def _split_seed(seed, count):
@@ -70,65 +102,6 @@ def _split_seed(seed, count):
     int64 seed give the same draws."""
     seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
     return tf.unstack(tf.random.experimental.stateless_split(seed, count))
-
-
-def is_jpeg(encoded):
-    """True when `encoded` starts with the JPEG start-of-image marker (whatever the file is named)."""
-    return tf.equal(tf.strings.substr(encoded, 0, 3), _JPEG_MAGIC)
-
-
-def decode_image(encoded):
-    """Decodes JPEG, PNG, BMP or (the first frame of) GIF bytes to uint8 [H, W, 3].
-
-    Grayscale images are replicated to three channels and CMYK JPEGs converted to RGB (the JPEG decoder
-    does both when asked for 3 channels); 16-bit PNGs are scaled to 8 bits.
-    """
-    image = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
-    image.set_shape([None, None, 3])
-    return image
-
-
-def _bytes_window(encoded, start, length):
-    """`length` bytes of `encoded` from `start` (negative: from the end) as uint8, zero-padded if short."""
-    pad = tf.constant(b"\x00" * length)
-    if start >= 0:
-        window = tf.strings.substr(tf.strings.join([encoded, pad]), start, length)
-    else:
-        window = tf.strings.substr(tf.strings.join([pad, encoded]), start, length)
-    return tf.io.decode_raw(window, tf.uint8)
-
-
-def _contains(haystack, needle):
-    """Whether the uint8 vector `haystack` contains the byte string `needle` (a Python bytes)."""
-    n = len(needle)
-    length = tf.shape(haystack)[0] - n + 1
-    match = tf.ones([length], tf.bool)
-    for i, byte in enumerate(needle):
-        match &= tf.equal(haystack[i : i + length], byte)
-    return tf.reduce_any(match)
-
-
-def check_encoded_image(encoded):
-    """Cheap framing check of encoded image bytes: True when they look like a complete image.
-
-    Looks only at the first and last few kilobytes (microseconds, no decoding): a JPEG must start with the
-    start-of-image marker and have its end-of-image marker (FF D9) in its last 4 KiB, a PNG its signature
-    and IEND chunk, a GIF its signature and trailer, a BMP its signature and a declared size no larger than
-    the data. Catches zero-byte files, text or other non-images, and truncated files, so that the pipeline
-    can name the file (or skip it) instead of failing later inside the decoder with no file name.
-    """
-    encoded = tf.convert_to_tensor(encoded, tf.string)
-    size = tf.strings.length(encoded)
-    head = _bytes_window(encoded, 0, 8)
-    tail = _bytes_window(encoded, -_TAIL_BYTES, _TAIL_BYTES)
-    head_str = tf.strings.substr(encoded, 0, 8)
-
-    jpeg_ok = is_jpeg(encoded) & _contains(tail, b"\xff\xd9")
-    png_ok = tf.equal(head_str, _PNG_MAGIC) & _contains(tail, b"IEND")
-    gif_ok = tf.equal(tf.strings.substr(encoded, 0, 4), b"GIF8") & _contains(tail[-16:], b";")
-    bmp_size = tf.reduce_sum(tf.cast(head[2:6], tf.int64) * tf.constant([1, 256, 65536, 16777216], tf.int64))
-    bmp_ok = tf.equal(tf.strings.substr(encoded, 0, 2), b"BM") & (bmp_size <= tf.cast(size, tf.int64))
-    return (size > 16) & (jpeg_ok | png_ok | gif_ok | bmp_ok)
 
 
 # -------------------------------------------------------------------------------------- random resized crop
@@ -158,18 +131,44 @@ def sample_crop_window(
     area_range=CROP_AREA_RANGE,
     aspect_range=CROP_ASPECT_RANGE,
     max_attempts=CROP_ATTEMPTS,
+    sampler="paper",
 ):
     """Section 2.1 step 2: a random crop window of an image of height and width `image_hw`.
 
-    Up to `max_attempts` draws of an aspect ratio (width / height) in `aspect_range` and an area fraction in
-    `area_range` (`tf.image.stateless_sample_distorted_bounding_box`); when all fail, the centred window of
-    `center_crop_window`. Returns int32 [offset_y, offset_x, height, width].
+    `sampler="paper"`: `max_attempts` boxes of area fraction ~ U[area_range] and aspect ratio (width /
+    height) ~ exp(U[log aspect_range]), sides rounded to pixels; the first that fits, at an offset uniform
+    over where it fits; when none fits, the centred window of `center_crop_window`. `sampler="tf"`:
+    `tf.image.stateless_sample_distorted_bounding_box` with the same bounds and fallback. Returns int32
+    [offset_y, offset_x, height, width].
     """
+    if sampler == "tf":
+        return _sample_window_tf(image_hw, seed, area_range, aspect_range, max_attempts)
+    if sampler != "paper":
+        raise ValueError(f"sampler must be one of {CROP_SAMPLERS}; got {sampler!r}.")
+    hw = tf.cast(image_hw, tf.float32)
+    # All attempts in one draw: rows are area fraction, log aspect, offset y, offset x (uniform [0, 1)).
+    # Few, vector-wide ops: in a tf.data map each op costs microseconds whatever its size.
+    u = tf.random.stateless_uniform([4, max_attempts], tf.cast(seed, tf.int64))
+    area = (area_range[0] + (area_range[1] - area_range[0]) * u[0]) * (hw[0] * hw[1])
+    log_low, log_high = math.log(aspect_range[0]), math.log(aspect_range[1])
+    log_aspect = log_low + (log_high - log_low) * u[1]
+    # Rows: height = sqrt(area / aspect), width = sqrt(area * aspect), rounded to pixels.
+    sides = tf.round(tf.sqrt(area * tf.exp(tf.stack([-log_aspect, log_aspect]))))
+    fits = tf.reduce_all((sides >= 1) & (sides <= hw[:, None]), axis=0)
+    first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)  # the first that fits (0 if none)
+    size = sides[:, first]
+    offset = tf.minimum(tf.floor(u[2:, first] * (hw - size + 1)), hw - size)
+    window = tf.cast(tf.concat([offset, size], 0), tf.int32)
+    return tf.cond(fits[first], lambda: window, lambda: center_crop_window(image_hw, aspect_range))
+
+
+def _sample_window_tf(image_hw, seed, area_range, aspect_range, max_attempts):
+    """TensorFlow's sampler (aspect uniform, then height uniform within the area bounds) + our fallback."""
     image_hw = tf.cast(image_hw, tf.int32)
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
         tf.concat([image_hw, [3]], axis=0),
         bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
-        seed=seed,
+        seed=tf.cast(seed, tf.int64),
         min_object_covered=0.0,
         aspect_ratio_range=aspect_range,
         area_range=area_range,
@@ -261,16 +260,14 @@ def adjust_saturation(image, factor):
     return image * factor + (1.0 - factor) * _luma(image)
 
 
-def apply_color_jitter(image, factors, order):
-    """Brightness, contrast and saturation with `factors` [3], applied in the order `_JITTER_ORDERS[order]`.
+def jitter_coefficients(factors, order):
+    """(p, q, r) such that brightness, contrast and saturation with `factors` [3], applied in the order
+    `_JITTER_ORDERS[order]`, map an image x to p * x + q * luma(x) + r * mean(luma(x)).
 
-    Each of the three maps an image y to f*y + (1-f)*T(y), with T the identity (brightness), the mean luma
-    (contrast) or the per-pixel luma (saturation); composed in any order they stay of the form
-    P*x + Q*luma(x) + R*mean_luma(x). We compose the three scalar coefficients in the drawn order and touch
-    the pixels once — the same values as running `adjust_*` one after the other (tests check both), at a
-    third of the cost.
+    Each of the three maps y to f*y + (1-f)*T(y), with T the identity (brightness), the mean luma (contrast)
+    or the per-pixel luma (saturation); composed in any order they keep that form, so we compose three
+    scalar coefficients in the drawn order instead of touching the pixels three times.
     """
-    image = tf.convert_to_tensor(image, tf.float32)
     factors = tf.cast(factors, tf.float32)
     orders = tf.constant(_JITTER_ORDERS, tf.int32)[order]
     p, q, r = tf.constant(1.0), tf.constant(0.0), tf.constant(0.0)
@@ -283,16 +280,28 @@ def apply_color_jitter(image, factors, order):
         q = tf.where(op == 2, saturation_q, f * q)
         r = tf.where(op == 1, contrast_r, tf.where(op == 2, saturation_r, f * r))
         p = f * p
+    return p, q, r
+
+
+def apply_color_jitter(image, factors, order):
+    """Brightness, contrast and saturation with `factors` [3], applied in the order `_JITTER_ORDERS[order]`:
+    the same values as running `adjust_*` one after the other (tests check both)."""
+    image = tf.convert_to_tensor(image, tf.float32)
+    p, q, r = jitter_coefficients(factors, order)
     luma = _luma(image)
     return p * image + q * luma + r * tf.reduce_mean(luma)
 
 
-def color_jitter(image, seed, strength=JITTER_STRENGTH):
-    """Section 2.1 step 4, as the authors' code: brightness/contrast/saturation ~ U[1-s, 1+s], any order."""
+def _jitter_draws(seed, strength=JITTER_STRENGTH):
     factor_seed, order_seed = _split_seed(seed, 2)
     factors = tf.random.stateless_uniform([3], factor_seed, 1.0 - strength, 1.0 + strength)
     order = tf.random.stateless_uniform([], order_seed, 0, len(_JITTER_ORDERS), dtype=tf.int32)
-    return apply_color_jitter(image, factors, order)
+    return factors, order
+
+
+def color_jitter(image, seed, strength=JITTER_STRENGTH):
+    """Section 2.1 step 4, as the authors' code: brightness/contrast/saturation ~ U[1-s, 1+s], any order."""
+    return apply_color_jitter(image, *_jitter_draws(seed, strength))
 
 
 # ------------------------------------------------------------------------------------------ PCA lighting
@@ -318,10 +327,53 @@ def random_lighting(image, seed, std=LIGHTING_STD):
 # ------------------------------------------------------------------------------------- normalise, eval
 
 
+def _per_channel_affine(image, scale, offset):
+    """image * scale + offset with RGB vectors `scale` (None: 1) and `offset` [3], computed on a [..., W * 3]
+    view of the image: TensorFlow broadcasts over a trailing axis of W * 3 values several times faster than
+    over one of 3 (tools/bench_input.py; normalising a 224 px image the plain way costs about as much as
+    decoding it)."""
+    shape = tf.shape(image)
+    width = shape[-2]
+    flat = tf.reshape(image, [-1, width * 3])
+    if scale is not None:
+        flat = flat * tf.tile(scale, [width])
+    flat = flat + tf.tile(offset, [width])
+    return tf.reshape(flat, shape)
+
+
 def normalize(image):
     """Section 2.1 step 7: (image - mean) / std per RGB channel, float32 out."""
     image = tf.cast(image, tf.float32)
-    return (image - tf.constant(MEAN_RGB)) / tf.constant(STD_RGB)
+    scale = 1.0 / tf.constant(STD_RGB)
+    return _per_channel_affine(image, scale, -tf.constant(MEAN_RGB) * scale)
+
+
+def color_and_normalize(image, jitter=None, lighting_alpha=None):
+    """Steps 4, 6 and 7 in one pass: normalize(lighting(apply_color_jitter(image, *jitter), alpha)).
+
+    `jitter` is (factors [3], order) or None (off), `lighting_alpha` [3] or None (off); image float32
+    [H, W, 3]. Jitter maps x to p x + q luma(x) + r mean_luma(x), a 3x3 matrix (p I + q w 1^T, w the luma
+    weights) and an offset, since the mean luma is that of the image's mean colour; lighting adds an offset
+    and normalising is a diagonal map: the whole chain is x M + b, one matrix product per pixel (or, with
+    jitter off, a per-channel scale and offset).
+    """
+    image = tf.convert_to_tensor(image, tf.float32)
+    inv_std = 1.0 / tf.constant(STD_RGB)
+    offset = -tf.constant(MEAN_RGB)
+    if lighting_alpha is not None:
+        offset += lighting_offset(lighting_alpha)
+    if jitter is None:
+        return _per_channel_affine(image, inv_std, offset * inv_std)
+    p, q, r = jitter_coefficients(*jitter)
+    luma_weights = tf.constant(LUMA_RGB)
+    shape = tf.shape(image)
+    pixels = tf.reshape(image, [-1, 3])
+    # The mean colour from a [H, W * 3] view (a reduction over a trailing axis of 3 is slow, see above).
+    mean_rgb = tf.reduce_mean(tf.reshape(tf.reduce_mean(tf.reshape(image, [shape[0], -1]), 0), [-1, 3]), 0)
+    offset += r * tf.tensordot(mean_rgb, luma_weights, 1)
+    matrix = p * tf.eye(3) + q * luma_weights[:, None] * tf.ones([1, 3])
+    out = tf.reshape(tf.matmul(pixels, matrix * inv_std[None, :]), shape)
+    return _per_channel_affine(out, None, offset * inv_std)
 
 
 def eval_resize_size(image_size):
@@ -357,40 +409,35 @@ def preprocess_for_eval(image, image_size):
     return image
 
 
-def preprocess_for_train(
-    encoded,
-    image_size,
-    seed,
-    *,
-    random_crop=True,
-    fused_crop=True,
-    flip=True,
-    jitter=True,
-    pca_lighting=True,
-    crop_area_range=CROP_AREA_RANGE,
-):
+def preprocess_for_train(encoded, image_size, seed, augmentation=Augmentation()):
     """Training transform (Section 2.1 steps 2-7) of encoded bytes → normalised float32 [S, S, 3].
 
-    Each step can be switched off for ablations; with `random_crop=False` the image is resized and centre
-    cropped as for validation. `crop_area_range` is the crop's area fraction, the paper's [0.08, 1] by
-    default (a milder lower bound suits tiny images such as CIFAR's 32 px). One stateless `seed` [2]
+    `augmentation` switches steps off for ablations and picks the crop's area range and sampler; with
+    `random_crop=False` the image is resized and centre cropped as for validation. One stateless `seed` [2]
     determines every draw.
     """
     crop_seed, flip_seed, jitter_seed, lighting_seed = _split_seed(seed, 4)
-    if random_crop:
+    if augmentation.random_crop:
         image = decode_and_random_resized_crop(
-            encoded, image_size, crop_seed, fused=fused_crop, area_range=crop_area_range
+            encoded,
+            image_size,
+            crop_seed,
+            fused=augmentation.fused_crop,
+            area_range=augmentation.crop_area_range,
+            sampler=augmentation.crop_sampler,
         )
     else:
         image = center_crop(
             resize_shorter_side(decode_image(encoded), eval_resize_size(image_size)), image_size
         )
-    if flip:
+    if augmentation.flip:
         image = random_flip(image, flip_seed)
-    if jitter:
-        image = color_jitter(image, jitter_seed)
-    if pca_lighting:
-        image = random_lighting(image, lighting_seed)
-    image = normalize(image)
+    image = color_and_normalize(
+        image,
+        jitter=_jitter_draws(jitter_seed) if augmentation.color_jitter else None,
+        lighting_alpha=LIGHTING_STD * tf.random.stateless_normal([3], lighting_seed)
+        if augmentation.pca_lighting
+        else None,
+    )
     image.set_shape([image_size, image_size, 3])
     return image

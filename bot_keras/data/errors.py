@@ -4,11 +4,9 @@
 undecodable image file or an out-of-range label fails the running step with a
 `tf.errors.InvalidArgumentError` whose message contains one of the markers below and names the file or
 record. A graph op can raise nothing but TensorFlow's error types, so the marker text is the contract:
-pipeline.py builds the undecodable-image message from `UNDECODABLE_IMAGE` (its label check's message
-starts with `LABEL_OUT_OF_RANGE`), and `bad_input_message` is the only reader.
+pipeline.py builds each check's message as one string starting with `UNDECODABLE_IMAGE` or
+`LABEL_OUT_OF_RANGE`, and `bad_input_message` is the only reader.
 """
-
-import re
 
 import tensorflow as tf
 
@@ -17,13 +15,15 @@ LABEL_OUT_OF_RANGE = "Label out of range"
 
 
 def bad_input_message(error):
-    """The pipeline's own lines of `error` (naming the file or record), or None when `error` is not one
-    of the pipeline's input checks (then it is not the data's fault and should keep its traceback)."""
+    """The pipeline's own one-line message in `error` (our sentence and the file or record, without
+    TensorFlow's iterator path), or None when `error` is not one of the pipeline's input checks (then it is
+    not the data's fault and should keep its traceback)."""
     if not isinstance(error, tf.errors.InvalidArgumentError):
         return None
-    ours = []
-    for line in (error.message or str(error)).splitlines():
-        starts = [line.find(marker) for marker in (UNDECODABLE_IMAGE, LABEL_OUT_OF_RANGE) if marker in line]
-        if starts:  # from the marker on, without tf.debugging.Assert's [brackets] around each part
-            ours.append(re.sub(r"\]\s*\[", " ", line[min(starts) :]).strip("[] "))
-    return "\n".join(ours) or None
+    text = error.message or str(error)
+    for marker in (UNDECODABLE_IMAGE, LABEL_OUT_OF_RANGE):
+        start = text.find(marker)
+        if start >= 0:
+            end = text.find("]\n", start)  # tf.debugging.Assert prints its one string argument inside [...]
+            return text[start : end if end >= 0 else len(text)].strip()
+    return None

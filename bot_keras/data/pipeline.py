@@ -17,7 +17,7 @@ import sys
 import tensorflow as tf
 
 from bot_keras import distribute
-from bot_keras.data import augment, errors, sources
+from bot_keras.data import augment, decode, errors, sources
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +51,8 @@ def make_dataset(
     deterministic=None,
     repeat=None,
     drop_remainder=None,
-    random_crop=True,
-    fused_crop=True,
-    flip=True,
-    color_jitter=True,
-    pca_lighting=True,
-    crop_area_range=augment.CROP_AREA_RANGE,
+    augmentation=None,
+    skipped_files=None,
     download=False,
 ):
     """A `tf.data.Dataset` of (float32 images [B, S, S, 3], one-hot float32 labels [B, K]).
@@ -74,22 +70,23 @@ def make_dataset(
         splits of at most AUTO_CACHE_MAX_EXAMPLES examples (CIFAR-sized), never ImageNet.
       shuffle_buffer: records in the shuffle buffer of uncached TFRecord/TFDS sources (folders always
         shuffle their whole file list).
-      skip_corrupt: undecodable files (zero bytes, not an image, truncated) are skipped, each reported with a
-        warning naming it and the running count; by default they raise an error naming the file.
+      skip_corrupt: undecodable files (zero bytes, not an image, truncated) are skipped, each file reported
+        once (however many passes read it) with a warning naming it and the number of distinct files
+        skipped so far; by default they raise an error naming the file (`bad_input_message` extracts it).
+      skipped_files: a `SkippedFiles` that records the files skipped (`count()` at the end of a run); None
+        keeps a private one.
       deterministic: keep element order under parallelism; None = True for validation, and for training
         exactly when `seed` is given (otherwise parallel map may reorder for speed).
       repeat, drop_remainder: None = `training`.
-      random_crop, fused_crop, flip, color_jitter, pca_lighting: switch individual training steps off for
-        ablations (`fused_crop=False` decodes whole JPEGs before cropping).
-      crop_area_range: (low, high) area fraction of the random-resized crop; the paper's (0.08, 1.0).
+      augmentation: an `augment.Augmentation` (None: every step on): the Section 2.1 training steps,
+        each switchable for ablations, and the crop's area range and sampler (the paper's by default).
     """
     if not isinstance(image_size, int) or image_size < 8:
         raise ValueError(f"image_size must be an integer >= 8; got {image_size!r}.")
-    low, high = crop_area_range
-    if not 0 < low <= high <= 1:
-        raise ValueError(
-            f"crop_area_range must satisfy 0 < low <= high <= 1; got {tuple(crop_area_range)!r}."
-        )
+    if augmentation is None:
+        augmentation = augment.Augmentation()  # every Section 2.1 step, as the paper trains
+    if not isinstance(augmentation, augment.Augmentation):
+        raise ValueError(f"augmentation must be an augment.Augmentation; got {augmentation!r}.")
     batch_size = per_replica_batch_size(global_batch_size, input_context)
     info = sources.dataset_info(
         source,
@@ -131,19 +128,34 @@ def make_dataset(
     )
 
     if skip_corrupt:
-        ds = ds.filter(_skip_counter(f"{source} {split}"))
+        ds = ds.filter((skipped_files or SkippedFiles()).filter_for(f"{source} {split}"))
 
     def check(example):
         """Names the file of a broken image (or out-of-range label) instead of failing inside the decoder."""
         key, label = example["key"], example["label"]
         checks = [
             tf.debugging.Assert(
-                augment.check_encoded_image(example["encoded"]),
-                [errors.UNDECODABLE_IMAGE, key, "— pass skip_corrupt"],
+                decode.check_encoded_image(example["encoded"]),
+                [
+                    tf.strings.join(
+                        [errors.UNDECODABLE_IMAGE, key, "(skip such files with skip_corrupt)"], " "
+                    )
+                ],
             ),
             tf.debugging.Assert(
                 (label >= 0) & (label < num_classes),
-                [f"Label out of range [0, {num_classes}) (check label_offset) in", key, "label", label],
+                [
+                    tf.strings.join(
+                        [
+                            errors.LABEL_OUT_OF_RANGE,
+                            f"[0, {num_classes}) (check label_offset) in",
+                            key,
+                            "label",
+                            tf.strings.as_string(label),
+                        ],
+                        " ",
+                    )
+                ],
             ),
         ]
         with tf.control_dependencies(checks):
@@ -152,23 +164,15 @@ def make_dataset(
     if training:
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
         ds = tf.data.Dataset.zip(ds, seeds)
-        steps = dict(
-            random_crop=random_crop,
-            fused_crop=fused_crop,
-            flip=flip,
-            jitter=color_jitter,
-            pca_lighting=pca_lighting,
-            crop_area_range=tuple(crop_area_range),
-        )
 
         def prepare(example, element_seed):
             encoded, label = check(example)
-            return augment.preprocess_for_train(encoded, image_size, element_seed, **steps), label
+            return augment.preprocess_for_train(encoded, image_size, element_seed, augmentation), label
     else:
 
         def prepare(example):
             encoded, label = check(example)
-            return augment.preprocess_for_eval(augment.decode_image(encoded), image_size), label
+            return augment.preprocess_for_eval(decode.decode_image(encoded), image_size), label
 
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     if skip_corrupt:
@@ -187,28 +191,47 @@ def make_dataset(
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
-def _skip_counter(name):
-    """A filter predicate that drops broken images and reports each with the running count of skips."""
-    skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_images")
+class SkippedFiles:
+    """The distinct files a pipeline (or several) skipped as undecodable: each is reported once, however
+    many passes read it, and `count()` / `keys()` give the tally at the end of a run."""
 
-    def keep(example):
-        ok = augment.check_encoded_image(example["encoded"])
+    def __init__(self):
+        self._table = tf.lookup.experimental.MutableHashTable(tf.string, tf.int64, default_value=0)
 
-        def report():
-            count = skipped.assign_add(1)
-            tf.print(
-                "WARNING bot_keras.data:",
-                name,
-                ": skipped undecodable image",
-                example["key"],
-                "(",
-                count,
-                "skipped so far )",
-                output_stream=sys.stderr,
-            )
-            return ok
+    def count(self):
+        return int(self._table.size())
 
-        return tf.cond(ok, lambda: ok, report)
+    def keys(self):
+        return sorted(k.decode() for k in self._table.export()[0].numpy())
 
-    keep.skipped = skipped
-    return keep
+    def filter_for(self, name):
+        """A `Dataset.filter` predicate: False for a broken image, with a warning the first time per file."""
+        table = self._table
+
+        def keep(example):
+            ok = decode.check_encoded_image(example["encoded"])
+
+            def report():
+                key = example["key"]
+                first_time = tf.equal(table.lookup(key), 0)
+
+                def warn():
+                    with tf.control_dependencies([table.insert(key, tf.constant(1, tf.int64))]):
+                        count = table.size()
+                    tf.print(
+                        "WARNING bot_keras.data:",
+                        name,
+                        ": skipped undecodable image",
+                        key,
+                        "(",
+                        count,
+                        "distinct files skipped so far )",
+                        output_stream=sys.stderr,
+                    )
+                    return ok
+
+                return tf.cond(first_time, warn, lambda: ok)
+
+            return tf.cond(ok, lambda: ok, report)
+
+        return keep

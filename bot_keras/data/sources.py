@@ -28,11 +28,10 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from bot_keras.data import augment
+from bot_keras.data import folder, synthetic
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 TFRECORD_METADATA = "dataset_info.json"
 SOURCE_FORMS = "'tfds:NAME[:VERSION]', 'tfrecord:PATTERN', 'folder:ROOT' or 'synthetic[:N]'"
 
@@ -80,10 +79,10 @@ def dataset_info(source, *, split, data_dir=None, label_offset=None, skip_corrup
     """
     kind, argument = parse_source(source)
     if kind == "synthetic":
-        images, labels = _synthetic_split(split, _synthetic_size(argument, split))
-        info = (len(SYNTHETIC_CLASSES), SYNTHETIC_CLASSES, len(labels))
+        images, labels = synthetic.split_examples(split, synthetic.split_size(argument, split))
+        info = (len(synthetic.CLASSES), synthetic.CLASSES, len(labels))
     elif kind == "folder":
-        listing = _list_folder(_resolve(argument, data_dir), split, skip_corrupt)
+        listing = folder.list_folder(_resolve(argument, data_dir), split, skip_corrupt)
         info = (len(listing.class_names), listing.class_names, len(listing.paths))
     elif kind == "tfrecord":
         files, meta = _tfrecord_files(argument, split, data_dir)
@@ -132,13 +131,13 @@ def load_examples(
         return ds.shuffle(max(count, 1), seed=seed, reshuffle_each_iteration=True) if shuffle else ds
 
     if kind == "synthetic":
-        images, labels = _synthetic_split(split, _synthetic_size(argument, split))
+        images, labels = synthetic.split_examples(split, synthetic.split_size(argument, split))
         keys = [f"synthetic/{split}/{i:05d}" for i in range(len(labels))]
         ds = shard(tf.data.Dataset.from_tensor_slices({"encoded": images, "label": labels, "key": keys}))
         return shuffle_all(ds, len(labels))
 
     if kind == "folder":
-        listing = _list_folder(_resolve(argument, data_dir), split, skip_corrupt)
+        listing = folder.list_folder(_resolve(argument, data_dir), split, skip_corrupt)
         ds = shard(
             tf.data.Dataset.from_tensor_slices((list(listing.paths), np.array(listing.labels, np.int64)))
         )
@@ -184,63 +183,6 @@ def load_examples(
     if shuffle:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     return ds
-
-
-# ---------------------------------------------------------------------------------------------- folder
-
-
-@dataclasses.dataclass(frozen=True)
-class _FolderListing:
-    paths: tuple
-    labels: tuple
-    class_names: tuple
-
-
-@functools.lru_cache(maxsize=8)
-def _list_folder(root, split, skip_corrupt):
-    if not os.path.isdir(root):
-        raise FileNotFoundError(
-            f"Image folder {root!r} does not exist (expected ROOT/<split>/<class>/*.jpg)."
-        )
-    split_dir = os.path.join(root, split)
-    if not os.path.isdir(split_dir):
-        available = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        raise FileNotFoundError(
-            f"Split {split!r} not found in image folder {root!r}: no directory {split_dir!r}; "
-            f"available splits: {available or 'none'}."
-        )
-    class_names = sorted(
-        d
-        for d in os.listdir(split_dir)
-        if not d.startswith(".") and os.path.isdir(os.path.join(split_dir, d))
-    )
-    if not class_names:
-        raise ValueError(
-            f"Image folder {split_dir!r} has no class folders (expected {split_dir}/<class>/*.jpg)."
-        )
-    paths, labels, skipped = [], [], []
-    for label, name in enumerate(class_names):
-        class_dir = os.path.join(split_dir, name)
-        found = 0
-        for entry in sorted(os.scandir(class_dir), key=lambda e: e.name):
-            if entry.name.startswith(".") or entry.is_dir():
-                continue
-            if not entry.name.lower().endswith(IMAGE_EXTENSIONS):
-                if not skip_corrupt:
-                    raise ValueError(
-                        f"Not an image file: {entry.path!r} (extensions {', '.join(IMAGE_EXTENSIONS)}); "
-                        "remove it or pass skip_corrupt=True (--skip_corrupt) to skip such files."
-                    )
-                skipped.append(entry.path)
-                continue
-            paths.append(entry.path)
-            labels.append(label)
-            found += 1
-        if not found:
-            raise ValueError(f"Class folder {class_dir!r} has no images ({', '.join(IMAGE_EXTENSIONS)}).")
-    if skipped:
-        log.warning("Skipped %d non-image files in %s, e.g. %s", len(skipped), split_dir, skipped[:3])
-    return _FolderListing(tuple(paths), tuple(labels), tuple(class_names))
 
 
 # -------------------------------------------------------------------------------------------- tfrecord
@@ -368,94 +310,3 @@ def _tfds_examples(name, split, data_dir, input_context, shuffle, seed, download
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
-
-
-# ------------------------------------------------------------------------------------------- synthetic
-
-SYNTHETIC_CLASSES = (
-    "horizontal_stripes",
-    "vertical_stripes",
-    "diagonal_stripes",
-    "checkerboard",
-    "rings",
-    "dots",
-    "grid_lines",
-    "diamonds",
-    "speckle",
-    "gradient",
-)
-SYNTHETIC_IMAGE_SIZE = 64
-SYNTHETIC_TRAIN_EXAMPLES = 5000
-_SYNTHETIC_SPLIT_SEEDS = {"train": 0, "validation": 1}
-
-
-def _synthetic_size(argument, split):
-    if split not in _SYNTHETIC_SPLIT_SEEDS:
-        raise ValueError(
-            f"The synthetic dataset has splits {sorted(_SYNTHETIC_SPLIT_SEEDS)}; got split {split!r}."
-        )
-    train = int(argument) if argument else SYNTHETIC_TRAIN_EXAMPLES
-    return train if split == "train" else max(train // 5, 10)
-
-
-def synthetic_image(label, rng, size=SYNTHETIC_IMAGE_SIZE):
-    """One uint8 [size, size, 3] image of texture class `label`, drawn with the numpy Generator `rng`.
-
-    Class identity is a texture that fills the frame (stripe orientation, tiling, rings, dots, ...), so it
-    survives a crop down to 8% of the area, a flip and colour jitter; colours, phase, scale (period 8-16
-    px), a small rotation and the background noise are random.
-    """
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    tilt = np.deg2rad(rng.uniform(-8, 8))
-    period = rng.uniform(8, 16)
-    phase = rng.uniform(0, 2 * np.pi)
-
-    def rotated(angle):
-        return xx * np.cos(angle) + yy * np.sin(angle), -xx * np.sin(angle) + yy * np.cos(angle)
-
-    u, v = rotated(tilt)
-    name = SYNTHETIC_CLASSES[label]
-    if name == "horizontal_stripes":
-        mask = np.sin(2 * np.pi * v / period + phase) > 0
-    elif name == "vertical_stripes":
-        mask = np.sin(2 * np.pi * u / period + phase) > 0
-    elif name == "diagonal_stripes":
-        d, _ = rotated(tilt + rng.choice([np.pi / 4, -np.pi / 4]))
-        mask = np.sin(2 * np.pi * d / period + phase) > 0
-    elif name in ("checkerboard", "diamonds"):
-        if name == "diamonds":
-            u, v = rotated(tilt + np.pi / 4)
-        cell = period / 2
-        mask = (np.floor(u / cell + phase) + np.floor(v / cell)) % 2 == 0
-    elif name == "rings":
-        cy, cx = rng.uniform(0, size, 2)
-        mask = np.sin(2 * np.pi * np.hypot(yy - cy, xx - cx) / period + phase) > 0
-    elif name == "dots":
-        du = (u + phase) % period - period / 2
-        dv = (v + phase) % period - period / 2
-        mask = np.hypot(du, dv) < period * rng.uniform(0.25, 0.35)
-    elif name == "grid_lines":
-        width = rng.uniform(1.5, 3)
-        mask = ((u + phase) % period < width) | ((v + phase) % period < width)
-    elif name == "speckle":
-        block = int(rng.integers(2, 4))
-        cells = rng.random((size // block + 1, size // block + 1)) < 0.5
-        mask = np.kron(cells, np.ones((block, block)))[:size, :size] > 0
-    else:  # gradient: a smooth ramp in a random direction, no edges at all
-        d, _ = rotated(rng.uniform(0, 2 * np.pi))
-        mask = np.clip((d - d.min()) / (d.max() - d.min() + 1e-6), 0, 1)
-    mask = mask.astype(np.float32)[..., None]
-    background, foreground = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-    while abs((foreground - background) @ np.array(augment.LUMA_RGB)) < 60:
-        background, foreground = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-    image = background * (1 - mask) + foreground * mask + rng.normal(0, rng.uniform(0, 10), (size, size, 1))
-    return np.clip(np.round(image), 0, 255).astype(np.uint8)
-
-
-@functools.lru_cache(maxsize=4)
-def _synthetic_split(split, num_examples):
-    """(JPEG bytes, labels) of a synthetic split; deterministic (a numpy seed per split), cached."""
-    rng = np.random.default_rng(_SYNTHETIC_SPLIT_SEEDS[split])
-    labels = np.arange(num_examples, dtype=np.int64) % len(SYNTHETIC_CLASSES)
-    images = [tf.io.encode_jpeg(synthetic_image(int(label), rng), quality=90).numpy() for label in labels]
-    return images, labels

@@ -14,7 +14,7 @@ Training drops difficult boxes (unless `keep_difficult`) and boxes that augmenta
 
 import tensorflow as tf
 
-from bot_keras.data.augment import check_encoded_image, decode_image
+from bot_keras.data.decode import check_encoded_image, decode_image
 from bot_keras.data.pipeline import per_replica_batch_size
 from bot_keras.detection import augment, sources
 

@@ -117,6 +117,6 @@ def test_evaluate_honours_the_runs_skip_corrupt(trained_folder_run, tmp_path):
     assert result["count"] == 12 and result["top1"] == pytest.approx(clean["top1"], abs=1e-6)
     (copy / "flags.txt").write_text(text)
     expected = (r"^Evaluation stopped by bad input data: Undecodable image file \(empty, not an image, or "
-                r"truncated\): \S*broken\.png — pass skip_corrupt$")
+                r"truncated\): \S*broken\.png \(skip such files with skip_corrupt\)$")
     with pytest.raises(cli.SetupError, match=expected):
         evaluate.evaluate_run(str(copy))

@@ -33,7 +33,7 @@ EXTRAS = {
         "pycocotools>=2.0.8,<3",
     ],
     # Optional: keras-hub's task heads on our backbone (DeepLabV3 segmentation, detection). Not a core
-    # dependency: it needs Python >= 3.11 and pulls tensorflow-text, kagglehub and tokenizers (README, Models).
+    # dependency: it needs Python >= 3.11 and pulls tensorflow-text, kagglehub, tokenizers (docs/models.md).
     "transfer": ["keras-hub>=0.32,<0.33; python_version>='3.11'"],
     # Optional: the timm-equivalence test of the weight converter (tests/test_timm_weights.py, `slow`).
     # The converter itself needs none of these. torchvision (a timm dependency) is pinned to the release
@@ -44,7 +44,7 @@ EXTRAS = {
     # implementation; VOC mAP is ours, and the import is lazy, so detection on VOC runs without it.
     "coco": ["pycocotools>=2.0.8,<3"],
     "lint": ["ruff>=0.6"],
-    # Only tools/ablation.py's accuracy plot (PNG) uses it; training never does (README, "Ablations").
+    # Only tools/ablation.py's accuracy plot (PNG) uses it; training never does (docs/training.md, Ablations).
     "tools": ["matplotlib>=3.8"],
 }
 

@@ -58,7 +58,7 @@ class Tweaks:
     avg_down: bool = False  # ResNet-D (Section 4.2, Figure 2c)
 
 
-# Name suffix → tweaks. Our names follow the paper; README maps them to timm / GluonCV names.
+# Name suffix → tweaks. Our names follow the paper; docs/models.md maps them to timm / GluonCV names.
 VARIANTS = {
     "": Tweaks(),  # ResNet (He et al., 2016): stride on the first 1×1 conv of a bottleneck
     "_b": Tweaks(stride_on_3x3=True),  # = timm resnet50, GluonCV resnet50_v1b

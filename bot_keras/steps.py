@@ -116,6 +116,7 @@ def make_train_function(
     teacher=None,
     mixup_alpha=0.0,
     seed=0,
+    jit_compile=False,
 ):
     """Returns `train_steps(iterator, start_step, num_steps, mixup_on) -> {name: sum over the steps}`.
 
@@ -124,20 +125,34 @@ def make_train_function(
     batch, and the loss is divided by the global batch so that the all-reduced SUM of replica gradients is
     the gradient of the global mean. Build the model and optimizer in `strategy.scope()`. `metrics`
     defaults to `CLASSIFICATION_METRICS`.
+
+    `jit_compile=True` compiles the whole replica step with XLA (mixup, teacher, forward, backward, the
+    overflow agreement, the optimizer update and the metric sums); the step loop and its `next(iterator)`
+    stay outside (XLA cannot compile iterators). See `check_jit_compile` for the strategies it supports.
     """
     metrics = metrics or CLASSIFICATION_METRICS
     agree_on_overflow = (
         isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and strategy.num_replicas_in_sync > 1
     )
 
-    def replica_step(batch, step, mixup_on):
+    replicas = strategy.num_replicas_in_sync
+
+    def mixup_lambdas(step, mixup_on):
+        """λ of every replica at `step` (1 when mixup is off): stateless seed (run seed, step·1024 +
+        replica). Drawn outside the replica step: XLA cannot compile the Gamma sampler."""
+        if mixup_alpha <= 0:
+            return tf.ones([replicas])
+        run_seed = tf.cast(seed, tf.int64)
+        lams = [
+            mixup_ops.sample_mixup_lambda(mixup_alpha, seed=tf.stack([run_seed, step * 1024 + r]))
+            for r in range(replicas)
+        ]
+        return tf.where(mixup_on, tf.stack(lams), 1.0)
+
+    def replica_step(batch, lams):
         images, labels = batch
         if mixup_alpha > 0:
-            # A different λ on every replica and step: stateless seed (run seed, step·1024 + replica).
-            replica = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, tf.int64)
-            lam_seed = tf.stack([tf.cast(seed, tf.int64), tf.cast(step, tf.int64) * 1024 + replica])
-            lam = mixup_ops.sample_mixup_lambda(mixup_alpha, seed=lam_seed)
-            lam = tf.where(mixup_on, lam, 1.0)
+            lam = tf.gather(lams, tf.distribute.get_replica_context().replica_id_in_sync_group)
             images, labels = mixup_ops.mixup(images, labels, lam)
         teacher_outputs = teacher_logits(teacher, images) if teacher is not None else None
         with tf.GradientTape() as tape:
@@ -155,28 +170,36 @@ def make_train_function(
         optimizer.apply(grads, model.trainable_variables)
         return metrics.vector(example_losses, labels, outputs)
 
+    if jit_compile:
+        check_jit_compile(strategy)
+        replica_step = tf.function(replica_step, jit_compile=True)
+
     @tf.function
     def train_steps(iterator, start_step, num_steps, mixup_on):
         totals = tf.zeros([len(metrics.names)])
         for i in tf.range(num_steps):
-            per_replica = strategy.run(
-                replica_step, args=(next(iterator), start_step + tf.cast(i, tf.int64), mixup_on)
-            )
+            lams = mixup_lambdas(start_step + tf.cast(i, tf.int64), mixup_on)
+            per_replica = strategy.run(replica_step, args=(next(iterator), lams))
             totals += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
         return metrics.named(totals)
 
     return train_steps
 
 
-def make_eval_function(strategy, model, *, per_example_loss=cross_entropy, metrics=None):
+def make_eval_function(strategy, model, *, per_example_loss=cross_entropy, metrics=None, jit_compile=False):
     """Returns `evaluate(distributed_dataset) -> means(...)`: {"loss", "top1", "top5", "count"} by default
-    (plain cross-entropy, inference mode)."""
+    (plain cross-entropy, inference mode). `jit_compile=True` compiles each replica's forward pass and
+    sums with XLA."""
     metrics = metrics or CLASSIFICATION_METRICS
 
     def replica_step(batch):
         images, labels = batch
         outputs = _float32(model(images, training=False))
         return metrics.vector(per_example_loss(labels, outputs, None), labels, outputs)
+
+    if jit_compile:
+        check_jit_compile(strategy)
+        replica_step = tf.function(replica_step, jit_compile=True)
 
     @tf.function
     def eval_batch(batch):
@@ -190,6 +213,23 @@ def make_eval_function(strategy, model, *, per_example_loss=cross_entropy, metri
         return means(totals)
 
     return evaluate
+
+
+def check_jit_compile(strategy):
+    """Raises ValueError unless XLA can compile `strategy`'s replica step: one replica (any device), or
+    MirroredStrategy over GPUs only, where TensorFlow compiles the replica function with its all-reduces
+    as XLA collectives. With several CPU replicas TensorFlow compiles all replicas into one cluster on one
+    device, which cannot reach the other replicas' variables."""
+    replicas = strategy.num_replicas_in_sync
+    if replicas == 1:
+        return
+    devices = getattr(strategy.extended, "worker_devices", ())
+    if isinstance(strategy, tf.distribute.MirroredStrategy) and all("GPU" in d.upper() for d in devices):
+        return
+    raise ValueError(
+        f"jit_compile (XLA) needs one replica or MirroredStrategy over GPUs; this "
+        f"{type(strategy).__name__} has {replicas} replicas on {', '.join(devices) or 'its devices'}."
+    )
 
 
 def _poison_if_any_replica_overflowed(grads):

@@ -129,6 +129,12 @@ def define_flags(fv):
     flags.DEFINE_bool("resume", False, "Continue from the last checkpoint in --model_dir.", **d)
     flags.DEFINE_integer("seed", 0, "Random seed (weights, data order, augmentation, mixup).", **d)
     flags.DEFINE_integer("steps_per_execution", 1, "Training steps per tf.function call.", **d)
+    flags.DEFINE_bool(
+        "jit_compile",
+        False,
+        "Compile the train and eval replica steps with XLA (one replica, or --strategy=mirrored on GPUs).",
+        **d,
+    )
     flags.DEFINE_integer(
         "checkpoint_steps", 1000, "Also checkpoint every N steps (0: only at epoch ends).", **d
     )
@@ -291,6 +297,9 @@ def main(argv, f=flags.FLAGS):
     with cli.setup_errors():
         strategy = distribute.create_strategy(f.strategy, tpu_address=f.tpu)
         distribute.per_replica_batch_size(f.batch_size, strategy.num_replicas_in_sync)
+    if f.jit_compile:
+        with cli.setup_errors(f"--jit_compile with --strategy={f.strategy}"):
+            steps.check_jit_compile(strategy)
     distribute.set_precision(f.precision)
     keras.utils.set_random_seed(f.seed)
     chief = distribute.is_chief(strategy)
@@ -424,8 +433,13 @@ def main(argv, f=flags.FLAGS):
         teacher=teacher,
         mixup_alpha=f.mixup_alpha,
         seed=f.seed,
+        jit_compile=f.jit_compile,
     )
-    evaluate = steps.make_eval_function(strategy, model) if eval_dataset is not None else None
+    evaluate = (
+        steps.make_eval_function(strategy, model, jit_compile=f.jit_compile)
+        if eval_dataset is not None
+        else None
+    )
     callbacks = loop.make_callbacks(
         write_dir,
         chief=chief,

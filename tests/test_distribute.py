@@ -148,6 +148,31 @@ _MIRRORED = _COMMON + textwrap.dedent(
         "iterations": int(optimizer.iterations.numpy()),
         "unchanged": all((a == b).all() for a, b in zip(before, model.get_weights())),
     }
+
+    # Mixup: replica r mixes its half batch with its own λ, drawn from seed (run seed, step·1024 + r).
+    from bot_keras.data import mixup as mixup_ops
+    distribute.set_precision("float32")
+    with mirrored.scope():
+        keras.utils.set_random_seed(0)
+        model = build(False)
+        optimizer = keras.optimizers.SGD(0.0)
+        optimizer.build(model.trainable_variables)
+    step = steps.make_train_function(mirrored, model, optimizer, per_example_loss=loss, global_batch_size=8,
+                                     mixup_alpha=0.2, seed=5)
+    got = step(iter(mirrored.distribute_datasets_from_function(dataset_fn)), tf.constant(7, tf.int64),
+               tf.constant(1), tf.constant(True))["loss"]
+    want = 0.0
+    for r in range(2):
+        lam = mixup_ops.sample_mixup_lambda(0.2, seed=tf.constant([5, 7 * 1024 + r], tf.int64))
+        half = slice(4 * r, 4 * r + 4)
+        images, labels = mixup_ops.mixup(tf.constant(x[half]), tf.constant(y[half]), lam)
+        want += float(tf.reduce_sum(loss(labels, model(images), None)))
+    try:
+        steps.check_jit_compile(mirrored)
+        refused = ""
+    except ValueError as error:
+        refused = str(error)
+    out["mixup"] = {"got": float(got), "want": want, "jit_refused": refused}
     print("RESULT " + json.dumps(out))
     """
 )
@@ -180,6 +205,10 @@ def test_mirrored_two_devices_matches_one_device_with_the_same_global_batch(tmp_
     # An overflow on replica 1 alone skips the step on both replicas and halves the loss scale (Keras'
     # LossScaleOptimizer alone would take replica 0's verdict and sum inf into every weight).
     assert out["overflow"] == {"scale": 16384.0, "iterations": 0, "unchanged": True}
+    assert out["mixup"]["got"] == pytest.approx(out["mixup"]["want"], rel=1e-5)
+    # XLA cannot compile a step over two CPU replicas (one cluster, one device): refused, naming them.
+    assert "needs one replica or MirroredStrategy over GPUs" in out["mixup"]["jit_refused"]
+    assert "CPU:0" in out["mixup"]["jit_refused"] and "CPU:1" in out["mixup"]["jit_refused"]
 
 
 _WORKER = _COMMON + textwrap.dedent(

@@ -111,3 +111,95 @@ def test_mixup_in_the_step_uses_the_replica_seeded_lambda_and_switches_off():
     assert run(7, True) == pytest.approx(loss_sum(mixed_images, mixed_labels), rel=1e-5)
     assert run(8, True) != pytest.approx(run(7, True), rel=1e-5)  # a new λ each step
     assert run(7, False) == pytest.approx(loss_sum(images, labels), rel=1e-5)  # --mixup_off_epochs
+
+
+# --- XLA (jit_compile) ------------------------------------------------------------------------------------
+
+
+def _bn_model():
+    return keras.Sequential(
+        [
+            keras.Input((6, 6, 3)),
+            keras.layers.Conv2D(4, 3),
+            keras.layers.BatchNormalization(),
+            keras.layers.ReLU(),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(3, dtype="float32"),
+        ]
+    )
+
+
+def _run_jit(jit_compile, precision, strategy_name, *, steps_per_execution=3, scale=1.0, model=_bn_model):
+    """Two calls of `steps_per_execution` steps (label smoothing, mixup on) and one evaluation."""
+    distribute.set_precision(precision)
+    strategy = distribute.create_strategy(strategy_name)
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        net = model()
+        optimizer = optimizers.build_optimizer(0.1, weight_decay=1e-3)
+        if distribute.needs_loss_scaling(precision):
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        optimizer.build(net.trainable_variables)
+    loss = steps.make_per_example_loss(label_smoothing=0.1, temperature=1.0, hard_weight=None)
+    train = steps.make_train_function(
+        strategy, net, optimizer, per_example_loss=loss, global_batch_size=8, mixup_alpha=0.2, seed=3,
+        jit_compile=jit_compile,
+    )
+    iterator = iter(strategy.experimental_distribute_dataset(_batches(scale)))
+    n = tf.constant(steps_per_execution)
+    losses = [
+        float(train(iterator, tf.constant(start, tf.int64), n, tf.constant(True))["loss"])
+        for start in (0, steps_per_execution)
+    ]
+    evaluate = steps.make_eval_function(strategy, net, jit_compile=jit_compile)
+    result = evaluate(strategy.experimental_distribute_dataset(_batches().take(2)))
+    keras.mixed_precision.set_global_policy("float32")
+    return losses, result, net.get_weights(), optimizer
+
+
+@pytest.mark.parametrize(
+    "precision, strategy_name, rtol",
+    [
+        ("float32", "default", 1e-5),
+        ("float32", "mirrored", 1e-5),  # one CPU replica, under MirroredStrategy's replica context
+        ("mixed_float16", "default", 1e-3),  # XLA may fuse half-precision ops in another order
+        ("mixed_bfloat16", "mirrored", 1e-2),
+    ],
+)
+def test_xla_steps_give_the_losses_and_weights_of_the_plain_steps(precision, strategy_name, rtol):
+    plain = _run_jit(False, precision, strategy_name)
+    keras.backend.clear_session()
+    xla = _run_jit(True, precision, strategy_name)
+    np.testing.assert_allclose(xla[0], plain[0], rtol=rtol)
+    for name in ("loss", "top1", "top5"):
+        assert xla[1][name] == pytest.approx(plain[1][name], rel=rtol, abs=rtol), name
+    assert xla[1]["count"] == plain[1]["count"] == 16
+    for a, b in zip(xla[2], plain[2], strict=True):
+        np.testing.assert_allclose(a, b, rtol=10 * rtol, atol=10 * rtol)
+    assert int(xla[3].iterations.numpy()) == int(plain[3].iterations.numpy()) == 6
+
+
+def test_xla_step_skips_an_overflowing_float16_step_like_the_plain_step():
+    _, _, before, _ = _run_jit(False, "mixed_float16", "default", steps_per_execution=0, model=_tiny_model)
+    keras.backend.clear_session()
+    _, _, after, optimizer = _run_jit(True, "mixed_float16", "default", steps_per_execution=1, scale=3000.0,
+                                      model=_tiny_model)
+    # Both calls overflow (inputs of 3000): two skipped steps, the scale halved twice, weights as built.
+    assert float(optimizer.dynamic_scale.numpy()) == 8192.0
+    assert int(optimizer.iterations.numpy()) == 0
+    for a, b in zip(before, after, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_xla_refuses_several_cpu_replicas_naming_them():
+    class _Extended:
+        worker_devices = ("/job:localhost/device:CPU:0", "/job:localhost/device:CPU:1")
+
+    class _TwoCpus:
+        num_replicas_in_sync = 2
+        extended = _Extended()
+
+    message = r"needs one replica or MirroredStrategy over GPUs; this _TwoCpus has 2 replicas on .*CPU:0, .*1"
+    with pytest.raises(ValueError, match=message):
+        steps.check_jit_compile(_TwoCpus())
+    steps.check_jit_compile(tf.distribute.get_strategy())  # one replica: fine

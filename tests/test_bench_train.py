@@ -1,0 +1,91 @@
+"""tools/bench_train.py runs at tiny sizes and prints its table and ratios (no timing is asserted)."""
+
+import importlib.util
+import math
+import pathlib
+import re
+
+import pytest
+
+_PATH = pathlib.Path(__file__).resolve().parent.parent / "tools" / "bench_train.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_train", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_TINY = ["--image_size=32", "--batch_sizes=4", "--num_classes=5", "--rounds=1", "--steps=2", "--warmup=0"]
+
+
+def test_one_axis_at_a_time_around_the_base_and_the_whole_grid(bench):
+    args = bench.parse_args(
+        ["--models=resnet50,resnet50_d,keras:ResNet50", "--precisions=float32,mixed_bfloat16", "--jit=off,on"]
+    )
+    configs = bench.configurations(args)
+    base = configs[0]
+    assert (base.model, base.precision, base.batch, base.jit, base.strategy, base.step) == (
+        "resnet50", "float32", 16, False, "default", "trainer"
+    )
+    # base, 2 other models, 1 other precision, jit on, mirrored, model.fit
+    assert len(configs) == 7 and len(set(configs)) == 7
+    assert sum(c.step == "fit" for c in configs) == 1
+    grid = bench.configurations(bench.parse_args(["--grid", "--models=resnet50,resnet50_d", "--no-fit"]))
+    assert len(grid) == 2 * 3 * 1 * 2 * 2  # models x precisions x batches x jit x strategies
+
+
+def test_ratios_name_what_they_divide(bench):
+    base = bench.Config("resnet50", "float32", 16, False, "default")
+    other = {
+        bench.Config("resnet50_d", "float32", 16, False, "default"): 1.2,
+        bench.Config("keras:ResNet50", "float32", 16, False, "default"): 2.0,
+        bench.Config("resnet50", "float32", 32, False, "default"): 1.5,
+        bench.Config("resnet50", "float32", 16, True, "default"): 0.5,
+        bench.Config("resnet50", "float32", 16, False, "default", "fit"): 0.8,
+        bench.Config("resnet50_d", "float32", 16, True, "default"): 9.0,  # two axes changed: table only
+    }
+    seconds = {base: 1.0, **other}
+    assert bench.ratios([base, *other], seconds, base) == {
+        "step time, resnet50_d ÷ resnet50": 1.2,
+        "step time, resnet50 ÷ keras:ResNet50": 0.5,
+        "time per image, batch 32 ÷ batch 16": 0.75,
+        "step time, xla ÷ no xla": 0.5,
+        "step time, trainer ÷ model.fit": 1.25,
+    }
+
+
+def test_bad_flags_are_one_line_naming_them(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--models=resnet51", "--precisions=fp8", "--jit=maybe"])
+    assert "--jit='maybe'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--models=resnet51", "--strategies=tpu", "--steps=0"])
+    err = capsys.readouterr().err
+    assert "--models: unknown 'resnet51'" in err and "'tpu'" in err and "--steps=0" in err
+
+
+@pytest.mark.slow  # two ResNet-18-D steps compiled and timed: ~15 s on a quiet 2-core machine
+def test_tiny_run_prints_the_table_and_finite_positive_ratios(bench, capsys):
+    result = bench.main(["--models=resnet18_d", "--precisions=float32", "--jit=off", "--strategies=default",
+                         *_TINY])
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("model "))
+    assert lines[header].split()[:6] == ["model", "precision", "batch", "xla", "strategy", "step"]
+    rows = [line.split() for line in lines[header + 2 : header + 4]]
+    assert [row[:6] for row in rows] == [
+        ["resnet18_d", "float32", "4", "off", "default", "trainer"],
+        ["resnet18_d", "float32", "4", "off", "default", "fit"],
+    ]
+    for row in rows:  # ms/step, images/s = batch / step time, ÷ base
+        ms, images_per_s = float(row[6]), float(row[8])
+        assert ms > 0 and images_per_s == pytest.approx(4 / (ms / 1e3), rel=0.01, abs=0.06)  # printed .1f
+    assert float(rows[0][9]) == 1.0
+    printed = dict(re.findall(r"^  (step time, trainer ÷ model\.fit)\s+([0-9.]+)$", out, re.M))
+    assert set(printed) == set(result["ratios"]) == {"step time, trainer ÷ model.fit"}
+    for value in result["ratios"].values():
+        assert math.isfinite(value) and value > 0
+        assert float(printed["step time, trainer ÷ model.fit"]) == pytest.approx(value, abs=1e-3)

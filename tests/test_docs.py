@@ -19,6 +19,7 @@ OUTSIDE_FLAGS = {
     "dir", "all",  # saved_model_cli show
     "local-dir",  # huggingface-cli download
     "no-deps",  # pip install
+    "help",  # every command's own (absl and argparse)
 }
 FLAG = re.compile(r"(?<![\w-])--([a-z][\w-]*)")  # upper case: a placeholder (--FLAG=v)
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")

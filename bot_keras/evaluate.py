@@ -99,7 +99,7 @@ def main(argv, f=flags.FLAGS):
     task = run_dir.read_task(f.model_dir)
     if task != run_dir.CLASSIFICATION:
         if f.image_size is not None:
-            raise cli.SetupError(f"--image_size applies to classification runs; {f.model_dir} is a {task} run")
+            raise cli.SetupError(f"--image_size is for classification runs; {f.model_dir} is a {task} run")
         result, line = evaluate_finetune_run(
             f.model_dir, task, dataset=f.dataset, split=f.split, data_dir=f.data_dir, batch_size=f.batch_size
         )

@@ -183,7 +183,7 @@ def define_flags(fv):
     d = dict(flag_values=fv)
     flags.DEFINE_string("model", None, "SavedModel directory, .keras file or run directory.", **d)
     flags.DEFINE_integer("top_k", 5, "How many classes to print per image.", **d)
-    flags.DEFINE_string("output_dir", "predictions", "Segmentation: where the class maps and overlays go.", **d)
+    flags.DEFINE_string("output_dir", "predictions", "Segmentation: where class maps and overlays go.", **d)
 
 
 def main(argv, f=flags.FLAGS):

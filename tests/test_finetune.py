@@ -20,7 +20,7 @@ from absl import flags
 from PIL import Image
 from tiny_run import make_run
 
-from bot_keras import evaluate, export, finetune, predict, run_dir, train
+from bot_keras import cli, evaluate, export, finetune, predict, run_dir, train
 from bot_keras.data.augment import MEAN_RGB, STD_RGB
 from bot_keras.models.backbone import freeze_backbone
 from bot_keras.segmentation import heads
@@ -377,3 +377,16 @@ def test_sigkill_then_resume_finishes_the_run(tmp_path):
     )
     assert json.loads((model_dir / "final_metrics.json").read_text())["step"] == 6
     assert run_dir.read_task(model_dir) == "segmentation" and (model_dir / "model.keras").is_file()
+
+
+def test_a_bad_mask_stops_training_with_one_line_naming_the_file(tmp_path):
+    data = write_scenes(tmp_path / "data", counts=(("train", 4),))
+    bad = np.zeros((40, 48), np.uint8)
+    bad[5, 5] = 7  # class id 7 of 3 classes
+    Image.fromarray(bad).save(data / "train" / "masks" / "2.png")
+    f = parse(*base_args(data, tmp_path / "run", "--eval_split=", "--max_steps=1", "--steps_per_epoch=2"))
+    with pytest.raises(cli.SetupError) as error:
+        finetune.main(["finetune"], f)
+    message = str(error.value)
+    assert "Training stopped by bad input data" in message and "2.png holds class id 7" in message
+    assert "\n" not in message

@@ -23,6 +23,7 @@ from absl import flags
 
 from bot_keras import cli, run_dir, steps
 from bot_keras.data.augment import check_encoded_image, decode_image, normalize
+from bot_keras.data.errors import bad_input_message
 from bot_keras.segmentation import augment, data, heads, losses, metrics
 
 NAME = run_dir.SEGMENTATION
@@ -238,7 +239,13 @@ def evaluate_run(run, *, dataset=None, split=None, data_dir=None, batch_size=Non
     evaluator = Evaluator(tf.distribute.get_strategy(), model, run.class_names)
     with cli.setup_errors(f"--dataset={f.dataset}"):
         batches = make_dataset(f, split=split, training=False)
-    result = evaluator(batches)
+    try:
+        result = evaluator(batches)
+    except tf.errors.InvalidArgumentError as error:
+        message = bad_input_message(error)  # the pipeline's check naming the file, or None: a bug
+        if message is None:
+            raise
+        raise cli.SetupError(f"Evaluation stopped by bad input data: {message}") from None
     result.update(
         evaluator.details,
         confusion=evaluator.confusion.tolist(),

@@ -390,3 +390,21 @@ def test_a_bad_mask_stops_training_with_one_line_naming_the_file(tmp_path):
     message = str(error.value)
     assert "Training stopped by bad input data" in message and "2.png holds class id 7" in message
     assert "\n" not in message
+
+
+@pytest.mark.slow
+def test_a_mixed_precision_run_saves_a_float32_model_holding_the_trained_weights(tmp_path):
+    data = write_scenes(tmp_path / "data", counts=(("train", 4),))
+    f = parse(*base_args(data, tmp_path / "run", "--eval_split=", "--max_steps=1", "--steps_per_epoch=2",
+                         "--precision=mixed_bfloat16"))
+    finetune.main(["finetune"], f)
+    keras.mixed_precision.set_global_policy("float32")
+    model = run_dir.load_model(run_dir.read_run(tmp_path / "run", task="segmentation"))
+    assert {layer.dtype_policy.compute_dtype for layer in model.layers} == {"float32"}
+    # The trained (float32 master) weights of the last checkpoint, not a fresh build's: the head's kernel is
+    # one of the checkpoint's tensors of its shape (the others: its momentum).
+    reader = tf.train.load_checkpoint(str(tmp_path / "run" / "checkpoints"))
+    kernel = model.get_layer("fcn_logits").get_weights()[0]
+    stored = [reader.get_tensor(k) for k, shape in reader.get_variable_to_shape_map().items()
+              if tuple(shape) == kernel.shape]
+    assert stored and any(np.array_equal(kernel, tensor) for tensor in stored)

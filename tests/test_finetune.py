@@ -300,6 +300,13 @@ def test_predict_writes_a_class_map_and_an_overlay_per_image(finetuned, tmp_path
     expected = np.rint(0.5 * photo + 0.5 * voc_colormap()[classes]).astype(np.uint8)
     np.testing.assert_array_equal(overlay, expected)
     assert predict.model_task(model_dir) == "segmentation"
+    # Two inputs with the same file name get one picture each.
+    twice = [images[0], str(tmp_path / "copy" / "0.png")]
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "0.png").write_bytes(pathlib.Path(images[0]).read_bytes())
+    segmentation.predict_files(model_dir, twice, tmp_path / "twice", predict.read_images(twice))
+    assert sorted(p.name for p in (tmp_path / "twice").iterdir()) == [
+        "0_0_classes.png", "0_0_overlay.png", "0_1_classes.png", "0_1_overlay.png"]
 
 
 @pytest.mark.slow

@@ -328,13 +328,15 @@ def load_predictor(path):
 
 def predict_files(model_path, image_paths, output_dir, encoded_images):
     """Writes `<stem>_classes.png` (class ids as grey levels) and `<stem>_overlay.png` (the photo under
-    the class colours) per image into `output_dir`; returns one line per image to print."""
+    the class colours) per image into `output_dir` (`<stem>_<position>` when two inputs share a stem);
+    returns one line per image to print."""
     predict, names = load_predictor(model_path)
     output_dir = pathlib.Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     lines = []
-    for path, encoded in zip(image_paths, encoded_images, strict=True):
-        stem = pathlib.Path(path).stem
+    stems = [pathlib.Path(path).stem for path in image_paths]
+    for index, (path, encoded) in enumerate(zip(image_paths, encoded_images, strict=True)):
+        stem = stems[index] if stems.count(stems[index]) == 1 else f"{stems[index]}_{index}"
         classes = predict(encoded)
         photo = decode_image(encoded).numpy()
         tf.io.write_file(

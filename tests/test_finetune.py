@@ -193,6 +193,15 @@ def test_freeze_stages_and_bn_touch_the_backbone_only():
     assert not trainable["stem_conv1"] and not trainable["stage1_block1_conv2"]
     assert trainable["stage2_block0_conv1"] and not trainable["stage2_block0_bn1"]  # BN frozen everywhere
     assert trainable["fcn_conv"] and trainable["fcn_bn"] and trainable["aux_logits"]  # heads untouched
+    # keras-hub's DeepLabV3 nests our backbone two models deep; freezing finds it there too.
+    deeplab = heads.build_segmenter("deeplabv3", "resnet18_d", num_classes=3, output_stride=16)
+    before = len(deeplab.trainable_weights)
+    frozen = freeze_backbone(deeplab, stages=4)
+    backbone_layers = [
+        x for x in deeplab._flatten_layers() if x.name.startswith(("stem_", "stage")) and x.weights
+    ]
+    assert frozen == len(backbone_layers) > 40 and not any(x.trainable for x in backbone_layers)
+    assert 0 < len(deeplab.trainable_weights) < before  # the ASPP and decoder still train
 
 
 def test_weights_arrive_from_the_classification_run_and_the_run_directory_is_complete(finetuned):
@@ -350,7 +359,7 @@ def test_sigkill_then_resume_finishes_the_run(tmp_path):
     args = base_args(
         data,
         model_dir,
-        "--steps_per_epoch=6",
+        "--steps_per_epoch=3",
         "--epochs=2",
         "--checkpoint_steps=1",
         "--keep_checkpoints=50",

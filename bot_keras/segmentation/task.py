@@ -133,7 +133,7 @@ def build_model(f, *, num_classes, output_stride, weights_from=None):
 def inference_model(model):
     """The model without FCN's auxiliary output (training only): logits [B, H, W, K]."""
     if isinstance(model.output, dict):
-        return keras.Model(model.inputs, model.output["logits"], name=model.name)
+        return keras.Model(model.inputs[0], model.output["logits"], name=model.name)  # one input, not a list
     return model
 
 

@@ -4,14 +4,16 @@
 undecodable image file or an out-of-range label fails the running step with a
 `tf.errors.InvalidArgumentError` whose message contains one of the markers below and names the file or
 record. A graph op can raise nothing but TensorFlow's error types, so the marker text is the contract:
-pipeline.py builds each check's message as one string starting with `UNDECODABLE_IMAGE` or
-`LABEL_OUT_OF_RANGE`, and `bad_input_message` is the only reader.
+pipeline.py (and segmentation's data and augment) build each check's message as one string starting
+with one of `MARKERS`, and `bad_input_message` is the only reader.
 """
 
 import tensorflow as tf
 
 UNDECODABLE_IMAGE = "Undecodable image file (empty, not an image, or truncated):"
 LABEL_OUT_OF_RANGE = "Label out of range"
+BAD_SEGMENTATION_INPUT = "Bad segmentation input:"  # segmentation/data.py and augment.py's checks
+MARKERS = (UNDECODABLE_IMAGE, LABEL_OUT_OF_RANGE, BAD_SEGMENTATION_INPUT)
 
 
 def bad_input_message(error):
@@ -20,10 +22,8 @@ def bad_input_message(error):
     not the data's fault and should keep its traceback)."""
     if not isinstance(error, tf.errors.InvalidArgumentError):
         return None
-    text = error.message or str(error)
-    for marker in (UNDECODABLE_IMAGE, LABEL_OUT_OF_RANGE):
-        start = text.find(marker)
-        if start >= 0:
-            end = text.find("]\n", start)  # tf.debugging.Assert prints its one string argument inside [...]
-            return text[start : end if end >= 0 else len(text)].strip()
+    for line in (error.message or str(error)).splitlines():
+        starts = [line.find(marker) for marker in MARKERS if marker in line]
+        if starts:  # tf.debugging.Assert prints its one string inside [...]; assert_* ops print it bare
+            return line[min(starts) :].rstrip().removesuffix("]").strip()
     return None

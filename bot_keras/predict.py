@@ -9,7 +9,7 @@ PATH is any of:
     trained in mixed precision), or that `model.keras` itself, or the directory `--format=keras` writes;
   - any other `.keras` file, with `classes.txt` beside it; the image size comes from `flags.txt` beside it
     or else the model's input shape.
-For the last two the images go through `data.augment.decode_image` and `preprocess_for_eval`, the
+For the last two the images go through `data.decode.decode_image` and `preprocess_for_eval`, the
 evaluation transform of Section 2.1 of the paper that the SavedModel carries in its graph.
 
 Output, for each image:

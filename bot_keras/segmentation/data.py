@@ -24,7 +24,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from bot_keras.data import augment as image_ops
+from bot_keras.data import decode as image_ops
 from bot_keras.data.errors import BAD_SEGMENTATION_INPUT
 from bot_keras.data.pipeline import per_replica_batch_size
 from bot_keras.run_dir import read_class_names

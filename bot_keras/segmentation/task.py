@@ -22,7 +22,8 @@ import tensorflow as tf
 from absl import flags
 
 from bot_keras import cli, run_dir, steps
-from bot_keras.data.augment import check_encoded_image, decode_image, normalize
+from bot_keras.data.augment import normalize
+from bot_keras.data.decode import check_encoded_image, decode_image
 from bot_keras.data.errors import bad_input_message
 from bot_keras.segmentation import augment, data, heads, losses, metrics
 

@@ -68,6 +68,7 @@ def test_eval_batches_hold_pixel_boxes_of_the_padded_input_and_keep_difficult_as
     # 'a' is 40×60: longer side to 64 → 43×64 (42.67 rounds to 43), scale (43/40, 64/60).
     sy, sx = 43 / 40, 64 / 60
     np.testing.assert_allclose(targets["scale"][0], [sy, sx], rtol=1e-6)
+    np.testing.assert_array_equal(targets["image_hw"], [[40, 60], [20, 20]])
     np.testing.assert_allclose(targets["boxes"][0], [[5 * sy, 10 * sx, 20 * sy, 30 * sx],
                                                      [0, 0, 10 * sy, 10 * sx]], rtol=1e-5)
     np.testing.assert_array_equal(targets["labels"], [[1, 0], [-1, -1]])  # 'c' has no boxes: -1 padding

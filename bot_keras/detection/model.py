@@ -47,9 +47,32 @@ class RetinaNet(keras_hub.models.RetinaNetObjectDetector):
         # Weights restored by `load_model` overwrite these; a fresh model gets Lin et al.'s initialisation.
         init_heads(self, PRIOR_PROBABILITY)
 
-    def decode_predictions(self, predictions, data):
-        predictions = {k: tf.cast(v, tf.float32) for k, v in predictions.items()}
-        return super().decode_predictions(predictions, data)
+    def decode_predictions(self, predictions, data, decoder=None):
+        """keras-hub's decoding (anchor deltas → boxes → NMS) in float32, with `decoder` (a
+        `make_nms` layer) in place of `prediction_decoder` when given: evaluation decodes at the mAP
+        threshold whatever the model was built with. `data` is the images (or (images, labels)) batch,
+        of fully static shape: the anchor generator reads its H and W, NMS its batch size."""
+        decoder = decoder or self.prediction_decoder
+        images = data[0] if isinstance(data, (list, tuple)) else data
+        height, width, channels = images.shape[1:]
+        anchors = tf.concat(list(self.anchor_generator(images).values()), axis=0)
+        boxes = keras.utils.bounding_boxes.decode_deltas_to_boxes(
+            anchors=anchors,
+            boxes_delta=tf.cast(predictions["bbox_regression"], tf.float32),
+            encoded_format="center_xywh",
+            anchor_format=self.anchor_generator.bounding_box_format,
+            box_format=self.bounding_box_format,
+            image_shape=(height, width, channels),
+        )
+        if decoder.bounding_box_format != self.bounding_box_format:
+            raise ValueError(f"decoder box format {decoder.bounding_box_format!r} is not the detector's "
+                             f"{self.bounding_box_format!r}.")
+        return decoder(boxes, tf.cast(predictions["cls_logits"], tf.float32), images=images)
+
+    def detect(self, images, *, decoder=None):
+        """NMS'd detections of a batch of network inputs: {"boxes" [B, D, 4] yxyx pixels of the input,
+        "confidence" [B, D], "labels" [B, D] (-1 padding), "num_detections" [B]}."""
+        return self.decode_predictions(self(images, training=False), images, decoder=decoder)
 
 
 def init_heads(detector, prior_probability=PRIOR_PROBABILITY):

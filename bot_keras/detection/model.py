@@ -17,7 +17,8 @@ Three things differ from `keras_hub.models.RetinaNetObjectDetector` as keras-hub
   * under mixed_float16 the head outputs are float16 and keras-hub's box decoding fails against its float32
     anchors; `decode_predictions` casts to float32 first (the float32 island of STYLE.md, habit 9);
   * the NMS confidence threshold is a parameter: keras-hub's 0.5 suits pictures, mAP needs low-confidence
-    detections too (0.05, as the VOC/COCO benchmarks' reference detectors use).
+    detections too (0.05, as the VOC/COCO benchmarks' reference detectors use); `detect(images,
+    decoder=make_nms(...))` decodes with another NMS for one call (evaluation always uses 0.05).
 keras-hub's NMS is class-agnostic: each anchor keeps its best class only, then one NMS over all classes.
 """
 

@@ -79,7 +79,8 @@ def test_fresh_process_without_bot_keras_serves_the_evaluation_boxes(detector, t
         assert not any(name.startswith("bot_keras") for name in sys.modules), "bot_keras was imported"
         assert loaded.box_format.numpy() == b"yxyx" and loaded.image_size.numpy() == {SIZE}
         np.savez({str(tmp_path / "out.npz")!r},
-                 **{{k: v.numpy().astype(str) if v.dtype == tf.string else v.numpy() for k, v in out.items()}})
+                 **{{k: v.numpy().astype(str) if v.dtype == tf.string else v.numpy()
+                    for k, v in out.items()}})
     """)
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
     subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp_path, timeout=300)

@@ -61,8 +61,8 @@ def restore_latest(manager, model_dir):
 # --- the loop -------------------------------------------------------------------------------------------
 
 
-def make_callbacks(write_dir, *, chief, verbose, epochs, steps_per_epoch, model, resume):
-    """Progress bar, TensorBoard and a CSV log in `write_dir/logs` (the chief only)."""
+def make_callbacks(write_dir, *, chief, verbose, epochs, steps_per_epoch, model, resume, columns=CSV_COLUMNS):
+    """Progress bar, TensorBoard and a CSV log with `columns` in `write_dir/logs` (the chief only)."""
     callbacks = []
     if chief:
         log_dir = os.path.join(write_dir, run_dir.LOGS_DIR)
@@ -71,7 +71,9 @@ def make_callbacks(write_dir, *, chief, verbose, epochs, steps_per_epoch, model,
             callbacks.append(_TensorBoard(log_dir, write_graph=False, profile_batch=0))
         else:  # a dependency of bot-keras, but not of TensorFlow 2.21; the CSV log has the same numbers
             logging.warning("tensorboard is not installed (pip install tensorboard): no TensorBoard logs.")
-        callbacks.append(_FixedColumnsCSVLogger(os.path.join(log_dir, "training.csv"), append=resume))
+        callbacks.append(
+            _FixedColumnsCSVLogger(os.path.join(log_dir, "training.csv"), columns=columns, append=resume)
+        )
     return keras.callbacks.CallbackList(
         callbacks,
         add_progbar=chief and verbose > 0,
@@ -83,8 +85,12 @@ def make_callbacks(write_dir, *, chief, verbose, epochs, steps_per_epoch, model,
 
 
 class _FixedColumnsCSVLogger(keras.callbacks.CSVLogger):
+    def __init__(self, filename, *, columns, **kwargs):
+        super().__init__(filename, **kwargs)
+        self.columns = list(columns)
+
     def on_epoch_end(self, epoch, logs=None):
-        self.keys = list(CSV_COLUMNS)
+        self.keys = list(self.columns)
         super().on_epoch_end(epoch, logs)
 
 

@@ -2,7 +2,8 @@
 
 A run directory (`--model_dir`) as `bot_keras.train` leaves it:
 
-    run.json            {"task": "classification"}: what kind of model the run trained (readers check it)
+    run.json            {"task": "classification"}: what kind of model the run trained (readers check it;
+                        `bot_keras.finetune` writes "segmentation" or "detection")
     flags.txt           the resolved flags, a flagfile that reproduces the run (`--flagfile=RUN/flags.txt`)
     classes.txt         one class name a line, in label order
     checkpoints/        tf.train.CheckpointManager's checkpoints (model, optimizer, step), for --resume
@@ -38,8 +39,14 @@ CHECKPOINTS_DIR = "checkpoints"
 LOGS_DIR = "logs"
 
 CLASSIFICATION = "classification"
-TASKS = (CLASSIFICATION,)  # segmentation and detection runs come with the fine-tuning command
-TASK_COMMANDS = {CLASSIFICATION: "bot_keras.train"}
+SEGMENTATION = "segmentation"
+DETECTION = "detection"
+TASKS = (CLASSIFICATION, SEGMENTATION, DETECTION)
+TASK_COMMANDS = {CLASSIFICATION: "bot_keras.train", SEGMENTATION: "bot_keras.finetune",
+                 DETECTION: "bot_keras.finetune"}
+# The flags a finished run's flags.txt must set: the architecture and the input size.
+REQUIRED_FLAGS = {CLASSIFICATION: ("model", "image_size"), SEGMENTATION: ("backbone", "crop_size"),
+                  DETECTION: ("backbone", "crop_size")}
 
 
 # --- writing, atomically ----------------------------------------------------------------------------------
@@ -133,10 +140,14 @@ def read_task(model_dir):
 
 def command_flags(task):
     """The flag definitions (`define_flags(flag_values)`) of the command that writes runs of `task`."""
-    # Imported here, not at the top: the trainer imports this module to write its runs.
-    from bot_keras import train
+    # Imported here, not at the top: the trainers import this module to write their runs.
+    if task == CLASSIFICATION:
+        from bot_keras import train
 
-    return {CLASSIFICATION: train.define_flags}[task]
+        return train.define_flags
+    from bot_keras import finetune
+
+    return finetune.define_flags
 
 
 def read_flags(path, define_flags):
@@ -167,11 +178,13 @@ class Run:
 
     @property
     def model_name(self):
-        return self.flags["model"]
+        """The architecture: the classifier's --model, a fine-tuning run's --backbone."""
+        return self.flags["model" if self.task == CLASSIFICATION else "backbone"]
 
     @property
     def image_size(self):
-        return self.flags["image_size"]
+        """The classifier's --image_size, a fine-tuning run's --crop_size."""
+        return self.flags["image_size" if self.task == CLASSIFICATION else "crop_size"]
 
 
 def read_run(model_dir, *, task=CLASSIFICATION):
@@ -182,13 +195,15 @@ def read_run(model_dir, *, task=CLASSIFICATION):
         raise SetupError(f"run directory {model_dir} does not exist (--model_dir={model_dir})")
     missing = [name for name in (FLAGS_FILE, CLASSES_FILE, MODEL_FILE) if not (model_dir / name).is_file()]
     if missing:
-        hint = " (bot_keras.train writes model.keras when training ends)" if MODEL_FILE in missing else ""
+        hint = ""
+        if MODEL_FILE in missing:
+            hint = f" ({TASK_COMMANDS[read_task(model_dir)]} writes model.keras when training ends)"
         raise SetupError(f"run directory {model_dir} is incomplete: missing {', '.join(missing)}{hint}")
     run_task = read_task(model_dir)
     if run_task != task:
         raise SetupError(f"{model_dir} is a {run_task} run; this command reads {task} runs")
     parsed = read_flags(model_dir / FLAGS_FILE, command_flags(run_task))
-    lacking = [f"--{name}" for name in ("model", "image_size") if not parsed[name].present]
+    lacking = [f"--{name}" for name in REQUIRED_FLAGS[run_task] if not parsed[name].present]
     if lacking:
         raise SetupError(f"{model_dir / FLAGS_FILE} lacks {', '.join(lacking)}")
     class_names = read_class_names(model_dir / CLASSES_FILE)
@@ -212,10 +227,15 @@ def load_keras_model(path, *, label=None):
 
 
 def load_model(run):
-    """The run's final model as a float32 `keras.Model` ready for inference (see `float32_rebuild`)."""
+    """The run's final model as a float32 `keras.Model` ready for inference (see `float32_rebuild`;
+    `bot_keras.finetune` saves its models in float32 already)."""
+    if run.task != CLASSIFICATION:
+        from bot_keras import finetune
+
+        finetune.task_module(run.task)  # registers the task's layers (backbone, heads) for loading
     model = load_keras_model(run.model_path)
-    num_outputs = model.output_shape[-1]
-    if num_outputs != len(run.class_names):
+    num_outputs = model.output_shape[-1] if isinstance(model.output_shape, tuple) else None
+    if num_outputs is not None and num_outputs != len(run.class_names):
         raise SetupError(
             f"{run.model_path} predicts {num_outputs} classes but {run.model_dir / CLASSES_FILE} "
             f"lists {len(run.class_names)}"
@@ -230,6 +250,9 @@ def float32_rebuild(model, run):
     CPU and TFLite rejects them."""
     if all(layer.dtype_policy.compute_dtype == "float32" for layer in model.layers):
         return model
+    if run.task != CLASSIFICATION:
+        raise SetupError(f"{run.model_path} computes in reduced precision; bot_keras.finetune saves float32 "
+                         "models, so this file was not written by it")
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32")
     try:
@@ -238,19 +261,25 @@ def float32_rebuild(model, run):
         )
     finally:
         keras.mixed_precision.set_global_policy(previous)
-    if len(rebuilt.weights) != len(model.weights):
+    return copy_weights(rebuilt, model, label=f"{run.model_path} (--model={run.model_name} from flags.txt)")
+
+
+def copy_weights(target, source, *, label):
+    """Assigns every weight of `source` to `target` in order (cast to the target's dtype), each shape
+    checked; returns `target`. `label` names the source in the SetupError of a mismatch."""
+    if len(target.weights) != len(source.weights):
         raise SetupError(
-            f"{run.model_path} has {len(model.weights)} weights but --model={run.model_name} from flags.txt "
-            f"builds {len(rebuilt.weights)}; the run's flags do not describe its model"
+            f"{label} has {len(source.weights)} weights but its float32 rebuild has {len(target.weights)}; "
+            "the run's flags do not describe its model"
         )
-    for target, source in zip(rebuilt.weights, model.weights, strict=True):
-        if tuple(target.shape) != tuple(source.shape):
+    for to, source_weight in zip(target.weights, source.weights, strict=True):
+        if tuple(to.shape) != tuple(source_weight.shape):
             raise SetupError(
-                f"{run.model_path}: weight {source.path} has shape {tuple(source.shape)} but the float32 "
-                f"rebuild of --model={run.model_name} expects {tuple(target.shape)} ({target.path})"
+                f"{label}: weight {source_weight.path} has shape {tuple(source_weight.shape)} but the "
+                f"float32 rebuild expects {tuple(to.shape)} ({to.path})"
             )
-        target.assign(tf.cast(source.value, target.dtype))
-    return rebuilt
+        to.assign(tf.cast(source_weight.value, to.dtype))
+    return target
 
 
 def load_backbone(model_dir, **backbone_kwargs):

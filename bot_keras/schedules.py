@@ -29,7 +29,10 @@ from keras import ops
 
 PAPER_BATCH_SIZE = 256  # Section 3.1: "0.1 × b/256" — base_lr is per 256 images.
 
-SCHEDULE_NAMES = ("step", "cosine", "constant")
+SCHEDULE_NAMES = ("step", "cosine", "constant")  # the classifier's (bot_keras.train)
+# Fine-tuning adds the poly schedule of semantic segmentation (DeepLab, GluonCV's FCN: power 0.9).
+FINETUNE_SCHEDULE_NAMES = ("cosine", "poly", "step", "constant")
+POLY_POWER = 0.9
 
 
 def scaled_learning_rate(base_lr, global_batch_size):
@@ -113,6 +116,32 @@ class CosineDecay(keras.optimizers.schedules.LearningRateSchedule):
 
 
 @keras.saving.register_keras_serializable(package="bot_keras")
+class PolyDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """η·(1 − t/T)^power for 0 ≤ t ≤ T (``decay_steps``), 0 after: DeepLab's "poly" policy, power 0.9.
+
+    GluonCV's segmentation trainer divides by the total iterations; as for ``CosineDecay``,
+    ``build_lr_schedule`` sets T so that the last update uses exactly 0.
+    """
+
+    def __init__(self, initial_learning_rate, decay_steps, power=POLY_POWER):
+        if not initial_learning_rate > 0:
+            raise ValueError(f"PolyDecay initial_learning_rate must be > 0, got {initial_learning_rate!r}.")
+        if int(decay_steps) != decay_steps or decay_steps < 1:
+            raise ValueError(f"PolyDecay decay_steps must be a positive integer, got {decay_steps!r}.")
+        self.initial_learning_rate = float(initial_learning_rate)
+        self.decay_steps = int(decay_steps)
+        self.power = float(power)
+
+    def __call__(self, step):
+        t = ops.clip(_float_step(step), 0.0, float(self.decay_steps))
+        return self.initial_learning_rate * ops.power(1.0 - t / self.decay_steps, self.power)
+
+    def get_config(self):
+        return {"initial_learning_rate": self.initial_learning_rate, "decay_steps": self.decay_steps,
+                "power": self.power}
+
+
+@keras.saving.register_keras_serializable(package="bot_keras")
 class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
     """Section 3.1 warmup in front of any schedule.
 
@@ -173,13 +202,15 @@ def build_lr_schedule(
 
     - ``step``: ÷(1/decay_rate) at each of ``decay_epochs`` (absolute epochs; the baseline's 30, 60, 90).
     - ``cosine``: from the peak at the end of warmup to exactly 0 at the last iteration of training.
+    - ``poly``: (1 − t/T)^0.9 from the peak at the end of warmup to exactly 0 at the last iteration
+      (fine-tuning only; not one of the classifier's ``SCHEDULE_NAMES``).
     - ``constant``: the peak throughout.
 
     ``warmup_epochs`` > 0 wraps the schedule in ``LinearWarmup``; 0 returns the bare schedule.
     Epoch counts may be fractional as long as they give whole steps (e.g. warmup 0.5 epochs).
     """
-    if name not in SCHEDULE_NAMES:
-        raise ValueError(f"name must be one of {', '.join(SCHEDULE_NAMES)}; got {name!r}.")
+    if name not in FINETUNE_SCHEDULE_NAMES:
+        raise ValueError(f"name must be one of {', '.join(FINETUNE_SCHEDULE_NAMES)}; got {name!r}.")
     if int(steps_per_epoch) != steps_per_epoch or steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be a positive integer, got {steps_per_epoch!r}.")
     if not epochs > 0:
@@ -201,15 +232,16 @@ def build_lr_schedule(
             )
         boundaries = [int(round(e * steps_per_epoch)) for e in decay_epochs]
         schedule, shift = StepDecay(peak, boundaries, decay_rate), False
-    elif name == "cosine":
+    elif name in ("cosine", "poly"):
         decay_steps = total_steps - warmup_steps - 1
         if decay_steps < 1:
             raise ValueError(
-                f"cosine decay needs at least 2 iterations after warmup; epochs={epochs!r}, "
+                f"{name} decay needs at least 2 iterations after warmup; epochs={epochs!r}, "
                 f"warmup_epochs={warmup_epochs!r}, steps_per_epoch={steps_per_epoch!r} leave "
                 f"{total_steps - warmup_steps}."
             )
-        schedule, shift = CosineDecay(peak, decay_steps), True
+        decay = CosineDecay if name == "cosine" else PolyDecay
+        schedule, shift = decay(peak, decay_steps), True
     else:
         schedule, shift = StepDecay(peak, (), 1.0), False
 

@@ -18,9 +18,11 @@ options (Sections 5.3 and 5.4) and are off unless asked for.
 """
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from bot_keras import losses
@@ -46,17 +48,29 @@ class Metrics:
     replica's batch, with exactly the keys `names` (among them "loss" and "count"). Inside the step the
     sums travel as one vector in `names` order: one all-reduce a step (a dict of scalars would be one
     each, and MultiWorkerMirroredStrategy's `reduce` rejects it), and the step loop's accumulator exists
-    before its first iteration."""
+    before its first iteration.
+
+    `shapes` names the sums that are not scalars (e.g. a segmentation confusion matrix, {"confusion":
+    (K, K)}); they travel flattened in the same vector. Keep each replica's per-batch sums below 2**24 so
+    that float32 counts stay exact (the evaluation adds batches in float64 on the host).
+    """
 
     names: tuple
     sums: Callable
+    shapes: dict = dataclasses.field(default_factory=dict)
+
+    def _shape(self, name):
+        return tuple(self.shapes.get(name, ()))
 
     def vector(self, per_example_loss, labels, outputs):
         sums = self.sums(per_example_loss, labels, outputs)
-        return tf.stack([tf.cast(sums[name], tf.float32) for name in self.names])
+        return tf.concat([tf.reshape(tf.cast(sums[name], tf.float32), [-1]) for name in self.names], 0)
 
     def named(self, vector):
-        return dict(zip(self.names, tf.unstack(vector, num=len(self.names)), strict=True))
+        sizes = [math.prod(self._shape(name)) for name in self.names]
+        parts = tf.split(vector, sizes)
+        pairs = zip(self.names, parts, strict=True)
+        return {name: tf.reshape(part, self._shape(name)) for name, part in pairs}
 
 
 CLASSIFICATION_METRICS = Metrics(("loss", "top1", "top5", "count"), classification_sums)
@@ -168,9 +182,10 @@ def make_train_function(
     return train_steps
 
 
-def make_eval_function(strategy, model, *, per_example_loss=cross_entropy, metrics=None):
-    """Returns `evaluate(distributed_dataset) -> means(...)`: {"loss", "top1", "top5", "count"} by default
-    (plain cross-entropy, inference mode)."""
+def make_eval_function(strategy, model, *, per_example_loss=cross_entropy, metrics=None, summarize=means):
+    """Returns `evaluate(distributed_dataset) -> summarize(sums)`: by default `means`, {"loss", "top1",
+    "top5", "count"} (plain cross-entropy, inference mode). The sums reach `summarize` as float64 numpy
+    values (arrays for the non-scalar sums of `metrics.shapes`)."""
     metrics = metrics or CLASSIFICATION_METRICS
 
     def replica_step(batch):
@@ -186,8 +201,9 @@ def make_eval_function(strategy, model, *, per_example_loss=cross_entropy, metri
     def evaluate(dataset):
         totals = {name: 0.0 for name in metrics.names}
         for batch in dataset:
-            totals = {name: totals[name] + float(value) for name, value in eval_batch(batch).items()}
-        return means(totals)
+            totals = {name: totals[name] + np.asarray(value, np.float64) for name, value in
+                      eval_batch(batch).items()}
+        return summarize(totals)
 
     return evaluate
 

@@ -6,24 +6,19 @@ README's flag table): Section 3.1 (linear scaling, warmup, zero-γ, no bias deca
 (the model), Section 5 (cosine decay, label smoothing, distillation, mixup).
 
 The parts live in their own modules: the distributed train and eval steps in `steps.py`, the host loop,
-callbacks and checkpoints in `loop.py`, the distillation teacher in `teacher.py`, the run directory's
+callbacks and checkpoints in `loop.py`, the wiring shared with `bot_keras.finetune` in `trainer.py`, the
+distillation teacher in `teacher.py`, the run directory's
 files in `run_dir.py`, the exit codes and error type in `cli.py`. This file holds the flags, their
 validation and `main`.
 """
 
-import json
 import math
 import os
-import shutil
-import time
 
-import keras
-import tensorflow as tf
-from absl import flags, logging
+from absl import flags
 
-from bot_keras import cli, distribute, loop, optimizers, run_dir, schedules, steps
+from bot_keras import cli, distribute, loop, run_dir, schedules, steps, trainer
 from bot_keras.data import dataset_info, make_dataset
-from bot_keras.data.errors import bad_input_message
 from bot_keras.data.sources import parse_source
 from bot_keras.models import MODEL_NAMES, RESNET_NAMES, build_model
 from bot_keras.teacher import load_teacher, parse_teacher_spec
@@ -70,41 +65,13 @@ def define_flags(fv):
     )
     flags.DEFINE_bool("sync_bn", False, "Synchronise BatchNorm statistics across replicas.", **d)
     # --- optimisation ----------------------------------------------------------------------------------
-    flags.DEFINE_integer("batch_size", 256, "Global batch size (split across all replicas).", **d)
-    flags.DEFINE_float("epochs", 120, "Training epochs (may be fractional).", **d)
-    flags.DEFINE_float(
-        "base_lr", 0.1, "Learning rate per 256 images: lr = base_lr × batch_size / 256 (Sec. 3.1).", **d
-    )
-    flags.DEFINE_string(
-        "lr_schedule", "step", " | ".join(schedules.SCHEDULE_NAMES) + " (Sec. 2 and 5.1).", **d
-    )
-    flags.DEFINE_list(
-        "lr_decay_epochs", ["30", "60", "90"], "Epochs where the step schedule divides the lr.", **d
-    )
-    flags.DEFINE_float(
-        "lr_decay_rate", 0.1, "Factor the step schedule multiplies the lr by at each decay epoch.", **d
-    )
-    flags.DEFINE_float("warmup_epochs", 0, "Linear warmup from 0 over this many epochs (Sec. 3.1).", **d)
-    flags.DEFINE_float("momentum", 0.9, "SGD momentum (Nesterov).", **d)
-    # The paper's decay is L2 1e-4 with momentum 0.9. In steady state the L2 term wd·w passes through the
-    # momentum buffer and shrinks w by lr·wd/(1 − μ) a step; decoupled decay (Keras 3's optimizer
-    # weight_decay, multiplied by the lr in our MomentumSGD) shrinks it by lr·wd. So the paper-equivalent
-    # decoupled strength is 1e-4/(1 − μ) = 1e-3 at μ = 0.9 (tests/test_optimizers.py measures the ratio).
-    flags.DEFINE_float(
-        "weight_decay",
-        None,
-        "Weight decay; unset: the paper's L2 1e-4 in l2 mode, its equivalent 1e-4/(1 - momentum) "
-        "(1e-3 at momentum 0.9) in decoupled mode.",
-        **d,
-    )
-    flags.DEFINE_string(
-        "weight_decay_mode",
-        "decoupled",
-        "decoupled (w -= lr·wd·w once a step, Keras 3's weight_decay) | l2 (wd·w added to the gradient).",
-        **d,
-    )
-    flags.DEFINE_bool(
-        "no_bias_decay", True, "Exclude biases and BN gamma/beta from weight decay (Sec. 3.1).", **d
+    trainer.define_optimization_flags(
+        fv,
+        batch_size=256,
+        epochs=120,
+        base_lr=0.1,
+        lr_schedule="step",
+        schedule_names=schedules.SCHEDULE_NAMES,
     )
     flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing epsilon (Sec. 5.2).", **d)
     flags.DEFINE_float("mixup_alpha", 0.0, "Mixup Beta(alpha, alpha); 0 turns mixup off (Sec. 5.4).", **d)
@@ -120,26 +87,7 @@ def define_flags(fv):
         "distill_hard_weight", None, "Weight w of the hard loss, (w, 1-w) form; unset: the paper's 1:1.", **d
     )
     # --- machinery -------------------------------------------------------------------------------------
-    flags.DEFINE_string("precision", "float32", " | ".join(distribute.PRECISIONS) + ".", **d)
-    flags.DEFINE_string("strategy", "default", " | ".join(distribute.STRATEGIES) + ".", **d)
-    flags.DEFINE_string("tpu", "", "TPU address for --strategy=tpu (empty: local TPU VM).", **d)
-    flags.DEFINE_string(
-        "model_dir", None, "Run directory (flags.txt, classes.txt, checkpoints/, logs/, model.keras).", **d
-    )
-    flags.DEFINE_bool("resume", False, "Continue from the last checkpoint in --model_dir.", **d)
-    flags.DEFINE_integer("seed", 0, "Random seed (weights, data order, augmentation, mixup).", **d)
-    flags.DEFINE_integer("steps_per_execution", 1, "Training steps per tf.function call.", **d)
-    flags.DEFINE_integer(
-        "checkpoint_steps", 1000, "Also checkpoint every N steps (0: only at epoch ends).", **d
-    )
-    flags.DEFINE_integer("keep_checkpoints", 3, "How many checkpoints to keep.", **d)
-    flags.DEFINE_integer(
-        "steps_per_epoch", 0, "Override the steps per epoch (0: training examples // batch).", **d
-    )
-    flags.DEFINE_integer(
-        "max_steps", 0, "Stop after this many steps in total (0: no limit); for smoke runs.", **d
-    )
-    flags.DEFINE_integer("verbose", 1, "0: quiet, 1: progress bar, 2: one line per epoch.", **d)
+    trainer.define_machinery_flags(fv)
 
 
 def _defined_flags():
@@ -157,11 +105,7 @@ class FlagError(cli.SetupError):
     """A flag value that cannot work; the message names the flag and echoes the value."""
 
 
-def weight_decay(f):
-    """--weight_decay, or the paper-equivalent strength for --weight_decay_mode when it is unset."""
-    if f.weight_decay is not None:
-        return f.weight_decay
-    return optimizers.paper_weight_decay(f.weight_decay_mode, momentum=f.momentum)
+weight_decay = trainer.weight_decay  # kept under its old name for tools/ and tests
 
 
 def validate_flags(f):
@@ -189,28 +133,6 @@ def validate_flags(f):
         "residual blocks.",
     )
     need(f.image_size >= 16, f"--image_size={f.image_size} is too small (at least 16).")
-    need(f.batch_size > 0, f"--batch_size={f.batch_size} must be positive.")
-    need(f.epochs > 0, f"--epochs={f.epochs} must be positive.")
-    need(f.base_lr > 0, f"--base_lr={f.base_lr} must be positive.")
-    need(
-        f.lr_schedule in schedules.SCHEDULE_NAMES,
-        f"--lr_schedule={f.lr_schedule!r} is not one of {schedules.SCHEDULE_NAMES}.",
-    )
-    need(
-        f.epochs <= 0 or 0 <= f.warmup_epochs < f.epochs,
-        f"--warmup_epochs={f.warmup_epochs} must be in [0, --epochs={f.epochs}).",
-    )
-    try:
-        [float(e) for e in f.lr_decay_epochs]
-    except ValueError:
-        problems.append(f"--lr_decay_epochs={','.join(f.lr_decay_epochs)} must be numbers, e.g. 30,60,90.")
-    need(0 < f.lr_decay_rate <= 1, f"--lr_decay_rate={f.lr_decay_rate} must be in (0, 1].")
-    need(0 <= f.momentum < 1, f"--momentum={f.momentum} must be in [0, 1).")
-    need(f.weight_decay is None or f.weight_decay >= 0, f"--weight_decay={f.weight_decay} must be >= 0.")
-    need(
-        f.weight_decay_mode in optimizers.WEIGHT_DECAY_MODES,
-        f"--weight_decay_mode={f.weight_decay_mode!r} is not one of {optimizers.WEIGHT_DECAY_MODES}.",
-    )
     need(0 < f.crop_min_area <= 1, f"--crop_min_area={f.crop_min_area} must be in (0, 1].")
     need(0 <= f.dropout_rate < 1, f"--dropout_rate={f.dropout_rate} must be in [0, 1).")
     need(0 <= f.label_smoothing < 1, f"--label_smoothing={f.label_smoothing} must be in [0, 1).")
@@ -233,39 +155,13 @@ def validate_flags(f):
         f.distill_hard_weight is None or f.teacher,
         f"--distill_hard_weight={f.distill_hard_weight} is set but there is no --teacher.",
     )
-    need(
-        f.precision in distribute.PRECISIONS,
-        f"--precision={f.precision!r} is not one of {distribute.PRECISIONS}.",
-    )
-    need(
-        f.strategy in distribute.STRATEGIES,
-        f"--strategy={f.strategy!r} is not one of {distribute.STRATEGIES}.",
-    )
-    need(f.steps_per_execution >= 1, f"--steps_per_execution={f.steps_per_execution} must be >= 1.")
-    need(f.checkpoint_steps >= 0, f"--checkpoint_steps={f.checkpoint_steps} must be >= 0.")
-    need(f.keep_checkpoints >= 1, f"--keep_checkpoints={f.keep_checkpoints} must be >= 1.")
-    need(f.steps_per_epoch >= 0, f"--steps_per_epoch={f.steps_per_epoch} must be >= 0 (0: from the data).")
-    need(f.max_steps >= 0, f"--max_steps={f.max_steps} must be >= 0 (0: no limit).")
     if f.teacher:
         name, path = parse_teacher_spec(f.teacher)
         if name is not None:  # NAME:WEIGHTS
             need(os.path.exists(path), f"--teacher={f.teacher!r}: no weights file {path!r}.")
         else:
             need(os.path.exists(path), f"--teacher={f.teacher!r}: no such file or directory.")
-    if f.model_dir:
-        checkpoint_dir = os.path.join(f.model_dir, run_dir.CHECKPOINTS_DIR)
-        has_files = os.path.isdir(f.model_dir) and bool(os.listdir(f.model_dir))
-        if f.resume:
-            need(
-                loop.latest_checkpoint(f.model_dir) is not None,
-                f"--resume: no checkpoint in {checkpoint_dir!r} to continue from.",
-            )
-        else:
-            need(
-                not has_files,
-                f"--model_dir={f.model_dir!r} already holds a run; pass --resume to continue it, or choose "
-                "another directory (runs are never overwritten).",
-            )
+    problems.extend(trainer.machinery_problems(f))
     if problems:
         raise FlagError("\n".join(problems))
 
@@ -283,18 +179,10 @@ def main(argv, f=flags.FLAGS):
     """Trains as the flags `f` say. Set-up problems raise cli.SetupError (exit 2 through cli.run)."""
     del argv
     validate_flags(f)
-    if "verbosity" not in f or not f["verbosity"].present:  # TF's INFO lines break the progress bar
-        logging.set_verbosity(logging.WARNING)
-        tf.get_logger().setLevel("WARNING")
 
     # Strategy and precision: before any variable exists.
-    with cli.setup_errors():
-        strategy = distribute.create_strategy(f.strategy, tpu_address=f.tpu)
-        distribute.per_replica_batch_size(f.batch_size, strategy.num_replicas_in_sync)
-    distribute.set_precision(f.precision)
-    keras.utils.set_random_seed(f.seed)
-    chief = distribute.is_chief(strategy)
-    write_dir = distribute.worker_dir(f.model_dir, strategy)
+    machinery = trainer.start(f)
+    strategy = machinery.strategy
 
     # Data. Every read of the source names the same directory, label offset and corrupt-file policy.
     source = dict(data_dir=f.data_dir, label_offset=f.label_offset, skip_corrupt=f.skip_corrupt)
@@ -308,12 +196,7 @@ def main(argv, f=flags.FLAGS):
             f"{train_info.num_classes} ({', '.join(train_info.class_names[:5])}, ...): labels would not "
             "line up."
         )
-    steps_per_epoch = f.steps_per_epoch or train_info.num_examples // f.batch_size
-    if steps_per_epoch < 1:
-        raise cli.SetupError(
-            f"--batch_size={f.batch_size} is larger than the {train_info.num_examples} examples of "
-            f"--train_split={f.train_split!r}."
-        )
+    steps_per_epoch = trainer.steps_per_epoch(f, train_info.num_examples, f.train_split)
 
     def train_input(context):
         return make_dataset(
@@ -363,49 +246,22 @@ def main(argv, f=flags.FLAGS):
             else None
         )
         # Optimizer and schedule.
-        with cli.setup_errors():
-            schedule = schedules.build_lr_schedule(
-                f.lr_schedule,
-                base_lr=f.base_lr,
-                global_batch_size=f.batch_size,
-                steps_per_epoch=steps_per_epoch,
-                epochs=f.epochs,
-                warmup_epochs=f.warmup_epochs,
-                decay_epochs=[float(e) for e in f.lr_decay_epochs],
-                decay_rate=f.lr_decay_rate,
-            )
-        optimizer = optimizers.build_optimizer(
-            schedule,
-            momentum=f.momentum,
-            nesterov=True,
-            weight_decay=weight_decay(f),
-            weight_decay_mode=f.weight_decay_mode,
-            no_bias_decay=f.no_bias_decay,
+        optimizer, step_var = trainer.build_optimizer(
+            f, steps_per_epoch=steps_per_epoch, variables=model.trainable_variables
         )
-        if distribute.needs_loss_scaling(f.precision):
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        optimizer.build(model.trainable_variables)
-        step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
 
     # Restore.
     manager = loop.checkpoint_manager(
-        write_dir, keep=f.keep_checkpoints, model=model, optimizer=optimizer, step=step_var
+        machinery.write_dir, keep=f.keep_checkpoints, model=model, optimizer=optimizer, step=step_var
     )
-    if f.resume:
-        path = loop.restore_latest(manager, f.model_dir)
-        restored = int(step_var.numpy())
-        scale = getattr(optimizer, "dynamic_scale", None)
-        print(
-            f"Resumed from {path} at step {restored} (epoch {restored // steps_per_epoch}), learning rate "
-            f"{float(optimizer.learning_rate):.6g}"
-            + (f", loss scale {float(scale.numpy()):g}" if scale is not None else ""),
-            flush=True,
+    trainer.restore(f, manager, optimizer=optimizer, step_var=step_var, steps_per_epoch=steps_per_epoch)
+    if machinery.chief:
+        trainer.write_run_files(
+            f,
+            task=run_dir.CLASSIFICATION,
+            flags_text=resolved_flags_text(f),
+            class_names=train_info.class_names,
         )
-    if chief:
-        os.makedirs(f.model_dir, exist_ok=True)
-        run_dir.write_run_info(f.model_dir, task=run_dir.CLASSIFICATION)
-        run_dir.write_atomic(os.path.join(f.model_dir, run_dir.FLAGS_FILE), resolved_flags_text(f))
-        run_dir.write_class_names(os.path.join(f.model_dir, run_dir.CLASSES_FILE), train_info.class_names)
 
     # Fit.
     per_example_loss = steps.make_per_example_loss(
@@ -424,53 +280,26 @@ def main(argv, f=flags.FLAGS):
         seed=f.seed,
     )
     evaluate = steps.make_eval_function(strategy, model) if eval_dataset is not None else None
-    callbacks = loop.make_callbacks(
-        write_dir,
-        chief=chief,
-        verbose=f.verbose,
-        epochs=int(math.ceil(f.epochs)),
-        steps_per_epoch=min(steps_per_epoch, f.max_steps or steps_per_epoch),  # the progress bar's end
+    logs, wall_time_s = trainer.fit(
+        f,
+        machinery=machinery,
         model=model,
-        resume=f.resume,
+        optimizer=optimizer,
+        train_function=train_function,
+        train_iterator=train_iterator,
+        evaluate=evaluate,
+        eval_dataset=eval_dataset,
+        manager=manager,
+        step_var=step_var,
+        steps_per_epoch=steps_per_epoch,
+        mixup_epochs=int(math.ceil(f.epochs)) - f.mixup_off_epochs if f.mixup_alpha else 0,
     )
-    mixup_epochs = int(math.ceil(f.epochs)) - f.mixup_off_epochs if f.mixup_alpha else 0
-    start = time.perf_counter()
-    try:
-        logs = loop.train_loop(
-            optimizer=optimizer,
-            train_function=train_function,
-            train_iterator=train_iterator,
-            evaluate=evaluate,
-            eval_dataset=eval_dataset,
-            manager=manager,
-            step_var=step_var,
-            callbacks=callbacks,
-            steps_per_epoch=steps_per_epoch,
-            epochs=f.epochs,
-            global_batch_size=f.batch_size,
-            steps_per_execution=f.steps_per_execution,
-            checkpoint_steps=f.checkpoint_steps,
-            max_steps=f.max_steps,
-            mixup_epochs=mixup_epochs,
-            precision=f.precision,
-        )
-    except tf.errors.InvalidArgumentError as error:
-        message = bad_input_message(error)  # the pipeline's check naming the file, or None: a bug
-        if message is None:
-            raise
-        raise cli.SetupError(f"Training stopped by bad input data: {message}") from None
 
     # Export: the student alone (no teacher, no optimizer), per-replica BN config, next to its class list.
     distribute.set_synchronized_batch_norm(model, False)
-    if chief:
-        run_dir.save_model(model, f.model_dir)
-        summary = {k: float(v) for k, v in logs.items()}
-        summary.update(step=int(step_var.numpy()), wall_time_s=time.perf_counter() - start)
-        run_dir.write_metrics(f.model_dir, summary)
-        print(f"Finished: {json.dumps({k: round(v, 4) for k, v in summary.items()})}", flush=True)
-        print(f"Run directory: {f.model_dir}", flush=True)
-    else:
-        shutil.rmtree(write_dir, ignore_errors=True)
+    trainer.finish(
+        f, machinery=machinery, model=model, logs=logs, step_var=step_var, wall_time_s=wall_time_s
+    )
 
 
 if __name__ == "__main__":

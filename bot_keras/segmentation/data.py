@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from bot_keras.data import augment as image_ops
 from bot_keras.data.pipeline import per_replica_batch_size
-from bot_keras.data.sources import read_class_names
+from bot_keras.run_dir import read_class_names
 from bot_keras.segmentation import augment
 from bot_keras.segmentation.metrics import IGNORE_LABEL
 

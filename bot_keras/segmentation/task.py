@@ -1,0 +1,343 @@
+"""Semantic segmentation as a `bot_keras.finetune` task (paper Section 6.2: FCN on ADE20K).
+
+The task-module contract is in `bot_keras.finetune`'s docstring. Here: the flags `--head`,
+`--aux_loss_weight`, `--eval_mode`, `--eval_size`; the data of `data.py` with `augment.py`'s transforms;
+`heads.build_segmenter`; the loss of `losses.py` (FCN's auxiliary head weighted by `--aux_loss_weight`,
+GluonCV's 0.5); training logs the mean per-image pixel accuracy of the crops, evaluation sums one confusion
+matrix (`metrics.py`) over the split and reports pixel accuracy, mean IoU and per-class IoU.
+
+Inference (`class_map`, used by export and predict): the image is shrunk to fit the evaluation size S when
+it is larger (never enlarged), normalised and padded to S×S as evaluation does, the logits of the valid
+region are resized back to the input's size and the class map is their argmax. For an image no larger
+than S this is exactly the evaluation transform ("pad") at the image's own resolution.
+"""
+
+import importlib.util
+import pathlib
+import types
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import flags
+
+from bot_keras import cli, run_dir, steps
+from bot_keras.data.augment import check_encoded_image, decode_image, normalize
+from bot_keras.segmentation import augment, data, heads, losses, metrics
+
+NAME = run_dir.SEGMENTATION
+DEFAULT_OUTPUT_STRIDE = 8  # the paper's FCN (GluonCV's dilated ResNet)
+CSV_COLUMNS = (
+    "loss",
+    "pixel_accuracy",
+    "lr",
+    "images_per_sec",
+    "val_loss",
+    "val_pixel_accuracy",
+    "val_mean_iou",
+)
+
+
+def define_flags(fv):
+    d = dict(flag_values=fv)
+    flags.DEFINE_string("head", "fcn", "Segmentation head: " + " | ".join(heads.HEADS) + ".", **d)
+    flags.DEFINE_float(
+        "aux_loss_weight",
+        losses.AUX_WEIGHT,
+        "FCN's auxiliary head on stage 3, weight of its loss (0: no auxiliary head).",
+        **d,
+    )
+    flags.DEFINE_string(
+        "eval_mode",
+        "pad",
+        "Validation transform: pad (whole image, padded to --eval_size) "
+        "| center (shorter side to --eval_size, centre crop).",
+        **d,
+    )
+    flags.DEFINE_integer(
+        "eval_size",
+        0,
+        "Validation size (0: --crop_size); with pad, at least the largest validation image.",
+        **d,
+    )
+
+
+def flag_problems(f):
+    problems = []
+    if f.dataset:
+        try:
+            data.parse_source(f.dataset)
+        except ValueError as error:
+            problems.append(f"--dataset: {error}")
+    if f.head not in heads.HEADS:
+        problems.append(f"--head={f.head!r} is not one of {', '.join(heads.HEADS)}.")
+    if f.head == "deeplabv3" and importlib.util.find_spec("keras_hub") is None:
+        problems.append(
+            "--head=deeplabv3 needs keras-hub (Python >= 3.11): pip install 'bot-keras[transfer]'."
+        )
+    if f.aux_loss_weight < 0:
+        problems.append(f"--aux_loss_weight={f.aux_loss_weight} must be >= 0.")
+    if f.head == "deeplabv3" and f["aux_loss_weight"].present and f.aux_loss_weight > 0:
+        problems.append(
+            f"--aux_loss_weight={f.aux_loss_weight}: the auxiliary head is FCN's; --head=deeplabv3 has none."
+        )
+    if f.eval_mode not in augment.EVAL_MODES:
+        problems.append(f"--eval_mode={f.eval_mode!r} is not one of {', '.join(augment.EVAL_MODES)}.")
+    if f.eval_size < 0 or 0 < f.eval_size < 32:
+        problems.append(f"--eval_size={f.eval_size} must be 0 (--crop_size) or at least 32.")
+    return problems
+
+
+def eval_size(f):
+    return f.eval_size or f.crop_size
+
+
+def uses_aux(f):
+    return f.head == "fcn" and f.aux_loss_weight > 0
+
+
+# --- data, model, loss, metrics (the training command's) --------------------------------------------------
+
+
+def dataset_info(f, split):
+    return data.dataset_info(f.dataset, split=split, data_dir=f.data_dir)
+
+
+def make_dataset(f, *, split, training, input_context=None, batch_size=None):
+    return data.make_segmentation_dataset(
+        f.dataset,
+        split=split,
+        crop_size=f.crop_size if training else eval_size(f),
+        global_batch_size=batch_size or f.batch_size,
+        training=training,
+        data_dir=f.data_dir,
+        input_context=input_context,
+        seed=f.seed,
+        eval_mode=f.eval_mode,
+    )
+
+
+def build_model(f, *, num_classes, output_stride, weights_from=None):
+    """`heads.build_segmenter` of the flags; any input size (training crops and whole validation images)."""
+    return heads.build_segmenter(
+        f.head,
+        f.backbone,
+        num_classes=num_classes,
+        output_stride=output_stride,
+        aux=uses_aux(f),
+        weights_from=weights_from,
+    )
+
+
+def inference_model(model):
+    """The model without FCN's auxiliary output (training only): logits [B, H, W, K]."""
+    if isinstance(model.output, dict):
+        return keras.Model(model.inputs, model.output["logits"], name=model.name)
+    return model
+
+
+def per_example_loss(f):
+    aux_weight = f.aux_loss_weight
+
+    def loss(labels, outputs, teacher_outputs=None):
+        del teacher_outputs
+        return losses.segmentation_loss(labels, outputs, aux_weight=aux_weight)
+
+    return loss
+
+
+def _pixel_accuracy_sums(per_example_loss, labels, outputs):
+    """Summed loss, per-image pixel accuracy (labelled pixels) and the image count of one replica's batch."""
+    logits = losses.main_logits(outputs)
+    labels = tf.cast(labels, tf.int32)
+    valid = tf.cast(tf.not_equal(labels, metrics.IGNORE_LABEL), tf.float32)
+    correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32) * valid
+    per_image = tf.math.divide_no_nan(tf.reduce_sum(correct, [1, 2]), tf.reduce_sum(valid, [1, 2]))
+    return {
+        "loss": tf.reduce_sum(per_example_loss),
+        "pixel_accuracy": tf.reduce_sum(per_image),
+        "count": tf.cast(tf.shape(labels)[0], tf.float32),
+    }
+
+
+TRAIN_METRICS = steps.Metrics(("loss", "pixel_accuracy", "count"), _pixel_accuracy_sums)
+
+
+def _eval_loss(labels, outputs, teacher_outputs=None):
+    del teacher_outputs
+    return losses.pixel_cross_entropy(labels, losses.main_logits(outputs))
+
+
+class Evaluator:
+    """`evaluate(dataset) -> {"loss", "pixel_accuracy", "mean_iou", "count"}` from one confusion matrix
+    summed over the split (`metrics.summarize`); `.details` holds the last call's per-class IoU and
+    confusion matrix (`.confusion`) for the JSON files."""
+
+    def __init__(self, strategy, model, class_names):
+        self.class_names = tuple(class_names)
+        k = len(self.class_names)
+
+        def sums(per_example_loss, labels, outputs):
+            predictions = tf.argmax(losses.main_logits(outputs), -1)
+            return {
+                "loss": tf.reduce_sum(per_example_loss),
+                "count": tf.cast(tf.shape(labels)[0], tf.float32),
+                "confusion": metrics.confusion_matrix(labels, predictions, k),
+            }
+
+        summed = steps.Metrics(("loss", "count", "confusion"), sums, shapes={"confusion": (k, k)})
+        self._evaluate = steps.make_eval_function(
+            strategy, model, per_example_loss=_eval_loss, metrics=summed, summarize=self._summarize
+        )
+        self.details, self.confusion = {}, None
+
+    def _summarize(self, totals):
+        confusion = np.rint(totals["confusion"]).astype(np.int64)
+        summary = metrics.summarize(confusion, list(self.class_names))
+        self.confusion = confusion
+        self.details = {"per_class_iou": summary["per_class_iou"]}
+        count = float(totals["count"])
+        return {
+            "loss": float(totals["loss"]) / max(count, 1.0),
+            "pixel_accuracy": summary["pixel_accuracy"],
+            "mean_iou": summary["mean_iou"],
+            "count": int(count),
+        }
+
+    def __call__(self, dataset):
+        return self._evaluate(dataset)
+
+
+def make_evaluator(strategy, model, class_names):
+    return Evaluator(strategy, model, class_names)
+
+
+# --- bot_keras.evaluate, export and predict ---------------------------------------------------------------
+
+
+def run_flags(run, **overrides):
+    """The run's flags as attributes (what the functions above read), with the non-None `overrides`."""
+    values = dict(run.flags)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return types.SimpleNamespace(**values)
+
+
+def evaluate_run(run, *, dataset=None, split=None, data_dir=None, batch_size=None):
+    """Evaluates a segmentation run's model.keras on a split (default: the run's --eval_split), with the
+    run's validation transform; returns (result for the JSON, one-line summary)."""
+    f = run_flags(run, dataset=dataset, data_dir=data_dir, batch_size=batch_size)
+    split = split or run.flags["eval_split"] or "validation"
+    with cli.setup_errors(f"--dataset={f.dataset}"):
+        info = dataset_info(f, split)
+    if list(info.class_names) != list(run.class_names):
+        raise cli.SetupError(
+            f"{run.model_dir / run_dir.CLASSES_FILE} lists {len(run.class_names)} classes but --dataset="
+            f"{f.dataset!r} split {split!r} has {len(info.class_names)}: other classes."
+        )
+    model = run_dir.load_model(run)
+    evaluator = Evaluator(tf.distribute.get_strategy(), model, run.class_names)
+    with cli.setup_errors(f"--dataset={f.dataset}"):
+        batches = make_dataset(f, split=split, training=False)
+    result = evaluator(batches)
+    result.update(
+        evaluator.details,
+        confusion=evaluator.confusion.tolist(),
+        split=split,
+        dataset=f.dataset,
+        eval_mode=f.eval_mode,
+        eval_size=eval_size(f),
+        model=str(run.model_path),
+    )
+    line = (
+        f"{f.dataset} {split} ({result['count']} images): pixel accuracy "
+        f"{100 * result['pixel_accuracy']:.2f}%  mIoU {100 * result['mean_iou']:.2f}%"
+    )
+    return result, line
+
+
+def class_map(model, image, size):
+    """uint8 image [H, W, 3] → int32 class map [H, W] (module docstring: fit in S×S, pad, predict, resize)."""
+    hw = tf.shape(image)[:2]
+    scale = tf.minimum(1.0, size / tf.cast(tf.reduce_max(hw), tf.float32))
+    fitted = tf.maximum(tf.cast(tf.round(tf.cast(hw, tf.float32) * scale), tf.int32), 1)
+    resized = tf.image.resize(tf.cast(image, tf.float32), fitted, method="bilinear")
+    padded = tf.image.pad_to_bounding_box(normalize(resized), 0, 0, size, size)
+    logits = tf.cast(model(tf.ensure_shape(padded, [size, size, 3])[tf.newaxis], training=False), tf.float32)
+    logits = logits[0, : fitted[0], : fitted[1]]
+    logits = tf.image.resize(logits, hw, method="bilinear")
+    return tf.argmax(logits, axis=-1, output_type=tf.int32)
+
+
+class SegmentationServing(tf.Module):
+    """The exported object: `serving_default(image_bytes: string [])` → `class_map` int32 [H, W] at the
+    input's size; carries `class_names`, `eval_size` and `task` ("segmentation") as variables."""
+
+    def __init__(self, model, *, class_names, size):
+        super().__init__(name="bot_keras_segmenter")
+        self.model = model
+        self.class_names = tf.Variable(list(class_names), trainable=False, name="class_names")
+        self.eval_size = tf.Variable(int(size), trainable=False, name="eval_size")
+        self.task = tf.Variable(NAME, trainable=False, name="task")
+        self._size = int(size)
+
+    @tf.function(input_signature=[tf.TensorSpec([], tf.string, name="image_bytes")])
+    def serve_bytes(self, image_bytes):
+        check = tf.debugging.Assert(
+            check_encoded_image(image_bytes),
+            ["serving_default: image_bytes is not a complete JPEG, PNG, GIF or BMP image"],
+        )
+        with tf.control_dependencies([check]):
+            image = decode_image(tf.identity(image_bytes))
+        return {"class_map": class_map(self.model, image, self._size)}
+
+
+def serving_module(run, model):
+    module = SegmentationServing(model, class_names=run.class_names, size=eval_size(run_flags(run)))
+    return module, {"serving_default": module.serve_bytes.get_concrete_function()}
+
+
+def colour_overlay(image, classes, alpha=0.5):
+    """uint8 photo [H, W, 3] blended with the VOC colour of each pixel's class (255 = ignore: left as is)."""
+    colours = data.voc_colormap()[np.clip(classes, 0, 255)].astype(np.float32)
+    blended = (1 - alpha) * image.astype(np.float32) + alpha * colours
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+def load_predictor(path):
+    """`predict(encoded image) -> int32 class map [H, W]` and the class names, from a SavedModel written by
+    `bot_keras.export` or a segmentation run directory."""
+    path = pathlib.Path(path)
+    if (path / "saved_model.pb").is_file():
+        loaded = tf.saved_model.load(str(path))
+        serve = loaded.signatures["serving_default"]
+        names = tuple(n.decode() for n in loaded.class_names.numpy())
+        return (lambda encoded: serve(image_bytes=tf.constant(encoded))["class_map"].numpy()), names
+    run = run_dir.read_run(path, task=NAME)
+    model = run_dir.load_model(run)
+    size = eval_size(run_flags(run))
+    predict = tf.function(lambda image: class_map(model, image, size))
+    return (lambda encoded: predict(decode_image(encoded)).numpy()), run.class_names
+
+
+def predict_files(model_path, image_paths, output_dir, encoded_images):
+    """Writes `<stem>_classes.png` (class ids as grey levels) and `<stem>_overlay.png` (the photo under
+    the class colours) per image into `output_dir`; returns one line per image to print."""
+    predict, names = load_predictor(model_path)
+    output_dir = pathlib.Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for path, encoded in zip(image_paths, encoded_images, strict=True):
+        stem = pathlib.Path(path).stem
+        classes = predict(encoded)
+        photo = decode_image(encoded).numpy()
+        tf.io.write_file(
+            str(output_dir / f"{stem}_classes.png"), tf.io.encode_png(classes.astype(np.uint8)[..., None])
+        )
+        tf.io.write_file(
+            str(output_dir / f"{stem}_overlay.png"), tf.io.encode_png(colour_overlay(photo, classes))
+        )
+        ids, counts = np.unique(classes, return_counts=True)
+        top = sorted(zip(counts, ids, strict=True), reverse=True)[:3]
+        share = ", ".join(f"{names[i]} {100 * c / classes.size:.0f}%" for c, i in top)
+        lines.append(f"{path}: {share} -> {output_dir / stem}_classes.png, {stem}_overlay.png")
+    return lines

@@ -1,0 +1,314 @@
+"""The wiring both training commands share: `bot_keras.train` (classification) and `bot_keras.finetune`.
+
+Each command defines its own flags and builds its own data and model; everything around them is here, in
+the order a command calls it, and reads the flags both commands define under the same names:
+
+    define_*_flags(fv)           the flags both define (each command chooses its optimisation defaults)
+    machinery_problems(f)        checks of the optimisation and machinery flags (→ the command's FlagError)
+    start(f)                     strategy and precision (before any variable), seed, chief, write_dir
+    build_optimizer(f, ...)      schedule, Nesterov SGD with the paper's decay, loss scaling, step variable
+    restore(f, ...)              --resume: the newest checkpoint, and a line saying where training continues
+    write_run_files(f, ...)      run.json, flags.txt, classes.txt (the chief only)
+    fit(f, ...)                  callbacks and `loop.train_loop`; bad input data becomes a one-line SetupError
+    finish(f, ...)               model.keras and final_metrics.json (the chief), or the worker's cleanup
+"""
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+
+import keras
+import tensorflow as tf
+from absl import flags, logging
+
+from bot_keras import cli, distribute, loop, optimizers, run_dir, schedules
+from bot_keras.data.errors import bad_input_message
+
+
+def define_optimization_flags(fv, *, batch_size, epochs, base_lr, lr_schedule, schedule_names):
+    """Batch, epochs, learning rate and schedule, momentum and weight decay, with the command's defaults."""
+    d = dict(flag_values=fv)
+    flags.DEFINE_integer("batch_size", batch_size, "Global batch size (split across all replicas).", **d)
+    flags.DEFINE_float("epochs", epochs, "Training epochs (may be fractional).", **d)
+    flags.DEFINE_float(
+        "base_lr", base_lr, "Learning rate per 256 images: lr = base_lr × batch_size / 256 (Sec. 3.1).", **d
+    )
+    flags.DEFINE_string("lr_schedule", lr_schedule, " | ".join(schedule_names) + " (Sec. 2 and 5.1).", **d)
+    flags.DEFINE_list(
+        "lr_decay_epochs", ["30", "60", "90"], "Epochs where the step schedule divides the lr.", **d
+    )
+    flags.DEFINE_float(
+        "lr_decay_rate", 0.1, "Factor the step schedule multiplies the lr by at each decay epoch.", **d
+    )
+    flags.DEFINE_float("warmup_epochs", 0, "Linear warmup from 0 over this many epochs (Sec. 3.1).", **d)
+    flags.DEFINE_float("momentum", 0.9, "SGD momentum (Nesterov).", **d)
+    # The paper's decay is L2 1e-4 with momentum 0.9. In steady state the L2 term wd·w passes through the
+    # momentum buffer and shrinks w by lr·wd/(1 − μ) a step; decoupled decay (Keras 3's optimizer
+    # weight_decay, multiplied by the lr in our MomentumSGD) shrinks it by lr·wd. So the paper-equivalent
+    # decoupled strength is 1e-4/(1 − μ) = 1e-3 at μ = 0.9 (tests/test_optimizers.py measures the ratio).
+    flags.DEFINE_float(
+        "weight_decay",
+        None,
+        "Weight decay; unset: the paper's L2 1e-4 in l2 mode, its equivalent 1e-4/(1 - momentum) "
+        "(1e-3 at momentum 0.9) in decoupled mode.",
+        **d,
+    )
+    flags.DEFINE_string(
+        "weight_decay_mode",
+        "decoupled",
+        "decoupled (w -= lr·wd·w once a step, Keras 3's weight_decay) | l2 (wd·w added to the gradient).",
+        **d,
+    )
+    flags.DEFINE_bool(
+        "no_bias_decay", True, "Exclude biases and BN gamma/beta from weight decay (Sec. 3.1).", **d
+    )
+
+
+def define_machinery_flags(fv):
+    """Precision, strategy, run directory and resume, seed, checkpoints, step limits, verbosity."""
+    d = dict(flag_values=fv)
+    flags.DEFINE_string("precision", "float32", " | ".join(distribute.PRECISIONS) + ".", **d)
+    flags.DEFINE_string("strategy", "default", " | ".join(distribute.STRATEGIES) + ".", **d)
+    flags.DEFINE_string("tpu", "", "TPU address for --strategy=tpu (empty: local TPU VM).", **d)
+    flags.DEFINE_string(
+        "model_dir", None, "Run directory (flags.txt, classes.txt, checkpoints/, logs/, model.keras).", **d
+    )
+    flags.DEFINE_bool("resume", False, "Continue from the last checkpoint in --model_dir.", **d)
+    flags.DEFINE_integer("seed", 0, "Random seed (weights, data order, augmentation, mixup).", **d)
+    flags.DEFINE_integer("steps_per_execution", 1, "Training steps per tf.function call.", **d)
+    flags.DEFINE_integer(
+        "checkpoint_steps", 1000, "Also checkpoint every N steps (0: only at epoch ends).", **d
+    )
+    flags.DEFINE_integer("keep_checkpoints", 3, "How many checkpoints to keep.", **d)
+    flags.DEFINE_integer(
+        "steps_per_epoch", 0, "Override the steps per epoch (0: training examples // batch).", **d
+    )
+    flags.DEFINE_integer(
+        "max_steps", 0, "Stop after this many steps in total (0: no limit); for smoke runs.", **d
+    )
+    flags.DEFINE_integer("verbose", 1, "0: quiet, 1: progress bar, 2: one line per epoch.", **d)
+
+
+def weight_decay(f):
+    """--weight_decay, or the paper-equivalent strength for --weight_decay_mode when it is unset."""
+    if f.weight_decay is not None:
+        return f.weight_decay
+    return optimizers.paper_weight_decay(f.weight_decay_mode, momentum=f.momentum)
+
+
+def machinery_problems(f, *, schedule_names=schedules.SCHEDULE_NAMES):
+    """Messages for the bad values among the flags both commands define (optimisation, precision,
+    strategy, checkpoints, the run directory); empty when all are fine."""
+    problems = []
+
+    def need(condition, message):
+        if not condition:
+            problems.append(message)
+
+    need(f.batch_size > 0, f"--batch_size={f.batch_size} must be positive.")
+    need(f.epochs > 0, f"--epochs={f.epochs} must be positive.")
+    need(f.base_lr > 0, f"--base_lr={f.base_lr} must be positive.")
+    need(f.lr_schedule in schedule_names, f"--lr_schedule={f.lr_schedule!r} is not one of {schedule_names}.")
+    need(
+        f.epochs <= 0 or 0 <= f.warmup_epochs < f.epochs,
+        f"--warmup_epochs={f.warmup_epochs} must be in [0, --epochs={f.epochs}).",
+    )
+    try:
+        [float(e) for e in f.lr_decay_epochs]
+    except ValueError:
+        problems.append(f"--lr_decay_epochs={','.join(f.lr_decay_epochs)} must be numbers, e.g. 30,60,90.")
+    need(0 < f.lr_decay_rate <= 1, f"--lr_decay_rate={f.lr_decay_rate} must be in (0, 1].")
+    need(0 <= f.momentum < 1, f"--momentum={f.momentum} must be in [0, 1).")
+    need(f.weight_decay is None or f.weight_decay >= 0, f"--weight_decay={f.weight_decay} must be >= 0.")
+    need(
+        f.weight_decay_mode in optimizers.WEIGHT_DECAY_MODES,
+        f"--weight_decay_mode={f.weight_decay_mode!r} is not one of {optimizers.WEIGHT_DECAY_MODES}.",
+    )
+    need(
+        f.precision in distribute.PRECISIONS,
+        f"--precision={f.precision!r} is not one of {distribute.PRECISIONS}.",
+    )
+    need(
+        f.strategy in distribute.STRATEGIES,
+        f"--strategy={f.strategy!r} is not one of {distribute.STRATEGIES}.",
+    )
+    need(f.steps_per_execution >= 1, f"--steps_per_execution={f.steps_per_execution} must be >= 1.")
+    need(f.checkpoint_steps >= 0, f"--checkpoint_steps={f.checkpoint_steps} must be >= 0.")
+    need(f.keep_checkpoints >= 1, f"--keep_checkpoints={f.keep_checkpoints} must be >= 1.")
+    need(f.steps_per_epoch >= 0, f"--steps_per_epoch={f.steps_per_epoch} must be >= 0 (0: from the data).")
+    need(f.max_steps >= 0, f"--max_steps={f.max_steps} must be >= 0 (0: no limit).")
+    if f.model_dir:
+        checkpoint_dir = os.path.join(f.model_dir, run_dir.CHECKPOINTS_DIR)
+        has_files = os.path.isdir(f.model_dir) and bool(os.listdir(f.model_dir))
+        if f.resume:
+            need(
+                loop.latest_checkpoint(f.model_dir) is not None,
+                f"--resume: no checkpoint in {checkpoint_dir!r} to continue from.",
+            )
+        else:
+            need(
+                not has_files,
+                f"--model_dir={f.model_dir!r} already holds a run; pass --resume to continue it, or choose "
+                "another directory (runs are never overwritten).",
+            )
+    return problems
+
+
+@dataclasses.dataclass(frozen=True)
+class Machinery:
+    """What `start` set up: only the chief writes the run directory; another worker writes `write_dir`,
+    a private directory (every worker must take part in saving checkpoints)."""
+
+    strategy: tf.distribute.Strategy
+    chief: bool
+    write_dir: str
+
+
+def start(f):
+    """Strategy and precision (before any variable exists) and the seed; returns a `Machinery`."""
+    if "verbosity" not in f or not f["verbosity"].present:  # TF's INFO lines break the progress bar
+        logging.set_verbosity(logging.WARNING)
+        tf.get_logger().setLevel("WARNING")
+    with cli.setup_errors():
+        strategy = distribute.create_strategy(f.strategy, tpu_address=f.tpu)
+        distribute.per_replica_batch_size(f.batch_size, strategy.num_replicas_in_sync)
+    distribute.set_precision(f.precision)
+    keras.utils.set_random_seed(f.seed)
+    return Machinery(strategy, distribute.is_chief(strategy), distribute.worker_dir(f.model_dir, strategy))
+
+
+def steps_per_epoch(f, num_examples, split):
+    """--steps_per_epoch, or the full batches in the training split; a batch larger than it is an error."""
+    steps = f.steps_per_epoch or num_examples // f.batch_size
+    if steps < 1:
+        raise cli.SetupError(
+            f"--batch_size={f.batch_size} is larger than the {num_examples} examples of "
+            f"--train_split={split!r}."
+        )
+    return steps
+
+
+def build_optimizer(f, *, steps_per_epoch, variables):
+    """The schedule and optimizer of the flags (Sections 3.1, 5.1), built for `variables`, plus the step
+    counter; call inside `strategy.scope()`. Returns (optimizer, step_var)."""
+    with cli.setup_errors():
+        schedule = schedules.build_lr_schedule(
+            f.lr_schedule,
+            base_lr=f.base_lr,
+            global_batch_size=f.batch_size,
+            steps_per_epoch=steps_per_epoch,
+            epochs=f.epochs,
+            warmup_epochs=f.warmup_epochs,
+            decay_epochs=[float(e) for e in f.lr_decay_epochs],
+            decay_rate=f.lr_decay_rate,
+        )
+    optimizer = optimizers.build_optimizer(
+        schedule,
+        momentum=f.momentum,
+        nesterov=True,
+        weight_decay=weight_decay(f),
+        weight_decay_mode=f.weight_decay_mode,
+        no_bias_decay=f.no_bias_decay,
+    )
+    if distribute.needs_loss_scaling(f.precision):
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    optimizer.build(variables)
+    step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+    return optimizer, step_var
+
+
+def restore(f, manager, *, optimizer, step_var, steps_per_epoch):
+    """With --resume, restores the newest checkpoint and says where training continues."""
+    if not f.resume:
+        return
+    path = loop.restore_latest(manager, f.model_dir)
+    restored = int(step_var.numpy())
+    scale = getattr(optimizer, "dynamic_scale", None)
+    print(
+        f"Resumed from {path} at step {restored} (epoch {restored // steps_per_epoch}), learning rate "
+        f"{float(optimizer.learning_rate):.6g}"
+        + (f", loss scale {float(scale.numpy()):g}" if scale is not None else ""),
+        flush=True,
+    )
+
+
+def write_run_files(f, *, task, flags_text, class_names):
+    """run.json, flags.txt and classes.txt in --model_dir (call on the chief only)."""
+    os.makedirs(f.model_dir, exist_ok=True)
+    run_dir.write_run_info(f.model_dir, task=task)
+    run_dir.write_atomic(os.path.join(f.model_dir, run_dir.FLAGS_FILE), flags_text)
+    run_dir.write_class_names(os.path.join(f.model_dir, run_dir.CLASSES_FILE), class_names)
+
+
+def fit(
+    f,
+    *,
+    machinery,
+    model,
+    optimizer,
+    train_function,
+    train_iterator,
+    evaluate,
+    eval_dataset,
+    manager,
+    step_var,
+    steps_per_epoch,
+    csv_columns=loop.CSV_COLUMNS,
+    mixup_epochs=0,
+):
+    """Runs `loop.train_loop` with the run's callbacks; returns (last epoch's logs, wall time in s)."""
+    callbacks = loop.make_callbacks(
+        machinery.write_dir,
+        chief=machinery.chief,
+        verbose=f.verbose,
+        epochs=int(math.ceil(f.epochs)),
+        steps_per_epoch=min(steps_per_epoch, f.max_steps or steps_per_epoch),  # the progress bar's end
+        model=model,
+        resume=f.resume,
+        columns=csv_columns,
+    )
+    start_time = time.perf_counter()
+    try:
+        logs = loop.train_loop(
+            optimizer=optimizer,
+            train_function=train_function,
+            train_iterator=train_iterator,
+            evaluate=evaluate,
+            eval_dataset=eval_dataset,
+            manager=manager,
+            step_var=step_var,
+            callbacks=callbacks,
+            steps_per_epoch=steps_per_epoch,
+            epochs=f.epochs,
+            global_batch_size=f.batch_size,
+            steps_per_execution=f.steps_per_execution,
+            checkpoint_steps=f.checkpoint_steps,
+            max_steps=f.max_steps,
+            mixup_epochs=mixup_epochs,
+            precision=f.precision,
+        )
+    except tf.errors.InvalidArgumentError as error:
+        message = bad_input_message(error)  # the pipeline's check naming the file, or None: a bug
+        if message is None:
+            raise
+        raise cli.SetupError(f"Training stopped by bad input data: {message}") from None
+    return logs, time.perf_counter() - start_time
+
+
+def finish(f, *, machinery, model, logs, step_var, wall_time_s, extra_metrics=None):
+    """The chief saves `model` as model.keras and the last logs (+ `extra_metrics`) as final_metrics.json;
+    another worker removes its private directory."""
+    if not machinery.chief:
+        shutil.rmtree(machinery.write_dir, ignore_errors=True)
+        return
+    run_dir.save_model(model, f.model_dir)
+    summary = {k: float(v) for k, v in logs.items()}
+    summary.update(step=int(step_var.numpy()), wall_time_s=wall_time_s)
+    summary.update(extra_metrics or {})
+    run_dir.write_metrics(f.model_dir, summary)
+    shown = {k: round(v, 4) for k, v in summary.items() if isinstance(v, (int, float))}
+    print(f"Finished: {json.dumps(shown)}", flush=True)
+    print(f"Run directory: {f.model_dir}", flush=True)

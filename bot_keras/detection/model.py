@@ -28,6 +28,9 @@ import keras
 import keras_hub
 import tensorflow as tf
 
+# keras-hub 0.32 does not export its RetinaNet label encoder (setup.py pins keras-hub < 0.33).
+from keras_hub.src.models.retinanet.retinanet_label_encoder import RetinaNetLabelEncoder
+
 from bot_keras.models import build_backbone
 
 BOX_FORMAT = "yxyx"
@@ -102,6 +105,20 @@ def make_nms(confidence_threshold=MAP_CONFIDENCE_THRESHOLD, *, iou_threshold=NMS
     )
 
 
+def make_anchor_generator():
+    """keras-hub's RetinaNet anchors (3 scales × 3 aspect ratios a level, size 4 × stride) on P3-P7."""
+    return keras_hub.layers.AnchorGenerator(BOX_FORMAT, min_level=MIN_LEVEL, max_level=MAX_LEVEL,
+                                            num_scales=3, aspect_ratios=[0.5, 1.0, 2.0], anchor_size=4)
+
+
+def make_label_encoder(anchor_generator=None):
+    """keras-hub's anchor matching (IoU >= 0.5 positive, < 0.4 background) on `make_anchor_generator`'s
+    anchors: the detector's own encoder, and one the training loss builds without the model (same config,
+    so the same targets)."""
+    return RetinaNetLabelEncoder(anchor_generator or make_anchor_generator(), bounding_box_format=BOX_FORMAT,
+                                 encoding_format="center_xywh")
+
+
 def build_detector(backbone_name, *, num_classes, image_size, image_encoder=None,
                    confidence_threshold=MAP_CONFIDENCE_THRESHOLD, max_detections=MAX_DETECTIONS,
                    kernel_initializer="glorot_uniform"):
@@ -122,8 +139,9 @@ def build_detector(backbone_name, *, num_classes, image_size, image_encoder=None
     """
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer; got {num_classes!r}.")
-    if not isinstance(image_size, int) or image_size < 2 ** MAX_LEVEL // 2:
-        raise ValueError(f"image_size must be an integer >= {2 ** MAX_LEVEL // 2}; got {image_size!r}.")
+    if not isinstance(image_size, int) or image_size < 2 ** MAX_LEVEL // 2 or image_size % 32:
+        raise ValueError(f"image_size must be a multiple of 32, at least {2 ** MAX_LEVEL // 2} (the "
+                         f"backbone's P5 grid must tile it); got {image_size!r}.")
     if image_encoder is None:
         image_encoder = build_backbone(backbone_name, input_shape=(image_size, image_size, 3),
                                        output_stride=32, kernel_initializer=kernel_initializer)
@@ -141,5 +159,7 @@ def build_detector(backbone_name, *, num_classes, image_size, image_encoder=None
         backbone=backbone,
         num_classes=num_classes,
         bounding_box_format=BOX_FORMAT,
+        anchor_generator=(anchors := make_anchor_generator()),
+        label_encoder=make_label_encoder(anchors),
         prediction_decoder=make_nms(confidence_threshold, max_detections=max_detections),
     )

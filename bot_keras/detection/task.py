@@ -165,7 +165,7 @@ class Evaluator:
         result = evaluate.evaluate_detector(self.model, local_batches(), class_names=self.class_names,
                                             coco=self.coco)
         self.details = {"ap_voc07": result["ap_voc07"], "ap_all_point": result["ap_all_point"]}
-        return {k: v for k, v in result.items() if not isinstance(v, dict)}
+        return {k: v for k, v in result.items() if k.startswith(("map_", "coco_")) or k == "count"}
 
 
 def make_evaluator(strategy, model, class_names):

@@ -6,6 +6,9 @@ side to S/0.875, centre crop, as in Section 2 of the paper), prints top-1 and to
 JSON (default `RUN/eval_<split>.json`). What is not given on the command line comes from the run's
 `flags.txt` (dataset, data_dir, image size, the trainer's eval split, label offset and `--skip_corrupt`),
 so `--model_dir` alone re-evaluates a run exactly as its trainer did.
+
+A `bot_keras.finetune` run (its run.json names the task) is evaluated by its task module: a segmentation
+run prints pixel accuracy and mean IoU and writes per-class IoU and the confusion matrix to the JSON.
 """
 
 import json
@@ -80,9 +83,31 @@ def define_flags(fv):
     flags.DEFINE_string("output", None, "JSON file to write (default: MODEL_DIR/eval_SPLIT.json).", **d)
 
 
+def evaluate_finetune_run(model_dir, task, *, dataset=None, split=None, data_dir=None, batch_size=None):
+    """Evaluates a fine-tuning run through its task module; returns (result, one-line summary)."""
+    from bot_keras import finetune
+
+    run = run_dir.read_run(model_dir, task=task)
+    return finetune.task_module(task).evaluate_run(
+        run, dataset=dataset, split=split, data_dir=data_dir, batch_size=batch_size
+    )
+
+
 def main(argv, f=flags.FLAGS):
     if len(argv) > 1:
         raise cli.SetupError(f"unexpected arguments: {' '.join(argv[1:])}")
+    task = run_dir.read_task(f.model_dir)
+    if task != run_dir.CLASSIFICATION:
+        if f.image_size is not None:
+            raise cli.SetupError(f"--image_size is for classification runs; {f.model_dir} is a {task} run")
+        result, line = evaluate_finetune_run(
+            f.model_dir, task, dataset=f.dataset, split=f.split, data_dir=f.data_dir, batch_size=f.batch_size
+        )
+        output = f.output or os.path.join(f.model_dir, f"eval_{result['split']}.json")
+        run_dir.write_atomic(output, json.dumps(result, indent=2) + "\n")
+        print(line)
+        print(f"Wrote {output}")
+        return
     result = evaluate_run(
         f.model_dir,
         dataset=f.dataset,

@@ -25,6 +25,10 @@ The TFLite model takes one uint8 image [1, H, W, 3] (resize the input tensor to 
 runs the same evaluation transform before the network; `--quantize=dynamic` stores the weights as int8
 (dynamic-range quantisation) while activations stay float.
 
+A `bot_keras.finetune` run is exported by its task module (`savedmodel` or `keras` only): a segmentation
+run's `serving_default(image_bytes: string [])` returns `class_map` int32 [H, W] at the input's size, with
+the evaluation's preprocessing inside (see `segmentation/task.py`).
+
 Every export is written to a temporary sibling of `--export_dir` and renamed into place at the end, so a
 failed export leaves nothing half-written; an existing `--export_dir` is replaced only with `--overwrite`.
 """
@@ -148,7 +152,14 @@ def _tflite_bytes(model, image_size, quantize, scratch):
 
 
 def _write(run, model, staging, *, export_format, quantize, top_k):
-    if export_format == "savedmodel":
+    if export_format == "savedmodel" and run.task != run_dir.CLASSIFICATION:
+        from bot_keras import finetune
+
+        module, signatures = finetune.task_module(run.task).serving_module(run, model)
+        tf.saved_model.save(module, str(staging), signatures=signatures)
+        extra = staging / "assets.extra"
+        extra.mkdir()
+    elif export_format == "savedmodel":
         module = ServingModule(model, class_names=run.class_names, image_size=run.image_size, top_k=top_k)
         signatures = {
             "serving_default": module.serve_bytes.get_concrete_function(),
@@ -165,8 +176,9 @@ def _write(run, model, staging, *, export_format, quantize, top_k):
         (staging / TFLITE_FILE).write_bytes(_tflite_bytes(model, run.image_size, quantize, scratch))
         shutil.rmtree(scratch)
         extra = staging
-    for name in (run_dir.CLASSES_FILE, run_dir.FLAGS_FILE):
-        shutil.copyfile(run.model_dir / name, extra / name)
+    for name in (run_dir.CLASSES_FILE, run_dir.FLAGS_FILE, run_dir.RUN_FILE):
+        if (run.model_dir / name).is_file():
+            shutil.copyfile(run.model_dir / name, extra / name)
 
 
 def export(model_dir, export_dir, *, export_format="savedmodel", overwrite=False, quantize="none", top_k=5):
@@ -185,7 +197,10 @@ def export(model_dir, export_dir, *, export_format="savedmodel", overwrite=False
     export_dir = pathlib.Path(export_dir)
     if export_dir.exists() and not overwrite:
         raise cli.SetupError(f"--export_dir={export_dir} already exists; pass --overwrite to replace it")
-    run = run_dir.read_run(model_dir)
+    task = run_dir.read_task(model_dir) if pathlib.Path(model_dir).is_dir() else run_dir.CLASSIFICATION
+    if task != run_dir.CLASSIFICATION and export_format == "tflite":
+        raise cli.SetupError(f"{model_dir} is a {task} run; it exports as savedmodel or keras, not tflite")
+    run = run_dir.read_run(model_dir, task=task)
     model = run_dir.load_model(run)
 
     export_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,11 @@ Output, for each image:
     cat.jpg
       1. tabby_cat        0.8123
       2. tiger_cat        0.1010
+
+A fine-tuning model — a run directory of `bot_keras.finetune` or its SavedModel export — is routed to its
+task module: a segmentation model writes `<stem>_classes.png` (class ids as grey levels) and
+`<stem>_overlay.png` (the photo under the class colours) per image into `--output_dir` and prints the
+largest classes of each image.
 """
 
 import dataclasses
@@ -158,15 +163,39 @@ def format_predictions(results):
     return "\n".join(lines)
 
 
+def model_task(path):
+    """The task of the model at `path`: a run directory's run.json, a SavedModel's `task` variable (a
+    classifier's export has none), else classification."""
+    path = pathlib.Path(path)
+    if (path / "saved_model.pb").is_file():
+        try:
+            loaded = tf.saved_model.load(str(path))
+        except Exception as err:  # a damaged SavedModel raises many TensorFlow error types
+            raise cli.SetupError(f"--model={path}: cannot load the SavedModel: {err}") from err
+        task = getattr(loaded, "task", None)
+        return task.numpy().decode() if task is not None else run_dir.CLASSIFICATION
+    if path.is_dir() and (path / run_dir.FLAGS_FILE).is_file():
+        return run_dir.read_task(path)
+    return run_dir.CLASSIFICATION
+
+
 def define_flags(fv):
     d = dict(flag_values=fv)
     flags.DEFINE_string("model", None, "SavedModel directory, .keras file or run directory.", **d)
     flags.DEFINE_integer("top_k", 5, "How many classes to print per image.", **d)
+    flags.DEFINE_string("output_dir", "predictions", "Segmentation: where class maps and overlays go.", **d)
 
 
 def main(argv, f=flags.FLAGS):
     if len(argv) < 2:
         raise cli.SetupError("name at least one image: python -m bot_keras.predict --model=PATH IMAGE ...")
+    task = model_task(f.model)
+    if task != run_dir.CLASSIFICATION:
+        from bot_keras import finetune
+
+        encoded = read_images(argv[1:])
+        print("\n".join(finetune.task_module(task).predict_files(f.model, argv[1:], f.output_dir, encoded)))
+        return
     print(format_predictions(predict(f.model, argv[1:], k=f.top_k)))
 
 

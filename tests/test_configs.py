@@ -1,4 +1,6 @@
-"""configs/**/*.flags: every recipe parses with the trainer's flags and passes its validation (no training).
+"""configs/**/*.flags: every recipe parses with its command's flags and passes its validation (no training).
+
+Classifier recipes are read with `bot_keras.train`'s flags; configs/transfer/ with `bot_keras.finetune`'s.
 
 A typo in a flag name, a value the trainer rejects, a nested --flagfile that moved, or a distillation
 recipe whose --teacher does not point at the run its teacher recipe makes fails here, not 80 GPU-hours in.
@@ -10,11 +12,13 @@ import re
 import pytest
 from absl import flags
 
-from bot_keras import train
+from bot_keras import finetune, train
 from bot_keras.models.applications import APPLICATIONS
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-RECIPES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.flags"))
+ALL_RECIPES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.flags"))
+TRANSFER_RECIPES = [r for r in ALL_RECIPES if r.startswith("configs/transfer/")]
+RECIPES = [r for r in ALL_RECIPES if r not in TRANSFER_RECIPES]  # bot_keras.train's
 
 
 def header(recipe):
@@ -120,3 +124,45 @@ def test_nested_recipes_override_their_base(parse):
     assert f.zero_gamma and f.no_bias_decay and f.precision == "mixed_float16"
     g = parse("--flagfile=configs/imagenet/inception_v3_all_tricks.flags")
     assert (g.model, g.image_size, g.zero_gamma) == ("inception_v3", 299, False)
+
+
+# --- configs/transfer: bot_keras.finetune's recipes ----------------------------------------------------
+
+
+def parse_finetune(*args):
+    flag_values = flags.FlagValues()
+    finetune.define_flags(flag_values)
+    flag_values(["finetune", *args])
+    return flag_values
+
+
+def test_there_are_transfer_recipes_for_the_paper_and_for_a_cpu():
+    names = {pathlib.PurePath(r).stem for r in TRANSFER_RECIPES}
+    assert {"ade20k_fcn_resnet50_d", "camvid_fcn_resnet18_d"} <= names, names
+
+
+@pytest.mark.parametrize("recipe", TRANSFER_RECIPES)
+def test_transfer_recipe_header_states_command_hardware_and_result(recipe):
+    text = header(recipe)
+    assert f"python -m bot_keras.finetune --flagfile={recipe}" in text, f"{recipe}: header lacks its command"
+    assert re.search(r"^Hardware:", text, re.MULTILINE), f"{recipe}: header does not state the hardware"
+    assert re.search(r"^(Reference|Result)\b", text, re.MULTILINE), f"{recipe}: header states no result"
+
+
+@pytest.mark.parametrize("recipe", TRANSFER_RECIPES)
+def test_transfer_recipe_parses_and_validates(monkeypatch, tmp_path, recipe):
+    monkeypatch.chdir(ROOT)
+    f = parse_finetune(f"--flagfile={recipe}")
+    assert f.model_dir is None and not f.resume and not f.backbone_weights, (
+        f"{recipe}: the command line chooses the run directory and the backbone weights"
+    )
+    f.model_dir = str(tmp_path / "run")
+    finetune.validate_flags(f)
+
+
+def test_ade20k_recipe_holds_the_papers_fcn_setting(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    f = parse_finetune("--flagfile=configs/transfer/ade20k_fcn_resnet50_d.flags")
+    assert (f.dataset, f.backbone, f.output_stride, f.head) == ("tfds:scene_parse150", "resnet50_d", 8, "fcn")
+    assert (f.crop_size, f.batch_size, f.epochs, f.lr_schedule) == (480, 16, 120, "poly")
+    assert f.base_lr * f.batch_size / 256 == pytest.approx(0.01)  # GluonCV's lr at batch 16

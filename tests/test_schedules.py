@@ -158,3 +158,16 @@ def test_fractional_epochs_cosine_reaches_zero_at_the_loops_last_step():
     )
     assert float(schedule(12)) == pytest.approx(0.0, abs=1e-9)
     assert float(schedule(11)) > 0
+
+
+def test_poly_decay_golden_values_and_warmup():
+    # η (1 − t/T)^0.9 with T = total − warmup − 1: 10 steps a epoch, 2 epochs, 0.5 warmup epoch → T = 14.
+    schedule = build_lr_schedule(
+        "poly", base_lr=0.256, global_batch_size=256, steps_per_epoch=10, epochs=2, warmup_epochs=0.5
+    )
+    peak = 0.256
+    expected = {0: peak / 5, 4: peak, 5: peak, 12: peak * (1 - 7 / 14) ** 0.9, 19: 0.0, 25: 0.0}
+    for step, value in expected.items():
+        assert float(schedule(step)) == pytest.approx(value, abs=1e-7), step
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(schedule))
+    assert float(restored(12)) == pytest.approx(float(schedule(12)))

@@ -22,6 +22,7 @@ import contextlib
 import math
 
 import keras
+import tensorflow as tf
 
 from bot_keras.models import build_backbone
 from bot_keras.models.head import check_dropout_rate, check_num_classes
@@ -38,8 +39,9 @@ class ResizeLike(keras.layers.Layer):
     """Bilinear resize of `x` to the spatial size of `reference` (sizes known only at run time work too)."""
 
     def call(self, x, reference):
-        size = keras.ops.shape(reference)[1:3]
-        return keras.ops.image.resize(x, size, interpolation="bilinear")
+        # tf.image.resize, not keras.ops.image.resize: Keras' version needs a static size in a graph, so a
+        # traced model with unknown H, W (a SavedModel signature) would fail.
+        return tf.cast(tf.image.resize(x, tf.shape(reference)[1:3], method="bilinear"), x.dtype)
 
     def compute_output_shape(self, x_shape, reference_shape):
         return (x_shape[0], reference_shape[1], reference_shape[2], x_shape[3])

@@ -1,0 +1,379 @@
+"""finetune.py with the segmentation task: flags, backbone weights, run directory, evaluate, export, predict.
+
+One small fine-tuning run (ResNet-18-D from a classification run, 32 px crops of 40×48 images, 3 classes,
+two steps) is shared by the tests that read a finished run; the multi-process ones are marked slow.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import flags
+from PIL import Image
+from tiny_run import make_run
+
+from bot_keras import evaluate, export, finetune, predict, run_dir, train
+from bot_keras.data.augment import MEAN_RGB, STD_RGB
+from bot_keras.models.backbone import freeze_backbone
+from bot_keras.segmentation import heads
+from bot_keras.segmentation import task as segmentation
+
+REPO = str(pathlib.Path(__file__).resolve().parent.parent)
+CLASSES = ("sky", "road", "car")
+COLOURS = np.array([[90, 140, 230], [80, 80, 80], [200, 30, 30]])
+
+
+def write_scenes(root, counts=(("train", 8), ("val", 3)), size=(40, 48), seed=0):
+    """seg_folder data: sky above road, a car square, a 255 corner; colour + noise encodes the class."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text("".join(f"{c}\n" for c in CLASSES))
+    h, w = size
+    for split, n in counts:
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "masks").mkdir(parents=True)
+        for i in range(n):
+            mask = np.zeros((h, w), np.uint8)
+            mask[h // 2 :] = 1
+            y, x = rng.integers(0, h - 12), rng.integers(0, w - 12)
+            mask[y : y + 12, x : x + 12] = 2
+            mask[0, :3] = 255
+            image = COLOURS[np.minimum(mask, 2)] + rng.normal(0, 10, (h, w, 3))
+            Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(
+                root / split / "images" / f"{i}.png"
+            )
+            Image.fromarray(mask).save(root / split / "masks" / f"{i}.png")
+    return root
+
+
+def cli_env():
+    """The environment a user runs the command in: bot_keras quiets TensorFlow itself (tests/test_cli.py);
+    conftest's oneDNN switch (for quiet in-process tests) is dropped, as users do not set it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")}
+    return dict(env, PYTHONPATH=REPO, CUDA_VISIBLE_DEVICES="")
+
+
+def parse(*args):
+    fv = flags.FlagValues()
+    finetune.define_flags(fv)
+    fv(["finetune", *args])
+    return fv
+
+
+def base_args(data, model_dir, *extra):
+    return [
+        "--task=segmentation",
+        f"--dataset=seg_folder:{data}",
+        "--eval_split=val",
+        "--backbone=resnet18_d",
+        "--crop_size=32",
+        "--eval_size=48",
+        "--batch_size=4",
+        "--epochs=1",
+        "--base_lr=0.1",
+        "--verbose=0",
+        f"--model_dir={model_dir}",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+    """(classifier run dir, data root, fine-tuning run dir): two steps from the classifier, stages 1-4 and
+    their BatchNorms frozen so the backbone must come out exactly as it went in."""
+    root = tmp_path_factory.mktemp("finetune")
+    classifier_dir, _ = make_run(root / "classifier")
+    data = write_scenes(root / "data")
+    model_dir = root / "run"
+    f = parse(
+        *base_args(
+            data,
+            model_dir,
+            f"--backbone_weights={classifier_dir}",
+            "--freeze_stages=4",
+            "--strategy=mirrored",
+            "--max_steps=2",
+            "--steps_per_epoch=2",
+        )
+    )
+    finetune.main(["finetune"], f)
+    keras.backend.clear_session()
+    return classifier_dir, data, model_dir
+
+
+# --- flags -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--task=regression"], "--task='regression' is not one of segmentation"),
+        (["--backbone=vgg16"], "--backbone='vgg16' is not a ResNet name"),
+        (["--output_stride=4"], "--output_stride=4 is not one of"),
+        (["--freeze_stages=5"], "--freeze_stages=5 must be in [0, 4]"),
+        (["--crop_size=8"], "--crop_size=8 is too small"),
+        (["--head=pspnet"], "--head='pspnet' is not one of fcn, deeplabv3"),
+        (["--head=deeplabv3", "--aux_loss_weight=0.4"], "the auxiliary head is FCN's"),
+        (["--eval_mode=sliding"], "--eval_mode='sliding' is not one of"),
+        (["--lr_schedule=exp"], "--lr_schedule='exp' is not one of"),
+        (["--dataset=coco:x"], "--dataset: Unknown segmentation dataset 'coco:x'"),
+        (["--backbone_weights=/nonexistent/run"], "--backbone_weights='/nonexistent/run': no such file"),
+        (["--precision=fp8"], "--precision='fp8' is not one of"),
+    ],
+)
+def test_bad_flags_are_named_with_their_value(tmp_path, extra, message):
+    f = parse(*base_args("/unused", tmp_path / "run", *extra))
+    with pytest.raises(finetune.FlagError) as error:
+        finetune.validate_flags(f)
+    assert message in str(error.value)
+
+
+def test_backbone_weights_of_another_architecture_are_refused(tmp_path):
+    classifier_dir, _ = make_run(tmp_path / "classifier")  # a resnet18_d run
+    f = parse(
+        *base_args(
+            "/unused", tmp_path / "run", "--backbone=resnet34_d", f"--backbone_weights={classifier_dir}"
+        )
+    )
+    with pytest.raises(finetune.FlagError, match="is a resnet18_d run but --backbone='resnet34_d'"):
+        finetune.validate_flags(f)
+
+
+def test_poly_schedule_is_finetunes_not_the_classifiers(tmp_path):
+    finetune.validate_flags(parse(*base_args("/unused", tmp_path / "run", "--lr_schedule=poly")))
+    train_flags = flags.FlagValues()
+    train.define_flags(train_flags)
+    train_flags(
+        [
+            "train",
+            "--model=resnet18",
+            "--dataset=synthetic",
+            f"--model_dir={tmp_path / 'c'}",
+            "--lr_schedule=poly",
+        ]
+    )
+    with pytest.raises(train.FlagError, match="--lr_schedule='poly'"):
+        train.validate_flags(train_flags)
+
+
+@pytest.mark.slow
+def test_cli_bad_flags_exit_2_one_line_each_and_no_traceback(tmp_path):
+    command = [
+        sys.executable,
+        "-m",
+        "bot_keras.finetune",
+        *base_args(tmp_path, tmp_path / "run"),
+        "--backbone=vgg16",
+        "--freeze_stages=9",
+    ]
+    env = cli_env()
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("bot_keras.finetune: error: ") and "Traceback" not in result.stderr
+    assert any("--backbone='vgg16'" in x for x in lines) and any("--freeze_stages=9" in x for x in lines)
+    assert len(lines) == 2
+
+
+# --- the backbone: weights in, parts frozen ------------------------------------------------------------
+
+
+def test_freeze_stages_and_bn_touch_the_backbone_only():
+    model = heads.build_segmenter("fcn", "resnet18_d", num_classes=3, output_stride=8, aux=True)
+    freeze_backbone(model, stages=1, batch_norm=True)
+    trainable = {layer.name: layer.trainable for layer in model.layers if layer.weights}
+    assert not trainable["stem_conv1"] and not trainable["stage1_block1_conv2"]
+    assert trainable["stage2_block0_conv1"] and not trainable["stage2_block0_bn1"]  # BN frozen everywhere
+    assert trainable["fcn_conv"] and trainable["fcn_bn"] and trainable["aux_logits"]  # heads untouched
+
+
+def test_weights_arrive_from_the_classification_run_and_the_run_directory_is_complete(finetuned):
+    classifier_dir, _, model_dir = finetuned
+    classifier = run_dir.load_model(run_dir.read_run(classifier_dir))
+    run = run_dir.read_run(model_dir, task="segmentation")
+    model = run_dir.load_model(run)
+    for name in ("stem_conv1", "stage3_block1_conv2", "stage4_block0_bn1"):
+        for ours, theirs in zip(
+            model.get_layer(name).get_weights(), classifier.get_layer(name).get_weights(), strict=True
+        ):
+            np.testing.assert_array_equal(ours, theirs)
+    assert run.class_names == CLASSES and run.flags["backbone"] == "resnet18_d"
+    assert json.loads((model_dir / "run.json").read_text()) == {"task": "segmentation"}
+    header = (model_dir / "logs" / "training.csv").read_text().splitlines()[0]
+    assert header == ",".join(("epoch",) + segmentation.CSV_COLUMNS)
+    final = json.loads((model_dir / "final_metrics.json").read_text())
+    assert final["step"] == 2 and 0 <= final["val_mean_iou"] <= 1 and 0 <= final["val_pixel_accuracy"] <= 1
+    assert set(final["val_per_class_iou"]) == set(CLASSES)
+    # The model saved for inference has no auxiliary output; the fcn head did train (it is not frozen).
+    assert model.output_shape == (None, None, None, 3)
+
+
+def test_a_random_backbone_differs_from_the_classifier(tmp_path):
+    classifier_dir, classifier = make_run(tmp_path / "classifier")
+    model = segmentation.build_model(
+        parse(*base_args("/unused", tmp_path / "r")), num_classes=3, output_stride=8, weights_from=None
+    )
+    ours = model.get_layer("stage3_block1_conv2").get_weights()[0]
+    assert not np.allclose(ours, classifier.get_layer("stage3_block1_conv2").get_weights()[0])
+
+
+@pytest.mark.parametrize("head", ["fcn", "deeplabv3"])
+def test_both_heads_round_trip_through_run_dir_load_model(tmp_path, head):
+    extra = [f"--head={head}"] + (["--aux_loss_weight=0"] if head == "deeplabv3" else [])
+    f = parse(*base_args("/unused", tmp_path / "run", *extra))
+    model = segmentation.build_model(f, num_classes=3, output_stride=16, weights_from=None)
+    rng = np.random.default_rng(1)
+    for weight in model.weights:
+        weight.assign(
+            rng.normal(0, 0.1, weight.shape).astype("float32") + (1.0 if "variance" in weight.path else 0)
+        )
+    inference = segmentation.inference_model(model)
+    (tmp_path / "run").mkdir()
+    run_dir.write_run_info(tmp_path / "run", task="segmentation")
+    run_dir.write_atomic(tmp_path / "run" / "flags.txt", finetune.resolved_flags_text(f))
+    run_dir.write_class_names(tmp_path / "run" / "classes.txt", CLASSES)
+    run_dir.save_model(inference, tmp_path / "run")
+    loaded = run_dir.load_model(run_dir.read_run(tmp_path / "run", task="segmentation"))
+    x = rng.normal(0, 1, (1, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(loaded(x, training=False), inference(x, training=False), rtol=1e-5, atol=1e-5)
+
+
+# --- evaluate, export, predict on the finished run -----------------------------------------------------
+
+
+def _hand_confusion(model, data, size):
+    """A second computation: numpy bincount over each val image's labelled pixels, predictions from the
+    model on the image padded to `size` (the evaluation transform) by hand."""
+    confusion = np.zeros((3, 3), np.int64)
+    mean, std = np.array(MEAN_RGB), np.array(STD_RGB)
+    for image_path in sorted((data / "val" / "images").glob("*.png")):
+        image = np.asarray(Image.open(image_path), np.float32)
+        mask = np.asarray(Image.open(data / "val" / "masks" / image_path.name)).astype(np.int64)
+        padded = np.zeros((size, size, 3), np.float32)
+        padded[: image.shape[0], : image.shape[1]] = (image - mean) / std
+        logits = model(padded[None], training=False).numpy()[0, : image.shape[0], : image.shape[1]]
+        prediction = logits.argmax(-1)
+        keep = mask != 255
+        confusion += np.bincount(mask[keep] * 3 + prediction[keep], minlength=9).reshape(3, 3)
+    return confusion
+
+
+def test_evaluate_miou_equals_a_hand_computation_on_the_predictions(finetuned, capsys):
+    _, data, model_dir = finetuned
+    result, line = evaluate.evaluate_finetune_run(model_dir, "segmentation")
+    confusion = _hand_confusion(
+        run_dir.load_model(run_dir.read_run(model_dir, task="segmentation")), data, 48
+    )
+    np.testing.assert_array_equal(np.array(result["confusion"]), confusion)
+    intersection = np.diag(confusion)
+    union = confusion.sum(0) + confusion.sum(1) - intersection
+    present = union > 0
+    assert result["mean_iou"] == pytest.approx((intersection[present] / union[present]).mean())
+    assert result["pixel_accuracy"] == pytest.approx(intersection.sum() / confusion.sum())
+    assert result["count"] == 3 and "mIoU" in line and "pixel accuracy" in line
+    assert set(result["per_class_iou"]) == set(CLASSES)
+    # The trainer's last validation saw the same split with the same transform.
+    final = json.loads((model_dir / "final_metrics.json").read_text())
+    assert final["val_mean_iou"] == pytest.approx(result["mean_iou"])
+
+
+def test_predict_writes_a_class_map_and_an_overlay_per_image(finetuned, tmp_path):
+    _, data, model_dir = finetuned
+    images = [str(data / "val" / "images" / "0.png"), str(data / "val" / "images" / "1.png")]
+    lines = segmentation.predict_files(model_dir, images, tmp_path / "out", predict.read_images(images))
+    assert len(lines) == 2 and lines[0].startswith(images[0]) and "0_overlay.png" in lines[0]
+    classes = np.asarray(Image.open(tmp_path / "out" / "0_classes.png"))
+    overlay = np.asarray(Image.open(tmp_path / "out" / "0_overlay.png"))
+    photo = np.asarray(Image.open(images[0]))
+    assert classes.shape == photo.shape[:2] and overlay.shape == photo.shape and classes.max() < 3
+    # The overlay is the photo half-blended with the VOC colour of each pixel's class.
+    from bot_keras.segmentation.data import voc_colormap
+
+    expected = np.rint(0.5 * photo + 0.5 * voc_colormap()[classes]).astype(np.uint8)
+    np.testing.assert_array_equal(overlay, expected)
+    assert predict.model_task(model_dir) == "segmentation"
+
+
+@pytest.mark.slow
+def test_export_serves_class_maps_at_the_input_size_in_a_process_without_bot_keras(finetuned, tmp_path):
+    _, data, model_dir = finetuned
+    target = export.export(model_dir, tmp_path / "exported")
+    image = np.random.default_rng(3).integers(0, 255, (70, 90, 3), dtype=np.uint8)  # larger than eval_size 48
+    Image.fromarray(image).save(tmp_path / "big.png")
+    script = (
+        "import sys, numpy as np, tensorflow as tf\n"
+        f"m = tf.saved_model.load({str(target)!r})\n"
+        f"out = m.signatures['serving_default'](image_bytes=tf.constant(open({str(tmp_path / 'big.png')!r}, "
+        "'rb').read()))\n"
+        f"np.save({str(tmp_path / 'served.npy')!r}, out['class_map'].numpy())\n"
+        "assert not any(name.startswith('bot_keras') for name in sys.modules), 'bot_keras was imported'\n"
+        "print(m.task.numpy().decode(), [n.decode() for n in m.class_names.numpy()])\n"
+    )
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=str(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "segmentation ['sky', 'road', 'car']" in result.stdout
+    served = np.load(tmp_path / "served.npy")
+    model = run_dir.load_model(run_dir.read_run(model_dir, task="segmentation"))
+    expected = segmentation.class_map(model, tf.constant(image), 48).numpy()
+    assert served.shape == (70, 90) and served.dtype == np.int32
+    assert (served == expected).mean() > 0.999
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_finishes_the_run(tmp_path):
+    data = write_scenes(tmp_path / "data")
+    model_dir = tmp_path / "run"
+    args = base_args(
+        data,
+        model_dir,
+        "--steps_per_epoch=6",
+        "--epochs=2",
+        "--checkpoint_steps=1",
+        "--keep_checkpoints=50",
+        "--eval_split=",
+        "--lr_schedule=poly",
+        "--seed=2",
+    )
+    env = cli_env()
+    command = [sys.executable, "-m", "bot_keras.finetune", *args]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    checkpoints = model_dir / "checkpoints"
+    deadline = time.time() + 180
+    while proc.poll() is None and time.time() < deadline:
+        if checkpoints.is_dir() and tf.train.latest_checkpoint(str(checkpoints)):
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    latest = tf.train.latest_checkpoint(str(checkpoints))
+    assert latest and not (model_dir / "model.keras").exists()
+    last = int(latest.rsplit("-", 1)[1])
+    assert last < 6
+    resumed = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    line = next(x for x in resumed.stdout.splitlines() if x.startswith("Resumed from"))
+    # poly: peak 0.1·4/256, T = 6 − 1 updates, (1 − t/T)^0.9 at the next update t = last.
+    expected_lr = 0.1 * 4 / 256 * (1 - last / 5) ** 0.9
+    assert f"at step {last} " in line
+    assert float(line.split("learning rate ")[1].split()[0].rstrip(",")) == pytest.approx(
+        expected_lr, rel=1e-4
+    )
+    assert json.loads((model_dir / "final_metrics.json").read_text())["step"] == 6
+    assert run_dir.read_task(model_dir) == "segmentation" and (model_dir / "model.keras").is_file()

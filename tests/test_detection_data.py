@@ -60,6 +60,15 @@ def test_voc_classes_are_sorted_names_of_every_xml_and_voc_years_get_the_20(voc_
     assert sources.detection_info(f"voc:{year}", split="test").class_names == sources.VOC_CLASSES
 
 
+def test_splits_joined_with_plus_concatenate(voc_root):
+    info = sources.detection_info(f"voc:{voc_root}", split="train+val")
+    assert info.num_examples == 5
+    paths = sources.read_voc(voc_root, "train").paths + sources.read_voc(voc_root, "val").paths
+    assert sources._file_annotations("voc", voc_root, "train+val", None).paths == paths
+    with pytest.raises(ValueError, match="empty part"):
+        sources.detection_info(f"voc:{voc_root}", split="train+")
+
+
 def test_eval_batches_hold_pixel_boxes_of_the_padded_input_and_keep_difficult_as_metadata(voc_root):
     ds = data.make_detection_dataset(f"voc:{voc_root}", split="val", image_size=64, global_batch_size=2,
                                      training=False, with_metadata=True)

@@ -1,6 +1,7 @@
 """`bot_keras.finetune --task=detection` (bot_keras/detection/task.py): flags, loss, freezing, end to end."""
 
 import csv
+import json
 import os
 import pathlib
 import subprocess
@@ -13,7 +14,7 @@ import tensorflow as tf
 from absl import flags
 from tiny_detection import CLASSES, write_rectangles_voc
 
-from bot_keras import finetune
+from bot_keras import evaluate, export, finetune, predict
 from bot_keras import run_dir as runs
 from bot_keras.detection import loss as detection_loss
 from bot_keras.detection import model as detection_model
@@ -110,19 +111,21 @@ def test_finetune_lowers_the_loss_then_evaluate_export_and_predict(tmp_path):
     # Measured: 1.53, 1.49, 1.09 (lr 0.01, SGD; the same 4 images, one without boxes).
     assert losses[-1] < 0.85 * losses[0], losses
     assert 0.0 <= float(rows[-1]["val_map_voc07"]) <= 1.0
-    final = runs.read_run(run, task="detection")
-    assert final.class_names == CLASSES
+    assert runs.read_run(run, task="detection").class_names == CLASSES
 
-    result, line = task.evaluate_run(final)
+    # bot_keras.evaluate / export / predict route the run by its run.json task.
+    result, line = evaluate.evaluate_finetune_run(run, "detection")
     assert set(result["ap_voc07"]) == set(CLASSES) and result["count"] == 4
     assert line.startswith(f"voc:{root} val (4 images): VOC07 mAP@0.5 ")
     assert result["map_voc07"] == pytest.approx(float(rows[-1]["val_map_voc07"]), abs=1e-6)
+    final_metrics = json.loads((run / "final_metrics.json").read_text())
+    assert set(final_metrics["val_ap_voc07"]) == set(CLASSES)
 
-    module, signatures = task.serving_module(final, runs.load_model(final))
-    tf.saved_model.save(module, str(tmp_path / "served"), signatures=signatures)
+    served = export.export(run, tmp_path / "served")
+    assert predict.model_task(served) == predict.model_task(run) == "detection"
     images = [str(pathlib.Path(root) / "JPEGImages" / f"val00{i}.png") for i in range(2)]
-    encoded = [pathlib.Path(p).read_bytes() for p in images]
-    from_export = task.predict_files(tmp_path / "served", images, tmp_path / "a", encoded, min_score=0.0)
+    encoded = predict.read_images(images)
+    from_export = task.predict_files(served, images, tmp_path / "a", encoded, min_score=0.0)
     from_run = task.predict_files(run, images, tmp_path / "b", encoded, min_score=0.0)
     strip = lambda lines: [line.rsplit("\n  -> ", 1)[0] for line in lines]  # noqa: E731
     assert strip(from_export) == strip(from_run)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from bot_keras.data.errors import bad_input_message
 from bot_keras.detection import data, sources
 
 
@@ -135,8 +136,11 @@ def test_voc_annotation_without_its_image_and_image_size_mismatch(tmp_path):
     write_png(os.path.join(root, "JPEGImages", "a.png"), 11, 12)  # the XML says 10×12
     ds = data.make_detection_dataset(f"voc:{root}", split="val", image_size=32, global_batch_size=1,
                                      training=False)
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"differs from the annotated size.*a\.png"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"differs from the annotated size.*a\.png") as e:
         next(iter(ds))
+    # The commands print this line (exit 2) instead of TensorFlow's traceback.
+    assert bad_input_message(e.value) == ("Bad detection input: image size (h, w) 11 12 differs from the "
+                                          f"annotated size 10 12 in {root}/JPEGImages/a.png")
 
 
 # ------------------------------------------------------------------------------------------------ COCO

@@ -20,7 +20,7 @@ from absl import flags
 from PIL import Image
 from tiny_run import make_run
 
-from bot_keras import evaluate, export, finetune, predict, run_dir, train
+from bot_keras import cli, evaluate, export, finetune, predict, run_dir, train
 from bot_keras.data.augment import MEAN_RGB, STD_RGB
 from bot_keras.models.backbone import freeze_backbone
 from bot_keras.segmentation import heads
@@ -193,6 +193,15 @@ def test_freeze_stages_and_bn_touch_the_backbone_only():
     assert not trainable["stem_conv1"] and not trainable["stage1_block1_conv2"]
     assert trainable["stage2_block0_conv1"] and not trainable["stage2_block0_bn1"]  # BN frozen everywhere
     assert trainable["fcn_conv"] and trainable["fcn_bn"] and trainable["aux_logits"]  # heads untouched
+    # keras-hub's DeepLabV3 nests our backbone two models deep; freezing finds it there too.
+    deeplab = heads.build_segmenter("deeplabv3", "resnet18_d", num_classes=3, output_stride=16)
+    before = len(deeplab.trainable_weights)
+    frozen = freeze_backbone(deeplab, stages=4)
+    backbone_layers = [
+        x for x in deeplab._flatten_layers() if x.name.startswith(("stem_", "stage")) and x.weights
+    ]
+    assert frozen == len(backbone_layers) > 40 and not any(x.trainable for x in backbone_layers)
+    assert 0 < len(deeplab.trainable_weights) < before  # the ASPP and decoder still train
 
 
 def test_weights_arrive_from_the_classification_run_and_the_run_directory_is_complete(finetuned):
@@ -300,6 +309,13 @@ def test_predict_writes_a_class_map_and_an_overlay_per_image(finetuned, tmp_path
     expected = np.rint(0.5 * photo + 0.5 * voc_colormap()[classes]).astype(np.uint8)
     np.testing.assert_array_equal(overlay, expected)
     assert predict.model_task(model_dir) == "segmentation"
+    # Two inputs with the same file name get one picture each.
+    twice = [images[0], str(tmp_path / "copy" / "0.png")]
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "0.png").write_bytes(pathlib.Path(images[0]).read_bytes())
+    segmentation.predict_files(model_dir, twice, tmp_path / "twice", predict.read_images(twice))
+    assert sorted(p.name for p in (tmp_path / "twice").iterdir()) == [
+        "0_0_classes.png", "0_0_overlay.png", "0_1_classes.png", "0_1_overlay.png"]
 
 
 @pytest.mark.slow
@@ -343,7 +359,7 @@ def test_sigkill_then_resume_finishes_the_run(tmp_path):
     args = base_args(
         data,
         model_dir,
-        "--steps_per_epoch=6",
+        "--steps_per_epoch=3",
         "--epochs=2",
         "--checkpoint_steps=1",
         "--keep_checkpoints=50",
@@ -377,3 +393,34 @@ def test_sigkill_then_resume_finishes_the_run(tmp_path):
     )
     assert json.loads((model_dir / "final_metrics.json").read_text())["step"] == 6
     assert run_dir.read_task(model_dir) == "segmentation" and (model_dir / "model.keras").is_file()
+
+
+def test_a_bad_mask_stops_training_with_one_line_naming_the_file(tmp_path):
+    data = write_scenes(tmp_path / "data", counts=(("train", 4),))
+    bad = np.zeros((40, 48), np.uint8)
+    bad[5, 5] = 7  # class id 7 of 3 classes
+    Image.fromarray(bad).save(data / "train" / "masks" / "2.png")
+    f = parse(*base_args(data, tmp_path / "run", "--eval_split=", "--max_steps=1", "--steps_per_epoch=2"))
+    with pytest.raises(cli.SetupError) as error:
+        finetune.main(["finetune"], f)
+    message = str(error.value)
+    assert "Training stopped by bad input data" in message and "2.png holds class id 7" in message
+    assert "\n" not in message
+
+
+@pytest.mark.slow
+def test_a_mixed_precision_run_saves_a_float32_model_holding_the_trained_weights(tmp_path):
+    data = write_scenes(tmp_path / "data", counts=(("train", 4),))
+    f = parse(*base_args(data, tmp_path / "run", "--eval_split=", "--max_steps=1", "--steps_per_epoch=2",
+                         "--precision=mixed_bfloat16"))
+    finetune.main(["finetune"], f)
+    keras.mixed_precision.set_global_policy("float32")
+    model = run_dir.load_model(run_dir.read_run(tmp_path / "run", task="segmentation"))
+    assert {layer.dtype_policy.compute_dtype for layer in model.layers} == {"float32"}
+    # The trained (float32 master) weights of the last checkpoint, not a fresh build's: the head's kernel is
+    # one of the checkpoint's tensors of its shape (the others: its momentum).
+    reader = tf.train.load_checkpoint(str(tmp_path / "run" / "checkpoints"))
+    kernel = model.get_layer("fcn_logits").get_weights()[0]
+    stored = [reader.get_tensor(k) for k, shape in reader.get_variable_to_shape_map().items()
+              if tuple(shape) == kernel.shape]
+    assert stored and any(np.array_equal(kernel, tensor) for tensor in stored)

@@ -14,6 +14,9 @@ import tensorflow as tf
 
 UNDECODABLE_IMAGE = "Undecodable image file (empty, not an image, or truncated):"
 LABEL_OUT_OF_RANGE = "Label out of range"
+BAD_SEGMENTATION_INPUT = "Bad segmentation input:"  # segmentation/data.py and augment.py's checks
+BAD_DETECTION_INPUT = "Bad detection input:"  # detection/data.py's checks
+MARKERS = (UNDECODABLE_IMAGE, LABEL_OUT_OF_RANGE, BAD_SEGMENTATION_INPUT, BAD_DETECTION_INPUT)
 
 
 def bad_input_message(error):
@@ -23,7 +26,7 @@ def bad_input_message(error):
         return None
     ours = []
     for line in (error.message or str(error)).splitlines():
-        starts = [line.find(marker) for marker in (UNDECODABLE_IMAGE, LABEL_OUT_OF_RANGE) if marker in line]
+        starts = [line.find(marker) for marker in MARKERS if marker in line]
         if starts:  # from the marker on, without tf.debugging.Assert's [brackets] around each part
             ours.append(re.sub(r"\]\s*\[", " ", line[min(starts) :]).strip("[] "))
     return "\n".join(ours) or None

@@ -15,6 +15,7 @@ Training drops difficult boxes (unless `keep_difficult`) and boxes that augmenta
 import tensorflow as tf
 
 from bot_keras.data.augment import check_encoded_image, decode_image
+from bot_keras.data.errors import BAD_DETECTION_INPUT, UNDECODABLE_IMAGE
 from bot_keras.data.pipeline import per_replica_batch_size
 from bot_keras.detection import augment, sources
 
@@ -82,17 +83,16 @@ def make_detection_dataset(
     def decode(example):
         """Decoded uint8 image, with one-line errors naming the file for broken images and bad labels."""
         key, labels, declared = example["key"], example["labels"], example["image_hw"]
-        ok = tf.debugging.Assert(check_encoded_image(example["encoded"]),
-                                 ["Undecodable image file (empty, not an image, or truncated):", key])
+        ok = tf.debugging.Assert(check_encoded_image(example["encoded"]), [UNDECODABLE_IMAGE, key])
         with tf.control_dependencies([ok]):
             image = decode_image(example["encoded"])
         hw = tf.shape(image)[:2]
         checks = [
             tf.debugging.Assert(tf.reduce_all(declared == 0) | tf.reduce_all(declared == hw),
-                                ["Image size (h, w)", hw, "differs from the annotated size", declared,
-                                 "in", key]),
+                                [f"{BAD_DETECTION_INPUT} image size (h, w)", hw,
+                                 "differs from the annotated size", declared, "in", key]),
             tf.debugging.Assert(tf.reduce_all((labels >= 0) & (labels < num_classes)),
-                                [f"Box label out of range [0, {num_classes}) in", key]),
+                                [f"{BAD_DETECTION_INPUT} box label out of range [0, {num_classes}) in", key]),
         ]
         with tf.control_dependencies(checks):
             return tf.identity(image), _pixels(example["boxes"], hw)

@@ -19,6 +19,7 @@ eagerly and in `tf.data`.
 import tensorflow as tf
 
 from bot_keras.data.augment import normalize
+from bot_keras.data.errors import BAD_SEGMENTATION_INPUT
 from bot_keras.segmentation.metrics import IGNORE_LABEL
 
 SCALE_RANGE = (0.5, 2.0)
@@ -109,6 +110,7 @@ def preprocess_for_eval(image, mask, crop_size, mode="pad"):
     else:
         tf.debugging.assert_less_equal(
             tf.shape(mask)[:2], crop_size,
-            message=f"an image is larger than the evaluation size {crop_size}: raise crop_size or use center")
+            message=f"{BAD_SEGMENTATION_INPUT} an image is larger than the evaluation size {crop_size}: "
+                    "raise the evaluation size or use the center mode")
         image, mask = pad_pair(normalize(image), mask, (crop_size, crop_size))
     return tf.ensure_shape(image, [crop_size, crop_size, 3]), tf.ensure_shape(mask, [crop_size, crop_size])

@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from bot_keras.data import augment as image_ops
+from bot_keras.data.errors import BAD_SEGMENTATION_INPUT
 from bot_keras.data.pipeline import per_replica_batch_size
 from bot_keras.run_dir import read_class_names
 from bot_keras.segmentation import augment
@@ -148,8 +149,7 @@ def decode_mask(encoded, path):
         colours = voc_colormap().astype(np.int32)
         table = colours[:, 0] * 65536 + colours[:, 1] * 256 + colours[:, 2]
         matches = tf.equal(codes[..., None], tf.constant(table))
-        tf.debugging.Assert(tf.reduce_all(tf.reduce_any(matches, -1)),
-                            [tf.strings.join(["mask colour outside the VOC palette in ", path])])
+        _check(tf.reduce_all(tf.reduce_any(matches, -1)), "mask colour outside the VOC palette in ", path)
         return tf.argmax(tf.cast(matches, tf.int32), axis=-1, output_type=tf.int32)
 
     def grayscale():
@@ -159,7 +159,8 @@ def decode_mask(encoded, path):
 
 
 def _check(condition, *message):
-    return tf.debugging.Assert(condition, [tf.strings.join(list(message))])
+    """An in-graph check whose message `bot_keras.data.errors.bad_input_message` recognises (one line)."""
+    return tf.debugging.Assert(condition, [tf.strings.join([BAD_SEGMENTATION_INPUT + " ", *message])])
 
 
 def read_pair(image_path, mask_path, num_classes):

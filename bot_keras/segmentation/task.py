@@ -23,6 +23,7 @@ from absl import flags
 
 from bot_keras import cli, run_dir, steps
 from bot_keras.data.augment import check_encoded_image, decode_image, normalize
+from bot_keras.data.errors import bad_input_message
 from bot_keras.segmentation import augment, data, heads, losses, metrics
 
 NAME = run_dir.SEGMENTATION
@@ -132,7 +133,7 @@ def build_model(f, *, num_classes, output_stride, weights_from=None):
 def inference_model(model):
     """The model without FCN's auxiliary output (training only): logits [B, H, W, K]."""
     if isinstance(model.output, dict):
-        return keras.Model(model.inputs, model.output["logits"], name=model.name)
+        return keras.Model(model.inputs[0], model.output["logits"], name=model.name)  # one input, not a list
     return model
 
 
@@ -238,7 +239,13 @@ def evaluate_run(run, *, dataset=None, split=None, data_dir=None, batch_size=Non
     evaluator = Evaluator(tf.distribute.get_strategy(), model, run.class_names)
     with cli.setup_errors(f"--dataset={f.dataset}"):
         batches = make_dataset(f, split=split, training=False)
-    result = evaluator(batches)
+    try:
+        result = evaluator(batches)
+    except tf.errors.InvalidArgumentError as error:
+        message = bad_input_message(error)  # the pipeline's check naming the file, or None: a bug
+        if message is None:
+            raise
+        raise cli.SetupError(f"Evaluation stopped by bad input data: {message}") from None
     result.update(
         evaluator.details,
         confusion=evaluator.confusion.tolist(),
@@ -321,13 +328,15 @@ def load_predictor(path):
 
 def predict_files(model_path, image_paths, output_dir, encoded_images):
     """Writes `<stem>_classes.png` (class ids as grey levels) and `<stem>_overlay.png` (the photo under
-    the class colours) per image into `output_dir`; returns one line per image to print."""
+    the class colours) per image into `output_dir` (`<stem>_<position>` when two inputs share a stem);
+    returns one line per image to print."""
     predict, names = load_predictor(model_path)
     output_dir = pathlib.Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     lines = []
-    for path, encoded in zip(image_paths, encoded_images, strict=True):
-        stem = pathlib.Path(path).stem
+    stems = [pathlib.Path(path).stem for path in image_paths]
+    for index, (path, encoded) in enumerate(zip(image_paths, encoded_images, strict=True)):
+        stem = stems[index] if stems.count(stems[index]) == 1 else f"{stems[index]}_{index}"
         classes = predict(encoded)
         photo = decode_image(encoded).numpy()
         tf.io.write_file(

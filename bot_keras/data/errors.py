@@ -8,6 +8,8 @@ pipeline.py (and segmentation's data and augment) build each check's message as 
 with one of `MARKERS`, and `bad_input_message` is the only reader.
 """
 
+import re
+
 import tensorflow as tf
 
 UNDECODABLE_IMAGE = "Undecodable image file (empty, not an image, or truncated):"
@@ -25,6 +27,7 @@ def bad_input_message(error):
         return None
     for line in (error.message or str(error)).splitlines():
         starts = [line.find(marker) for marker in MARKERS if marker in line]
-        if starts:  # tf.debugging.Assert prints its one string inside [...]; assert_* ops print it bare
-            return line[min(starts) :].rstrip().removesuffix("]").strip()
+        if starts:  # tf.debugging.Assert prints each part inside [...]; assert_* ops print the message bare
+            message = line[min(starts) :].rstrip().removesuffix("]")
+            return re.sub(r"\]\s*\[", " ", message).strip()
     return None

@@ -15,14 +15,14 @@ import json
 import math
 import os
 import shutil
-import time
+import sys
 
 import keras
 import tensorflow as tf
 from absl import flags, logging
 
 from bot_keras import cli, distribute, loop, optimizers, run_dir, schedules, steps
-from bot_keras.data import Augmentation, dataset_info, make_dataset
+from bot_keras.data import Augmentation, SkippedFiles, dataset_info, make_dataset
 from bot_keras.data.errors import bad_input_message
 from bot_keras.data.sources import parse_source
 from bot_keras.models import MODEL_NAMES, RESNET_NAMES, build_model
@@ -258,11 +258,17 @@ def validate_flags(f):
         if f.resume:
             need(
                 loop.latest_checkpoint(f.model_dir) is not None,
-                f"--resume: no checkpoint in {checkpoint_dir!r} to continue from.",
+                f"--resume: no checkpoint in {checkpoint_dir!r} to continue from"
+                + (
+                    " (the run stopped before its first checkpoint; run the command without --resume to "
+                    "start it afresh)."
+                    if run_dir.never_started(f.model_dir)
+                    else "."
+                ),
             )
         else:
             need(
-                not has_files,
+                not has_files or run_dir.never_started(f.model_dir),
                 f"--model_dir={f.model_dir!r} already holds a run; pass --resume to continue it, or choose "
                 "another directory (runs are never overwritten).",
             )
@@ -292,12 +298,16 @@ def main(argv, f=flags.FLAGS):
         strategy = distribute.create_strategy(f.strategy, tpu_address=f.tpu)
         distribute.per_replica_batch_size(f.batch_size, strategy.num_replicas_in_sync)
     distribute.set_precision(f.precision)
+    warning = distribute.precision_warning(f.precision)
+    if warning:
+        print(f"WARNING: {warning}", file=sys.stderr, flush=True)
     keras.utils.set_random_seed(f.seed)
     chief = distribute.is_chief(strategy)
     write_dir = distribute.worker_dir(f.model_dir, strategy)
 
     # Data. Every read of the source names the same directory, label offset and corrupt-file policy.
     source = dict(data_dir=f.data_dir, label_offset=f.label_offset, skip_corrupt=f.skip_corrupt)
+    skipped_files = SkippedFiles()  # the distinct files --skip_corrupt skipped, counted at the end
     with cli.setup_errors(f"--dataset={f.dataset}"):
         train_info = dataset_info(f.dataset, split=f.train_split, **source)
         eval_info = dataset_info(f.dataset, split=f.eval_split, **source) if f.eval_split else train_info
@@ -331,6 +341,7 @@ def main(argv, f=flags.FLAGS):
                 color_jitter=f.color_jitter,
                 pca_lighting=f.pca_lighting,
             ),
+            skipped_files=skipped_files,
             **source,
         )
 
@@ -342,6 +353,7 @@ def main(argv, f=flags.FLAGS):
             global_batch_size=f.batch_size,
             training=False,
             input_context=context,
+            skipped_files=skipped_files,
             **source,
         )
 
@@ -388,14 +400,25 @@ def main(argv, f=flags.FLAGS):
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         optimizer.build(model.trainable_variables)
         step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+    state = loop.RunState()
 
     # Restore.
     manager = loop.checkpoint_manager(
-        write_dir, keep=f.keep_checkpoints, model=model, optimizer=optimizer, step=step_var
+        write_dir,
+        keep=f.keep_checkpoints,
+        model=model,
+        optimizer=optimizer,
+        step=step_var,
+        **state.checkpointed(),
     )
+    total_steps = loop.total_steps(f.epochs, steps_per_epoch, f.max_steps)
     if f.resume:
         path = loop.restore_latest(manager, f.model_dir)
         restored = int(step_var.numpy())
+        if restored >= total_steps:  # nothing left to train: leave the run as it is, or complete it
+            if chief:
+                finish_trained_run(f.model_dir, model, state, step=restored)
+            return
         scale = getattr(optimizer, "dynamic_scale", None)
         print(
             f"Resumed from {path} at step {restored} (epoch {restored // steps_per_epoch}), learning rate "
@@ -404,7 +427,15 @@ def main(argv, f=flags.FLAGS):
             flush=True,
         )
     if chief:
+        if not f.resume and run_dir.never_started(f.model_dir):
+            print(
+                f"--model_dir={f.model_dir} holds no checkpoint and no model, only what a run that stopped "
+                "before its first checkpoint left: starting the run afresh there.",
+                flush=True,
+            )
+            shutil.rmtree(os.path.join(f.model_dir, run_dir.LOGS_DIR), ignore_errors=True)
         os.makedirs(f.model_dir, exist_ok=True)
+        run_dir.remove_temporaries(f.model_dir)
         run_dir.write_run_info(f.model_dir, task=run_dir.CLASSIFICATION)
         run_dir.write_atomic(os.path.join(f.model_dir, run_dir.FLAGS_FILE), resolved_flags_text(f))
         run_dir.write_class_names(os.path.join(f.model_dir, run_dir.CLASSES_FILE), train_info.class_names)
@@ -436,7 +467,6 @@ def main(argv, f=flags.FLAGS):
         resume=f.resume,
     )
     mixup_epochs = int(math.ceil(f.epochs)) - f.mixup_off_epochs if f.mixup_alpha else 0
-    start = time.perf_counter()
     try:
         logs = loop.train_loop(
             optimizer=optimizer,
@@ -455,6 +485,7 @@ def main(argv, f=flags.FLAGS):
             max_steps=f.max_steps,
             mixup_epochs=mixup_epochs,
             precision=f.precision,
+            state=state,
         )
     except tf.errors.InvalidArgumentError as error:
         message = bad_input_message(error)  # the pipeline's check naming the file, or None: a bug
@@ -464,15 +495,48 @@ def main(argv, f=flags.FLAGS):
 
     # Export: the student alone (no teacher, no optimizer), per-replica BN config, next to its class list.
     distribute.set_synchronized_batch_norm(model, False)
+    if f.skip_corrupt:
+        print(f"Skipped {skipped_files.count()} distinct undecodable files (--skip_corrupt).", flush=True)
     if chief:
-        run_dir.save_model(model, f.model_dir)
-        summary = {k: float(v) for k, v in logs.items()}
-        summary.update(step=int(step_var.numpy()), wall_time_s=time.perf_counter() - start)
-        run_dir.write_metrics(f.model_dir, summary)
-        print(f"Finished: {json.dumps({k: round(v, 4) for k, v in summary.items()})}", flush=True)
-        print(f"Run directory: {f.model_dir}", flush=True)
+        extra = {"skipped_files": skipped_files.count()} if f.skip_corrupt else {}
+        write_results(f.model_dir, model, state, step=int(step_var.numpy()), logs=logs, **extra)
     else:
         shutil.rmtree(write_dir, ignore_errors=True)
+
+
+def write_results(model_dir, model, state, *, step, logs, write_model=True, **extra):
+    """Writes final_metrics.json (the last epoch's logs, step, the run's total training time) and then
+    model.keras, the file that marks the run finished: a kill between the two leaves metrics and
+    checkpoints from which `--resume` writes the model."""
+    summary = {name: float(value) for name, value in logs.items()}
+    summary.update(step=step, wall_time_s=float(state.wall_time_s.numpy()), **extra)
+    run_dir.write_metrics(model_dir, summary)
+    if write_model:
+        run_dir.save_model(model, model_dir)
+    print(f"Finished: {json.dumps({k: round(v, 4) for k, v in summary.items()})}", flush=True)
+    print(f"Run directory: {model_dir}", flush=True)
+
+
+def finish_trained_run(model_dir, model, state, *, step):
+    """`--resume` of a run whose checkpoint is at its last step: a complete run is left byte for byte as it
+    is; a run killed after its last checkpoint gets the final files it lacks, from that checkpoint."""
+    model_ok = run_dir.keras_file_problem(os.path.join(model_dir, run_dir.MODEL_FILE)) is None
+    metrics = os.path.join(model_dir, run_dir.METRICS_FILE)
+    if model_ok and os.path.isfile(metrics):
+        print(
+            f"{model_dir} is a complete run (step {step}): nothing to do, every file left as it was. "
+            "Raise --epochs (or --max_steps) with --resume to train it further.",
+            flush=True,
+        )
+        return
+    print(f"{model_dir} finished training (step {step}) but lacks its final files: writing them.", flush=True)
+    distribute.set_synchronized_batch_norm(model, False)
+    run_dir.remove_temporaries(model_dir)
+    if os.path.isfile(metrics):
+        run_dir.save_model(model, model_dir)
+        print(f"Run directory: {model_dir}", flush=True)
+    else:
+        write_results(model_dir, model, state, step=step, logs=state.logs(), write_model=not model_ok)
 
 
 if __name__ == "__main__":

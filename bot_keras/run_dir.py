@@ -16,7 +16,8 @@ which `remove_temporaries` clears). A `model.keras` that is nevertheless damaged
 is reported as damaged, with `--resume` as the cure when the run's checkpoints can rewrite it.
 
 `flags.txt` is read back with the training command's own flag definitions, so a negated boolean
-(`--noskip_corrupt`) or a list reads back typed, as the trainer parsed it. Runs written before `run.json` existed are classification runs.
+(`--noskip_corrupt`) or a list reads back typed, as the trainer parsed it. Runs written before `run.json`
+existed are classification runs.
 """
 
 import dataclasses

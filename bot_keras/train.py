@@ -505,14 +505,14 @@ def main(argv, f=flags.FLAGS):
 
 
 def write_results(model_dir, model, state, *, step, logs, write_model=True, **extra):
-    """Writes final_metrics.json (the last epoch's logs, step, the run's total training time) and then
-    model.keras, the file that marks the run finished: a kill between the two leaves metrics and
-    checkpoints from which `--resume` writes the model."""
+    """Writes model.keras and then final_metrics.json (the last epoch's logs, the step, the run's total
+    training time), the file that marks a run finished (tools/ablation.py reads it so). A kill before the
+    metrics leaves checkpoints whose `RunState` lets `--resume` write both."""
+    if write_model:
+        run_dir.save_model(model, model_dir)
     summary = {name: float(value) for name, value in logs.items()}
     summary.update(step=step, wall_time_s=float(state.wall_time_s.numpy()), **extra)
     run_dir.write_metrics(model_dir, summary)
-    if write_model:
-        run_dir.save_model(model, model_dir)
     print(f"Finished: {json.dumps({k: round(v, 4) for k, v in summary.items()})}", flush=True)
     print(f"Run directory: {model_dir}", flush=True)
 
@@ -532,7 +532,7 @@ def finish_trained_run(model_dir, model, state, *, step):
     print(f"{model_dir} finished training (step {step}) but lacks its final files: writing them.", flush=True)
     distribute.set_synchronized_batch_norm(model, False)
     run_dir.remove_temporaries(model_dir)
-    if os.path.isfile(metrics):
+    if os.path.isfile(metrics):  # a damaged model.keras under complete metrics (e.g. copied in part)
         run_dir.save_model(model, model_dir)
         print(f"Run directory: {model_dir}", flush=True)
     else:

@@ -6,6 +6,7 @@ before and after). The runs are tiny (ResNet-18-D on 32 px images, a few steps o
 test writes); the subprocess cases are marked slow.
 """
 
+import csv
 import hashlib
 import json
 import pathlib
@@ -134,7 +135,7 @@ def test_kill_during_the_final_save_leaves_no_model_and_resume_writes_it(tmp_pat
     assert proc.returncode == 9, proc.stderr[-3000:]
     assert not (run / "model.keras").exists()  # no half or empty model: it never had the final name
     assert [p.name for p in run.glob(".model.*.tmp.keras")]  # the complete temporary is all there was
-    metrics = (run / "final_metrics.json").read_bytes()  # written before the model, complete
+    assert not (run / "final_metrics.json").exists()  # written last: it marks a finished run
 
     cure = r"missing model\.keras; the run's checkpoints can rewrite it: .*--resume$"
     with pytest.raises(cli.SetupError, match=cure):
@@ -143,7 +144,13 @@ def test_kill_during_the_final_save_leaves_no_model_and_resume_writes_it(tmp_pat
     proc = _run("bot_keras.train", *_train_args(data, run, "--resume"))
     assert proc.returncode == cli.OK, proc.stderr[-3000:]
     assert "finished training (step 2) but lacks its final files: writing them" in proc.stdout
-    assert (run / "final_metrics.json").read_bytes() == metrics
+    # The checkpoint carried the last epoch's logs: the metrics are those training.csv recorded.
+    metrics = json.loads((run / "final_metrics.json").read_text())
+    with open(run / "logs" / "training.csv") as f:
+        last = list(csv.DictReader(f))[-1]
+    assert metrics["step"] == 2 and metrics["wall_time_s"] > 0
+    for name in ("loss", "top1", "top5", "lr"):
+        assert metrics[name] == pytest.approx(float(last[name]), rel=1e-6), name
     assert not list(run.glob(".*.tmp*"))
     assert evaluate.evaluate_run(run, split="train")["count"] == 16
 

@@ -418,6 +418,8 @@ def main(argv, f=flags.FLAGS):
         if restored >= total_steps:  # nothing left to train: leave the run as it is, or complete it
             if chief:
                 finish_trained_run(f.model_dir, model, state, step=restored)
+            else:
+                shutil.rmtree(write_dir, ignore_errors=True)
             return
         scale = getattr(optimizer, "dynamic_scale", None)
         print(

@@ -116,7 +116,8 @@ def main(argv, f=flags.FLAGS):
         f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%"
     )
     if "skipped_files" in result:
-        print(f"Skipped {result['skipped_files']} distinct undecodable files (--skip_corrupt).")
+        count = result["skipped_files"]
+        print(f"Skipped {count} distinct undecodable file{'' if count == 1 else 's'} (--skip_corrupt).")
     print(f"Wrote {output}")
 
 

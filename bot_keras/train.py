@@ -498,7 +498,8 @@ def main(argv, f=flags.FLAGS):
     # Export: the student alone (no teacher, no optimizer), per-replica BN config, next to its class list.
     distribute.set_synchronized_batch_norm(model, False)
     if f.skip_corrupt:
-        print(f"Skipped {skipped_files.count()} distinct undecodable files (--skip_corrupt).", flush=True)
+        count = skipped_files.count()
+        print(f"Skipped {count} distinct undecodable file{'' if count == 1 else 's'} (--skip_corrupt).", flush=True)
     if chief:
         extra = {"skipped_files": skipped_files.count()} if f.skip_corrupt else {}
         write_results(f.model_dir, model, state, step=int(step_var.numpy()), logs=logs, **extra)

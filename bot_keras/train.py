@@ -499,7 +499,8 @@ def main(argv, f=flags.FLAGS):
     distribute.set_synchronized_batch_norm(model, False)
     if f.skip_corrupt:
         count = skipped_files.count()
-        print(f"Skipped {count} distinct undecodable file{'' if count == 1 else 's'} (--skip_corrupt).", flush=True)
+        plural = "" if count == 1 else "s"
+        print(f"Skipped {count} distinct undecodable file{plural} (--skip_corrupt).", flush=True)
     if chief:
         extra = {"skipped_files": skipped_files.count()} if f.skip_corrupt else {}
         write_results(f.model_dir, model, state, step=int(step_var.numpy()), logs=logs, **extra)

@@ -41,8 +41,11 @@ from bot_keras.models.backbone import freeze_backbone
 from bot_keras.models.resnet import OUTPUT_STRIDES
 
 COMMAND = "bot_keras.finetune"
-# Task name → its module. Detection adds "detection": "bot_keras.detection.task".
-TASK_MODULES = {run_dir.SEGMENTATION: "bot_keras.segmentation.task"}
+# Task name → its module.
+TASK_MODULES = {
+    run_dir.SEGMENTATION: "bot_keras.segmentation.task",
+    run_dir.DETECTION: "bot_keras.detection.task",
+}
 WEIGHT_SUFFIXES = (".keras", ".weights.h5", ".safetensors")
 
 

@@ -166,3 +166,12 @@ def test_ade20k_recipe_holds_the_papers_fcn_setting(monkeypatch):
     assert (f.dataset, f.backbone, f.output_stride, f.head) == ("tfds:scene_parse150", "resnet50_d", 8, "fcn")
     assert (f.crop_size, f.batch_size, f.epochs, f.lr_schedule) == (480, 16, 120, "poly")
     assert f.base_lr * f.batch_size / 256 == pytest.approx(0.01)  # GluonCV's lr at batch 16
+
+
+def test_voc_recipe_holds_the_papers_detection_setting(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    f = parse_finetune("--flagfile=configs/transfer/voc_retinanet_resnet50_d.flags")
+    assert (f.task, f.dataset, f.backbone) == ("detection", "voc:VOC0712", "resnet50_d")
+    assert (f.train_split, f.eval_split) == ("trainval", "test")  # VOC 07+12 trainval → VOC 2007 test
+    assert f.base_lr * f.batch_size / 256 == pytest.approx(0.01)  # Detectron/GluonCV's lr at batch 16
+    assert "Faster-RCNN" in header("configs/transfer/voc_retinanet_resnet50_d.flags")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from bot_keras.data.errors import bad_input_message
 from bot_keras.detection import data, sources
 
 
@@ -60,6 +61,15 @@ def test_voc_classes_are_sorted_names_of_every_xml_and_voc_years_get_the_20(voc_
     assert sources.detection_info(f"voc:{year}", split="test").class_names == sources.VOC_CLASSES
 
 
+def test_splits_joined_with_plus_concatenate(voc_root):
+    info = sources.detection_info(f"voc:{voc_root}", split="train+val")
+    assert info.num_examples == 5
+    paths = sources.read_voc(voc_root, "train").paths + sources.read_voc(voc_root, "val").paths
+    assert sources._file_annotations("voc", voc_root, "train+val", None).paths == paths
+    with pytest.raises(ValueError, match="empty part"):
+        sources.detection_info(f"voc:{voc_root}", split="train+")
+
+
 def test_eval_batches_hold_pixel_boxes_of_the_padded_input_and_keep_difficult_as_metadata(voc_root):
     ds = data.make_detection_dataset(f"voc:{voc_root}", split="val", image_size=64, global_batch_size=2,
                                      training=False, with_metadata=True)
@@ -68,6 +78,7 @@ def test_eval_batches_hold_pixel_boxes_of_the_padded_input_and_keep_difficult_as
     # 'a' is 40×60: longer side to 64 → 43×64 (42.67 rounds to 43), scale (43/40, 64/60).
     sy, sx = 43 / 40, 64 / 60
     np.testing.assert_allclose(targets["scale"][0], [sy, sx], rtol=1e-6)
+    np.testing.assert_array_equal(targets["image_hw"], [[40, 60], [20, 20]])
     np.testing.assert_allclose(targets["boxes"][0], [[5 * sy, 10 * sx, 20 * sy, 30 * sx],
                                                      [0, 0, 10 * sy, 10 * sx]], rtol=1e-5)
     np.testing.assert_array_equal(targets["labels"], [[1, 0], [-1, -1]])  # 'c' has no boxes: -1 padding
@@ -125,8 +136,11 @@ def test_voc_annotation_without_its_image_and_image_size_mismatch(tmp_path):
     write_png(os.path.join(root, "JPEGImages", "a.png"), 11, 12)  # the XML says 10×12
     ds = data.make_detection_dataset(f"voc:{root}", split="val", image_size=32, global_batch_size=1,
                                      training=False)
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"differs from the annotated size.*a\.png"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"differs from the annotated size.*a\.png") as e:
         next(iter(ds))
+    # The commands print this line (exit 2) instead of TensorFlow's traceback.
+    assert bad_input_message(e.value) == ("Bad detection input: image size (h, w) 11 12 differs from the "
+                                          f"annotated size 10 12 in {root}/JPEGImages/a.png")
 
 
 # ------------------------------------------------------------------------------------------------ COCO

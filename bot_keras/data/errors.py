@@ -13,7 +13,8 @@ import tensorflow as tf
 UNDECODABLE_IMAGE = "Undecodable image file (empty, not an image, or truncated):"
 LABEL_OUT_OF_RANGE = "Label out of range"
 BAD_SEGMENTATION_INPUT = "Bad segmentation input:"  # segmentation/data.py and augment.py's checks
-MARKERS = (UNDECODABLE_IMAGE, LABEL_OUT_OF_RANGE, BAD_SEGMENTATION_INPUT)
+BAD_DETECTION_INPUT = "Bad detection input:"  # detection/data.py's checks
+MARKERS = (UNDECODABLE_IMAGE, LABEL_OUT_OF_RANGE, BAD_SEGMENTATION_INPUT, BAD_DETECTION_INPUT)
 
 
 def bad_input_message(error):

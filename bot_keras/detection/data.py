@@ -8,13 +8,14 @@ a GatherV2 index error), while a batch of all -1 slots trains as "all background
 
 Training drops difficult boxes (unless `keep_difficult`) and boxes that augmentation pushed out. With
 `with_metadata` (evaluation) targets also hold `"difficult"` bool [B, N] (padding False), `"scale"` [B, 2]
-(network pixels per original pixel, y and x: divide predicted boxes by it for original coordinates) and
-`"key"` [B] (the file).
+(network pixels per original pixel, y and x: divide predicted boxes by it for original coordinates),
+`"image_hw"` int32 [B, 2] (the original image's height and width) and `"key"` [B] (the file).
 """
 
 import tensorflow as tf
 
 from bot_keras.data.decode import check_encoded_image, decode_image
+from bot_keras.data.errors import BAD_DETECTION_INPUT, UNDECODABLE_IMAGE
 from bot_keras.data.pipeline import per_replica_batch_size
 from bot_keras.detection import augment, sources
 
@@ -54,7 +55,7 @@ def make_detection_dataset(
         and pad, in order, one pass.
       seed: makes shuffling and augmentation reproducible; None draws fresh.
       keep_difficult: keep difficult boxes as training targets (VOC leaves them out).
-      with_metadata: add "difficult", "scale" and "key" to the targets (for evaluation).
+      with_metadata: add "difficult", "scale", "image_hw" and "key" to the targets (for evaluation).
       scale_range: the training scale jitter (see `augment.preprocess_for_train`).
     """
     if not isinstance(image_size, int) or image_size < 32:
@@ -82,17 +83,16 @@ def make_detection_dataset(
     def decode(example):
         """Decoded uint8 image, with one-line errors naming the file for broken images and bad labels."""
         key, labels, declared = example["key"], example["labels"], example["image_hw"]
-        ok = tf.debugging.Assert(check_encoded_image(example["encoded"]),
-                                 ["Undecodable image file (empty, not an image, or truncated):", key])
+        ok = tf.debugging.Assert(check_encoded_image(example["encoded"]), [UNDECODABLE_IMAGE, key])
         with tf.control_dependencies([ok]):
             image = decode_image(example["encoded"])
         hw = tf.shape(image)[:2]
         checks = [
             tf.debugging.Assert(tf.reduce_all(declared == 0) | tf.reduce_all(declared == hw),
-                                ["Image size (h, w)", hw, "differs from the annotated size", declared,
-                                 "in", key]),
+                                [f"{BAD_DETECTION_INPUT} image size (h, w)", hw,
+                                 "differs from the annotated size", declared, "in", key]),
             tf.debugging.Assert(tf.reduce_all((labels >= 0) & (labels < num_classes)),
-                                [f"Box label out of range [0, {num_classes}) in", key]),
+                                [f"{BAD_DETECTION_INPUT} box label out of range [0, {num_classes}) in", key]),
         ]
         with tf.control_dependencies(checks):
             return tf.identity(image), _pixels(example["boxes"], hw)
@@ -112,10 +112,11 @@ def make_detection_dataset(
         labels, difficult = example["labels"], example["difficult"]
         if not (keep_difficult or with_metadata):
             boxes, labels = tf.boolean_mask(boxes, ~difficult), tf.boolean_mask(labels, ~difficult)
+        image_hw = tf.shape(image)[:2]
         image, boxes, scale = augment.preprocess_for_eval(image, boxes, image_size)
         targets = {"boxes": boxes, "labels": labels}
         if with_metadata:
-            targets.update(difficult=difficult, scale=scale, key=example["key"])
+            targets.update(difficult=difficult, scale=scale, image_hw=image_hw, key=example["key"])
         return image, targets
 
     if training:
@@ -127,7 +128,7 @@ def make_detection_dataset(
     ds = ds.map(_add_pad_slot)
     padding_values = {"boxes": float(PAD), "labels": PAD}
     if with_metadata:
-        padding_values.update(difficult=False, scale=0.0, key="")
+        padding_values.update(difficult=False, scale=0.0, image_hw=0, key="")
     ds = ds.padded_batch(batch_size, padding_values=(0.0, padding_values), drop_remainder=drop_remainder)
     ds = ds.map(_drop_extra_slot)
     if repeat:

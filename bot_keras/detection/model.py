@@ -17,7 +17,8 @@ Three things differ from `keras_hub.models.RetinaNetObjectDetector` as keras-hub
   * under mixed_float16 the head outputs are float16 and keras-hub's box decoding fails against its float32
     anchors; `decode_predictions` casts to float32 first (the float32 island of STYLE.md, habit 9);
   * the NMS confidence threshold is a parameter: keras-hub's 0.5 suits pictures, mAP needs low-confidence
-    detections too (0.05, as the VOC/COCO benchmarks' reference detectors use).
+    detections too (0.05, as the VOC/COCO benchmarks' reference detectors use); `detect(images,
+    decoder=make_nms(...))` decodes with another NMS for one call (evaluation always uses 0.05).
 keras-hub's NMS is class-agnostic: each anchor keeps its best class only, then one NMS over all classes.
 """
 
@@ -26,6 +27,9 @@ import math
 import keras
 import keras_hub
 import tensorflow as tf
+
+# keras-hub 0.32 does not export its RetinaNet label encoder (setup.py pins keras-hub < 0.33).
+from keras_hub.src.models.retinanet.retinanet_label_encoder import RetinaNetLabelEncoder
 
 from bot_keras.models import build_backbone
 
@@ -47,9 +51,32 @@ class RetinaNet(keras_hub.models.RetinaNetObjectDetector):
         # Weights restored by `load_model` overwrite these; a fresh model gets Lin et al.'s initialisation.
         init_heads(self, PRIOR_PROBABILITY)
 
-    def decode_predictions(self, predictions, data):
-        predictions = {k: tf.cast(v, tf.float32) for k, v in predictions.items()}
-        return super().decode_predictions(predictions, data)
+    def decode_predictions(self, predictions, data, decoder=None):
+        """keras-hub's decoding (anchor deltas → boxes → NMS) in float32, with `decoder` (a
+        `make_nms` layer) in place of `prediction_decoder` when given: evaluation decodes at the mAP
+        threshold whatever the model was built with. `data` is the images (or (images, labels)) batch,
+        of fully static shape: the anchor generator reads its H and W, NMS its batch size."""
+        decoder = decoder or self.prediction_decoder
+        images = data[0] if isinstance(data, (list, tuple)) else data
+        height, width, channels = images.shape[1:]
+        anchors = tf.concat(list(self.anchor_generator(images).values()), axis=0)
+        boxes = keras.utils.bounding_boxes.decode_deltas_to_boxes(
+            anchors=anchors,
+            boxes_delta=tf.cast(predictions["bbox_regression"], tf.float32),
+            encoded_format="center_xywh",
+            anchor_format=self.anchor_generator.bounding_box_format,
+            box_format=self.bounding_box_format,
+            image_shape=(height, width, channels),
+        )
+        if decoder.bounding_box_format != self.bounding_box_format:
+            raise ValueError(f"decoder box format {decoder.bounding_box_format!r} is not the detector's "
+                             f"{self.bounding_box_format!r}.")
+        return decoder(boxes, tf.cast(predictions["cls_logits"], tf.float32), images=images)
+
+    def detect(self, images, *, decoder=None):
+        """NMS'd detections of a batch of network inputs: {"boxes" [B, D, 4] yxyx pixels of the input,
+        "confidence" [B, D], "labels" [B, D] (-1 padding), "num_detections" [B]}."""
+        return self.decode_predictions(self(images, training=False), images, decoder=decoder)
 
 
 def init_heads(detector, prior_probability=PRIOR_PROBABILITY):
@@ -78,6 +105,20 @@ def make_nms(confidence_threshold=MAP_CONFIDENCE_THRESHOLD, *, iou_threshold=NMS
     )
 
 
+def make_anchor_generator():
+    """keras-hub's RetinaNet anchors (3 scales × 3 aspect ratios a level, size 4 × stride) on P3-P7."""
+    return keras_hub.layers.AnchorGenerator(BOX_FORMAT, min_level=MIN_LEVEL, max_level=MAX_LEVEL,
+                                            num_scales=3, aspect_ratios=[0.5, 1.0, 2.0], anchor_size=4)
+
+
+def make_label_encoder(anchor_generator=None):
+    """keras-hub's anchor matching (IoU >= 0.5 positive, < 0.4 background) on `make_anchor_generator`'s
+    anchors: the detector's own encoder, and one the training loss builds without the model (same config,
+    so the same targets)."""
+    return RetinaNetLabelEncoder(anchor_generator or make_anchor_generator(), bounding_box_format=BOX_FORMAT,
+                                 encoding_format="center_xywh")
+
+
 def build_detector(backbone_name, *, num_classes, image_size, image_encoder=None,
                    confidence_threshold=MAP_CONFIDENCE_THRESHOLD, max_detections=MAX_DETECTIONS,
                    kernel_initializer="glorot_uniform"):
@@ -98,8 +139,9 @@ def build_detector(backbone_name, *, num_classes, image_size, image_encoder=None
     """
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer; got {num_classes!r}.")
-    if not isinstance(image_size, int) or image_size < 2 ** MAX_LEVEL // 2:
-        raise ValueError(f"image_size must be an integer >= {2 ** MAX_LEVEL // 2}; got {image_size!r}.")
+    if not isinstance(image_size, int) or image_size < 2 ** MAX_LEVEL // 2 or image_size % 32:
+        raise ValueError(f"image_size must be a multiple of 32, at least {2 ** MAX_LEVEL // 2} (the "
+                         f"backbone's P5 grid must tile it); got {image_size!r}.")
     if image_encoder is None:
         image_encoder = build_backbone(backbone_name, input_shape=(image_size, image_size, 3),
                                        output_stride=32, kernel_initializer=kernel_initializer)
@@ -117,5 +159,7 @@ def build_detector(backbone_name, *, num_classes, image_size, image_encoder=None
         backbone=backbone,
         num_classes=num_classes,
         bounding_box_format=BOX_FORMAT,
+        anchor_generator=(anchors := make_anchor_generator()),
+        label_encoder=make_label_encoder(anchors),
         prediction_decoder=make_nms(confidence_threshold, max_detections=max_detections),
     )

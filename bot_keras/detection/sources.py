@@ -6,7 +6,8 @@ the image's height and width** (TFDS's own convention; continuous edges), so the
 the pipeline decodes to. `image_hw` is the size the annotation declares (the pipeline checks the decoded
 image against it; [0, 0] when the source declares none, as TFDS) and `key` names the file in errors.
 
-Source strings (the `--dataset` of detection):
+Source strings (the `--dataset` of detection; for `voc:` and `coco:` a split may join several with "+",
+`trainval+test`, and `tfds:` takes TFDS's own split strings such as `train+validation`):
   voc:ROOT          a VOCdevkit year folder: ROOT/JPEGImages/ID.jpg, ROOT/Annotations/ID.xml,
                     ROOT/ImageSets/Main/SPLIT.txt (one ID a line). Class names: the 20 Pascal VOC classes
                     when ROOT is named VOC2007 or VOC2012, else ROOT/classes.txt if present, else every
@@ -47,7 +48,9 @@ VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
     "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )  # fmt: skip
-VOC_YEARS = ("VOC2007", "VOC2012")
+# Folders that get the 20 Pascal VOC classes; VOC0712 is the usual name of VOC 2007 + 2012 merged into one
+# folder (their image ids differ) for the "07+12 trainval" training set.
+VOC_YEARS = ("VOC2007", "VOC2012", "VOC0712")
 VOC_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 BORDER_TOLERANCE = 1.0  # pixels a box may extend past the image and still be clipped rather than rejected
 
@@ -335,9 +338,28 @@ def _tfds_examples(name, split, data_dir, input_context, shuffle, seed):
 
 
 def _file_annotations(kind, argument, split, data_dir):
+    """The split's `Annotations`; `A+B` concatenates splits A and B (as TFDS's split strings do), e.g.
+    `trainval+test`. They must share the class list (one VOC root does; COCO files may not)."""
+    parts = [part.strip() for part in split.split("+")]
+    if not all(parts):
+        raise ValueError(f"Split {split!r} has an empty part (expected SPLIT or SPLIT+SPLIT+...).")
     if kind == "voc":
-        return read_voc(os.path.abspath(_resolve(argument, data_dir)), split)
-    return read_coco(*coco_paths(argument, split, data_dir))
+        root = os.path.abspath(_resolve(argument, data_dir))
+        read = [read_voc(root, part) for part in parts]
+    else:
+        read = [read_coco(*coco_paths(argument, part, data_dir)) for part in parts]
+    if len(read) == 1:
+        return read[0]
+    if any(a.class_names != read[0].class_names for a in read):
+        raise ValueError(f"Splits of {split!r} list different classes; they cannot be concatenated.")
+    return Annotations(
+        paths=sum((a.paths for a in read), ()),
+        image_hw=np.concatenate([a.image_hw for a in read]),
+        boxes=sum((a.boxes for a in read), ()),
+        labels=sum((a.labels for a in read), ()),
+        difficult=sum((a.difficult for a in read), ()),
+        class_names=read[0].class_names,
+    )
 
 
 def detection_info(source, *, split, data_dir=None):

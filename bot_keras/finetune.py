@@ -261,11 +261,39 @@ def main(argv, f=flags.FLAGS):
             f, steps_per_epoch=steps_per_epoch, variables=model.trainable_variables
         )
 
+    state = loop.RunState(task.CSV_COLUMNS)  # the run's total training time and last epoch's logs
+
+    def export_model():
+        """The inference model in float32 (a mixed-precision run's weights copied into a float32 build)."""
+        inference = task.inference_model(model)
+        if f.precision == "float32":
+            return inference
+        keras.mixed_precision.set_global_policy("float32")
+        rebuilt = task.inference_model(
+            task.build_model(
+                f,
+                num_classes=len(train_info.class_names),
+                output_stride=output_stride(f, task),
+                weights_from=None,
+            )
+        )
+        return run_dir.copy_weights(rebuilt, inference, label=f"--precision={f.precision} model")
+
     # Restore.
     manager = loop.checkpoint_manager(
-        machinery.write_dir, keep=f.keep_checkpoints, model=model, optimizer=optimizer, step=step_var
+        machinery.write_dir,
+        keep=f.keep_checkpoints,
+        model=model,
+        optimizer=optimizer,
+        step=step_var,
+        **state.checkpointed(),
     )
-    trainer.restore(f, manager, optimizer=optimizer, step_var=step_var, steps_per_epoch=steps_per_epoch)
+    if trainer.restore(f, manager, optimizer=optimizer, step_var=step_var, steps_per_epoch=steps_per_epoch):
+        # Nothing left to train. Metrics rewritten from the checkpoint lack the evaluator's details.
+        trainer.finish_trained_run(
+            f, machinery=machinery, model=export_model(), state=state, step_var=step_var
+        )
+        return
     if machinery.chief:
         trainer.write_run_files(
             f, task=f.task, flags_text=resolved_flags_text(f), class_names=train_info.class_names
@@ -295,23 +323,11 @@ def main(argv, f=flags.FLAGS):
         manager=manager,
         step_var=step_var,
         steps_per_epoch=steps_per_epoch,
-        csv_columns=task.CSV_COLUMNS,
+        state=state,
     )
 
-    # Export: the inference model in float32 (a mixed-precision run's weights copied into a float32 build).
-    inference = task.inference_model(model)
-    if f.precision != "float32":
-        keras.mixed_precision.set_global_policy("float32")
-        rebuilt = task.inference_model(
-            task.build_model(
-                f,
-                num_classes=len(train_info.class_names),
-                output_stride=output_stride(f, task),
-                weights_from=None,
-            )
-        )
-        run_dir.copy_weights(rebuilt, inference, label=f"--precision={f.precision} model")
-        inference = rebuilt
+    # Export: the inference model in float32.
+    inference = export_model()
     details = {f"val_{key}": value for key, value in (evaluate.details if evaluate else {}).items()}
     trainer.finish(
         f,

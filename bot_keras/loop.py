@@ -6,6 +6,10 @@ mixup_on) -> {name: sum}` (e.g. `steps.make_train_function`'s) in chunks of `ste
 never cross an epoch end or a checkpoint, logs the means through `keras.callbacks.CallbackList`
 (progress bar, TensorBoard, CSVLogger), evaluates at each epoch end and saves checkpoints. A
 fine-tuning command reuses it with its own step, metrics and evaluation.
+
+A checkpoint holds, besides the model, optimizer and step, a `RunState`: the training time so far and the
+last epoch's logs. So a resumed run reports its total wall time, and a run killed after its last
+checkpoint (e.g. during the final save) can still write complete final metrics on `--resume`.
 """
 
 import importlib.util
@@ -56,6 +60,37 @@ def restore_latest(manager, model_dir):
             f"dataset's classes changed?): {str(error).splitlines()[0]}"
         ) from None
     return path
+
+
+class RunState:
+    """The run's bookkeeping that travels in its checkpoints (module docstring): `wall_time_s`, the
+    training time of every process of the run up to the checkpoint, and `epoch_logs`, the last finished
+    epoch's logs in `columns` order (the run's CSV columns; NaN: not logged, e.g. accuracy under mixup)."""
+
+    def __init__(self, columns=CSV_COLUMNS):
+        self.columns = tuple(columns)
+        self.wall_time_s = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="wall_time_s")
+        self.epoch_logs = tf.Variable(
+            np.full(len(self.columns), np.nan), dtype=tf.float64, trainable=False, name="epoch_logs"
+        )
+
+    def checkpointed(self):
+        """The objects to add to a `tf.train.Checkpoint` (keyword arguments of `checkpoint_manager`)."""
+        return {"wall_time_s": self.wall_time_s, "epoch_logs": self.epoch_logs}
+
+    def record_epoch(self, logs):
+        self.epoch_logs.assign([float(logs.get(name, np.nan)) for name in self.columns])
+
+    def logs(self):
+        """The last finished epoch's logs as `train_loop` returned them."""
+        values = self.epoch_logs.numpy()
+        return {name: float(v) for name, v in zip(self.columns, values, strict=True) if np.isfinite(v)}
+
+
+def total_steps(epochs, steps_per_epoch, max_steps):
+    """The step a run of `epochs` (fractional allowed) ends at, `max_steps` (0: no limit) capping it."""
+    total = training_steps(epochs, steps_per_epoch)
+    return min(total, max_steps) if max_steps else total
 
 
 # --- the loop -------------------------------------------------------------------------------------------
@@ -117,21 +152,32 @@ def train_loop(
     max_steps,
     mixup_epochs,
     precision,
+    state=None,
 ):
     """Runs from `step_var` to the end; checkpoints every `checkpoint_steps` and at each epoch end.
 
     `evaluate(eval_dataset) -> {name: mean}` (or None: no evaluation) adds `val_<name>` to the epoch's
-    logs. Returns the last epoch's logs. Raises FloatingPointError on a non-finite loss.
+    logs. `state` (a `RunState` in the manager's checkpoint, or None) is brought up to date before each
+    save. Returns the last epoch's logs. Raises FloatingPointError on a non-finite loss.
     """
-    total_steps = training_steps(epochs, steps_per_epoch)
-    if max_steps:
-        total_steps = min(total_steps, max_steps)
+    end = total_steps(epochs, steps_per_epoch, max_steps)
     step = int(step_var.numpy())
     logs, traced = {}, False
+    clock_start, previous_time = time.perf_counter(), float(state.wall_time_s.numpy()) if state else 0.0
+
+    def save(epoch_logs=None):
+        if state is not None:
+            state.wall_time_s.assign(previous_time + time.perf_counter() - clock_start)
+            if epoch_logs is not None:
+                state.record_epoch(epoch_logs)
+        manager.save(checkpoint_number=step)
+
     callbacks.on_train_begin()
-    while step < total_steps:
+    while step < end:
         epoch = step // steps_per_epoch
-        epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
+        epoch_end = min((epoch + 1) * steps_per_epoch, end)
+        epoch_start = step  # a resumed epoch runs from here: the progress bar counts the steps it runs
+        callbacks.set_params({**callbacks.params, "steps": epoch_end - epoch_start})
         mixup_on = epoch < mixup_epochs
         callbacks.on_epoch_begin(epoch)
         totals, timed_steps = {}, 0
@@ -140,7 +186,7 @@ def train_loop(
             n = min(steps_per_execution, epoch_end - step)
             if checkpoint_steps:
                 n = min(n, checkpoint_steps - step % checkpoint_steps)
-            callbacks.on_train_batch_begin(step - epoch * steps_per_epoch)
+            callbacks.on_train_batch_begin(step - epoch_start)
             sums = train_function(
                 train_iterator, tf.constant(step, tf.int64), tf.constant(n), tf.constant(mixup_on)
             )
@@ -162,13 +208,13 @@ def train_loop(
             totals = {name: totals.get(name, 0.0) + value for name, value in sums.items()}
             images_per_sec = timed_steps * global_batch_size / max(time.perf_counter() - start_time, 1e-9)
             logs = _train_logs(totals, mixup_on, lr, images_per_sec)
-            callbacks.on_train_batch_end(step - epoch * steps_per_epoch - 1, logs)
+            callbacks.on_train_batch_end(step - epoch_start - 1, logs)
             if checkpoint_steps and step % checkpoint_steps == 0 and step < epoch_end:
-                manager.save(checkpoint_number=step)
+                save()
         if evaluate is not None:
             result = evaluate(eval_dataset)
             logs.update({f"val_{name}": value for name, value in result.items() if name != "count"})
-        manager.save(checkpoint_number=step)
+        save(logs)
         callbacks.on_epoch_end(epoch, logs)
     callbacks.on_train_end(logs)
     return logs

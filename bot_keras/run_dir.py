@@ -12,9 +12,13 @@ A run directory (`--model_dir`) as `bot_keras.train` leaves it:
     final_metrics.json  the last epoch's logs, step and wall time
 
 Every file is written atomically (a temporary sibling, then `os.replace`), so a reader never sees half a
-file and a crash leaves the previous version or nothing. `flags.txt` is read back with the training
-command's own flag definitions, so a negated boolean (`--noskip_corrupt`) or a list reads back typed, as
-the trainer parsed it. Runs written before `run.json` existed are classification runs.
+file and a crash leaves the previous version or nothing (and at worst a stale `.NAME.*.tmp*` sibling,
+which `remove_temporaries` clears). A `model.keras` that is nevertheless damaged (e.g. copied in part)
+is reported as damaged, with `--resume` as the cure when the run's checkpoints can rewrite it.
+
+`flags.txt` is read back with the training command's own flag definitions, so a negated boolean
+(`--noskip_corrupt`) or a list reads back typed, as the trainer parsed it. Runs written before `run.json`
+existed are classification runs.
 """
 
 import dataclasses
@@ -22,6 +26,7 @@ import json
 import os
 import pathlib
 import tempfile
+import zipfile
 
 import keras
 import tensorflow as tf
@@ -37,6 +42,9 @@ MODEL_FILE = "model.keras"
 METRICS_FILE = "final_metrics.json"
 CHECKPOINTS_DIR = "checkpoints"
 LOGS_DIR = "logs"
+# What a run writes before its first checkpoint: a directory holding only these is a run that never got
+# going (stopped by bad data, or killed, before it saved anything) and may be started afresh.
+START_FILES = (RUN_FILE, FLAGS_FILE, CLASSES_FILE, CHECKPOINTS_DIR, LOGS_DIR)
 
 CLASSIFICATION = "classification"
 SEGMENTATION = "segmentation"
@@ -114,11 +122,46 @@ def save_model(model, model_dir):
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
     try:
         model.save(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _is_temporary(name):
+    return name.startswith(".") and ".tmp" in name
+
+
+def remove_temporaries(model_dir):
+    """Deletes the temporary siblings a killed writer left in `model_dir` (`.NAME.*.tmp*`)."""
+    for entry in pathlib.Path(model_dir).iterdir():
+        if entry.is_file() and _is_temporary(entry.name):
+            entry.unlink(missing_ok=True)
+
+
+def has_checkpoint(model_dir):
+    """Whether `model_dir/checkpoints` holds a checkpoint `--resume` can continue from."""
+    directory = pathlib.Path(model_dir) / CHECKPOINTS_DIR
+    return directory.is_dir() and tf.train.latest_checkpoint(str(directory)) is not None
+
+
+def never_started(model_dir):
+    """True when `model_dir` holds nothing but what a run writes before its first checkpoint
+    (`START_FILES`, an empty checkpoints folder, temporaries): a run that stopped on bad data or was
+    killed early, which a rerun may start afresh; False for an empty or missing directory."""
+    model_dir = pathlib.Path(model_dir)
+    if not model_dir.is_dir():
+        return False
+    names = [name for name in os.listdir(model_dir) if not _is_temporary(name)]
+    checkpoints = model_dir / CHECKPOINTS_DIR
+    return (
+        bool(names)
+        and all(name in START_FILES for name in names)
+        and not (checkpoints.is_dir() and any(checkpoints.iterdir()))
+    )
 
 
 # --- reading ----------------------------------------------------------------------------------------------
@@ -197,7 +240,9 @@ def read_run(model_dir, *, task=CLASSIFICATION):
     if missing:
         hint = ""
         if MODEL_FILE in missing:
-            hint = f" ({TASK_COMMANDS[read_task(model_dir)]} writes model.keras when training ends)"
+            hint = resume_cure(model_dir) or (
+                f" ({TASK_COMMANDS[read_task(model_dir)]} writes model.keras when training ends)"
+            )
         raise SetupError(f"run directory {model_dir} is incomplete: missing {', '.join(missing)}{hint}")
     run_task = read_task(model_dir)
     if run_task != task:
@@ -216,14 +261,54 @@ def read_run(model_dir, *, task=CLASSIFICATION):
 # --- the model --------------------------------------------------------------------------------------------
 
 
-def load_keras_model(path, *, label=None):
-    """`keras.models.load_model(path, compile=False)`; a damaged or missing file is a SetupError naming it
-    (`label`, default the path)."""
+def keras_file_problem(path):
+    """Why the file `path` cannot be a `.keras` model (a zip archive holding `config.json`), or None when
+    it looks like one. Keras itself reports a file it cannot open as "File not found"."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        return "no such file"
+    if path.is_dir():
+        return "a directory, not a .keras file"
+    size = path.stat().st_size
+    if size == 0:
+        return "damaged: empty (0 bytes)"
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head == b"PK":  # a zip archive cut short: its central directory is missing
+            return f"damaged: a .keras archive cut short ({size} bytes)"
+        return f"not a .keras file (a .keras model is a zip archive; this {size}-byte file is not one)"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if "config.json" not in archive.namelist():
+                return "a zip archive without config.json, not a .keras model"
+    except zipfile.BadZipFile as error:
+        return f"damaged: {error}"
+    return None
+
+
+def load_keras_model(path, *, label=None, cure=""):
+    """`keras.models.load_model(path, compile=False)`; a damaged, missing or non-.keras file is a
+    SetupError naming it (`label`, default the path) and what is wrong, followed by `cure`."""
+    name = label or path
+    problem = keras_file_problem(path)
+    if problem is not None:
+        raise SetupError(f"{name}: {problem}{cure}")
     try:
         return keras.models.load_model(path, compile=False)
     except Exception as error:  # Keras raises a zoo of types for a damaged archive
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SetupError(f"{label or path}: cannot load the .keras file: {first}") from error
+        raise SetupError(f"{name}: damaged, cannot load the .keras file: {first}{cure}") from error
+
+
+def resume_cure(model_dir):
+    """The advice for a damaged final model of the run in `model_dir`: its checkpoints can rewrite it."""
+    if not has_checkpoint(model_dir):
+        return ""
+    return (
+        f"; the run's checkpoints can rewrite it: python -m {TASK_COMMANDS[read_task(model_dir)]} "
+        f"--flagfile={pathlib.Path(model_dir) / FLAGS_FILE} --model_dir={model_dir} --resume"
+    )
 
 
 def load_model(run):
@@ -233,7 +318,7 @@ def load_model(run):
         from bot_keras import finetune
 
         finetune.task_module(run.task)  # registers the task's layers (backbone, heads) for loading
-    model = load_keras_model(run.model_path)
+    model = load_keras_model(run.model_path, cure=resume_cure(run.model_dir))
     num_outputs = model.output_shape[-1] if isinstance(model.output_shape, tuple) else None
     if num_outputs is not None and num_outputs != len(run.class_names):
         raise SetupError(

@@ -18,7 +18,7 @@ import os
 from absl import flags
 
 from bot_keras import cli, distribute, loop, run_dir, schedules, steps, trainer
-from bot_keras.data import Augmentation, dataset_info, make_dataset
+from bot_keras.data import Augmentation, SkippedFiles, dataset_info, make_dataset
 from bot_keras.data.sources import parse_source
 from bot_keras.models import MODEL_NAMES, RESNET_NAMES, build_model
 from bot_keras.teacher import load_teacher, parse_teacher_spec
@@ -186,6 +186,7 @@ def main(argv, f=flags.FLAGS):
 
     # Data. Every read of the source names the same directory, label offset and corrupt-file policy.
     source = dict(data_dir=f.data_dir, label_offset=f.label_offset, skip_corrupt=f.skip_corrupt)
+    skipped_files = SkippedFiles()  # the distinct files --skip_corrupt skipped, counted at the end
     with cli.setup_errors(f"--dataset={f.dataset}"):
         train_info = dataset_info(f.dataset, split=f.train_split, **source)
         eval_info = dataset_info(f.dataset, split=f.eval_split, **source) if f.eval_split else train_info
@@ -214,6 +215,7 @@ def main(argv, f=flags.FLAGS):
                 color_jitter=f.color_jitter,
                 pca_lighting=f.pca_lighting,
             ),
+            skipped_files=skipped_files,
             **source,
         )
 
@@ -225,6 +227,7 @@ def main(argv, f=flags.FLAGS):
             global_batch_size=f.batch_size,
             training=False,
             input_context=context,
+            skipped_files=skipped_files,
             **source,
         )
 
@@ -251,12 +254,21 @@ def main(argv, f=flags.FLAGS):
         optimizer, step_var = trainer.build_optimizer(
             f, steps_per_epoch=steps_per_epoch, variables=model.trainable_variables
         )
+    state = loop.RunState()  # the run's total training time and last epoch's logs, in its checkpoints
 
     # Restore.
     manager = loop.checkpoint_manager(
-        machinery.write_dir, keep=f.keep_checkpoints, model=model, optimizer=optimizer, step=step_var
+        machinery.write_dir,
+        keep=f.keep_checkpoints,
+        model=model,
+        optimizer=optimizer,
+        step=step_var,
+        **state.checkpointed(),
     )
-    trainer.restore(f, manager, optimizer=optimizer, step_var=step_var, steps_per_epoch=steps_per_epoch)
+    if trainer.restore(f, manager, optimizer=optimizer, step_var=step_var, steps_per_epoch=steps_per_epoch):
+        distribute.set_synchronized_batch_norm(model, False)  # as exported below
+        trainer.finish_trained_run(f, machinery=machinery, model=model, state=state, step_var=step_var)
+        return
     if machinery.chief:
         trainer.write_run_files(
             f,
@@ -299,13 +311,26 @@ def main(argv, f=flags.FLAGS):
         manager=manager,
         step_var=step_var,
         steps_per_epoch=steps_per_epoch,
+        state=state,
         mixup_epochs=int(math.ceil(f.epochs)) - f.mixup_off_epochs if f.mixup_alpha else 0,
     )
 
     # Export: the student alone (no teacher, no optimizer), per-replica BN config, next to its class list.
     distribute.set_synchronized_batch_norm(model, False)
+    extra_metrics = {}
+    if f.skip_corrupt:
+        count = skipped_files.count()
+        plural = "" if count == 1 else "s"
+        print(f"Skipped {count} distinct undecodable file{plural} (--skip_corrupt).", flush=True)
+        extra_metrics["skipped_files"] = count
     trainer.finish(
-        f, machinery=machinery, model=model, logs=logs, step_var=step_var, wall_time_s=wall_time_s
+        f,
+        machinery=machinery,
+        model=model,
+        logs=logs,
+        step_var=step_var,
+        wall_time_s=wall_time_s,
+        extra_metrics=extra_metrics,
     )
 
 

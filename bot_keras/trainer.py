@@ -8,9 +8,16 @@ the order a command calls it, and reads the flags both commands define under the
     start(f)                     strategy and precision (before any variable), seed, chief, write_dir
     build_optimizer(f, ...)      schedule, Nesterov SGD with the paper's decay, loss scaling, step variable
     restore(f, ...)              --resume: the newest checkpoint, and a line saying where training continues
+                                 (or, at the run's last step, that there is nothing left to train)
+    finish_trained_run(f, ...)   --resume of a trained run: leaves a complete run as it is, or completes it
     write_run_files(f, ...)      run.json, flags.txt, classes.txt (the chief only)
     fit(f, ...)                  callbacks and `loop.train_loop`; bad input data becomes a one-line SetupError
-    finish(f, ...)               model.keras and final_metrics.json (the chief), or the worker's cleanup
+    finish(f, ...)               model.keras and then final_metrics.json (the chief), or the worker's cleanup
+
+The checkpoints carry a `loop.RunState` (the run's total training time, the last epoch's logs) beside the
+model, optimizer and step, so a resumed run reports its total wall time and a run killed between its last
+checkpoint and its final files gets them on `--resume`. final_metrics.json, written last, marks a run
+finished.
 """
 
 import dataclasses
@@ -18,7 +25,7 @@ import json
 import math
 import os
 import shutil
-import time
+import sys
 
 import keras
 import tensorflow as tf
@@ -153,11 +160,17 @@ def machinery_problems(f, *, schedule_names=schedules.SCHEDULE_NAMES):
         if f.resume:
             need(
                 loop.latest_checkpoint(f.model_dir) is not None,
-                f"--resume: no checkpoint in {checkpoint_dir!r} to continue from.",
+                f"--resume: no checkpoint in {checkpoint_dir!r} to continue from"
+                + (
+                    " (the run stopped before its first checkpoint; run the command without --resume to "
+                    "start it afresh)."
+                    if run_dir.never_started(f.model_dir)
+                    else "."
+                ),
             )
         else:
             need(
-                not has_files,
+                not has_files or run_dir.never_started(f.model_dir),
                 f"--model_dir={f.model_dir!r} already holds a run; pass --resume to continue it, or choose "
                 "another directory (runs are never overwritten).",
             )
@@ -186,6 +199,9 @@ def start(f):
         with cli.setup_errors(f"--jit_compile with --strategy={f.strategy}"):
             steps.check_jit_compile(strategy)
     distribute.set_precision(f.precision)
+    warning = distribute.precision_warning(f.precision)
+    if warning:
+        print(f"WARNING: {warning}", file=sys.stderr, flush=True)
     keras.utils.set_random_seed(f.seed)
     return Machinery(strategy, distribute.is_chief(strategy), distribute.worker_dir(f.model_dir, strategy))
 
@@ -231,11 +247,14 @@ def build_optimizer(f, *, steps_per_epoch, variables):
 
 
 def restore(f, manager, *, optimizer, step_var, steps_per_epoch):
-    """With --resume, restores the newest checkpoint and says where training continues."""
+    """With --resume, restores the newest checkpoint and says where training continues. Returns True when
+    the checkpoint is at the run's last step (nothing left to train: call `finish_trained_run`)."""
     if not f.resume:
-        return
+        return False
     path = loop.restore_latest(manager, f.model_dir)
     restored = int(step_var.numpy())
+    if restored >= loop.total_steps(f.epochs, steps_per_epoch, f.max_steps):
+        return True
     scale = getattr(optimizer, "dynamic_scale", None)
     print(
         f"Resumed from {path} at step {restored} (epoch {restored // steps_per_epoch}), learning rate "
@@ -243,11 +262,57 @@ def restore(f, manager, *, optimizer, step_var, steps_per_epoch):
         + (f", loss scale {float(scale.numpy()):g}" if scale is not None else ""),
         flush=True,
     )
+    return False
+
+
+def finish_trained_run(f, *, machinery, model, state, step_var):
+    """`--resume` of a run whose checkpoint is at its last step (`restore` returned True): a complete run
+    is left byte for byte as it is; a run killed after its last checkpoint gets the final files it lacks,
+    `model` (ready for export) and metrics from the checkpoint's `state`. Another worker only removes its
+    private directory."""
+    if not machinery.chief:
+        shutil.rmtree(machinery.write_dir, ignore_errors=True)
+        return
+    step = int(step_var.numpy())
+    model_ok = run_dir.keras_file_problem(os.path.join(f.model_dir, run_dir.MODEL_FILE)) is None
+    metrics = os.path.join(f.model_dir, run_dir.METRICS_FILE)
+    if model_ok and os.path.isfile(metrics):
+        print(
+            f"{f.model_dir} is a complete run (step {step}): nothing to do, every file left as it was. "
+            "Raise --epochs (or --max_steps) with --resume to train it further.",
+            flush=True,
+        )
+        return
+    print(
+        f"{f.model_dir} finished training (step {step}) but lacks its final files: writing them.", flush=True
+    )
+    run_dir.remove_temporaries(f.model_dir)
+    if os.path.isfile(metrics):  # a damaged model.keras under complete metrics (e.g. copied in part)
+        run_dir.save_model(model, f.model_dir)
+        print(f"Run directory: {f.model_dir}", flush=True)
+        return
+    finish(
+        f,
+        machinery=machinery,
+        model=model if not model_ok else None,
+        logs=state.logs(),
+        step_var=step_var,
+        wall_time_s=float(state.wall_time_s.numpy()),
+    )
 
 
 def write_run_files(f, *, task, flags_text, class_names):
-    """run.json, flags.txt and classes.txt in --model_dir (call on the chief only)."""
+    """run.json, flags.txt and classes.txt in --model_dir (call on the chief only). A directory a run left
+    before its first checkpoint (`run_dir.never_started`) is started afresh, its old logs removed."""
+    if not f.resume and run_dir.never_started(f.model_dir):
+        print(
+            f"--model_dir={f.model_dir} holds no checkpoint and no model, only what a run that stopped "
+            "before its first checkpoint left: starting the run afresh there.",
+            flush=True,
+        )
+        shutil.rmtree(os.path.join(f.model_dir, run_dir.LOGS_DIR), ignore_errors=True)
     os.makedirs(f.model_dir, exist_ok=True)
+    run_dir.remove_temporaries(f.model_dir)
     run_dir.write_run_info(f.model_dir, task=task)
     run_dir.write_atomic(os.path.join(f.model_dir, run_dir.FLAGS_FILE), flags_text)
     run_dir.write_class_names(os.path.join(f.model_dir, run_dir.CLASSES_FILE), class_names)
@@ -266,10 +331,11 @@ def fit(
     manager,
     step_var,
     steps_per_epoch,
-    csv_columns=loop.CSV_COLUMNS,
+    state,
     mixup_epochs=0,
 ):
-    """Runs `loop.train_loop` with the run's callbacks; returns (last epoch's logs, wall time in s)."""
+    """Runs `loop.train_loop` with the run's callbacks (the CSV log's columns: `state.columns`); returns
+    (last epoch's logs, the run's total training time in s, every process's, from `state`)."""
     callbacks = loop.make_callbacks(
         machinery.write_dir,
         chief=machinery.chief,
@@ -278,9 +344,8 @@ def fit(
         steps_per_epoch=min(steps_per_epoch, f.max_steps or steps_per_epoch),  # the progress bar's end
         model=model,
         resume=f.resume,
-        columns=csv_columns,
+        columns=state.columns,
     )
-    start_time = time.perf_counter()
     try:
         logs = loop.train_loop(
             optimizer=optimizer,
@@ -299,22 +364,26 @@ def fit(
             max_steps=f.max_steps,
             mixup_epochs=mixup_epochs,
             precision=f.precision,
+            state=state,
         )
     except tf.errors.InvalidArgumentError as error:
         message = bad_input_message(error)  # the pipeline's check naming the file, or None: a bug
         if message is None:
             raise
         raise cli.SetupError(f"Training stopped by bad input data: {message}") from None
-    return logs, time.perf_counter() - start_time
+    return logs, float(state.wall_time_s.numpy())
 
 
 def finish(f, *, machinery, model, logs, step_var, wall_time_s, extra_metrics=None):
-    """The chief saves `model` as model.keras and the last logs (+ `extra_metrics`) as final_metrics.json;
-    another worker removes its private directory."""
+    """The chief saves `model` as model.keras (None: keep the one there) and then the last logs (+
+    `extra_metrics`) as final_metrics.json, the file that marks a run finished (tools/ablation.py reads it
+    so); another worker removes its private directory. A kill before the metrics leaves checkpoints whose
+    `RunState` lets `--resume` write both."""
     if not machinery.chief:
         shutil.rmtree(machinery.write_dir, ignore_errors=True)
         return
-    run_dir.save_model(model, f.model_dir)
+    if model is not None:
+        run_dir.save_model(model, f.model_dir)
     summary = {k: float(v) for k, v in logs.items()}
     summary.update(step=int(step_var.numpy()), wall_time_s=wall_time_s)
     summary.update(extra_metrics or {})

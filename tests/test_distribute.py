@@ -345,3 +345,13 @@ def test_sync_bn_converts_every_batch_norm_of_a_built_model():
         layer.get_config() for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)
     ]
     assert len(configs) == count and all(c["synchronized"] for c in configs)
+
+
+def test_float16_without_a_gpu_warns_naming_the_cpu_precisions():
+    warning = distribute.precision_warning("mixed_float16", {"CPU"})
+    assert "--precision=mixed_float16 with no GPU visible" in warning
+    assert "--precision=mixed_bfloat16 or --precision=float32" in warning
+    assert distribute.precision_warning("mixed_float16", {"CPU", "GPU"}) is None
+    assert distribute.precision_warning("mixed_float16", {"CPU", "TPU"}) is None
+    assert distribute.precision_warning("mixed_bfloat16", {"CPU"}) is None
+    assert distribute.precision_warning("float32", {"CPU"}) is None

@@ -7,6 +7,7 @@ two steps) is shared by the tests that read a finished run; the multi-process on
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -350,6 +351,37 @@ def test_export_serves_class_maps_at_the_input_size_in_a_process_without_bot_ker
     expected = segmentation.class_map(model, tf.constant(image), 48).numpy()
     assert served.shape == (70, 90) and served.dtype == np.int32
     assert (served == expected).mean() > 0.999
+
+
+def _file_bytes(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_resume_of_a_finished_run_changes_no_file_and_rewrites_lost_metrics(finetuned, tmp_path, capsys):
+    # The trainer.py logic bot_keras.train has (issue 13), here through bot_keras.finetune.
+    run = tmp_path / "run"
+    shutil.copytree(finetuned[2], run)
+    args = [f"--flagfile={run / 'flags.txt'}", f"--model_dir={run}", "--resume"]
+    before = _file_bytes(run)
+    capsys.readouterr()
+    finetune.main(["finetune"], parse(*args))
+    keras.backend.clear_session()
+    assert f"{run} is a complete run (step 2): nothing to do" in capsys.readouterr().out
+    assert _file_bytes(run) == before  # every byte: model, metrics, flags, classes, checkpoints, logs
+
+    # A kill between model.keras and final_metrics.json: --resume writes the metrics from the checkpoint.
+    metrics = json.loads((run / "final_metrics.json").read_text())
+    (run / "final_metrics.json").unlink()
+    finetune.main(["finetune"], parse(*args))
+    keras.backend.clear_session()
+    assert "finished training (step 2) but lacks its final files: writing them" in capsys.readouterr().out
+    rewritten = json.loads((run / "final_metrics.json").read_text())
+    assert rewritten["step"] == 2
+    assert rewritten["wall_time_s"] == pytest.approx(metrics["wall_time_s"], rel=1e-6)
+    for name in segmentation.CSV_COLUMNS:
+        if name in metrics:
+            assert rewritten[name] == pytest.approx(metrics[name], rel=1e-6), name
+    assert (run / "model.keras").read_bytes() == before["model.keras"]  # it was fine: not rewritten
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 import csv
 import math
 import os
+import re
 
 import keras
 import numpy as np
@@ -36,6 +37,8 @@ def _run_loop(
     nan_at_call=None,
     max_steps=0,
     start=0,
+    verbose=0,
+    state=None,
 ):
     calls = []
 
@@ -51,7 +54,7 @@ def _run_loop(
     callbacks = loop.make_callbacks(
         str(tmp_path),
         chief=True,
-        verbose=0,
+        verbose=verbose,
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,
         model=keras.Sequential(),
@@ -74,6 +77,7 @@ def _run_loop(
         max_steps=max_steps,
         mixup_epochs=mixup_epochs,
         precision="float32",
+        state=state,
     )
     return calls, manager.saved, logs, int(step_var.numpy())
 
@@ -110,6 +114,23 @@ def test_loop_resumes_mid_epoch_and_honours_max_steps(tmp_path):
     calls, saved, _, step = _run_loop(tmp_path, start=7, max_steps=11, checkpoint_steps=0)
     assert [(s, n) for s, n, _ in calls] == [(7, 2), (9, 1), (10, 1)]
     assert saved == [10, 11] and step == 11
+
+
+def test_progress_bar_of_a_resumed_epoch_counts_the_steps_it_runs(tmp_path, capsys):
+    # Resumed at step 7 of 5-step epochs: the last epoch runs steps 8-10, 3 of them, and says so.
+    _run_loop(tmp_path, epochs=2, start=7, checkpoint_steps=0, verbose=1, steps_per_execution=1)
+    bars = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)  # without the terminal's colours
+    counts = re.findall(r"(\d+)/(\d+) ", bars)
+    assert counts and set(counts) <= {("1", "3"), ("2", "3"), ("3", "3")} and ("3", "3") in counts, counts
+
+
+def test_run_state_carries_total_wall_time_and_the_last_epoch_logs(tmp_path):
+    state = loop.RunState()
+    assert state.logs() == {}
+    state.wall_time_s.assign(100.0)  # what earlier processes of the run had trained, from the checkpoint
+    _, _, logs, _ = _run_loop(tmp_path, epochs=1, checkpoint_steps=0, state=state)
+    assert 100.0 < float(state.wall_time_s.numpy()) < 160.0
+    assert state.logs() == logs  # every logged value round-trips through the checkpointed vector
 
 
 def test_non_finite_loss_stops_naming_step_precision_and_lr(tmp_path):

@@ -119,7 +119,7 @@ def test_bad_model_paths_are_named(run, image_files, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "model.keras").write_bytes(b"not a zip archive")
-    with pytest.raises(ValueError, match=f"--model={broken / 'model.keras'}: cannot load the .keras file"):
+    with pytest.raises(ValueError, match=f"--model={broken / 'model.keras'}: not a .keras file"):
         predict.load_classifier(broken / "model.keras")
     (broken / "saved_model.pb").write_bytes(b"not a protobuf")
     with pytest.raises(ValueError, match=f"--model={broken}: cannot load the SavedModel"):

@@ -1,6 +1,7 @@
 """run_dir.py: flags.txt read back with the trainer's flags, classes.txt, run.json's task, atomic writes."""
 
 import json
+import zipfile
 
 import pytest
 from absl import flags
@@ -89,3 +90,48 @@ def test_task_is_recorded_and_checked(tmp_path):
         run_dir.read_task(tmp_path)
     with pytest.raises(ValueError, match="task='regression'"):
         run_dir.write_run_info(tmp_path, task="regression")
+
+
+def test_keras_file_problem_tells_damage_from_a_non_keras_file(tmp_path):
+    import keras
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    good = tmp_path / "good.keras"
+    model.save(good)
+    data = good.read_bytes()
+    half = len(data) // 2
+    cases = {
+        "empty.keras": (b"", "damaged: empty (0 bytes)"),
+        "cut.keras": (data[:half], f"damaged: a .keras archive cut short ({half} bytes)"),
+        "text.keras": (b"hi\n", "not a .keras file (a .keras model is a zip archive; this 3-byte file is "
+                       "not one)"),
+    }
+    for name, (content, expected) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        assert run_dir.keras_file_problem(tmp_path / name) == expected
+    with zipfile.ZipFile(tmp_path / "other.keras", "w") as archive:
+        archive.writestr("data.txt", "x")
+    expected = "a zip archive without config.json, not a .keras model"
+    assert run_dir.keras_file_problem(tmp_path / "other.keras") == expected
+    assert run_dir.keras_file_problem(tmp_path / "missing.keras") == "no such file"
+    assert run_dir.keras_file_problem(good) is None
+
+
+def test_never_started_means_only_what_a_run_writes_before_its_first_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    assert not run_dir.never_started(run)  # missing
+    run.mkdir()
+    assert not run_dir.never_started(run)  # empty: a fresh directory, not a failed run
+    for name in ("run.json", "flags.txt", "classes.txt", ".model.1.tmp.keras"):
+        (run / name).write_text("x")
+    (run / "logs").mkdir()
+    (run / "checkpoints").mkdir()
+    assert run_dir.never_started(run)
+    (run / "checkpoints" / "checkpoint").write_text("x")
+    assert not run_dir.never_started(run)  # a checkpoint: --resume's business
+    (run / "checkpoints" / "checkpoint").unlink()
+    (run / "model.keras").write_text("x")
+    assert not run_dir.never_started(run)
+    (run / "model.keras").unlink()
+    (run / "my_notes.txt").write_text("x")
+    assert not run_dir.never_started(run)  # someone else's file: never delete or reuse

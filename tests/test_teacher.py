@@ -17,9 +17,14 @@ def test_teacher_with_other_classes_or_size_is_rejected_naming_the_file(tmp_path
         load_teacher(path, num_classes=3, image_size=6)
     with pytest.raises(cli.SetupError, match=r"takes 6x6 images; --image_size=8"):
         load_teacher(path, num_classes=5, image_size=8)
-    (tmp_path / "broken.keras").write_bytes(b"not a zip")
-    with pytest.raises(cli.SetupError, match=r"broken\.keras': cannot load the \.keras file"):
-        load_teacher(str(tmp_path / "broken.keras"), num_classes=5, image_size=6)
+    # A text file named .keras is not "File not found" (Keras' words): it is named as not a .keras file.
+    (tmp_path / "notes.keras").write_text("not a zip")
+    with pytest.raises(
+        cli.SetupError,
+        match=r"^--teacher='\S*notes\.keras': not a \.keras file \(a \.keras model is a zip archive; this "
+        r"9-byte file is not one\)$",
+    ):
+        load_teacher(str(tmp_path / "notes.keras"), num_classes=5, image_size=6)
 
 
 @pytest.mark.parametrize("precision", ["float32", "mixed_float16"])

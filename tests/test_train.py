@@ -65,8 +65,16 @@ def test_all_problems_reported_at_once_and_required_flags_named(parse):
 def test_existing_run_is_never_overwritten_without_resume(parse, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "flags.txt").write_text("--model=resnet18\n")
-    with pytest.raises(train.FlagError, match=r"already holds a run; pass --resume"):
-        train.validate_flags(parse(*_base(tmp_path)))
+    # Only what a run writes before its first checkpoint: a run that never got going may start afresh.
+    train.validate_flags(parse(*_base(tmp_path)))
+    with pytest.raises(train.FlagError, match=r"no checkpoint .* run the command without --resume"):
+        train.validate_flags(parse(*_base(tmp_path), "--resume"))
+    for name in ("checkpoints/checkpoint", "model.keras", "notes.txt"):  # a run, or someone else's files
+        (tmp_path / "run" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "run" / name).write_text("x")
+        with pytest.raises(train.FlagError, match=r"already holds a run; pass --resume"):
+            train.validate_flags(parse(*_base(tmp_path)))
+        (tmp_path / "run" / name).unlink()
 
 
 def test_resolved_flags_reload_as_a_flagfile(parse, tmp_path):

@@ -1,0 +1,265 @@
+"""Reliability, through the command lines as a user meets them (issue 13): nothing a user saved is lost,
+valid photos are never rejected, every bad input is named once.
+
+Each case asserts the exact outcome: the exit status, the file named, which files are unchanged (hashes
+before and after). The runs are tiny (ResNet-18-D on 32 px images, a few steps of a folder dataset the
+test writes); the subprocess cases are marked slow.
+"""
+
+import csv
+import hashlib
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+from test_train import _cli
+from tiny_run import encode, pixels
+
+from bot_keras import cli, evaluate, export, predict, train
+
+SLOW = pytest.mark.slow
+TIMEOUT = 600  # seconds; a few each on an idle 2-core machine, far more on a loaded one
+
+
+def _photo(seed, size=40):
+    return encode(pixels(size, size, seed), "JPEG")
+
+
+def _write_folder(root, per_class=8):
+    """ROOT/train/{a,b}/i.jpg: two classes of small JPEGs (smooth gradients, a different noise each)."""
+    for c, name in enumerate(("a", "b")):
+        folder = pathlib.Path(root) / "train" / name
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            (folder / f"{i}.jpg").write_bytes(_photo(seed=10 * c + i))
+    return pathlib.Path(root)
+
+
+def _train_args(data, model_dir, *extra):
+    return [
+        "--model=resnet18_d", f"--dataset=folder:{data}", "--eval_split=", "--image_size=32",
+        "--batch_size=4", "--steps_per_epoch=2", "--epochs=1", "--base_lr=0.1", "--verbose=0", "--seed=1",
+        f"--model_dir={model_dir}", *extra,
+    ]
+
+
+def _run(module, *args, wrapper=None):
+    """`python -m MODULE args` (or `python -c WRAPPER args`), as test_train runs the CLI."""
+    _, env = _cli()
+    env.pop("TF_CPP_MIN_LOG_LEVEL")  # as users run it: bot_keras keeps TensorFlow's start-up lines off
+    command = [sys.executable, "-c", wrapper, *args] if wrapper else [sys.executable, "-m", module, *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def _error_line(proc, command):
+    """The one-line error of a failed command: asserts there is exactly one and no traceback."""
+    lines = [line for line in proc.stderr.splitlines() if line.startswith(f"{command}: error: ")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return lines[0]
+
+
+def _hashes(directory):
+    return {
+        str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(pathlib.Path(directory).rglob("*"))
+        if path.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A tiny finished run (trained by the CLI) and its data folder; tests copy it before changing it."""
+    root = tmp_path_factory.mktemp("finished")
+    data = _write_folder(root / "data")
+    proc = _run("bot_keras.train", *_train_args(data, root / "run"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "run", data
+
+
+def _copy(run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    return copy
+
+
+# --- 1. --resume of a finished run ----------------------------------------------------------------------
+
+
+@SLOW
+def test_resume_of_a_finished_run_changes_no_file_and_raised_epochs_continue(finished_run, tmp_path):
+    run, data = finished_run
+    run = _copy(run, tmp_path)
+    before = _hashes(run)
+    first = json.loads((run / "final_metrics.json").read_text())
+    assert {"loss", "top1", "top5", "step", "wall_time_s"} <= set(first) and first["step"] == 2
+
+    proc = _run("bot_keras.train", *_train_args(data, run, "--resume"))
+    assert proc.returncode == cli.OK, proc.stderr[-3000:]
+    assert f"{run} is a complete run (step 2): nothing to do" in proc.stdout
+    assert _hashes(run) == before  # model, metrics, flags, classes, checkpoints, logs: every byte
+
+    proc = _run("bot_keras.train", *_train_args(data, run, "--resume", "--epochs=2"))
+    assert proc.returncode == cli.OK, proc.stderr[-3000:]
+    metrics = json.loads((run / "final_metrics.json").read_text())
+    assert metrics["step"] == 4 and {"loss", "top1", "top5", "lr"} <= set(metrics)
+    # The run's total training time: the first process's plus the second's.
+    assert metrics["wall_time_s"] > first["wall_time_s"]
+    assert "--epochs=2.0\n" in (run / "flags.txt").read_text()
+
+
+# --- 2. a kill at the final save; a damaged model.keras -----------------------------------------------
+
+# Kills the trainer (os._exit, as SIGKILL would) after the final model is written under its temporary name
+# and before the rename that puts it in place.
+_KILL_AT_MODEL_RENAME = """
+import os, runpy, sys
+replace = os.replace
+def killing_replace(src, dst):
+    if str(dst).endswith("model.keras"):
+        os._exit(9)
+    replace(src, dst)
+os.replace = killing_replace
+sys.argv[0] = "bot_keras.train"
+runpy.run_module("bot_keras.train", run_name="__main__")
+"""
+
+
+@SLOW
+def test_kill_during_the_final_save_leaves_no_model_and_resume_writes_it(tmp_path):
+    data = _write_folder(tmp_path / "data")
+    run = tmp_path / "run"
+    proc = _run(None, *_train_args(data, run), wrapper=_KILL_AT_MODEL_RENAME)
+    assert proc.returncode == 9, proc.stderr[-3000:]
+    assert not (run / "model.keras").exists()  # no half or empty model: it never had the final name
+    assert [p.name for p in run.glob(".model.*.tmp.keras")]  # the complete temporary is all there was
+    assert not (run / "final_metrics.json").exists()  # written last: it marks a finished run
+
+    cure = r"missing model\.keras; the run's checkpoints can rewrite it: .*--resume$"
+    with pytest.raises(cli.SetupError, match=cure):
+        evaluate.evaluate_run(run, split="train")
+
+    proc = _run("bot_keras.train", *_train_args(data, run, "--resume"))
+    assert proc.returncode == cli.OK, proc.stderr[-3000:]
+    assert "finished training (step 2) but lacks its final files: writing them" in proc.stdout
+    # The checkpoint carried the last epoch's logs: the metrics are those training.csv recorded.
+    metrics = json.loads((run / "final_metrics.json").read_text())
+    with open(run / "logs" / "training.csv") as f:
+        last = list(csv.DictReader(f))[-1]
+    assert metrics["step"] == 2 and metrics["wall_time_s"] > 0
+    for name in ("loss", "top1", "top5", "lr"):
+        assert metrics[name] == pytest.approx(float(last[name]), rel=1e-6), name
+    assert not list(run.glob(".*.tmp*"))
+    assert evaluate.evaluate_run(run, split="train")["count"] == 16
+
+
+@SLOW
+def test_an_empty_model_file_is_reported_as_damaged_naming_resume(finished_run, tmp_path):
+    run = _copy(finished_run[0], tmp_path)
+    (run / "model.keras").write_bytes(b"")
+    proc = _run("bot_keras.evaluate", f"--model_dir={run}", "--split=train")
+    assert proc.returncode == cli.USAGE_ERROR
+    expected = (f"bot_keras.evaluate: error: {run}/model.keras: damaged: empty (0 bytes); the run's "
+                f"checkpoints can rewrite it: python -m bot_keras.train --flagfile={run}/flags.txt "
+                f"--model_dir={run} --resume")
+    assert _error_line(proc, "bot_keras.evaluate") == expected
+    # export and predict read the model through the same function, and say the same.
+    for call in (lambda: export.export(run, tmp_path / "export"), lambda: predict.load_classifier(run)):
+        with pytest.raises(cli.SetupError, match=r"model\.keras: damaged: empty \(0 bytes\); .* --resume$"):
+            call()
+    assert not (tmp_path / "export").exists()
+    before = {k: v for k, v in _hashes(run).items() if k != "model.keras"}
+    proc = _run("bot_keras.train", f"--flagfile={run}/flags.txt", f"--model_dir={run}", "--resume")
+    assert proc.returncode == cli.OK, proc.stderr[-3000:]
+    assert {k: v for k, v in _hashes(run).items() if k != "model.keras"} == before
+    predict.load_classifier(run)  # loads
+
+
+# --- 3, 4, 6. the bad-data zoo -------------------------------------------------------------------------
+
+
+@SLOW
+def test_bad_data_zoo_trailer_trains_empty_file_named_then_rerun_reuses_the_directory(tmp_path):
+    data = _write_folder(tmp_path / "data")
+    # 10 KB after the JPEG's end-of-image marker (cameras and editors append such trailers): a valid photo.
+    (data / "train" / "a" / "trailer.jpg").write_bytes(_photo(seed=99) + b"EXIF-TRAILER" * 850)
+    (data / "train" / "b" / "zero.jpg").write_bytes(b"")
+    run = tmp_path / "run"
+    args = _train_args(data, run, "--steps_per_epoch=5")  # 18 images, 5 steps of 4: every file is read
+    proc = _run("bot_keras.train", *args)
+    assert proc.returncode == cli.USAGE_ERROR
+    line = _error_line(proc, "bot_keras.train")
+    assert line == (
+        "bot_keras.train: error: Training stopped by bad input data: Undecodable image file (empty, not an "
+        f"image, or truncated): {data}/train/b/zero.jpg (skip such files with skip_corrupt)"
+    )
+    assert "trailer.jpg" not in proc.stderr
+    assert not (run / "model.keras").exists() and not any((run / "checkpoints").glob("*"))
+
+    (data / "train" / "b" / "zero.jpg").unlink()  # the user fixes the data and runs the same command
+    proc = _run("bot_keras.train", *args)
+    assert proc.returncode == cli.OK, proc.stderr[-3000:]
+    assert "holds no checkpoint and no model" in proc.stdout and "starting the run afresh" in proc.stdout
+    assert json.loads((run / "final_metrics.json").read_text())["step"] == 5
+
+
+def test_several_non_image_files_are_listed_in_one_message(parse, tmp_path):
+    data = _write_folder(tmp_path / "data", per_class=2)
+    names = ["notes.txt", "labels.csv", "README"]
+    for name in names:
+        (data / "train" / "a" / name).write_text("not an image")
+    f = parse(*_train_args(data, tmp_path / "run"))
+    with pytest.raises(cli.SetupError) as error:
+        train.main([], f)
+    message = str(error.value)
+    assert "\n" not in message and all(name in message for name in names), message
+    assert not (tmp_path / "run").exists()
+
+
+# --- 5. evaluate on a split with a broken file ---------------------------------------------------------
+
+
+@SLOW
+def test_evaluate_on_a_broken_split_names_the_file_or_skips_it(finished_run, tmp_path):
+    run, data = finished_run
+    run = _copy(run, tmp_path)
+    broken = tmp_path / "data"
+    shutil.copytree(data, broken)
+    jpeg = _photo(seed=5)
+    (broken / "train" / "b" / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    before = _hashes(run)
+
+    # The run trained without an eval split: evaluate asks for one instead of guessing 'validation'.
+    with pytest.raises(cli.SetupError, match=r"trained without an evaluation split .* with --split\.$"):
+        evaluate.evaluate_run(run)
+
+    proc = _run("bot_keras.evaluate", f"--model_dir={run}", f"--dataset=folder:{broken}", "--split=train")
+    assert proc.returncode == cli.USAGE_ERROR
+    assert _error_line(proc, "bot_keras.evaluate") == (
+        "bot_keras.evaluate: error: Evaluation stopped by bad input data: Undecodable image file (empty, "
+        f"not an image, or truncated): {broken}/train/b/cut.jpg (skip such files with skip_corrupt)"
+    )
+    assert _hashes(run) == before  # no report written
+
+    result = evaluate.evaluate_run(run, dataset=f"folder:{broken}", split="train", skip_corrupt=True)
+    assert result["count"] == 16 and result["skipped_files"] == 1
+
+
+# --- 6. one line when a required flag is missing, for every command -----------------------------------
+
+
+@SLOW
+@pytest.mark.parametrize(
+    "module, args, message",
+    [
+        ("bot_keras.evaluate", [], "--model_dir is required."),
+        ("bot_keras.predict", ["cat.jpg"], "--model is required."),
+    ],
+)
+def test_a_missing_required_flag_is_one_line_not_the_flag_help(module, args, message):
+    proc = _run(module, *args)
+    assert proc.returncode == cli.USAGE_ERROR
+    assert proc.stderr.strip().splitlines()[-1] == f"{module}: error: {message}"
+    assert "flags:" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

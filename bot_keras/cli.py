@@ -57,6 +57,17 @@ def require(flag_values, names):
         raise SetupError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required.")
 
 
+def _checked_main(main, argv, flag_values, *, command, required):
+    """Checks `required`, runs `main(argv, ...)` and maps SetupError and FloatingPointError to exit codes."""
+    try:
+        require(flag_values, required)
+        return main(argv) if flag_values is flags.FLAGS else main(argv, flag_values)
+    except SetupError as error:
+        fail(command, str(error))
+    except FloatingPointError as error:
+        fail(command, f"training stopped: {error}", NON_FINITE_LOSS)
+
+
 def run(main, define_flags, *, command, required=()):
     """The entry point of a command: defines its flags, parses argv, checks `required`, runs
     `main(argv)` and maps SetupError and FloatingPointError to their exit codes (module docstring)."""
@@ -68,13 +79,20 @@ def run(main, define_flags, *, command, required=()):
         except flags.Error as error:
             fail(command, str(error))
 
-    def checked_main(argv):
-        try:
-            require(flags.FLAGS, required)
-            return main(argv)
-        except SetupError as error:
-            fail(command, str(error))
-        except FloatingPointError as error:
-            fail(command, f"training stopped: {error}", NON_FINITE_LOSS)
+    app.run(
+        lambda argv: _checked_main(main, argv, flags.FLAGS, command=command, required=required),
+        flags_parser=parse,
+    )
 
-    app.run(checked_main, flags_parser=parse)
+
+def call(main, define_flags, argv, *, command, required=()):
+    """`run` in-process, for tests and scripts that call a tool: the flags go on a scratch FlagValues
+    (nothing is left on absl's global FLAGS), `argv` has no program name, `main(argv, flag_values)` gets
+    the positional arguments; errors print and exit as `run`'s do. Returns main's result."""
+    flag_values = flags.FlagValues()
+    define_flags(flag_values)
+    try:
+        rest = flag_values([command, *argv])
+    except flags.Error as error:
+        fail(command, str(error))
+    return _checked_main(main, rest, flag_values, command=command, required=required)

@@ -8,10 +8,10 @@ Each command module defines its flags in `define_flags(flag_values)` (bot_keras/
 read off a scratch `absl.flags.FlagValues`, in definition order. docs/training.md and docs/export.md hold
 them between `<!-- flags:COMMAND -->` and `<!-- /flags:COMMAND -->`; tests/test_docs.py regenerates them
 and fails when a flag, default or help text changed without the docs. `known_flags()` is every flag name
-our commands and tools accept (the docs test checks each `--flag` the docs write against it).
+our commands and tools accept, read off their `define_flags` (the docs test checks each `--flag` the docs
+write against it).
 """
 
-import ast
 import importlib
 import os
 import pathlib
@@ -90,26 +90,15 @@ def _cli_modules():
             yield ".".join(path.relative_to(ROOT).with_suffix("").parts)
 
 
-def _argparse_options(path):
-    """The `--options` a tools/ script passes to argparse's add_argument (read from its source)."""
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
-            for arg in node.args:
-                if isinstance(arg, ast.Constant) and str(arg.value).startswith("--"):
-                    yield arg.value[2:]
-
-
 def known_flags():
-    """Every flag name our commands and tools accept: absl flags (booleans also as `noNAME`), the
-    argparse options of tools not yet on absl, and absl's own ABSL_FLAGS."""
+    """Every flag name our commands and tools accept: absl flags (booleans also as `noNAME`) and absl's
+    own ABSL_FLAGS."""
     names = set(ABSL_FLAGS)
     for module_name in _cli_modules():
         for flag in command_flags(module_name):
             names.add(flag.name)
             if flag.boolean:
                 names.add(f"no{flag.name}")
-    for path in sorted((ROOT / "tools").glob("*.py")):
-        names.update(_argparse_options(path))
     return names
 
 

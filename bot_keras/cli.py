@@ -12,7 +12,7 @@
 - A set-up problem the user can fix raises `SetupError` (a `ValueError`) with a message naming the flag,
   file or value; `run` prints it after `<command>: error:` and exits 2. Any other exception is a bug and
   keeps its traceback. A missing required flag, an unknown flag or a value absl cannot parse is one line
-  and exit 2 too, not absl's help dump.
+  and exit 2 too, not absl's help dump. `--help` prints the flags and exits 0.
 """
 
 import contextlib
@@ -24,6 +24,7 @@ OK = 0
 INTERNAL_ERROR = 1
 USAGE_ERROR = 2
 NON_FINITE_LOSS = 3
+HELP_FLAGS = ("help", "h", "?", "helpshort", "helpfull", "helpxml")  # absl's own
 
 
 class SetupError(ValueError):
@@ -78,6 +79,9 @@ def run(main, define_flags, *, command, required=()):
             return flags.FLAGS(argv)
         except flags.Error as error:
             fail(command, str(error))
+        except SystemExit as stop:  # absl prints --help / --helpfull and exits 1; asked-for help is OK
+            asked = any(arg.lstrip("-").split("=")[0] in HELP_FLAGS for arg in argv[1:])
+            sys.exit(OK if asked and stop.code == 1 else stop.code)
 
     app.run(
         lambda argv: _checked_main(main, argv, flags.FLAGS, command=command, required=required),

@@ -12,7 +12,7 @@
 - A set-up problem the user can fix raises `SetupError` (a `ValueError`) with a message naming the flag,
   file or value; `run` prints it after `<command>: error:` and exits 2. Any other exception is a bug and
   keeps its traceback. A missing required flag, an unknown flag or a value absl cannot parse is one line
-  and exit 2 too, not absl's help dump.
+  and exit 2 too, not absl's help dump. `--help` prints the flags and exits 0.
 """
 
 import contextlib
@@ -24,6 +24,7 @@ OK = 0
 INTERNAL_ERROR = 1
 USAGE_ERROR = 2
 NON_FINITE_LOSS = 3
+HELP_FLAGS = ("help", "h", "?", "helpshort", "helpfull", "helpxml")  # absl's own
 
 
 class SetupError(ValueError):
@@ -57,6 +58,17 @@ def require(flag_values, names):
         raise SetupError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required.")
 
 
+def _checked_main(main, argv, flag_values, *, command, required):
+    """Checks `required`, runs `main(argv, ...)` and maps SetupError and FloatingPointError to exit codes."""
+    try:
+        require(flag_values, required)
+        return main(argv) if flag_values is flags.FLAGS else main(argv, flag_values)
+    except SetupError as error:
+        fail(command, str(error))
+    except FloatingPointError as error:
+        fail(command, f"training stopped: {error}", NON_FINITE_LOSS)
+
+
 def run(main, define_flags, *, command, required=()):
     """The entry point of a command: defines its flags, parses argv, checks `required`, runs
     `main(argv)` and maps SetupError and FloatingPointError to their exit codes (module docstring)."""
@@ -67,14 +79,24 @@ def run(main, define_flags, *, command, required=()):
             return flags.FLAGS(argv)
         except flags.Error as error:
             fail(command, str(error))
+        except SystemExit as stop:  # absl prints --help / --helpfull and exits 1; asked-for help is OK
+            asked = any(arg.lstrip("-").split("=")[0] in HELP_FLAGS for arg in argv[1:])
+            sys.exit(OK if asked and stop.code == 1 else stop.code)
 
-    def checked_main(argv):
-        try:
-            require(flags.FLAGS, required)
-            return main(argv)
-        except SetupError as error:
-            fail(command, str(error))
-        except FloatingPointError as error:
-            fail(command, f"training stopped: {error}", NON_FINITE_LOSS)
+    app.run(
+        lambda argv: _checked_main(main, argv, flags.FLAGS, command=command, required=required),
+        flags_parser=parse,
+    )
 
-    app.run(checked_main, flags_parser=parse)
+
+def call(main, define_flags, argv, *, command, required=()):
+    """`run` in-process, for tests and scripts that call a tool: the flags go on a scratch FlagValues
+    (nothing is left on absl's global FLAGS), `argv` has no program name, `main(argv, flag_values)` gets
+    the positional arguments; errors print and exit as `run`'s do. Returns main's result."""
+    flag_values = flags.FlagValues()
+    define_flags(flag_values)
+    try:
+        rest = flag_values([command, *argv])
+    except flags.Error as error:
+        fail(command, str(error))
+    return _checked_main(main, rest, flag_values, command=command, required=required)

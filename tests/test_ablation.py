@@ -9,7 +9,7 @@ import sys
 import keras
 import pytest
 
-from bot_keras import loop
+from bot_keras import cli, loop
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("ablation", ROOT / "tools" / "ablation.py")
@@ -103,29 +103,35 @@ def test_rows_are_validated_with_the_trainer_flags_before_training(monkeypatch, 
     assert "row 'base'" not in text
 
 
+def run_ablation(argv):
+    return cli.call(
+        ablation.main, ablation.define_flags, argv, command=ablation.COMMAND, required=ablation.REQUIRED
+    )
+
+
 def test_main_dry_run_prints_every_command_and_rejects_typos(monkeypatch, tmp_path, capsys):
     monkeypatch.chdir(ROOT)
     argv = [f"--base={BASE}", "--row=a: --batch_size=64", "--row=+ b: --lr_schedule=cosine", "--epochs=2",
             f"--out_dir={tmp_path}", "--dry_run", "--", "--dataset=synthetic"]
-    assert ablation.main(argv) == 0
+    assert run_ablation(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[1] == (
         f"+ b: python -m bot_keras.train --flagfile={BASE} --verbose=2 --dataset=synthetic --batch_size=64 "
         f"--lr_schedule=cosine --epochs=2 --model_dir={tmp_path}/01_b"
     )
     with pytest.raises(SystemExit) as exit_info:
-        ablation.main([f"--base={BASE}", "--row=a: --bach_size=64", "--epochs=2", f"--out_dir={tmp_path}"])
+        run_ablation([f"--base={BASE}", "--row=a: --bach_size=64", "--epochs=2", f"--out_dir={tmp_path}"])
     assert exit_info.value.code == 2
     assert "row 'a': Unknown command line flag 'bach_size'" in capsys.readouterr().err
     (tmp_path / "00_a" / "checkpoints").mkdir(parents=True)  # a row that died before it finished
     with pytest.raises(SystemExit):
-        ablation.main([f"--base={BASE}", "--row=a:", "--epochs=2", f"--out_dir={tmp_path}"])
+        run_ablation([f"--base={BASE}", "--row=a:", "--epochs=2", f"--out_dir={tmp_path}"])
     assert f"row 'a': {tmp_path}/00_a holds an unfinished run" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        ablation.main([f"--base={BASE}", "--epochs=2", f"--out_dir={tmp_path}"])
+        run_ablation([f"--base={BASE}", "--epochs=2", f"--out_dir={tmp_path}"])
     assert "no rows" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        ablation.main(["--base=nope.flags", "--row=a:", "--epochs=2", f"--out_dir={tmp_path}"])
+        run_ablation(["--base=nope.flags", "--row=a:", "--epochs=2", f"--out_dir={tmp_path}"])
     assert "--base='nope.flags': no such flagfile" in capsys.readouterr().err
 
 

@@ -6,6 +6,9 @@ import pathlib
 import re
 
 import pytest
+from absl import flags
+
+from bot_keras import cli
 
 _PATH = pathlib.Path(__file__).resolve().parent.parent / "tools" / "bench_train.py"
 
@@ -18,22 +21,40 @@ def bench():
     return module
 
 
+def parse(bench, argv):
+    """check_flags' namespace for the command line `argv` (a scratch FlagValues, as cli.call uses)."""
+    flag_values = flags.FlagValues()
+    bench.define_flags(flag_values)
+    flag_values(["bench_train", *argv])
+    return bench.check_flags(flag_values)
+
+
 _TINY = ["--image_size=32", "--batch_sizes=4", "--num_classes=5", "--rounds=1", "--steps=2", "--warmup=0"]
 
 
 def test_one_axis_at_a_time_around_the_base_and_the_whole_grid(bench):
-    args = bench.parse_args(
-        ["--models=resnet50,resnet50_d,keras:ResNet50", "--precisions=float32,mixed_bfloat16", "--jit=off,on"]
+    args = parse(
+        bench,
+        [
+            "--models=resnet50,resnet50_d,keras:ResNet50",
+            "--precisions=float32,mixed_bfloat16",
+            "--jit=off,on",
+        ],
     )
     configs = bench.configurations(args)
     base = configs[0]
     assert (base.model, base.precision, base.batch, base.jit, base.strategy, base.step) == (
-        "resnet50", "float32", 16, False, "default", "trainer"
+        "resnet50",
+        "float32",
+        16,
+        False,
+        "default",
+        "trainer",
     )
     # base, 2 other models, 1 other precision, jit on, mirrored, model.fit
     assert len(configs) == 7 and len(set(configs)) == 7
     assert sum(c.step == "fit" for c in configs) == 1
-    grid = bench.configurations(bench.parse_args(["--grid", "--models=resnet50,resnet50_d", "--no-fit"]))
+    grid = bench.configurations(parse(bench, ["--grid", "--models=resnet50,resnet50_d", "--nofit"]))
     assert len(grid) == 2 * 3 * 1 * 2 * 2  # models x precisions x batches x jit x strategies
 
 
@@ -58,19 +79,29 @@ def test_ratios_name_what_they_divide(bench):
 
 
 def test_bad_flags_are_one_line_naming_them(bench, capsys):
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--models=resnet51", "--precisions=fp8", "--jit=maybe"])
-    assert "--jit='maybe'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--models=resnet51", "--strategies=tpu", "--steps=0"])
+    with pytest.raises(cli.SetupError, match="--jit='maybe'"):
+        parse(bench, ["--models=resnet51", "--precisions=fp8", "--jit=maybe"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.call(
+            bench.main,
+            bench.define_flags,
+            ["--models=resnet51", "--strategies=tpu", "--steps=0"],
+            command=bench.COMMAND,
+        )
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1
     assert "--models: unknown 'resnet51'" in err and "'tpu'" in err and "--steps=0" in err
 
 
 @pytest.mark.slow  # two ResNet-18-D steps compiled and timed: ~15 s on a quiet 2-core machine
 def test_tiny_run_prints_the_table_and_finite_positive_ratios(bench, capsys):
-    result = bench.main(["--models=resnet18_d", "--precisions=float32", "--jit=off", "--strategies=default",
-                         *_TINY])
+    result = bench.measure(
+        parse(
+            bench,
+            ["--models=resnet18_d", "--precisions=float32", "--jit=off", "--strategies=default", *_TINY],
+        ),
+    )
     out = capsys.readouterr().out
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("model "))

@@ -45,6 +45,11 @@ def test_missing_required_and_unknown_flags_are_one_line(capsys):
     assert err.startswith("cmd: error: ") and "cli_test_valeu" in err and err.count("\n") == 1
 
 
+def test_help_exits_0_and_lists_the_flags(capsys):
+    assert _run(lambda argv: None, ["--helpfull"]) == cli.OK  # --help lists __main__'s flags only
+    assert "--cli_test_value: A flag of this test." in capsys.readouterr().out
+
+
 def test_non_finite_loss_exits_3_and_a_bug_keeps_its_traceback(capsys):
     def nan(argv):
         raise FloatingPointError("Non-finite training loss (nan) at step 3")

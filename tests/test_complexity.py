@@ -3,9 +3,10 @@
 import keras
 import pytest
 
+from bot_keras import cli
 from bot_keras.models import build_model
 from bot_keras.models.complexity import count_macs, count_trainable_params
-from tools.model_table import main as model_table
+from tools import model_table
 
 
 def test_hand_computed_toy_model():
@@ -33,7 +34,12 @@ def test_resnet50_family_macs_match_table5(name, gmacs):
 
 
 def test_model_table_tool_prints_one_row_per_model(capsys):
-    model_table(["--models", "resnet18", "resnet18_c", "--image-size", "224"])
+    cli.call(
+        model_table.main,
+        model_table.define_flags,
+        ["--models", "resnet18,resnet18_c", "--image-size", "224"],
+        command=model_table.COMMAND,
+    )
     rows = capsys.readouterr().out.strip().splitlines()
     assert rows[0].split()[:3] == ["model", "params", "GMACs"]
     # ResNet-18: 11,689,512 parameters and 1.81 G MACs (torchvision's figures); -C adds the deep stem.

@@ -19,7 +19,7 @@ OUTSIDE_FLAGS = {
     "dir", "all",  # saved_model_cli show
     "local-dir",  # huggingface-cli download
     "no-deps",  # pip install
-    "help",  # every command's own (absl and argparse)
+    "help",  # every command's own (absl)
 }
 FLAG = re.compile(r"(?<![\w-])--([a-z][\w-]*)")  # upper case: a placeholder (--FLAG=v)
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
@@ -54,7 +54,7 @@ def test_refresh_rewrites_a_changed_table():
 def test_known_flags_cover_absl_negations_and_tool_options():
     known = flag_reference.known_flags()
     assert {"base_lr", "noskip_corrupt", "nono_bias_decay", "export_dir", "top_k", "flagfile"} <= known
-    assert {"rows", "dry_run", "image-size", "shards"} <= known  # tools/ argparse options
+    assert {"rows", "dry_run", "image-size", "num-classes", "shards", "nofit"} <= known  # tools/ flags
     assert "nobase_lr" not in known and "resnet50_d" not in known  # negation only for booleans
 
 

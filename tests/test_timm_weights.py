@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import pytest
 
+from bot_keras import cli
 from bot_keras.models import build_backbone, build_model
 from bot_keras.models.timm_weights import (
     describe_timm_state_dict,
@@ -347,11 +348,21 @@ def test_original_resnet_is_refused():
 # --- the tool ---------------------------------------------------------------------------------------------
 
 
+def convert(argv):
+    cli.call(
+        convert_timm_weights.main,
+        convert_timm_weights.define_flags,
+        argv,
+        command=convert_timm_weights.COMMAND,
+        required=("model", "weights", "output"),
+    )
+
+
 def test_convert_tool_keeps_or_replaces_the_classifier(tmp_path, capsys):
     state = random_state(timm_layout(18, "d", 7))
     weights = write_safetensors(tmp_path / "resnet18d.safetensors", state)
     output = tmp_path / "out" / "resnet18_d.keras"
-    convert_timm_weights.main(
+    convert(
         ["--model", "resnet18_d", "--weights", str(weights), "--output", str(output), "--image_size", "32"]
     )
     assert "timm's 7-class classifier" in capsys.readouterr().out
@@ -363,7 +374,7 @@ def test_convert_tool_keeps_or_replaces_the_classifier(tmp_path, capsys):
     )
 
     output = tmp_path / "fine_tune.weights.h5"
-    convert_timm_weights.main(
+    convert(
         ["--model", "resnet18_d", "--weights", str(weights), "--output", str(output), "--num_classes", "3"]
     )
     assert "new 3-class classifier" in capsys.readouterr().out
@@ -389,7 +400,7 @@ def test_convert_tool_errors(tmp_path, capsys, args, message):
     weights = write_safetensors(tmp_path / "w.safetensors", random_state(timm_layout(18, "d", 7)))
     argv = ["--weights", str(weights), "--output", str(tmp_path / "o.keras")] + args
     with pytest.raises(SystemExit) as exit_info:
-        convert_timm_weights.main(argv)
+        convert(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -399,11 +410,12 @@ def test_convert_tool_reports_a_damaged_file_in_one_line(tmp_path, capsys):
     weights.write_bytes(weights.read_bytes()[:1000])  # an interrupted download
     argv = ["--model", "resnet18_d", "--weights", str(weights), "--output", str(tmp_path / "o.keras")]
     with pytest.raises(SystemExit) as exit_info:
-        convert_timm_weights.main(argv)
+        convert(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith(  # after argparse's usage lines
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(
         f"convert_timm_weights: error: --weights: {str(weights)!r} is not a readable safetensors file ("
     )
 

@@ -25,7 +25,6 @@ final_metrics.json is not trained again (its summary is reused), so an interrupt
 where it stopped; a run directory without it (a row that died) must be removed by hand.
 """
 
-import argparse
 import csv
 import dataclasses
 import json
@@ -304,28 +303,37 @@ def run_row(index, row, *, base, common, epochs, out_dir):
     return result
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    command = "python tools/ablation.py " + shlex.join(argv)
-    common = []
-    if "--" in argv:
-        split = argv.index("--")
-        argv, common = argv[:split], argv[split + 1:]
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="python tools/ablation.py --base=FLAGFILE (--row='NAME: --flag=v ...' | --rows=FILE) "
-              "--epochs=N --out_dir=DIR [--no_plot] [--dry_run] [-- FLAGS FOR EVERY ROW]",
-    )
-    parser.add_argument("--base", required=True, help="base flagfile of every row")
-    parser.add_argument("--row", action="append", default=[], help="'NAME: --flag=value ...' (repeatable)")
-    parser.add_argument("--rows", help="file of rows, one 'NAME: --flag=value ...' a line, after any --row")
-    parser.add_argument("--epochs", type=float, required=True, help="training budget of every row, in epochs")
-    parser.add_argument("--out_dir", required=True, help="where the runs, logs, table and plot go")
-    parser.add_argument("--title", default=None, help="plot title (default: the base flagfile's name)")
-    parser.add_argument("--no_plot", action="store_true", help="skip the PNG (no matplotlib needed)")
-    parser.add_argument("--dry_run", action="store_true", help="validate, print the commands, train nothing")
-    args = parser.parse_args(argv)
+COMMAND = "tools/ablation.py"
+REQUIRED = ("base", "epochs", "out_dir")
 
+
+def define_flags(fv):
+    d = dict(flag_values=fv)
+    flags.DEFINE_string("base", None, "Base flagfile of every row.", **d)
+    flags.DEFINE_multi_string("row", [], "'NAME: --flag=value ...' (repeatable).", **d)
+    flags.DEFINE_string("rows", None, "File of rows, one 'NAME: --flag=value ...' a line, after --row.", **d)
+    flags.DEFINE_float("epochs", None, "Training budget of every row, in epochs.", **d)
+    flags.DEFINE_string("out_dir", None, "Where the runs, logs, table and plot go.", **d)
+    flags.DEFINE_string("title", None, "Plot title (default: the base flagfile's name).", **d)
+    flags.DEFINE_bool("no_plot", False, "Skip the PNG (no matplotlib needed).", **d)
+    flags.DEFINE_bool("dry_run", False, "Validate, print the commands, train nothing.", **d)
+
+
+def _command_line(args, common):
+    """The tool's command line as ablation.md records it, rebuilt from the parsed flags."""
+    parts = [f"--base={args.base}", *(f"--row={row}" for row in args.row)]
+    parts += [f"--rows={args.rows}"] if args.rows else []
+    parts += [f"--epochs={args.epochs:g}", f"--out_dir={args.out_dir}"]
+    parts += [f"--title={args.title}"] if args.title else []
+    parts += ["--no_plot"] * args.no_plot + ["--dry_run"] * args.dry_run
+    parts += ["--", *common] if common else []
+    return "python tools/ablation.py " + shlex.join(parts)
+
+
+def main(argv, f=flags.FLAGS):
+    """argv[1:]: the flags after `--`, passed to every row's trainer (absl leaves them unparsed)."""
+    args, common = f, list(argv[1:])
+    command = _command_line(args, common)
     try:
         if not os.path.isfile(args.base):
             raise SpecError(f"--base={args.base!r}: no such flagfile.")
@@ -350,7 +358,7 @@ def main(argv=None):
         validate_rows(rows, base=args.base, common=common, epochs=args.epochs,
                       out_dir=args.out_dir, skip=finished)
     except SpecError as error:
-        cli.fail("tools/ablation.py", str(error))
+        raise cli.SetupError(str(error)) from error
     if args.dry_run:
         for i, row in enumerate(rows):
             run_dir = os.path.join(args.out_dir, row_dir_name(i, row.name))
@@ -378,4 +386,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, define_flags, command=COMMAND, required=REQUIRED)

@@ -24,19 +24,23 @@ minimal fused chain of the same run. A last table times a CIFAR-sized folder (32
 cores): the first pass reads files, later passes come from the cache of encoded bytes.
 """
 
-import argparse
 import dataclasses
 import os
 import sys
 import tempfile
 import time
 
-import numpy as np
-import tensorflow as tf
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import bot_keras  # noqa: E402, F401, I001 - first: it keeps TensorFlow's start-up lines off (bot_keras/console.py)
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import flags  # noqa: E402
+
+from bot_keras import cli  # noqa: E402
 from bot_keras.data import augment, folder, make_dataset  # noqa: E402
+
+COMMAND = "tools/bench_input.py"
 
 
 def photo_like(rng, height=375, width=500):
@@ -148,6 +152,7 @@ def time_interleaved(datasets, threads, images, batch_size, rounds, warmup_batch
 
 
 def bench_folder(title, root, split, args):
+    """Times every path on the JPEGs of ROOT/SPLIT; `args`: the parsed flags (image_size, threads, ...)."""
     listing = folder.list_folder(root, split)
     encoded = [open(path, "rb").read() for path in listing.paths]
     sizes = [tf.io.extract_jpeg_shape(data).numpy()[:2] for data in encoded]
@@ -188,31 +193,36 @@ def bench_small_folder(count):
         print("images/s by pass: " + ", ".join(f"pass {i + 1}: {r:.0f}" for i, r in enumerate(passes)))
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--folder", help="also time this image folder ROOT (ROOT/<split>/<class>/*.jpg)")
-    parser.add_argument("--split", default="train", help="the split of --folder to read")
-    parser.add_argument("--num_images", type=int, default=500, help="generated photo-like JPEGs (0: none)")
-    parser.add_argument("--image_size", type=int, default=224)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=1, help="tf.data threads (1: images/s per core)")
-    parser.add_argument("--timed_images", type=int, default=160, help="images timed per path and round")
-    parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds (the best is reported)")
-    parser.add_argument("--small_images", type=int, default=5000, help="32x32 JPEGs for the last table")
-    args = parser.parse_args(argv)
+def define_flags(fv):
+    d = dict(flag_values=fv)
+    flags.DEFINE_string("folder", None, "Also time this image folder ROOT (ROOT/<split>/<class>/*.jpg).", **d)
+    flags.DEFINE_string("split", "train", "The split of --folder to read.", **d)
+    flags.DEFINE_integer("num_images", 500, "Generated photo-like JPEGs (0: none).", lower_bound=0, **d)
+    flags.DEFINE_integer("image_size", 224, "Output resolution of every path.", lower_bound=1, **d)
+    flags.DEFINE_integer("batch_size", 16, "Batch size of every path.", lower_bound=1, **d)
+    flags.DEFINE_integer("threads", 1, "tf.data threads (1: images/s per core).", lower_bound=1, **d)
+    flags.DEFINE_integer("timed_images", 160, "Images timed per path and round.", lower_bound=1, **d)
+    flags.DEFINE_integer("rounds", 9, "Interleaved rounds (the best is reported).", lower_bound=1, **d)
+    flags.DEFINE_integer("small_images", 5000, "32x32 JPEGs of the last table (0: none).", lower_bound=0, **d)
+
+
+def main(argv, f=flags.FLAGS):
+    if len(argv) > 1:
+        raise cli.SetupError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if f.folder:
+        with cli.setup_errors(f"--folder {f.folder!r}"):
+            folder.list_folder(f.folder, f.split)  # a bad folder fails before the generated benchmarks
     print(f"{os.cpu_count()} CPUs on the machine; TensorFlow {tf.__version__}")
 
-    if args.folder:
-        bench_folder(f"folder {args.folder}", args.folder, args.split, args)
-    if args.num_images:
+    if f.folder:
+        bench_folder(f"folder {f.folder}", f.folder, f.split, f)
+    if f.num_images:
         with tempfile.TemporaryDirectory() as tmp:
-            write_images(tmp, args.num_images, photo_like)
-            bench_folder("generated photo-like 500x375 q90", tmp, "train", args)
-    if args.small_images:
-        bench_small_folder(args.small_images)
+            write_images(tmp, f.num_images, photo_like)
+            bench_folder("generated photo-like 500x375 q90", tmp, "train", f)
+    if f.small_images:
+        bench_small_folder(f.small_images)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, define_flags, command=COMMAND)

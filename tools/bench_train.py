@@ -15,7 +15,7 @@ A configuration is a model × precision × global batch × jit_compile × strate
 first value of each list is the base and every other value is tried with the rest at the base (one axis
 at a time); --grid times every combination. The step is "trainer" (ours) or "fit": Keras' own compiled
 `model.fit` step (`model.train_function`, the same optimizer, softmax cross-entropy, top-1/top-5
-metrics), timed on the base configuration unless --no-fit. Models are `bot_keras.models` names or
+metrics), timed on the base configuration unless --nofit. Models are `bot_keras.models` names or
 `keras:NAME` for `keras.applications.NAME(weights=None)` with logits out.
 
 The ratios printed below the table come from the same run: each configuration's step time ÷ the base's
@@ -25,7 +25,6 @@ Section 2.1 augmentation, in a subprocess) ÷ the base step's, with the input pi
 same cores for reference.
 """
 
-import argparse
 import csv
 import os
 import statistics
@@ -33,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from dataclasses import dataclass, replace
 from itertools import product
 
@@ -41,15 +41,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from absl import flags  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bot_keras import distribute, optimizers, steps  # noqa: E402
+from bot_keras import cli, distribute, optimizers, steps  # noqa: E402
 from bot_keras.data import make_dataset  # noqa: E402
 from bot_keras.models import MODEL_NAMES, build_model  # noqa: E402
 
 KERAS_PREFIX = "keras:"
+COMMAND = "tools/bench_train.py"
 
 
 @dataclass(frozen=True)
@@ -212,7 +214,7 @@ def end_to_end_images_per_second(root, base, args):
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
         if proc.returncode:
-            raise SystemExit(f"end-to-end run failed ({' '.join(command)}):\n{proc.stderr[-2000:]}")
+            raise RuntimeError(f"end-to-end run failed ({' '.join(command)}):\n{proc.stderr[-2000:]}")
         with open(os.path.join(model_dir, "logs", "training.csv")) as f:
             rows = list(csv.DictReader(f))
         return float(rows[-1]["images_per_sec"]), command
@@ -234,42 +236,33 @@ def print_table(configs, seconds, spread, first_step, base):
         )
 
 
-def _list(kind):
-    return lambda text: [kind(v) for v in text.split(",") if v]
+def define_flags(fv):
+    d = dict(flag_values=fv)
+    models = ["resnet50", "resnet50_d", "keras:ResNet50"]
+    precisions = ["float32", "mixed_bfloat16", "mixed_float16"]
+    flags.DEFINE_list("models", models, "Model names or keras:NAME.", **d)
+    flags.DEFINE_list("precisions", precisions, "Keras dtype policies.", **d)
+    flags.DEFINE_list("batch_sizes", ["16"], "Global batch sizes.", **d)
+    flags.DEFINE_list("jit", ["off", "on"], "off | on | off,on (XLA).", **d)
+    flags.DEFINE_list("strategies", ["default", "mirrored"], "default and/or mirrored.", **d)
+    flags.DEFINE_bool("fit", True, "Also time Keras' model.fit step on the base configuration.", **d)
+    flags.DEFINE_bool("grid", False, "Every combination, not one axis at a time.", **d)
+    flags.DEFINE_integer("image_size", 128, "Input height and width.", **d)
+    flags.DEFINE_integer("num_classes", 1000, "Classifier size.", **d)
+    flags.DEFINE_integer("warmup", 2, "Untimed steps per configuration after the first (compiling).", **d)
+    flags.DEFINE_integer("steps", 3, "Timed steps per configuration and round.", **d)
+    flags.DEFINE_integer("rounds", 3, "Rounds; each times every configuration.", **d)
+    flags.DEFINE_string("end_to_end", None, "Image folder ROOT/train/<class>/*.jpg.", **d)
+    flags.DEFINE_integer("end_to_end_steps", 8, "Steps of the end-to-end run.", **d)
 
 
-def _on_off(text):
-    values = {"on": True, "off": False, "true": True, "false": False}
-    try:
-        return [values[v.strip().lower()] for v in text.split(",") if v]
-    except KeyError:
-        raise argparse.ArgumentTypeError(f"--jit={text!r}: use on, off or on,off") from None
+_ON_OFF = {"on": True, "off": False, "true": True, "false": False}
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--models", type=_list(str), default=["resnet50", "resnet50_d", "keras:ResNet50"])
-    parser.add_argument(
-        "--precisions", type=_list(str), default=["float32", "mixed_bfloat16", "mixed_float16"]
-    )
-    parser.add_argument("--batch_sizes", type=_list(int), default=[16])
-    parser.add_argument("--jit", type=_on_off, default=[False, True], help="off | on | off,on (XLA)")
-    parser.add_argument("--strategies", type=_list(str), default=["default", "mirrored"])
-    parser.add_argument("--fit", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time Keras' model.fit step on the base configuration")
-    parser.add_argument("--grid", action="store_true", help="every combination, not one axis at a time")
-    parser.add_argument("--image_size", type=int, default=128)
-    parser.add_argument("--num_classes", type=int, default=1000)
-    parser.add_argument(
-        "--warmup", type=int, default=2, help="untimed steps per configuration after the first (compiling)"
-    )
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration and round")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--end_to_end", metavar="ROOT", help="image folder ROOT/train/<class>/*.jpg")
-    parser.add_argument("--end_to_end_steps", type=int, default=8)
-    args = parser.parse_args(argv)
+def check_flags(f):
+    """The parsed flags as a namespace (--batch_sizes as ints, --jit as bools); raises SetupError naming
+    every bad value in one line."""
+    args = types.SimpleNamespace(**{name: f[name].value for name in f})
     problems = [
         f"--models: unknown {m!r}" for m in args.models
         if not (m in MODEL_NAMES or (m.startswith(KERAS_PREFIX) and hasattr(keras.applications, m[6:])))
@@ -277,6 +270,14 @@ def parse_args(argv):
     problems += [f"--precisions: unknown {p!r}" for p in args.precisions if p not in distribute.PRECISIONS]
     problems += [f"--strategies: {s!r} is not default or mirrored" for s in args.strategies
                  if s not in ("default", "mirrored")]
+    if all(v.strip().lower() in _ON_OFF for v in args.jit):
+        args.jit = [_ON_OFF[v.strip().lower()] for v in args.jit]
+    else:
+        problems.append(f"--jit={','.join(args.jit)!r}: use on, off or on,off")
+    if all(b.isdigit() and int(b) > 0 for b in args.batch_sizes):
+        args.batch_sizes = [int(b) for b in args.batch_sizes]
+    else:
+        problems.append(f"--batch_sizes={','.join(args.batch_sizes)!r}: positive integers")
     for name in ("warmup", "steps", "rounds", "image_size", "num_classes", "end_to_end_steps"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
             problems.append(f"--{name}={getattr(args, name)} is too small")
@@ -285,13 +286,19 @@ def parse_args(argv):
     if not all((args.models, args.precisions, args.batch_sizes, args.jit, args.strategies)):
         problems.append("--models, --precisions, --batch_sizes, --jit and --strategies each need a value")
     if problems:
-        parser.error("; ".join(problems))
+        raise cli.SetupError("; ".join(problems))
     return args
 
 
-def main(argv=None):
-    """Prints the table and the ratios; returns {"seconds": {Config: s/step}, "ratios": {name: value}}."""
-    args = parse_args(argv)
+def main(argv, f=flags.FLAGS):
+    if len(argv) > 1:
+        raise cli.SetupError(f"unexpected arguments: {' '.join(argv[1:])}")
+    measure(check_flags(f))
+
+
+def measure(args):
+    """Prints the table and the ratios; returns {"seconds": {Config: s/step}, "ratios": {name: value}}.
+    `args`: check_flags' namespace."""
     tf.get_logger().setLevel("ERROR")  # one traced step function per configuration is not "retracing"
     configs = configurations(args)
     base = configs[0]
@@ -338,4 +345,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, define_flags, command=COMMAND)

@@ -13,7 +13,6 @@ decode-and-crop path applies to every record. Undecodable files stop the run wit
 skipped and listed with --skip_corrupt.
 """
 
-import argparse
 import json
 import os
 import random
@@ -23,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import bot_keras  # noqa: E402, F401, I001 - first: it keeps TensorFlow's start-up lines off (bot_keras/console.py)
 import tensorflow as tf  # noqa: E402
+from absl import flags  # noqa: E402
 
 from bot_keras import cli  # noqa: E402
 from bot_keras.data import decode, folder, sources  # noqa: E402
@@ -136,44 +136,38 @@ def _parse_shards(text, splits):
     for item in text.split(","):
         split, _, count = item.partition("=")
         if not count.isdigit() or int(count) < 1:
-            cli.fail(COMMAND, f"--shards: expected N or split=N,...; got {text!r}")
+            raise cli.SetupError(f"--shards: expected N or split=N,...; got {text!r}")
         shards[split] = int(count)
     return shards
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--input", required=True, help="image folder root: INPUT/<split>/<class>/*.jpg")
-    parser.add_argument("--output", required=True, help="directory for the shards and dataset_info.json")
-    parser.add_argument("--splits", default=None, help="comma-separated splits (default: every sub-folder)")
-    parser.add_argument("--shards", default="16", help="shards per split: N, or split=N,... (default 16)")
-    parser.add_argument(
-        "--label_offset", type=int, default=0, help="added to stored labels (1: TF's ImageNet)"
-    )
-    parser.add_argument("--skip_corrupt", action="store_true", help="skip undecodable files and list them")
-    args = parser.parse_args(argv)
-    if not os.path.isdir(args.input):
-        cli.fail(COMMAND, f"--input {args.input!r} is not a directory")
+def define_flags(fv):
+    d = dict(flag_values=fv)
+    flags.DEFINE_string("input", None, "Image folder root: INPUT/<split>/<class>/*.jpg.", **d)
+    flags.DEFINE_string("output", None, "Directory for the shards and dataset_info.json.", **d)
+    flags.DEFINE_string("splits", None, "Comma-separated splits (default: every sub-folder).", **d)
+    flags.DEFINE_string("shards", "16", "Shards per split: N, or split=N,...", **d)
+    flags.DEFINE_integer("label_offset", 0, "Added to stored labels (1: TF's ImageNet).", **d)
+    flags.DEFINE_bool("skip_corrupt", False, "Skip undecodable files and list them.", **d)
+
+
+def main(argv, f=flags.FLAGS):
+    if len(argv) > 1:
+        raise cli.SetupError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not os.path.isdir(f.input):
+        raise cli.SetupError(f"--input {f.input!r} is not a directory")
     splits = (
-        args.splits.split(",")
-        if args.splits
-        else sorted(d for d in os.listdir(args.input) if os.path.isdir(os.path.join(args.input, d)))
+        f.splits.split(",")
+        if f.splits
+        else sorted(d for d in os.listdir(f.input) if os.path.isdir(os.path.join(f.input, d)))
     )
-    try:
+    shards = _parse_shards(f.shards, splits)
+    with cli.setup_errors():
         meta = build(
-            args.input,
-            args.output,
-            splits,
-            _parse_shards(args.shards, splits),
-            label_offset=args.label_offset,
-            skip_corrupt=args.skip_corrupt,
+            f.input, f.output, splits, shards, label_offset=f.label_offset, skip_corrupt=f.skip_corrupt
         )
-    except (ValueError, FileNotFoundError) as e:
-        cli.fail(COMMAND, str(e))
-    print(f"wrote {meta['num_examples']} examples of {len(meta['class_names'])} classes to {args.output}")
+    print(f"wrote {meta['num_examples']} examples of {len(meta['class_names'])} classes to {f.output}")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, define_flags, command=COMMAND, required=("input", "output"))

@@ -8,11 +8,10 @@ Each command module defines its flags in `define_flags(flag_values)` (bot_keras/
 read off a scratch `absl.flags.FlagValues`, in definition order. docs/training.md and docs/export.md hold
 them between `<!-- flags:COMMAND -->` and `<!-- /flags:COMMAND -->`; tests/test_docs.py regenerates them
 and fails when a flag, default or help text changed without the docs. `known_flags()` is every flag name
-our commands and tools accept (the docs test checks each `--flag` the docs write against it).
+our commands and tools accept, read off their `define_flags` (the docs test checks each `--flag` the docs
+write against it).
 """
 
-import argparse
-import ast
 import importlib
 import os
 import pathlib
@@ -24,6 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 import bot_keras  # noqa: E402, F401, I001 - first: it keeps TensorFlow's start-up lines off (bot_keras/console.py)
 from absl import flags  # noqa: E402
+
+from bot_keras import cli  # noqa: E402
 
 # Command name → module with `define_flags`, in the order a run uses them.
 COMMANDS = {
@@ -83,53 +84,43 @@ def refresh(text):
 
 
 def _cli_modules():
-    """Every bot_keras module that defines command-line flags (found by its `def define_flags(`)."""
-    for path in sorted((ROOT / "bot_keras").rglob("*.py")):
+    """Every bot_keras and tools/ module that defines command-line flags (by its `def define_flags(`)."""
+    for path in sorted((ROOT / "bot_keras").rglob("*.py")) + sorted((ROOT / "tools").glob("*.py")):
         if "def define_flags(" in path.read_text():
             yield ".".join(path.relative_to(ROOT).with_suffix("").parts)
 
 
-def _argparse_options(path):
-    """The `--options` a tools/ script passes to argparse's add_argument (read from its source)."""
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
-            for arg in node.args:
-                if isinstance(arg, ast.Constant) and str(arg.value).startswith("--"):
-                    yield arg.value[2:]
-
-
 def known_flags():
-    """Every flag name our commands and tools accept: absl flags (booleans also as `noNAME`), tools'
-    argparse options, and absl's own ABSL_FLAGS."""
+    """Every flag name our commands and tools accept: absl flags (booleans also as `noNAME`) and absl's
+    own ABSL_FLAGS."""
     names = set(ABSL_FLAGS)
     for module_name in _cli_modules():
         for flag in command_flags(module_name):
             names.add(flag.name)
             if flag.boolean:
                 names.add(f"no{flag.name}")
-    for path in sorted((ROOT / "tools").glob("*.py")):
-        names.update(_argparse_options(path))
     return names
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("commands", nargs="*", help=f"what to print (default: all of {', '.join(COMMANDS)})")
-    parser.add_argument("--write", action="store_true", help="refresh the flag tables in docs/*.md in place")
-    args = parser.parse_args(argv)
-    unknown = [name for name in args.commands if name not in COMMANDS]
+def define_flags(fv):
+    flags.DEFINE_bool("write", False, "Refresh the flag tables in docs/*.md in place.", flag_values=fv)
+
+
+def main(argv, f=flags.FLAGS):
+    """argv[1:]: the commands to print (default: all of COMMANDS)."""
+    unknown = [name for name in argv[1:] if name not in COMMANDS]
     if unknown:
-        parser.error(f"unknown command {', '.join(unknown)}; known: {', '.join(COMMANDS)}")
-    if args.write:
+        raise cli.SetupError(f"unknown command {', '.join(unknown)}; known: {', '.join(COMMANDS)}")
+    if f.write:
         for path in sorted((ROOT / "docs").glob("*.md")):
             text = path.read_text()
             if refresh(text) != text:
                 path.write_text(refresh(text))
                 print(f"updated {os.path.relpath(path, ROOT)}")
         return
-    for command in args.commands or COMMANDS:
+    for command in argv[1:] or COMMANDS:
         print(f"### `python -m {COMMANDS[command]}`\n\n{table(command)}")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, define_flags, command="flag_reference")

@@ -7,17 +7,25 @@ and every `<split>/masks/*.png` with nearest neighbour, so masks keep their clas
 255; `classes.txt` is copied. Sizes are floor(size / factor).
 """
 
-import argparse
+import os
 import pathlib
 import shutil
+import sys
 
-from PIL import Image
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import flags  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from bot_keras import cli  # noqa: E402
+
+COMMAND = "resize_seg_folder"
 
 
 def resize_folder(src, dst, factor):
     src, dst = pathlib.Path(src), pathlib.Path(dst)
     if not (src / "classes.txt").is_file():
-        raise SystemExit(f"{src} is not a seg_folder dataset: missing {src / 'classes.txt'}")
+        raise cli.SetupError(f"--src {str(src)!r} is not a seg_folder dataset: missing {src / 'classes.txt'}")
     dst.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src / "classes.txt", dst / "classes.txt")
     count = 0
@@ -33,16 +41,18 @@ def resize_folder(src, dst, factor):
     return count
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--src", required=True, help="seg_folder root (classes.txt, <split>/images, masks)")
-    parser.add_argument("--dst", required=True, help="where to write the smaller copy")
-    parser.add_argument("--factor", type=int, default=2, help="divide both sides by this (default 2)")
-    args = parser.parse_args()
-    if args.factor < 1:
-        parser.error(f"--factor={args.factor} must be >= 1")
-    print(f"wrote {resize_folder(args.src, args.dst, args.factor)} files to {args.dst}")
+def define_flags(fv):
+    d = dict(flag_values=fv)
+    flags.DEFINE_string("src", None, "seg_folder root (classes.txt, <split>/images, <split>/masks).", **d)
+    flags.DEFINE_string("dst", None, "Where to write the smaller copy.", **d)
+    flags.DEFINE_integer("factor", 2, "Divide both sides by this.", lower_bound=1, **d)
+
+
+def main(argv, f=flags.FLAGS):
+    if len(argv) > 1:
+        raise cli.SetupError(f"unexpected arguments: {' '.join(argv[1:])}")
+    print(f"wrote {resize_folder(f.src, f.dst, f.factor)} files to {f.dst}")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, define_flags, command=COMMAND, required=("src", "dst"))

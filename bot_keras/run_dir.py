@@ -26,6 +26,7 @@ import json
 import os
 import pathlib
 import tempfile
+import types
 import zipfile
 
 import keras
@@ -373,3 +374,11 @@ def load_backbone(model_dir, **backbone_kwargs):
     `build_backbone` (e.g. `output_stride`, `input_shape`): the start for segmentation or detection."""
     run = read_run(model_dir)
     return build_backbone(run.model_name, weights_from=load_model(run), **backbone_kwargs)
+
+
+def run_flags(run, **overrides):
+    """A run's flags as attributes (`f.crop_size`, as a command's own FLAGS reads), with the non-None
+    `overrides` (evaluate's --dataset, --data_dir, ...) in place of the recorded values."""
+    values = dict(run.flags)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return types.SimpleNamespace(**values)

@@ -14,7 +14,6 @@ time, and return boxes in the input image's pixels ("yxyx").
 """
 
 import pathlib
-import types
 
 import tensorflow as tf
 from absl import flags
@@ -176,17 +175,10 @@ def make_evaluator(strategy, model, class_names):
 # --- bot_keras.evaluate, export and predict ---------------------------------------------------------------
 
 
-def run_flags(run, **overrides):
-    """The run's flags as attributes (what the functions above read), with the non-None `overrides`."""
-    values = dict(run.flags)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return types.SimpleNamespace(**values)
-
-
 def evaluate_run(run, *, dataset=None, split=None, data_dir=None, batch_size=None, **_):
     """Evaluates a detection run's model.keras on a split (default: the run's --eval_split) as training's
     validation does; returns (result for the JSON, with per-class AP; one-line summary)."""
-    f = run_flags(run, dataset=dataset, data_dir=data_dir, batch_size=batch_size)
+    f = run_dir.run_flags(run, dataset=dataset, data_dir=data_dir, batch_size=batch_size)
     split = split or run.flags["eval_split"] or "validation"
     with cli.setup_errors(f"--dataset={f.dataset}"):
         info = dataset_info(f, split)

@@ -14,7 +14,6 @@ than S this is exactly the evaluation transform ("pad") at the image's own resol
 
 import importlib.util
 import pathlib
-import types
 
 import keras
 import numpy as np
@@ -217,17 +216,10 @@ def make_evaluator(strategy, model, class_names):
 # --- bot_keras.evaluate, export and predict ---------------------------------------------------------------
 
 
-def run_flags(run, **overrides):
-    """The run's flags as attributes (what the functions above read), with the non-None `overrides`."""
-    values = dict(run.flags)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return types.SimpleNamespace(**values)
-
-
 def evaluate_run(run, *, dataset=None, split=None, data_dir=None, batch_size=None):
     """Evaluates a segmentation run's model.keras on a split (default: the run's --eval_split), with the
     run's validation transform; returns (result for the JSON, one-line summary)."""
-    f = run_flags(run, dataset=dataset, data_dir=data_dir, batch_size=batch_size)
+    f = run_dir.run_flags(run, dataset=dataset, data_dir=data_dir, batch_size=batch_size)
     split = split or run.flags["eval_split"] or "validation"
     with cli.setup_errors(f"--dataset={f.dataset}"):
         info = dataset_info(f, split)
@@ -300,7 +292,7 @@ class SegmentationServing(tf.Module):
 
 
 def serving_module(run, model):
-    module = SegmentationServing(model, class_names=run.class_names, size=eval_size(run_flags(run)))
+    module = SegmentationServing(model, class_names=run.class_names, size=eval_size(run_dir.run_flags(run)))
     return module, {"serving_default": module.serve_bytes.get_concrete_function()}
 
 
@@ -322,7 +314,7 @@ def load_predictor(path):
         return (lambda encoded: serve(image_bytes=tf.constant(encoded))["class_map"].numpy()), names
     run = run_dir.read_run(path, task=NAME)
     model = run_dir.load_model(run)
-    size = eval_size(run_flags(run))
+    size = eval_size(run_dir.run_flags(run))
     predict = tf.function(lambda image: class_map(model, image, size))
     return (lambda encoded: predict(decode_image(encoded)).numpy()), run.class_names
 

@@ -309,6 +309,7 @@ def main(argv, f=flags.FLAGS):
         metrics=task.TRAIN_METRICS,
         seed=f.seed,
         jit_compile=f.jit_compile,
+        grad_clip_norm=f.grad_clip_norm,
     )
     evaluate = task.make_evaluator(strategy, model, train_info.class_names) if eval_dataset else None
     logs, wall_time_s = trainer.fit(

@@ -131,6 +131,7 @@ def make_train_function(
     mixup_alpha=0.0,
     seed=0,
     jit_compile=False,
+    grad_clip_norm=0.0,
 ):
     """Returns `train_steps(iterator, start_step, num_steps, mixup_on) -> {name: sum over the steps}`.
 
@@ -143,7 +144,12 @@ def make_train_function(
     `jit_compile=True` compiles the whole replica step with XLA (mixup, teacher, forward, backward, the
     overflow agreement, the optimizer update and the metric sums); the step loop and its `next(iterator)`
     stay outside (XLA cannot compile iterators). See `check_jit_compile` for the strategies it supports.
+
+    `grad_clip_norm > 0` rescales the global batch's gradient to at most that L2 norm before the update
+    (`clip_global_norm`); 0 leaves it alone.
     """
+    if grad_clip_norm < 0:
+        raise ValueError(f"grad_clip_norm must be >= 0 (0: off); got {grad_clip_norm!r}.")
     metrics = metrics or CLASSIFICATION_METRICS
     agree_on_overflow = (
         isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and strategy.num_replicas_in_sync > 1
@@ -181,6 +187,8 @@ def make_train_function(
         grads = tape.gradient(scaled_loss, model.trainable_variables)
         if agree_on_overflow:
             grads = _poison_if_any_replica_overflowed(grads)
+        if grad_clip_norm:
+            grads = clip_global_norm(grads, grad_clip_norm, optimizer=optimizer, replicas=replicas)
         optimizer.apply(grads, model.trainable_variables)
         return metrics.vector(example_losses, labels, outputs)
 
@@ -247,6 +255,33 @@ def check_jit_compile(strategy):
         f"jit_compile (XLA) needs one replica or MirroredStrategy over GPUs; this "
         f"{type(strategy).__name__} has {replicas} replicas on {', '.join(devices) or 'its devices'}."
     )
+
+
+def clip_global_norm(grads, clip_norm, *, optimizer, replicas):
+    """Scales one replica's gradients so that the global batch's gradient (their sum over the replicas)
+    has an L2 norm of at most `clip_norm`, as `tf.clip_by_global_norm` does on one device.
+
+    Under a `LossScaleOptimizer` the gradients are those of the scaled loss; the norm is compared unscaled.
+    With several replicas the gradients are summed first and handed back divided by the replica count:
+    the optimizer's own all-reduce sums them again. (Keras' `global_clipnorm` clips each replica's share on
+    its own, before that all-reduce, so its threshold would depend on the number of replicas.) Non-finite
+    gradients stay non-finite, so a loss-scaled overflow still skips the step.
+    """
+    present = [i for i, g in enumerate(grads) if g is not None]
+    grads = list(grads)
+    if replicas > 1:
+        summed = tf.distribute.get_replica_context().all_reduce(
+            tf.distribute.ReduceOp.SUM, [grads[i] for i in present]
+        )
+        for i, g in zip(present, summed, strict=True):
+            grads[i] = g
+    norm = tf.linalg.global_norm([tf.cast(grads[i], tf.float32) for i in present])
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        norm /= tf.cast(optimizer.dynamic_scale, tf.float32)
+    # min(1, c / norm): 1 for a zero gradient, NaN (propagated to every gradient) for a non-finite one.
+    factor = tf.where(norm > clip_norm, clip_norm / norm, tf.where(tf.math.is_finite(norm), 1.0, norm))
+    factor /= replicas
+    return [None if g is None else g * tf.cast(factor, g.dtype) for g in grads]
 
 
 def _poison_if_any_replica_overflowed(grads):

@@ -293,6 +293,7 @@ def main(argv, f=flags.FLAGS):
         mixup_alpha=f.mixup_alpha,
         seed=f.seed,
         jit_compile=f.jit_compile,
+        grad_clip_norm=f.grad_clip_norm,
     )
     evaluate = (
         steps.make_eval_function(strategy, model, jit_compile=f.jit_compile)

@@ -72,6 +72,13 @@ def define_optimization_flags(fv, *, batch_size, epochs, base_lr, lr_schedule, s
     flags.DEFINE_bool(
         "no_bias_decay", True, "Exclude biases and BN gamma/beta from weight decay (Sec. 3.1).", **d
     )
+    flags.DEFINE_float(
+        "grad_clip_norm",
+        0.0,
+        "Rescale the global batch's gradient to at most this L2 norm before each update (0: off; the "
+        "paper clips nothing; the detection recipes use 10).",
+        **d,
+    )
 
 
 def define_machinery_flags(fv):
@@ -136,6 +143,7 @@ def machinery_problems(f, *, schedule_names=schedules.SCHEDULE_NAMES):
         problems.append(f"--lr_decay_epochs={','.join(f.lr_decay_epochs)} must be numbers, e.g. 30,60,90.")
     need(0 < f.lr_decay_rate <= 1, f"--lr_decay_rate={f.lr_decay_rate} must be in (0, 1].")
     need(0 <= f.momentum < 1, f"--momentum={f.momentum} must be in [0, 1).")
+    need(f.grad_clip_norm >= 0, f"--grad_clip_norm={f.grad_clip_norm} must be >= 0 (0: off).")
     need(f.weight_decay is None or f.weight_decay >= 0, f"--weight_decay={f.weight_decay} must be >= 0.")
     need(
         f.weight_decay_mode in optimizers.WEIGHT_DECAY_MODES,

@@ -33,6 +33,21 @@ def test_fresh_heads_start_at_the_focal_prior(detector):
     assert detector.prediction_decoder.confidence_threshold == detection_model.MAP_CONFIDENCE_THRESHOLD
 
 
+def test_group_normalised_heads_start_at_the_prior_and_survive_a_keras_round_trip(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = detection_model.build_detector("resnet18_d", num_classes=2, image_size=SIZE, head_norm=True)
+    for head in (model.classification_head, model.box_head):
+        assert len(head.group_norm_layers) == len(head.conv_layers) == 4
+        assert all(conv.bias is None for conv in head.conv_layers)  # GN's beta replaces the conv bias
+    images = tf.random.normal([2, SIZE, SIZE, 3], seed=1)
+    predictions = model(images, training=False)
+    assert float(tf.reduce_mean(tf.sigmoid(predictions["cls_logits"]))) == pytest.approx(0.01, abs=0.002)
+    model.save(tmp_path / "gn.keras")
+    loaded = keras.models.load_model(tmp_path / "gn.keras", compile=False)
+    assert loaded.use_prediction_head_norm
+    np.testing.assert_allclose(loaded(images)["cls_logits"], predictions["cls_logits"], atol=1e-5)
+
+
 def test_our_loss_equals_keras_hubs_compute_loss(detector):
     images = tf.random.normal([2, SIZE, SIZE, 3], seed=2)
     predictions = detector(images, training=True)

@@ -99,7 +99,7 @@ _COMMON = textwrap.dedent(
         layers += [keras.layers.ReLU(), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3)]
         return keras.Sequential(layers)
 
-    def run(strategy, batch_norm=False, sync_bn=False, n_steps=5):
+    def run(strategy, batch_norm=False, sync_bn=False, n_steps=5, grad_clip_norm=0.0):
         keras.utils.set_random_seed(0)
         iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
         with strategy.scope():
@@ -110,7 +110,7 @@ _COMMON = textwrap.dedent(
         initial = [w.tolist() for w in model.get_weights()]
         loss = lambda labels, logits, _: tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=logits)
         step = steps.make_train_function(strategy, model, optimizer, per_example_loss=loss,
-                                         global_batch_size=GLOBAL_BATCH)
+                                         global_batch_size=GLOBAL_BATCH, grad_clip_norm=grad_clip_norm)
         sums = step(iterator, tf.constant(0, tf.int64), tf.constant(n_steps), tf.constant(False))
         return [w.tolist() for w in model.get_weights()], [float(v) for v in sums.values()], initial
     """
@@ -124,7 +124,8 @@ _MIRRORED = _COMMON + textwrap.dedent(
     mirrored = distribute.create_strategy("mirrored")
     assert mirrored.num_replicas_in_sync == 2, mirrored.num_replicas_in_sync
     out = {}
-    cases = {"plain": {}, "bn": dict(batch_norm=True), "sync_bn": dict(batch_norm=True, sync_bn=True)}
+    cases = {"plain": {}, "bn": dict(batch_norm=True), "sync_bn": dict(batch_norm=True, sync_bn=True),
+             "clipped": dict(grad_clip_norm=0.05)}
     for name, kwargs in cases.items():
         out[name] = {"single": run(single, **kwargs), "mirrored": run(mirrored, **kwargs)}
 
@@ -194,11 +195,14 @@ def test_mirrored_two_devices_matches_one_device_with_the_same_global_batch(tmp_
     out = json.loads(proc.stdout.split("RESULT ", 1)[1])
     # After 5 Nesterov steps, a BN-free model and a synchronised-BN model agree to float32 round-off
     # (the all-reduce sums in a different order): 1e-5 absolute on weights of size ~0.1-1.
-    for name in ("plain", "sync_bn"):
+    for name in ("plain", "sync_bn", "clipped"):
         weights_1, sums_1, _ = out[name]["single"]
         weights_2, sums_2, _ = out[name]["mirrored"]
         assert _max_abs_diff(weights_1, weights_2) < 1e-5, name
         assert sums_1 == pytest.approx(sums_2, rel=1e-5), name
+    # --grad_clip_norm clips the global batch's gradient, whatever the replica count (Keras'
+    # global_clipnorm would clip each half batch's gradient alone); 0.05 is well below the norm here.
+    assert _max_abs_diff(out["clipped"]["single"][0], out["plain"]["single"][0]) > 1e-3
     # Per-replica BN (the default) normalises each half batch on its own: a different model, which
     # shows the comparison above can fail.
     assert _max_abs_diff(out["bn"]["single"][0], out["bn"]["mirrored"][0]) > 1e-4

@@ -79,6 +79,45 @@ def test_overflowing_float16_gradients_skip_the_step_and_halve_the_loss_scale():
     assert int(optimizer.iterations.numpy()) == 0
 
 
+def _one_clipped_step(precision, clip_norm):
+    """Weights after one step of `grad_clip_norm=clip_norm` with plain SGD(lr 1), and the unclipped
+    gradient of the same batch (computed by hand)."""
+    distribute.set_precision(precision)
+    keras.utils.set_random_seed(0)
+    model = _tiny_model()
+    optimizer = keras.optimizers.SGD(1.0)
+    if distribute.needs_loss_scaling(precision):
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    optimizer.build(model.trainable_variables)
+    x, y = next(iter(_batches()))
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(y, tf.cast(model(x), tf.float32)))
+    grads = tape.gradient(loss, model.trainable_variables)
+    before = model.get_weights()
+    loss_fn = steps.make_per_example_loss(label_smoothing=0.0, temperature=1.0, hard_weight=None)
+    step = steps.make_train_function(tf.distribute.get_strategy(), model, optimizer, per_example_loss=loss_fn,
+                                     global_batch_size=8, grad_clip_norm=clip_norm)
+    _steps(step, _batches(), 1)
+    keras.mixed_precision.set_global_policy("float32")
+    return before, [g.numpy() for g in grads], model.get_weights()
+
+
+def test_grad_clip_norm_rescales_the_gradient_to_the_norm_and_leaves_smaller_ones_alone():
+    before, grads, _ = _one_clipped_step("float32", 0.0)
+    norm = float(np.sqrt(sum(np.sum(g.astype("float64") ** 2) for g in grads)))
+    assert norm > 0.1
+    for clip_norm, want_factor in ((norm / 4, 0.25), (norm * 4, 1.0)):
+        _, _, after = _one_clipped_step("float32", clip_norm)
+        for w0, g, w1 in zip(before, grads, after, strict=True):  # SGD(lr 1): w1 = w0 - factor · g
+            np.testing.assert_allclose(w1, w0 - want_factor * g, rtol=1e-5, atol=1e-6)
+    # Under mixed_float16 the gradients are those of the loss × 32768; the norm is compared unscaled.
+    _, _, after_16 = _one_clipped_step("mixed_float16", norm / 4)
+    for w0, g, w1 in zip(before, grads, after_16, strict=True):
+        np.testing.assert_allclose(w1, w0 - 0.25 * g, rtol=2e-2, atol=2e-3)
+    with pytest.raises(ValueError, match="grad_clip_norm must be >= 0"):
+        _one_clipped_step("float32", -1.0)
+
+
 def test_mixup_in_the_step_uses_the_replica_seeded_lambda_and_switches_off():
     from bot_keras.data import mixup as mixup_ops
 

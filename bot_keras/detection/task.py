@@ -1,7 +1,7 @@
 """Object detection as a `bot_keras.finetune` task (paper Section 6.1; ours is RetinaNet, see `model.py`).
 
 The task-module contract is in `bot_keras.finetune`'s docstring. Here: the flags `--keep_difficult`,
-`--detection_scale_range` and `--max_detections`; `data.make_detection_dataset` (training: random scale,
+`--detection_scale_range`, `--detection_head_norm` and `--max_detections`; `data.make_detection_dataset` (training: random scale,
 crop/pad to `--crop_size`, flip; validation: longer side to `--crop_size`, pad); `model.build_detector`
 with the backbone's weights; the loss of `loss.py` per image, normalised by the positive anchors of the
 *global* batch (one all-reduce of the count; Lin et al.); training logs that loss, each epoch's evaluation
@@ -41,6 +41,11 @@ def define_flags(fv):
         [str(v) for v in augment.SCALE_RANGE],
         "Detection: training scale jitter LOW,HIGH (factors of 'longer side = --crop_size').",
         **d,
+    )
+    flags.DEFINE_bool(
+        "detection_head_norm", False,
+        "Detection: group normalisation after each head conv (keras-hub's use_prediction_head_norm; "
+        "steadier from a weak backbone). Off: Lin et al.'s heads.", **d,
     )
     flags.DEFINE_integer("max_detections", detection_model.MAX_DETECTIONS,
                          "Detection: detections kept per image after NMS.", **d)
@@ -111,7 +116,8 @@ def build_model(f, *, num_classes, output_stride=DEFAULT_OUTPUT_STRIDE, weights_
     encoder = build_backbone(f.backbone, input_shape=(size, size, 3), output_stride=output_stride,
                              weights_from=weights_from)
     return detection_model.build_detector(f.backbone, num_classes=num_classes, image_size=size,
-                                          image_encoder=encoder, max_detections=f.max_detections)
+                                          image_encoder=encoder, max_detections=f.max_detections,
+                                          head_norm=f.detection_head_norm)
 
 
 def inference_model(model):

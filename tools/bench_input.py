@@ -38,7 +38,7 @@ import tensorflow as tf  # noqa: E402
 from absl import flags  # noqa: E402
 
 from bot_keras import cli  # noqa: E402
-from bot_keras.data import augment, folder, make_dataset  # noqa: E402
+from bot_keras.data import augment, decode, folder, make_dataset  # noqa: E402
 
 COMMAND = "tools/bench_input.py"
 
@@ -107,6 +107,48 @@ def reference_paths(encoded, image_size, batch_size):
     }
 
 
+def waterfall_paths(encoded, image_size, batch_size):
+    """Where the training path's time goes: the minimal chain, then one piece of `make_dataset(training=
+    True)` added at a time, on the same bytes in memory (no cache, shuffle or file records), so that each
+    row's cost over the previous one is that piece's. The last rows are the library's own paths."""
+    seeds = tf.data.Dataset.random(seed=0, rerandomize_each_iteration=True).batch(2)
+    labels = tf.zeros([len(encoded)], tf.int64)
+    examples = tf.data.Dataset.zip(tf.data.Dataset.from_tensor_slices((encoded, labels)).repeat(), seeds)
+    crop_flip = augment.Augmentation(color_jitter=False, pca_lighting=False)
+
+    def paper_chain(data, label, seed, normalise=False):
+        box_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        window = augment.sample_crop_window(tf.io.extract_jpeg_shape(data)[:2], box_seed)
+        crop = tf.image.decode_and_crop_jpeg(data, window, channels=3)
+        image = tf.image.resize(crop, [image_size, image_size], antialias=False)
+        image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+        return augment.normalize(image) if normalise else image
+
+    def train_transform(augmentation, checks=False):
+        def transform(data, label, seed):
+            if checks:  # what make_dataset's `check` adds: the framing check, the label's range, one-hot
+                ok = decode.check_encoded_image(data) & (label >= 0) & (label < 1)
+                with tf.control_dependencies([tf.debugging.Assert(ok, ["bad example"])]):
+                    data = tf.identity(data)
+                label = tf.one_hot(label, 1)
+            return augment.preprocess_for_train(data, image_size, seed, augmentation), label
+
+        return transform
+
+    steps = {
+        "paper sampler in the minimal chain": paper_chain,
+        "+ normalise": lambda data, label, seed: paper_chain(data, label, seed, normalise=True),
+        "preprocess_for_train, crop + flip": train_transform(crop_flip),
+        "+ framing and label checks, one-hot": train_transform(crop_flip, checks=True),
+        "+ colour jitter": train_transform(dataclasses.replace(crop_flip, color_jitter=True), checks=True),
+        "+ PCA lighting (all Section 2.1)": train_transform(augment.Augmentation(), checks=True),
+    }
+    def mapped(transform):
+        return examples.map(lambda example, seed: transform(*example, seed)).batch(batch_size)
+
+    return {name: mapped(transform) for name, transform in steps.items()}
+
+
 def library_paths(source, split, image_size, batch_size):
     common = dict(split=split, image_size=image_size, global_batch_size=batch_size, cache=True)
     crop_flip = augment.Augmentation(color_jitter=False, pca_lighting=False)
@@ -173,6 +215,31 @@ def bench_folder(title, root, split, args):
     for name, rate in rates.items():
         print(f"| {name} | {rate / args.threads:.0f} | {rate / floor:.2f} |")
     print(f"fused / unfused: {rates['train, Section 2.1'] / rates['train, unfused']:.2f}")
+    if args.waterfall:
+        waterfall(encoded, source=f"folder:{root}", split=split, args=args)
+
+
+def waterfall(encoded, *, source, split, args):
+    """The minimal chain, each piece of the training path added in turn, then the library's paths:
+    CPU µs per image, and each row's cost over the row before it."""
+    datasets = {
+        **{k: v for k, v in reference_paths(encoded, args.image_size, args.batch_size).items()
+           if k == "minimal fused chain"},
+        **waterfall_paths(encoded, args.image_size, args.batch_size),
+    }
+    library = library_paths(source, split, args.image_size, args.batch_size)
+    datasets["make_dataset, crop + flip"] = library["train, crop + flip"]
+    datasets["make_dataset, all Section 2.1"] = library["train, Section 2.1"]
+    rates = time_interleaved(datasets, args.threads, args.timed_images, args.batch_size, args.rounds)
+    print("\nwhere the time goes (CPU µs per image; each row adds one piece to the row above; the last two "
+          "rows are make_dataset's own paths, with its cache, shuffle and record parsing)")
+    print("| path | µs per image | + over the row above | / minimal chain |\n| --- | ---: | ---: | ---: |")
+    floor, previous = rates["minimal fused chain"], None
+    for name, rate in rates.items():
+        micros = 1e6 * args.threads / rate
+        step = "" if previous is None else f"{micros - previous:+.0f}"
+        print(f"| {name} | {micros:.0f} | {step} | {rate / floor:.2f} |")
+        previous = micros
 
 
 def bench_small_folder(count):
@@ -203,6 +270,8 @@ def define_flags(fv):
     flags.DEFINE_integer("threads", 1, "tf.data threads (1: images/s per core).", lower_bound=1, **d)
     flags.DEFINE_integer("timed_images", 160, "Images timed per path and round.", lower_bound=1, **d)
     flags.DEFINE_integer("rounds", 9, "Interleaved rounds (the best is reported).", lower_bound=1, **d)
+    flags.DEFINE_bool("waterfall", True, "Also time the training path piece by piece (where the time goes).",
+                      **d)
     flags.DEFINE_integer("small_images", 5000, "32x32 JPEGs of the last table (0: none).", lower_bound=0, **d)
 
 

@@ -1,8 +1,9 @@
 """Object detection as a `bot_keras.finetune` task (paper Section 6.1; ours is RetinaNet, see `model.py`).
 
 The task-module contract is in `bot_keras.finetune`'s docstring. Here: the flags `--keep_difficult`,
-`--detection_scale_range`, `--detection_head_norm` and `--max_detections`; `data.make_detection_dataset` (training: random scale,
-crop/pad to `--crop_size`, flip; validation: longer side to `--crop_size`, pad); `model.build_detector`
+`--detection_scale_range`, `--detection_head_norm` and `--max_detections`; `data.make_detection_dataset`
+(training: random scale, crop/pad to `--crop_size`, flip; validation: longer side to `--crop_size`, pad);
+`model.build_detector`
 with the backbone's weights; the loss of `loss.py` per image, normalised by the positive anchors of the
 *global* batch (one all-reduce of the count; Lin et al.); training logs that loss, each epoch's evaluation
 the VOC07 mAP@0.5 (11-point, the paper's metric) and the all-point mAP over the validation split, with

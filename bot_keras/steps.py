@@ -196,15 +196,29 @@ def make_train_function(
         check_jit_compile(strategy)
         replica_step = tf.function(replica_step, jit_compile=True)
 
+    def one_step(iterator, step, mixup_on):
+        per_replica = strategy.run(replica_step, args=(next(iterator), mixup_lambdas(step, mixup_on)))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
     @tf.function
-    def train_steps(iterator, start_step, num_steps, mixup_on):
+    def single_step(iterator, start_step, mixup_on):
+        return metrics.named(one_step(iterator, start_step, mixup_on))
+
+    @tf.function
+    def several_steps(iterator, start_step, num_steps, mixup_on):
         totals = tf.zeros([len(metrics.names)])
         for i in tf.range(num_steps):
-            lams = mixup_lambdas(start_step + tf.cast(i, tf.int64), mixup_on)
-            per_replica = strategy.run(replica_step, args=(next(iterator), lams))
-            totals += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+            totals += one_step(iterator, start_step + tf.cast(i, tf.int64), mixup_on)
         return metrics.named(totals)
 
+    def train_steps(iterator, start_step, num_steps, mixup_on):
+        # One step runs outside the while-loop, as Keras' own train function does at steps_per_execution=1
+        # (tools/bench_train.py times both: its "loop" row; docs/performance.md).
+        if (isinstance(num_steps, int) or tf.executing_eagerly()) and int(num_steps) == 1:
+            return single_step(iterator, start_step, mixup_on)
+        return several_steps(iterator, start_step, num_steps, mixup_on)
+
+    train_steps.several_steps = several_steps  # the loop, also for one step (tools/bench_train.py times it)
     return train_steps
 
 

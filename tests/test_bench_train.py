@@ -51,10 +51,12 @@ def test_one_axis_at_a_time_around_the_base_and_the_whole_grid(bench):
         "default",
         "trainer",
     )
-    # base, 2 other models, 1 other precision, jit on, mirrored, model.fit
-    assert len(configs) == 7 and len(set(configs)) == 7
-    assert sum(c.step == "fit" for c in configs) == 1
-    grid = bench.configurations(parse(bench, ["--grid", "--models=resnet50,resnet50_d", "--nofit"]))
+    # base, 2 other models, 1 other precision, jit on, mirrored, model.fit, the step in its loop
+    assert len(configs) == 8 and len(set(configs)) == 8
+    assert sum(c.step == "fit" for c in configs) == sum(c.step == "loop" for c in configs) == 1
+    grid = bench.configurations(
+        parse(bench, ["--grid", "--models=resnet50,resnet50_d", "--nofit", "--noloop"])
+    )
     assert len(grid) == 2 * 3 * 1 * 2 * 2  # models x precisions x batches x jit x strategies
 
 
@@ -66,6 +68,7 @@ def test_ratios_name_what_they_divide(bench):
         bench.Config("resnet50", "float32", 32, False, "default"): 1.5,
         bench.Config("resnet50", "float32", 16, True, "default"): 0.5,
         bench.Config("resnet50", "float32", 16, False, "default", "fit"): 0.8,
+        bench.Config("resnet50", "float32", 16, False, "default", "loop"): 1.1,
         bench.Config("resnet50_d", "float32", 16, True, "default"): 9.0,  # two axes changed: table only
     }
     seconds = {base: 1.0, **other}
@@ -75,6 +78,7 @@ def test_ratios_name_what_they_divide(bench):
         "time per image, batch 32 ÷ batch 16": 0.75,
         "step time, xla ÷ no xla": 0.5,
         "step time, trainer ÷ model.fit": 1.25,
+        "step time, trainer ÷ the same step in a while-loop": 1 / 1.1,
     }
 
 
@@ -99,7 +103,8 @@ def test_tiny_run_prints_the_table_and_finite_positive_ratios(bench, capsys):
     result = bench.measure(
         parse(
             bench,
-            ["--models=resnet18_d", "--precisions=float32", "--jit=off", "--strategies=default", *_TINY],
+            ["--models=resnet18_d", "--precisions=float32", "--jit=off", "--strategies=default", "--noloop",
+             *_TINY],
         ),
     )
     out = capsys.readouterr().out

@@ -79,6 +79,23 @@ def test_overflowing_float16_gradients_skip_the_step_and_halve_the_loss_scale():
     assert int(optimizer.iterations.numpy()) == 0
 
 
+def test_one_call_of_three_steps_equals_three_single_step_calls():
+    # num_steps=1 runs a loop-free function (as Keras' fit does at steps_per_execution=1); more run the
+    # while-loop. Same data, seeds and updates: the same sums and weights.
+    model, _, step = _step_setup("float32")
+    looped = _steps(step, _batches(), 3)
+    looped_weights = model.get_weights()
+    keras.backend.clear_session()
+    model, _, step = _step_setup("float32")
+    iterator = iter(_batches())
+    singles = [step(iterator, tf.constant(i, tf.int64), tf.constant(1), tf.constant(False)) for i in range(3)]
+    for name in looped:
+        assert sum(float(sums[name]) for sums in singles) == pytest.approx(looped[name], rel=1e-6), name
+    for a, b in zip(model.get_weights(), looped_weights, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert step.several_steps.experimental_get_tracing_count() == 0  # the single steps never entered it
+
+
 def _one_clipped_step(precision, clip_norm):
     """Weights after one step of `grad_clip_norm=clip_norm` with plain SGD(lr 1), and the unclipped
     gradient of the same batch (computed by hand)."""

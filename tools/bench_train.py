@@ -13,10 +13,11 @@ configuration's median over the rounds.
 
 A configuration is a model × precision × global batch × jit_compile × strategy × step. By default the
 first value of each list is the base and every other value is tried with the rest at the base (one axis
-at a time); --grid times every combination. The step is "trainer" (ours) or "fit": Keras' own compiled
+at a time); --grid times every combination. The step is "trainer" (ours), "fit": Keras' own compiled
 `model.fit` step (`model.train_function`, the same optimizer, softmax cross-entropy, top-1/top-5
-metrics), timed on the base configuration unless --nofit. Models are `bot_keras.models` names or
-`keras:NAME` for `keras.applications.NAME(weights=None)` with logits out.
+metrics), timed on the base configuration unless --nofit, or "loop": our step inside the multi-step
+while-loop that --steps_per_execution > 1 runs, one step a call (unless --noloop). Models are
+`bot_keras.models` names or `keras:NAME` for `keras.applications.NAME(weights=None)` with logits out.
 
 The ratios printed below the table come from the same run: each configuration's step time ÷ the base's
 (for a `keras:` model, the base ÷ it: ours ÷ Keras'), the trainer's step ÷ model.fit's, and with
@@ -81,6 +82,8 @@ def configurations(args):
         configs = [base] + [replace(base, **{name: v}) for name, values in axes.items() for v in values[1:]]
     if args.fit:
         configs.append(replace(base, step="fit"))
+    if args.loop:
+        configs.append(replace(base, step="loop"))
     return list(dict.fromkeys(configs))  # unique, base first
 
 
@@ -133,6 +136,8 @@ class Bench:
                 strategy, model, optimizer, per_example_loss=loss, global_batch_size=config.batch,
                 jit_compile=config.jit,
             )
+            if config.step == "loop":  # the same step inside the trainer's multi-step while-loop
+                train_function = train_function.several_steps
             iterator = iter(strategy.experimental_distribute_dataset(dataset))
             self._step = 0
             self.train_function = train_function
@@ -177,8 +182,10 @@ def ratios(configs, seconds, base):
             result[f"time per image, batch {new} ÷ batch {old}"] = value
         elif name == "model" and new.startswith(KERAS_PREFIX):
             result[f"step time, {old} ÷ {new}"] = seconds[base] / seconds[config]
-        elif name == "step":
+        elif name == "step" and new == "fit":
             result[f"step time, {old} ÷ model.fit"] = seconds[base] / seconds[config]
+        elif name == "step":
+            result[f"step time, {old} ÷ the same step in a while-loop"] = seconds[base] / seconds[config]
         else:
             result[f"step time, {new} ÷ {old}"] = seconds[config] / seconds[base]
     return result
@@ -246,6 +253,8 @@ def define_flags(fv):
     flags.DEFINE_list("jit", ["off", "on"], "off | on | off,on (XLA).", **d)
     flags.DEFINE_list("strategies", ["default", "mirrored"], "default and/or mirrored.", **d)
     flags.DEFINE_bool("fit", True, "Also time Keras' model.fit step on the base configuration.", **d)
+    flags.DEFINE_bool("loop", True, "Also time the base step inside the trainer's multi-step loop "
+                      "(what --steps_per_execution > 1 runs).", **d)
     flags.DEFINE_bool("grid", False, "Every combination, not one axis at a time.", **d)
     flags.DEFINE_integer("image_size", 128, "Input height and width.", **d)
     flags.DEFINE_integer("num_classes", 1000, "Classifier size.", **d)

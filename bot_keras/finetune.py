@@ -288,10 +288,24 @@ def main(argv, f=flags.FLAGS):
         step=step_var,
         **state.checkpointed(),
     )
+    evaluate = task.make_evaluator(strategy, model, train_info.class_names) if eval_dataset else None
+
+    def evaluation_details():
+        """final_metrics.json's `val_<name>` of the evaluator's last call (e.g. per-class AP or IoU)."""
+        return {f"val_{key}": value for key, value in (evaluate.details if evaluate else {}).items()}
+
+    def restored_evaluation_details():
+        # The checkpoint holds the last epoch's logs but not the evaluator's details: the restored model is
+        # evaluated again (the same weights and data give the same numbers).
+        if evaluate:
+            evaluate(eval_dataset)
+        return evaluation_details()
+
     if trainer.restore(f, manager, optimizer=optimizer, step_var=step_var, steps_per_epoch=steps_per_epoch):
-        # Nothing left to train. Metrics rewritten from the checkpoint lack the evaluator's details.
+        # Nothing left to train.
         trainer.finish_trained_run(
-            f, machinery=machinery, model=export_model(), state=state, step_var=step_var
+            f, machinery=machinery, model=export_model(), state=state, step_var=step_var,
+            extra_metrics=restored_evaluation_details,
         )
         return
     if machinery.chief:
@@ -311,7 +325,6 @@ def main(argv, f=flags.FLAGS):
         jit_compile=f.jit_compile,
         grad_clip_norm=f.grad_clip_norm,
     )
-    evaluate = task.make_evaluator(strategy, model, train_info.class_names) if eval_dataset else None
     logs, wall_time_s = trainer.fit(
         f,
         machinery=machinery,
@@ -329,7 +342,6 @@ def main(argv, f=flags.FLAGS):
 
     # Export: the inference model in float32.
     inference = export_model()
-    details = {f"val_{key}": value for key, value in (evaluate.details if evaluate else {}).items()}
     trainer.finish(
         f,
         machinery=machinery,
@@ -337,7 +349,7 @@ def main(argv, f=flags.FLAGS):
         logs=logs,
         step_var=step_var,
         wall_time_s=wall_time_s,
-        extra_metrics=details,
+        extra_metrics=evaluation_details(),
     )
 
 

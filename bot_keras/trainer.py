@@ -273,11 +273,12 @@ def restore(f, manager, *, optimizer, step_var, steps_per_epoch):
     return False
 
 
-def finish_trained_run(f, *, machinery, model, state, step_var):
+def finish_trained_run(f, *, machinery, model, state, step_var, extra_metrics=None):
     """`--resume` of a run whose checkpoint is at its last step (`restore` returned True): a complete run
     is left byte for byte as it is; a run killed after its last checkpoint gets the final files it lacks,
-    `model` (ready for export) and metrics from the checkpoint's `state`. Another worker only removes its
-    private directory."""
+    `model` (ready for export) and metrics from the checkpoint's `state`, plus `extra_metrics()` when given
+    (called only then: e.g. a fine-tuning evaluator's per-class details, which the checkpoint lacks).
+    Another worker only removes its private directory."""
     if not machinery.chief:
         shutil.rmtree(machinery.write_dir, ignore_errors=True)
         return
@@ -306,6 +307,7 @@ def finish_trained_run(f, *, machinery, model, state, step_var):
         logs=state.logs(),
         step_var=step_var,
         wall_time_s=float(state.wall_time_s.numpy()),
+        extra_metrics=extra_metrics() if extra_metrics else None,
     )
 
 

@@ -9,10 +9,11 @@ import sys
 import types
 
 import keras
+import numpy as np
 import pytest
 import tensorflow as tf
 from absl import flags
-from tiny_detection import CLASSES, write_rectangles_voc
+from tiny_detection import CLASSES, write_rectangles_coco, write_rectangles_voc
 
 from bot_keras import evaluate, export, finetune, predict
 from bot_keras import run_dir as runs
@@ -133,3 +134,115 @@ def test_finetune_lowers_the_loss_then_evaluate_export_and_predict(tmp_path):
     for name in ("val000", "val001"):  # what is drawn is tested in test_detection_export.py
         drawn = tf.io.decode_png((tmp_path / "a" / f"{name}_detections.png").read_bytes())
         assert drawn.shape == (SIZE, SIZE, 3)
+
+
+def _final_metrics(run):
+    return json.loads((run / "final_metrics.json").read_text())
+
+
+@pytest.mark.slow  # two in-process one-step runs under mixed_float16 and an evaluation
+def test_mixed_float16_coco_run_stops_resumes_and_evaluates_with_coco_map(tmp_path, capsys):
+    pattern = write_rectangles_coco(tmp_path / "coco", {"train": 2, "val": 2})
+    run = tmp_path / "run"
+    args = ["--task=detection", f"--dataset=coco:{pattern}", "--backbone=resnet18_d", "--crop_size=64",
+            "--batch_size=2", "--epochs=2", "--steps_per_epoch=1", "--eval_split=val",
+            "--precision=mixed_float16", "--detection_scale_range=1,1", f"--model_dir={run}", "--verbose=0"]
+
+    def main(*extra):
+        finetune.main(["finetune"], _flags(*args, *extra))
+        keras.mixed_precision.set_global_policy("float32")
+        keras.backend.clear_session()
+        return capsys.readouterr().out
+
+    # Stopped by --max_steps after epoch 1; --resume without the limit continues from the step-1 checkpoint
+    # (its loss scale restored) to the end. (A resume after the last checkpoint: test_finetune.py.)
+    main("--max_steps=1")
+    stopped = _final_metrics(run)
+    assert stopped["step"] == 1 and set(stopped["val_ap_voc07"]) == set(CLASSES)
+    out = main("--resume")
+    assert "Resumed from " in out and "at step 1 (epoch 1)" in out and "loss scale 32768" in out
+    finished = _final_metrics(run)
+    assert finished["step"] == 2 and set(finished["val_ap_voc07"]) == set(CLASSES)
+    with open(run / "logs" / "training.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["0", "1"] and all(np.isfinite(float(r["loss"])) for r in rows)
+    assert float(rows[-1]["loss"]) == pytest.approx(finished["loss"], rel=1e-6)
+
+    # model.keras is a float32 build holding the trained float32 master weights of the last checkpoint.
+    model = runs.load_model(runs.read_run(run, task="detection"))
+    assert {layer.dtype_policy.compute_dtype for layer in model.layers} == {"float32"}
+    kernel = model.classification_head.prediction_layer.kernel.numpy()
+    reader = tf.train.load_checkpoint(str(run / "checkpoints"))
+    stored = [reader.get_tensor(k) for k, shape in reader.get_variable_to_shape_map().items()
+              if tuple(shape) == kernel.shape]
+    assert any(np.array_equal(kernel, tensor) for tensor in stored)
+
+    # bot_keras.evaluate on coco: data: training's VOC numbers again, plus COCO's mAP@[.5:.95].
+    result, line = evaluate.evaluate_finetune_run(run, "detection")
+    assert result["count"] == 2 and result["map_voc07"] == pytest.approx(finished["val_map_voc07"], abs=1e-6)
+    assert result["ap_voc07"] == pytest.approx(finished["val_ap_voc07"], abs=1e-6)
+    assert 0.0 <= result["coco_map"] <= 1.0
+    assert line.endswith(f"COCO mAP@[.5:.95] {100 * result['coco_map']:.2f}%")
+
+
+# Two logical CPUs must be configured before TensorFlow initialises: a subprocess. Image 0 has one box and
+# image 1 two, so the replicas of the 2-replica step count different positive anchors: only the all-reduced
+# count (Lin et al.'s normaliser over the global batch) gives the 1-device loss.
+_MIRRORED_SCRIPT = """
+import json, types
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+from bot_keras import steps
+from bot_keras.detection import loss as detection_loss
+from bot_keras.detection import model as detection_model
+from bot_keras.detection import task
+from bot_keras.models.backbone import freeze_backbone
+
+SIZE, BATCH = 64, 2
+images = tf.random.stateless_uniform([BATCH, SIZE, SIZE, 3], [0, 1], -1.0, 1.0)
+targets = {"boxes": tf.constant([[[8.0, 8, 40, 24], [-1] * 4], [[5.0, 5, 60, 30], [20, 20, 50, 50]]]),
+           "labels": tf.constant([[1, -1], [0, 2]])}
+loss = task.per_example_loss(types.SimpleNamespace(crop_size=SIZE, batch_size=BATCH))
+
+def first_step(strategy):  # the step's summed loss; the per-image terms of the same outputs, one device
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        detector = detection_model.build_detector("resnet18_d", num_classes=3, image_size=SIZE)
+        freeze_backbone(detector, batch_norm=True)  # a replica's half batch then gives the same outputs
+        optimizer = keras.optimizers.SGD(0.01)
+        optimizer.build(detector.trainable_variables)
+    def dataset_fn(context):  # per-replica batches in global-batch order: replica r gets image r
+        data = tf.data.Dataset.from_tensor_slices((images, targets))
+        return data.batch(context.get_per_replica_batch_size(BATCH)).repeat()
+    iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+    outputs = detector(images, training=True)
+    terms = detection_loss.per_example_terms(detection_model.make_label_encoder(), (SIZE, SIZE, 3),
+                                             targets, outputs)
+    step = steps.make_train_function(strategy, detector, optimizer, per_example_loss=loss,
+                                     global_batch_size=BATCH, metrics=task.TRAIN_METRICS)
+    sums = step(iterator, tf.constant(0, tf.int64), tf.constant(1), tf.constant(False))
+    return float(sums["loss"]), {k: v.numpy().tolist() for k, v in terms.items()}
+
+two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+loss_sum, terms = first_step(two)
+print(json.dumps({"replicas": two.num_replicas_in_sync, "loss_sum": loss_sum, "terms": terms}))
+"""
+
+
+@pytest.mark.slow  # a subprocess with two logical CPUs and one detector step on 2 replicas
+def test_two_replicas_normalise_by_the_global_positives_as_one_device_does():
+    result = subprocess.run([sys.executable, "-c", _MIRRORED_SCRIPT], env=_env(), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    terms = {k: np.array(v) for k, v in out["terms"].items()}
+    sums = terms["box"] + terms["classification"]
+    assert out["replicas"] == 2 and 0 < terms["num_positives"][0] < terms["num_positives"][1]
+    # The step's summed per-image loss: Σ (box + focal) × global batch / positives of the global batch, the
+    # 1-device loss (test_per_image_loss_sums_to_the_batch_loss_normalised_by_the_positives).
+    expected = float(sums.sum() * 2 / terms["num_positives"].sum())
+    per_replica = float((sums * 2 / terms["num_positives"]).sum())  # what each replica's own count gives
+    assert out["loss_sum"] == pytest.approx(expected, rel=1e-5)
+    assert abs(per_replica - expected) > 0.3 * expected

@@ -16,8 +16,12 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet -e ".[test,lint]"
 	rm -f $(VENV)/.installed-* && touch $@
 
+# The suite in two phases: the many short tests on TEST_WORKERS pytest-xdist workers (a file per worker),
+# then the `slow` ones (training subprocesses that use every core themselves) one at a time.
+TEST_WORKERS ?= 2
 test: venv
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 test-fast: venv
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

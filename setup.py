@@ -28,6 +28,7 @@ EXTRAS = {
     # (Python >= 3.11), and COCO mAP through pycocotools.
     "test": [
         "pytest>=8,<10",
+        "pytest-xdist>=3.5,<4",
         "pillow>=10",
         "keras-hub>=0.32,<0.33; python_version>='3.11'",
         "pycocotools>=2.0.8,<3",

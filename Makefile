@@ -16,12 +16,11 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet -e ".[test,lint]"
 	rm -f $(VENV)/.installed-* && touch $@
 
-# The suite in two phases: the many short tests on TEST_WORKERS pytest-xdist workers (a file per worker),
-# then the `slow` ones (training subprocesses that use every core themselves) one at a time.
+# The suite on TEST_WORKERS pytest-xdist workers, each test file on one worker (its module fixtures and
+# order kept). Each worker holds its own TensorFlow (~1 GiB): raise it with the machine's memory and cores.
 TEST_WORKERS ?= 2
 test: venv
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
-	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: venv
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -8,13 +8,12 @@ import sys
 
 import keras
 import pytest
+from tools_module import load_tool
 
 from bot_keras import cli, loop
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("ablation", ROOT / "tools" / "ablation.py")
-ablation = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ablation)
+ablation = load_tool("ablation")
 
 BASE = "configs/cifar10/ablation_base.flags"
 

@@ -1,25 +1,19 @@
 """tools/bench_input.py runs at tiny sizes and prints its tables (no timing is asserted)."""
 
-import importlib.util
-import pathlib
 import re
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from absl import flags
+from tools_module import load_tool
 
 from bot_keras import cli
-
-_PATH = pathlib.Path(__file__).resolve().parent.parent / "tools" / "bench_input.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_input", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_input")
 
 
 def _run(bench, argv):

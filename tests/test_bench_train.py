@@ -1,24 +1,18 @@
 """tools/bench_train.py runs at tiny sizes and prints its table and ratios (no timing is asserted)."""
 
-import importlib.util
 import math
-import pathlib
 import re
 
 import pytest
 from absl import flags
+from tools_module import load_tool
 
 from bot_keras import cli
-
-_PATH = pathlib.Path(__file__).resolve().parent.parent / "tools" / "bench_train.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_train", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_train")
 
 
 def parse(bench, argv):

@@ -1,16 +1,14 @@
 """README.md and docs/*.md against the code: generated flag tables are current, every `--flag` they write
 exists, every relative link (and its #anchor) resolves."""
 
-import importlib.util
 import pathlib
 import re
 
 import pytest
+from tools_module import load_tool
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("flag_reference", ROOT / "tools" / "flag_reference.py")
-flag_reference = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(flag_reference)
+flag_reference = load_tool("flag_reference")
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # Options of other programs that the docs show on their command lines.

@@ -1,6 +1,5 @@
 """Source strings: folder, TFRecord, TFDS (mocked) and synthetic data, and their errors on bad input."""
 
-import importlib.util
 import io
 import json
 import os
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
+from tools_module import load_tool
 
 from bot_keras.data import augment, decode, folder, sources, synthetic
 
@@ -47,10 +47,7 @@ def read_keys(ds):
 
 
 def load_build_tfrecords():
-    spec = importlib.util.spec_from_file_location("build_tfrecords", ROOT / "tools" / "build_tfrecords.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("build_tfrecords")
 
 
 # ------------------------------------------------------------------------------------------ source strings

@@ -94,8 +94,8 @@ def define_machinery_flags(fv):
     flags.DEFINE_integer("seed", 0, "Random seed (weights, data order, augmentation, mixup).", **d)
     flags.DEFINE_integer(
         "steps_per_execution", 1,
-        "Training steps per tf.function call (a graph loop; measured ~20% slower a step on CPU, where 1 is "
-        "best; for accelerators whose per-call overhead dominates).", **d,
+        "Training steps per tf.function call (more than 1 runs them in a graph loop, for accelerators whose "
+        "per-call overhead dominates; on a CPU 1 was as fast or faster, docs/performance.md).", **d,
     )
     flags.DEFINE_bool(
         "jit_compile",

@@ -17,7 +17,7 @@ $(STAMP): setup.py
 	rm -f $(VENV)/.installed-* && touch $@
 
 # The suite on TEST_WORKERS pytest-xdist workers, each test file on one worker (its module fixtures and
-# order kept). Each worker holds its own TensorFlow (~1 GiB): raise it with the machine's memory and cores.
+# order kept). Each worker is its own TensorFlow process (~0.6 GB resident, more while a test trains).
 TEST_WORKERS ?= 2
 test: venv
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)

@@ -58,6 +58,7 @@ _DEEP_STEM_KEYS = {
 _PLAIN_STEM_KEYS = {"stem_conv": "conv1", "stem_bn": "bn1"}
 _BLOCK_LAYER = re.compile(r"stage(\d+)_block(\d+)_(conv\d+|bn\d+|down_conv|down_bn)")
 CLASSIFIER_PREFIX = "fc."
+HUB_PREFIX = "timm:"  # `timm:resnet50d.gluon_in1k`: a timm model on the Hugging Face hub
 
 
 def read_safetensors(path):
@@ -109,6 +110,31 @@ def timm_model_name(name):
         )
     depth, variant = match.groups()
     return f"resnet{depth}" + ("" if variant == "b" else variant)
+
+
+def download_timm_weights(name, *, download=None):
+    """Local path of the `model.safetensors` of timm's hub model `name` (e.g. `"resnet50d.gluon_in1k"`, the
+    paper authors' GluonCV ResNet-50-D), fetched into the Hugging Face cache by `huggingface_hub` on a
+    connected machine (a cached copy is reused offline). `download` replaces `hf_hub_download` (tests).
+
+    Raises ValueError in one line when huggingface_hub is missing or the file cannot be had, naming the
+    network and the local-file alternative.
+    """
+    name = name.removeprefix(HUB_PREFIX)
+    if download is None:
+        try:
+            from huggingface_hub import hf_hub_download as download
+        except ImportError:
+            raise ValueError(f"{HUB_PREFIX}{name} needs huggingface_hub to download: "
+                             "pip install huggingface_hub (or pass a local .safetensors file)") from None
+    try:
+        return download(repo_id=f"timm/{name}", filename="model.safetensors")
+    except Exception as error:  # huggingface_hub raises its own HTTP, offline and not-found errors
+        first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"cannot download {HUB_PREFIX}{name} (timm/{name}/model.safetensors): {first}. Without network, "
+            "download model.safetensors on a connected machine and pass the local file instead"
+        ) from None
 
 
 def describe_timm_state_dict(shapes):

@@ -20,7 +20,8 @@ Weight decay, ``weight_decay_mode``:
   so once training is steady it acts 1/(1 − μ) = 10× (μ = 0.9) harder than the same wd applied once
   per step.
 - ``"decoupled"`` (Keras 3's optimizer ``weight_decay``): w ← w − lr·wd·w once per step, before and
-  outside the momentum update (Keras' base class multiplies by the current lr). Per unit of wd it is
+  outside the momentum update, as Keras' base class applies it (with the current lr; ``update_step`` does it
+  here, so a variable's learning-rate multiplier scales its decay too). Per unit of wd it is
   about 10× weaker than ``"l2"`` with μ = 0.9, so the paper's 1e-4 in ``l2`` corresponds to
   1e-4/(1 − μ) = 1e-3 ``decoupled`` (``paper_weight_decay``; the default of ``build_optimizer`` and
   of the trainer's ``--weight_decay``).
@@ -35,6 +36,10 @@ TensorFlow backend passes to ``update_step`` — and a pattern that matches noth
 ``NO_DECAY_PATTERN`` is the one pattern used both by the optimizer and by ``decayed_variables``, which
 tells a caller (and the tests) exactly which variables are decayed. Moving means and variances are not
 trainable and never reach the optimizer.
+
+Learning-rate multipliers (``lr_multipliers``, fine-tuning's ``--backbone_lr_mult``): pairs of a regular
+expression and a factor; a variable whose path matches a pattern (the first that matches) steps with
+lr·factor, its decoupled decay included, as GluonCV's ``lr_mult`` and PyTorch's parameter groups do.
 """
 
 import re
@@ -79,6 +84,7 @@ class MomentumSGD(keras.optimizers.Optimizer):
         weight_decay=0.0,
         weight_decay_mode="decoupled",
         no_decay_pattern=NO_DECAY_PATTERN,
+        lr_multipliers=(),
         name="momentum_sgd",
         **kwargs,
     ):
@@ -93,20 +99,22 @@ class MomentumSGD(keras.optimizers.Optimizer):
         momentum = float(momentum)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}.")
-        decoupled = weight_decay_mode == "decoupled" and weight_decay > 0
-        super().__init__(
-            learning_rate=learning_rate,
-            weight_decay=weight_decay if decoupled else None,
-            name=name,
-            **kwargs,
-        )
+        lr_multipliers = tuple((str(pattern), float(factor)) for pattern, factor in lr_multipliers)
+        for pattern, factor in lr_multipliers:
+            re.compile(pattern)  # a bad pattern fails here, not at the first step
+            if factor < 0:
+                raise ValueError(f"learning-rate multiplier {factor!r} for {pattern!r} must be >= 0.")
+        # Decoupled decay is applied in `update_step` (so a multiplier scales it), not by the base class.
+        super().__init__(learning_rate=learning_rate, weight_decay=None, name=name, **kwargs)
         self.momentum = momentum
         self.nesterov = bool(nesterov)
         self.weight_decay_mode = weight_decay_mode
         self.no_decay_pattern = no_decay_pattern
-        # `weight_decay` of the base class is the decoupled rate (None in l2 mode, so the base class
-        # applies nothing); the l2 rate lives here and is used in `update_step`.
+        # The base class's `weight_decay` stays None (it applies nothing); both rates live here and are used
+        # in `update_step`.
         self.l2_weight_decay = weight_decay if weight_decay_mode == "l2" else 0.0
+        self.decoupled_weight_decay = weight_decay if weight_decay_mode == "decoupled" else 0.0
+        self.lr_multipliers = lr_multipliers
         self._configured_weight_decay = weight_decay
         if no_decay_pattern:
             re.compile(no_decay_pattern)  # a bad pattern fails here, not at the first step
@@ -116,13 +124,25 @@ class MomentumSGD(keras.optimizers.Optimizer):
         if self.built:
             return
         super().build(variables)
+        self._lr_factors = [self.lr_multiplier(variable.path) for variable in variables]
         self.momentums = []
         if self.momentum:
             self.momentums = self.add_optimizer_variables(variables, "momentum")
 
+    def lr_multiplier(self, path):
+        """The learning-rate factor of the variable at `path`: the first matching pattern's, else 1."""
+        return next((factor for pattern, factor in self.lr_multipliers if re.search(pattern, path)), 1.0)
+
     def update_step(self, gradient, variable, learning_rate):
+        factor = self._lr_factors[self._get_variable_index(variable)]
         lr = ops.cast(learning_rate, variable.dtype)
+        if factor != 1.0:
+            lr = ops.multiply(lr, ops.cast(factor, variable.dtype))
         gradient = ops.cast(gradient, variable.dtype)
+        if self.decoupled_weight_decay and self._use_weight_decay(variable):
+            # Keras' base-class decoupled decay, w ← w − lr·wd·w before the update, with this variable's lr.
+            wd = ops.cast(self.decoupled_weight_decay, variable.dtype)
+            self.assign_sub(variable, ops.multiply(ops.multiply(lr, wd), variable))
         if self.l2_weight_decay and self._use_weight_decay(variable):
             # L2 mode: the penalty's gradient wd·w joins g before momentum (MXNet nag: grad += wd * weight).
             wd = ops.cast(self.l2_weight_decay, variable.dtype)
@@ -146,6 +166,7 @@ class MomentumSGD(keras.optimizers.Optimizer):
                 "weight_decay": self._configured_weight_decay,
                 "weight_decay_mode": self.weight_decay_mode,
                 "no_decay_pattern": self.no_decay_pattern,
+                "lr_multipliers": [list(pair) for pair in self.lr_multipliers],
             }
         )
         return config
@@ -178,12 +199,14 @@ def build_optimizer(
     weight_decay=None,
     weight_decay_mode="decoupled",
     no_bias_decay=True,
+    lr_multipliers=(),
 ):
     """The optimizer behind ``--weight_decay``, ``--weight_decay_mode``, ``--no_bias_decay`` (Section 3.1).
 
     Returns a ``MomentumSGD`` (Nesterov momentum 0.9 by default, Section 2). With ``no_bias_decay``
     every bias and BN γ/β is excluded from decay; otherwise all trainable variables are decayed (the
-    baseline of Section 2). ``weight_decay=None`` is ``paper_weight_decay(weight_decay_mode, momentum)``:
+    baseline of Section 2). ``lr_multipliers``: (pattern, factor) pairs, see the module docstring.
+    ``weight_decay=None`` is ``paper_weight_decay(weight_decay_mode, momentum)``:
     1e-4 in ``l2`` mode, 1e-3 in ``decoupled`` mode at momentum 0.9. Build it inside the distribution
     strategy's scope; under
     ``mixed_float16`` wrap it in ``keras.optimizers.LossScaleOptimizer`` (``model.compile`` does that
@@ -198,6 +221,7 @@ def build_optimizer(
         weight_decay=weight_decay,
         weight_decay_mode=weight_decay_mode,
         no_decay_pattern=NO_DECAY_PATTERN if no_bias_decay else None,
+        lr_multipliers=lr_multipliers,
     )
 
 

@@ -291,3 +291,47 @@ def test_default_decay_regularises_like_the_papers_l2():
         shrink[name] = 1 - float(w.numpy()[0]) / before
     assert shrink["default"] == pytest.approx(lr * 1e-3, rel=1e-3)
     assert shrink["default"] / shrink["paper_l2"] == pytest.approx(1.0, rel=0.02)
+
+
+@pytest.mark.parametrize("mode", ["decoupled", "l2"])
+def test_lr_multiplier_scales_the_step_and_the_decay_of_matching_variables(mode):
+    lr, wd, factor = 0.5, 0.01, 0.1
+    w0, g = np.array([1.0, -2.0, 3.0]), np.array([0.3, 0.1, -0.2])
+    backbone = keras.Variable(w0.astype(np.float32), name="stage1_block0_conv1_kernel")
+    head = keras.Variable(w0.astype(np.float32), name="logits_kernel")
+    optimizer = MomentumSGD(lr, momentum=MU, weight_decay=wd, weight_decay_mode=mode, no_decay_pattern=None,
+                            lr_multipliers=[(r"^stage\d+_", factor)])
+    for _ in range(2):  # the second step goes through a non-zero momentum buffer
+        optimizer.apply([g, g], [backbone, head])
+
+    def by_hand(step_lr):
+        w, buf = w0.copy(), np.zeros(3)
+        for _ in range(2):
+            if mode == "decoupled":
+                w = w - step_lr * wd * w
+                grad = g
+            else:
+                grad = g + wd * w
+            buf = MU * buf + grad
+            w = w - step_lr * (grad + MU * buf)
+        return w
+
+    np.testing.assert_allclose(backbone.numpy(), by_hand(lr * factor), rtol=1e-6)
+    np.testing.assert_allclose(head.numpy(), by_hand(lr), rtol=1e-6)
+    assert not np.allclose(by_hand(lr * factor), by_hand(lr), rtol=1e-3)  # the check can tell them apart
+
+
+def test_lr_multiplier_zero_leaves_the_variable_as_it_was_and_survives_the_config():
+    model = small_model()
+    optimizer = build_optimizer(0.1, weight_decay=1e-2, weight_decay_mode="decoupled")
+    optimizer = MomentumSGD.from_config({**optimizer.get_config(), "lr_multipliers": [["(?:^|/)conv/", 0.0]]})
+    assert step_with_zero_gradients(model, optimizer) == {"logits/kernel"}  # conv/kernel's decay is off too
+    assert MomentumSGD.from_config(optimizer.get_config()).lr_multipliers == (("(?:^|/)conv/", 0.0),)
+    assert optimizer.lr_multiplier("m/conv/kernel") == 0.0
+    assert optimizer.lr_multiplier("m/logits/kernel") == 1.0
+
+
+@pytest.mark.parametrize("pairs, message", [([("(", 0.1)], "missing"), ([("stage", -1.0)], "must be >= 0")])
+def test_bad_lr_multipliers_fail_when_built(pairs, message):
+    with pytest.raises((ValueError, re.error), match=message):
+        MomentumSGD(0.1, lr_multipliers=pairs)

@@ -79,8 +79,8 @@ def test_existing_run_is_never_overwritten_without_resume(parse, tmp_path):
 
 
 def test_resolved_flags_reload_as_a_flagfile(parse, tmp_path):
-    # Every flag train.py defines (itself or through trainer.py's shared definitions) is recorded (read from
-    # the sources, not from CONTRACT_FLAGS itself).
+    # Every flag train.py defines (through the classification task's and trainer.py's shared definitions) is
+    # recorded (read from the sources, not from CONTRACT_FLAGS itself).
     sources = pathlib.Path(classification.__file__).read_text() + pathlib.Path(trainer.__file__).read_text()
     defined = set(re.findall(r'flags\.DEFINE_\w+\(\s*"(\w+)"', sources))
     assert set(train.CONTRACT_FLAGS) == defined and len(defined) > 40

@@ -106,7 +106,10 @@ def _define_command_flags(fv):
     asked_for_help = any(arg.lstrip("-").split("=")[0] in cli.HELP_FLAGS for arg in argv)
     if task not in TASK_MODULES and (task is not None or not asked_for_help):
         cli.fail(COMMAND, task_problem(task))
-    define_flags(fv, task)
+    try:
+        define_flags(fv, task)
+    except cli.SetupError as error:  # e.g. a task whose extra is not installed
+        cli.fail(COMMAND, str(error))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ its name in `TASKS`.
 import contextlib
 import dataclasses
 import importlib
+import importlib.util
 import types
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -36,6 +37,8 @@ TASK_MODULES = {
     DETECTION: "bot_keras.detection.task",
     CLASSIFICATION: "bot_keras.classification.task",
 }
+# What a task needs beyond the core install: (importable module, pip extra that installs it).
+REQUIREMENTS = {DETECTION: ("keras_hub", "transfer")}
 # The command whose flagfile (`--flagfile=RUN/flags.txt`) reproduces a run of each task; a classification
 # run written by `bot_keras.finetune --task=classification` records `--task` and names that command.
 COMMANDS = {
@@ -124,6 +127,13 @@ def task_module(name) -> Task:
     """The module implementing the task `name`, imported now (a SetupError names an unknown task)."""
     if name not in TASK_MODULES:
         raise cli.SetupError(f"--task={name!r} is not one of {', '.join(TASK_MODULES)}.")
+    if name in REQUIREMENTS:
+        module, extra = REQUIREMENTS[name]
+        if importlib.util.find_spec(module) is None:
+            raise cli.SetupError(
+                f"the {name} task needs {module.replace('_', '-')} (Python >= 3.11), which is not installed: "
+                f"pip install 'bot-keras[{extra}]'."
+            )
     return importlib.import_module(TASK_MODULES[name])
 
 

@@ -230,11 +230,10 @@ def steps_per_epoch(f, num_examples, split):
     return steps
 
 
-def build_optimizer(f, *, steps_per_epoch, variables):
-    """The schedule and optimizer of the flags (Sections 3.1, 5.1), built for `variables`, plus the step
-    counter; call inside `strategy.scope()`. Returns (optimizer, step_var)."""
+def lr_schedule(f, *, steps_per_epoch):
+    """The learning-rate schedule of the flags (`step -> lr`; Sections 3.1, 5.1)."""
     with cli.setup_errors():
-        schedule = schedules.build_lr_schedule(
+        return schedules.build_lr_schedule(
             f.lr_schedule,
             base_lr=f.base_lr,
             global_batch_size=f.batch_size,
@@ -244,8 +243,13 @@ def build_optimizer(f, *, steps_per_epoch, variables):
             decay_epochs=[float(e) for e in f.lr_decay_epochs],
             decay_rate=f.lr_decay_rate,
         )
+
+
+def build_optimizer(f, *, steps_per_epoch, variables):
+    """The schedule and optimizer of the flags (Sections 3.1, 5.1), built for `variables`, plus the step
+    counter; call inside `strategy.scope()`. Returns (optimizer, step_var)."""
     optimizer = optimizers.build_optimizer(
-        schedule,
+        lr_schedule(f, steps_per_epoch=steps_per_epoch),
         momentum=f.momentum,
         nesterov=True,
         weight_decay=weight_decay(f),
@@ -380,6 +384,7 @@ def fit(
             mixup_epochs=mixup_epochs,
             precision=f.precision,
             state=state,
+            learning_rate=lr_schedule(f, steps_per_epoch=steps_per_epoch),
         )
     except tf.errors.InvalidArgumentError as error:
         message = bad_input_message(error)  # the pipeline's check naming the file, or None: a bug

@@ -185,17 +185,39 @@ def command_flags(task):
     return functools.partial(tasks.define_run_flags, task=task)
 
 
-def read_flags(path, define_flags):
+# Fine-tuning runs written before each task defined only its own flags record the other task's flags
+# too (at their defaults); reading such a run skips them.
+OTHER_TASK_FLAGS = {
+    SEGMENTATION: ("keep_difficult", "detection_scale_range", "detection_head_norm", "max_detections"),
+    DETECTION: ("head", "aux_loss_weight", "eval_mode", "eval_size"),
+}
+
+
+def read_flags(path, define_flags, *, skip=()):
     """Parses the flagfile `path` with `define_flags` into a fresh `absl.flags.FlagValues` (typed values;
-    flags the file does not set keep their defaults, `.present` tells them apart)."""
+    flags the file does not set keep their defaults, `.present` tells them apart); lines setting a flag
+    named in `skip` are left out."""
     path = pathlib.Path(path)
     flag_values = flags.FlagValues()
     define_flags(flag_values)
+    args = [f"--flagfile={path}"]
+    if skip:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        args = [
+            line for line in lines
+            if line and not line.startswith("#") and not _sets_one_of(line, skip)
+        ]
     try:
-        flag_values(["run_dir", f"--flagfile={path}"], known_only=False)
+        flag_values(["run_dir", *args], known_only=False)
     except flags.Error as error:
         raise SetupError(f"{path}: {error}") from None
     return flag_values
+
+
+def _sets_one_of(line, names):
+    """Whether the flagfile line (`--name=value`, `--name`, `--noname`) sets a flag of `names`."""
+    name = line.lstrip("-").split("=", 1)[0]
+    return name in names or ("=" not in line and name.startswith("no") and name[2:] in names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,7 +261,9 @@ def read_run(model_dir, *, task=CLASSIFICATION):
     run_task = read_task(model_dir)
     if run_task != task:
         raise SetupError(f"{model_dir} is a {run_task} run; this command reads {task} runs")
-    parsed = read_flags(model_dir / FLAGS_FILE, command_flags(run_task))
+    parsed = read_flags(
+        model_dir / FLAGS_FILE, command_flags(run_task), skip=OTHER_TASK_FLAGS.get(run_task, ())
+    )
     lacking = [f"--{name}" for name in REQUIRED_FLAGS[run_task] if not parsed[name].present]
     if lacking:
         raise SetupError(f"{model_dir / FLAGS_FILE} lacks {', '.join(lacking)}")

@@ -110,6 +110,8 @@ def _define_command_flags(fv):
         define_flags(fv, task)
     except cli.SetupError as error:  # e.g. a task whose extra is not installed
         cli.fail(COMMAND, str(error))
+    for name in contract_flags(task):  # the command's own: `--help` lists them
+        flags.declare_key_flag(name, flag_values=fv)
 
 
 if __name__ == "__main__":

@@ -62,5 +62,12 @@ def main(argv, f=flags.FLAGS):
     trainer.run(classification, f, flags_text=resolved_flags_text(f))
 
 
+def _define_command_flags(fv):
+    """`define_flags`, every flag declared the command's own so that `--help` lists them all."""
+    define_flags(fv)
+    for name in CONTRACT_FLAGS:
+        flags.declare_key_flag(name, flag_values=fv)
+
+
 if __name__ == "__main__":
-    cli.run(main, define_flags, command=COMMAND)
+    cli.run(main, _define_command_flags, command=COMMAND)

@@ -35,6 +35,8 @@ EXTRAS = {
     ],
     # Optional: keras-hub's task heads on our backbone (DeepLabV3 segmentation, detection). Not a core
     # dependency: it needs Python >= 3.11 and pulls tensorflow-text, kagglehub, tokenizers (docs/models.md).
+    # bot_keras uses public keras-hub API only; the upper bound stays because keras-hub's development
+    # branch pins tensorflow-text < 2.21, which would not install beside TensorFlow 2.21 if 0.33 ships so.
     "transfer": ["keras-hub>=0.32,<0.33; python_version>='3.11'"],
     # Optional: the timm-equivalence test of the weight converter (tests/test_timm_weights.py, `slow`).
     # The converter itself needs none of these. torchvision (a timm dependency) is pinned to the release

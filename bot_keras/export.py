@@ -25,7 +25,8 @@ The TFLite model takes one uint8 image [1, H, W, 3] (resize the input tensor to 
 runs the same evaluation transform before the network; `--quantize=dynamic` stores the weights as int8
 (dynamic-range quantisation) while activations stay float.
 
-A `bot_keras.finetune` run is exported by its task module (`savedmodel` or `keras` only): a segmentation
+The SavedModel's module comes from the run's task module (`bot_keras.tasks`). A segmentation or
+detection run exports as `savedmodel` or `keras` only: a segmentation
 run's `serving_default(image_bytes: string [])` returns `class_map` int32 [H, W] at the input's size, with
 the evaluation's preprocessing inside (see `segmentation/task.py`).
 
@@ -42,7 +43,7 @@ import keras
 import tensorflow as tf
 from absl import flags
 
-from bot_keras import cli, run_dir
+from bot_keras import cli, run_dir, tasks
 from bot_keras.data.augment import preprocess_for_eval
 from bot_keras.data.decode import check_encoded_image, decode_image
 
@@ -153,19 +154,8 @@ def _tflite_bytes(model, image_size, quantize, scratch):
 
 
 def _write(run, model, staging, *, export_format, quantize, top_k):
-    if export_format == "savedmodel" and run.task != run_dir.CLASSIFICATION:
-        from bot_keras import finetune
-
-        module, signatures = finetune.task_module(run.task).serving_module(run, model)
-        tf.saved_model.save(module, str(staging), signatures=signatures)
-        extra = staging / "assets.extra"
-        extra.mkdir()
-    elif export_format == "savedmodel":
-        module = ServingModule(model, class_names=run.class_names, image_size=run.image_size, top_k=top_k)
-        signatures = {
-            "serving_default": module.serve_bytes.get_concrete_function(),
-            "serving_images": module.serve_images.get_concrete_function(),
-        }
+    if export_format == "savedmodel":
+        module, signatures = tasks.task_module(run.task).serving_module(run, model, top_k=top_k)
         tf.saved_model.save(module, str(staging), signatures=signatures)
         extra = staging / "assets.extra"  # TF Serving's place for files the graph does not read
         extra.mkdir()

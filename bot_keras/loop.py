@@ -12,6 +12,7 @@ last epoch's logs. So a resumed run reports its total wall time, and a run kille
 checkpoint (e.g. during the final save) can still write complete final metrics on `--resume`.
 """
 
+import csv
 import importlib.util
 import os
 import time
@@ -103,11 +104,11 @@ def make_callbacks(write_dir, *, chief, verbose, epochs, steps_per_epoch, model,
         log_dir = os.path.join(write_dir, run_dir.LOGS_DIR)
         os.makedirs(log_dir, exist_ok=True)
         if importlib.util.find_spec("tensorboard") is not None:
-            callbacks.append(_TensorBoard(log_dir, write_graph=False, profile_batch=0))
+            callbacks.append(_TensorBoardLog(log_dir))
         else:  # a dependency of bot-keras, but not of TensorFlow 2.21; the CSV log has the same numbers
             logging.warning("tensorboard is not installed (pip install tensorboard): no TensorBoard logs.")
         callbacks.append(
-            _FixedColumnsCSVLogger(os.path.join(log_dir, "training.csv"), columns=columns, append=resume)
+            _CSVLog(os.path.join(log_dir, "training.csv"), columns=columns, append=resume)
         )
     return keras.callbacks.CallbackList(
         callbacks,
@@ -119,19 +120,58 @@ def make_callbacks(write_dir, *, chief, verbose, epochs, steps_per_epoch, model,
     )
 
 
-class _FixedColumnsCSVLogger(keras.callbacks.CSVLogger):
-    def __init__(self, filename, *, columns, **kwargs):
-        super().__init__(filename, **kwargs)
-        self.columns = list(columns)
+class _CSVLog(keras.callbacks.Callback):
+    """One row an epoch, `epoch` then `columns` ("NA" where the logs lack one), as Keras' CSVLogger writes
+    them; unlike it, the columns are fixed up front (Keras' takes the first epoch's keys, and mixup epochs
+    log fewer). A resumed run appends, with a header only in an empty file."""
+
+    def __init__(self, filename, *, columns, append=False):
+        super().__init__()
+        self.filename, self.columns, self.append = filename, ["epoch", *columns], append
+        self._file = self._writer = None
+
+    def on_train_begin(self, logs=None):
+        header = not (self.append and os.path.isfile(self.filename) and os.path.getsize(self.filename))
+        self._file = open(self.filename, "a" if self.append else "w", newline="", encoding="utf-8")
+        self._writer = csv.DictWriter(self._file, fieldnames=self.columns)
+        if header:
+            self._writer.writeheader()
 
     def on_epoch_end(self, epoch, logs=None):
-        self.keys = list(self.columns)
-        super().on_epoch_end(epoch, logs)
+        logs = dict(logs or {}, epoch=epoch)
+        self._writer.writerow({name: logs.get(name, "NA") for name in self.columns})
+        self._file.flush()
+
+    def on_train_end(self, logs=None):
+        if self._file is not None:
+            self._file.close()
+        self._file = self._writer = None
 
 
-class _TensorBoard(keras.callbacks.TensorBoard):
-    def _collect_learning_rate(self, logs):
-        return logs  # our logs carry "lr"; Keras' version reads a compiled model's optimizer
+class _TensorBoardLog(keras.callbacks.Callback):
+    """Each epoch's logs as TensorBoard scalars, laid out as Keras' TensorBoard callback does
+    (`epoch_<name>` in `train/`, the `val_` ones in `validation/`, step = epoch). Keras' own reads the
+    learning rate from a compiled model's optimizer, which this loop does not compile; our logs carry it
+    as "lr"."""
+
+    def __init__(self, log_dir):
+        super().__init__()
+        self.log_dir, self._writers = log_dir, {}
+
+    def on_epoch_end(self, epoch, logs=None):
+        for name, value in (logs or {}).items():
+            split, key = ("validation", name[4:]) if name.startswith("val_") else ("train", name)
+            if split not in self._writers:
+                self._writers[split] = tf.summary.create_file_writer(os.path.join(self.log_dir, split))
+            with self._writers[split].as_default():
+                tf.summary.scalar(f"epoch_{key}", value, step=epoch)
+        for writer in self._writers.values():
+            writer.flush()
+
+    def on_train_end(self, logs=None):
+        for writer in self._writers.values():
+            writer.close()
+        self._writers = {}
 
 
 def train_loop(
@@ -153,12 +193,14 @@ def train_loop(
     mixup_epochs,
     precision,
     state=None,
+    learning_rate=None,
 ):
     """Runs from `step_var` to the end; checkpoints every `checkpoint_steps` and at each epoch end.
 
     `evaluate(eval_dataset) -> {name: mean}` (or None: no evaluation) adds `val_<name>` to the epoch's
     logs. `state` (a `RunState` in the manager's checkpoint, or None) is brought up to date before each
-    save. Returns the last epoch's logs. Raises FloatingPointError on a non-finite loss.
+    save. `learning_rate` (the optimizer's schedule, `step -> lr`, or None: a constant rate) gives the
+    logged "lr". Returns the last epoch's logs. Raises FloatingPointError on a non-finite loss.
     """
     end = total_steps(epochs, steps_per_epoch, max_steps)
     step = int(step_var.numpy())
@@ -197,7 +239,7 @@ def train_loop(
             else:  # images/s leaves out the first call, which traces and compiles the step
                 traced, start_time = True, time.perf_counter()
             step_var.assign(step)
-            lr = last_learning_rate(optimizer)
+            lr = last_learning_rate(optimizer, learning_rate)
             if not np.isfinite(sums["loss"]):
                 where = f"at step {step}" if n == 1 else f"in steps {step - n + 1}-{step}"
                 raise FloatingPointError(
@@ -220,13 +262,14 @@ def train_loop(
     return logs
 
 
-def last_learning_rate(optimizer):
-    """The learning rate of the last update (Keras' `optimizer.learning_rate` is the next update's)."""
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    schedule = getattr(inner, "_learning_rate", None)  # Keras 3 keeps the schedule object here
-    if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
-        return float(schedule(max(int(inner.iterations.numpy()) - 1, 0)))
-    return float(optimizer.learning_rate)
+def last_learning_rate(optimizer, schedule=None):
+    """The learning rate of the last update: `schedule` (the optimizer's, `step -> lr`) at the optimizer's
+    last iteration (Keras' `optimizer.learning_rate` is the next update's); without a schedule, the
+    optimizer's constant rate."""
+    if schedule is None or not callable(schedule):
+        return float(optimizer.learning_rate)
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer counts skipped steps
+    return float(schedule(max(int(inner.iterations.numpy()) - 1, 0)))
 
 
 def _train_logs(totals, mixup_on, lr, images_per_sec):

@@ -18,10 +18,10 @@ Output, for each image:
       1. tabby_cat        0.8123
       2. tiger_cat        0.1010
 
-A fine-tuning model — a run directory of `bot_keras.finetune` or its SavedModel export — is routed to its
-task module: a segmentation model writes `<stem>_classes.png` (class ids as grey levels) and
-`<stem>_overlay.png` (the photo under the class colours) per image into `--output_dir` and prints the
-largest classes of each image.
+Every model is routed to its task module (`bot_keras.tasks`; the task of a run's run.json or an export's
+`task` variable, classification when it has none): a segmentation model writes `<stem>_classes.png`
+(class ids as grey levels) and `<stem>_overlay.png` (the photo under the class colours) per image into
+`--output_dir` and prints the largest classes of each image; a detection model draws its boxes.
 """
 
 import dataclasses
@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 from absl import flags
 
-from bot_keras import cli, run_dir
+from bot_keras import cli, run_dir, tasks
 from bot_keras.data.augment import preprocess_for_eval
 from bot_keras.data.decode import check_encoded_image, decode_image
 
@@ -190,14 +190,9 @@ def define_flags(fv):
 def main(argv, f=flags.FLAGS):
     if len(argv) < 2:
         raise cli.SetupError("name at least one image: python -m bot_keras.predict --model=PATH IMAGE ...")
-    task = model_task(f.model)
-    if task != run_dir.CLASSIFICATION:
-        from bot_keras import finetune
-
-        encoded = read_images(argv[1:])
-        print("\n".join(finetune.task_module(task).predict_files(f.model, argv[1:], f.output_dir, encoded)))
-        return
-    print(format_predictions(predict(f.model, argv[1:], k=f.top_k)))
+    task = tasks.task_module(model_task(f.model))
+    encoded = read_images(argv[1:])
+    print("\n".join(task.predict_files(f.model, argv[1:], f.output_dir, encoded, k=f.top_k)))
 
 
 if __name__ == "__main__":

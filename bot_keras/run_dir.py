@@ -22,19 +22,21 @@ existed are classification runs.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
 import tempfile
-import types
 import zipfile
 
 import keras
 import tensorflow as tf
 from absl import flags
 
+from bot_keras import tasks
 from bot_keras.cli import SetupError
 from bot_keras.models import build_backbone, build_model
+from bot_keras.tasks import CLASSIFICATION, DETECTION, SEGMENTATION, TASKS
 
 RUN_FILE = "run.json"
 FLAGS_FILE = "flags.txt"
@@ -47,12 +49,7 @@ LOGS_DIR = "logs"
 # going (stopped by bad data, or killed, before it saved anything) and may be started afresh.
 START_FILES = (RUN_FILE, FLAGS_FILE, CLASSES_FILE, CHECKPOINTS_DIR, LOGS_DIR)
 
-CLASSIFICATION = "classification"
-SEGMENTATION = "segmentation"
-DETECTION = "detection"
-TASKS = (CLASSIFICATION, SEGMENTATION, DETECTION)
-TASK_COMMANDS = {CLASSIFICATION: "bot_keras.train", SEGMENTATION: "bot_keras.finetune",
-                 DETECTION: "bot_keras.finetune"}
+TASK_COMMANDS = tasks.COMMANDS
 # The flags a finished run's flags.txt must set: the architecture and the input size.
 REQUIRED_FLAGS = {CLASSIFICATION: ("model", "image_size"), SEGMENTATION: ("backbone", "crop_size"),
                   DETECTION: ("backbone", "crop_size")}
@@ -183,28 +180,44 @@ def read_task(model_dir):
 
 
 def command_flags(task):
-    """The flag definitions (`define_flags(flag_values)`) of the command that writes runs of `task`."""
-    # Imported here, not at the top: the trainers import this module to write their runs.
-    if task == CLASSIFICATION:
-        from bot_keras import train
-
-        return train.define_flags
-    from bot_keras import finetune
-
-    return finetune.define_flags
+    """The flag definitions (`define_flags(flag_values)`) that read a flags.txt of a `task` run: the task
+    module's (`bot_keras.tasks`), plus the `--task` a `bot_keras.finetune` run records."""
+    return functools.partial(tasks.define_run_flags, task=task)
 
 
-def read_flags(path, define_flags):
+# Fine-tuning runs written before each task defined only its own flags record the other task's flags
+# too (at their defaults); reading such a run skips them.
+OTHER_TASK_FLAGS = {
+    SEGMENTATION: ("keep_difficult", "detection_scale_range", "detection_head_norm", "max_detections"),
+    DETECTION: ("head", "aux_loss_weight", "eval_mode", "eval_size"),
+}
+
+
+def read_flags(path, define_flags, *, skip=()):
     """Parses the flagfile `path` with `define_flags` into a fresh `absl.flags.FlagValues` (typed values;
-    flags the file does not set keep their defaults, `.present` tells them apart)."""
+    flags the file does not set keep their defaults, `.present` tells them apart); lines setting a flag
+    named in `skip` are left out."""
     path = pathlib.Path(path)
     flag_values = flags.FlagValues()
     define_flags(flag_values)
+    args = [f"--flagfile={path}"]
+    if skip:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        args = [
+            line for line in lines
+            if line and not line.startswith("#") and not _sets_one_of(line, skip)
+        ]
     try:
-        flag_values(["run_dir", f"--flagfile={path}"], known_only=False)
+        flag_values(["run_dir", *args], known_only=False)
     except flags.Error as error:
         raise SetupError(f"{path}: {error}") from None
     return flag_values
+
+
+def _sets_one_of(line, names):
+    """Whether the flagfile line (`--name=value`, `--name`, `--noname`) sets a flag of `names`."""
+    name = line.lstrip("-").split("=", 1)[0]
+    return name in names or ("=" not in line and name.startswith("no") and name[2:] in names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,13 +255,15 @@ def read_run(model_dir, *, task=CLASSIFICATION):
         hint = ""
         if MODEL_FILE in missing:
             hint = resume_cure(model_dir) or (
-                f" ({TASK_COMMANDS[read_task(model_dir)]} writes model.keras when training ends)"
+                f" ({writing_command(model_dir)} writes model.keras when training ends)"
             )
         raise SetupError(f"run directory {model_dir} is incomplete: missing {', '.join(missing)}{hint}")
     run_task = read_task(model_dir)
     if run_task != task:
         raise SetupError(f"{model_dir} is a {run_task} run; this command reads {task} runs")
-    parsed = read_flags(model_dir / FLAGS_FILE, command_flags(run_task))
+    parsed = read_flags(
+        model_dir / FLAGS_FILE, command_flags(run_task), skip=OTHER_TASK_FLAGS.get(run_task, ())
+    )
     lacking = [f"--{name}" for name in REQUIRED_FLAGS[run_task] if not parsed[name].present]
     if lacking:
         raise SetupError(f"{model_dir / FLAGS_FILE} lacks {', '.join(lacking)}")
@@ -307,18 +322,24 @@ def resume_cure(model_dir):
     if not has_checkpoint(model_dir):
         return ""
     return (
-        f"; the run's checkpoints can rewrite it: python -m {TASK_COMMANDS[read_task(model_dir)]} "
+        f"; the run's checkpoints can rewrite it: python -m {writing_command(model_dir)} "
         f"--flagfile={pathlib.Path(model_dir) / FLAGS_FILE} --model_dir={model_dir} --resume"
     )
+
+
+def writing_command(model_dir):
+    """The command that wrote the run in `model_dir` (its flags.txt is that command's flagfile): a run
+    recording --task is bot_keras.finetune's."""
+    flagfile = pathlib.Path(model_dir) / FLAGS_FILE
+    if flagfile.is_file() and any(line.startswith("--task=") for line in flagfile.read_text().splitlines()):
+        return "bot_keras.finetune"
+    return TASK_COMMANDS[read_task(model_dir)]
 
 
 def load_model(run):
     """The run's final model as a float32 `keras.Model` ready for inference (see `float32_rebuild`;
     `bot_keras.finetune` saves its models in float32 already)."""
-    if run.task != CLASSIFICATION:
-        from bot_keras import finetune
-
-        finetune.task_module(run.task)  # registers the task's layers (backbone, heads) for loading
+    tasks.task_module(run.task)  # registers the task's layers (backbone, heads) for loading
     model = load_keras_model(run.model_path, cure=resume_cure(run.model_dir))
     num_outputs = model.output_shape[-1] if isinstance(model.output_shape, tuple) else None
     if num_outputs is not None and num_outputs != len(run.class_names):
@@ -376,9 +397,4 @@ def load_backbone(model_dir, **backbone_kwargs):
     return build_backbone(run.model_name, weights_from=load_model(run), **backbone_kwargs)
 
 
-def run_flags(run, **overrides):
-    """A run's flags as attributes (`f.crop_size`, as a command's own FLAGS reads), with the non-None
-    `overrides` (evaluate's --dataset, --data_dir, ...) in place of the recorded values."""
-    values = dict(run.flags)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return types.SimpleNamespace(**values)
+run_flags = tasks.run_flags  # kept under its old name

@@ -31,7 +31,8 @@ import keras
 import tensorflow as tf
 from absl import flags, logging
 
-from bot_keras import cli, distribute, loop, optimizers, run_dir, schedules, steps
+from bot_keras import cli, distribute, loop, optimizers, run_dir, schedules, steps, tasks
+from bot_keras.data import SkippedFiles
 from bot_keras.data.errors import bad_input_message
 
 
@@ -229,11 +230,10 @@ def steps_per_epoch(f, num_examples, split):
     return steps
 
 
-def build_optimizer(f, *, steps_per_epoch, variables):
-    """The schedule and optimizer of the flags (Sections 3.1, 5.1), built for `variables`, plus the step
-    counter; call inside `strategy.scope()`. Returns (optimizer, step_var)."""
+def lr_schedule(f, *, steps_per_epoch):
+    """The learning-rate schedule of the flags (`step -> lr`; Sections 3.1, 5.1)."""
     with cli.setup_errors():
-        schedule = schedules.build_lr_schedule(
+        return schedules.build_lr_schedule(
             f.lr_schedule,
             base_lr=f.base_lr,
             global_batch_size=f.batch_size,
@@ -243,8 +243,13 @@ def build_optimizer(f, *, steps_per_epoch, variables):
             decay_epochs=[float(e) for e in f.lr_decay_epochs],
             decay_rate=f.lr_decay_rate,
         )
+
+
+def build_optimizer(f, *, steps_per_epoch, variables):
+    """The schedule and optimizer of the flags (Sections 3.1, 5.1), built for `variables`, plus the step
+    counter; call inside `strategy.scope()`. Returns (optimizer, step_var)."""
     optimizer = optimizers.build_optimizer(
-        schedule,
+        lr_schedule(f, steps_per_epoch=steps_per_epoch),
         momentum=f.momentum,
         nesterov=True,
         weight_decay=weight_decay(f),
@@ -379,6 +384,7 @@ def fit(
             mixup_epochs=mixup_epochs,
             precision=f.precision,
             state=state,
+            learning_rate=lr_schedule(f, steps_per_epoch=steps_per_epoch),
         )
     except tf.errors.InvalidArgumentError as error:
         message = bad_input_message(error)  # the pipeline's check naming the file, or None: a bug
@@ -405,3 +411,133 @@ def finish(f, *, machinery, model, logs, step_var, wall_time_s, extra_metrics=No
     shown = {k: round(v, 4) for k, v in summary.items() if isinstance(v, (int, float))}
     print(f"Finished: {json.dumps(shown)}", flush=True)
     print(f"Run directory: {f.model_dir}", flush=True)
+
+
+# --- the driver -------------------------------------------------------------------------------------------
+
+
+def run(task, f, *, flags_text):
+    """Trains the `task` module (`bot_keras.tasks.Task`) as the flags `f` say, the flags already validated;
+    `flags_text` is what flags.txt records. Reads top to bottom in the order the parts are wired: strategy
+    and precision → data → model → optimizer and schedule → restore → fit → the final model. Set-up
+    problems raise cli.SetupError (exit 2 through cli.run)."""
+    # Strategy and precision: before any variable exists.
+    machinery = start(f)
+    strategy = machinery.strategy
+
+    # Data.
+    skipped_files = SkippedFiles()  # the distinct files --skip_corrupt skipped, counted at the end
+    with cli.setup_errors(f"--dataset={f.dataset}"):
+        train_info = task.dataset_info(f, f.train_split)
+        eval_info = task.dataset_info(f, f.eval_split) if f.eval_split else train_info
+    tasks.check_same_classes(
+        eval_info.class_names, train_info.class_names,
+        expected_label=f"--eval_split={f.eval_split!r} has",
+        found_label=f"--train_split={f.train_split!r} has",
+        consequence=": labels would not line up.",
+    )
+    class_names = train_info.class_names
+    epoch_steps = steps_per_epoch(f, train_info.num_examples, f.train_split)
+
+    def input_fn(split, training):
+        return lambda context: task.make_dataset(
+            f, split=split, training=training, input_context=context, skipped_files=skipped_files
+        )
+
+    with cli.setup_errors(f"--dataset={f.dataset}"):
+        train_iterator = iter(strategy.distribute_datasets_from_function(input_fn(f.train_split, True)))
+        eval_dataset = (
+            strategy.distribute_datasets_from_function(input_fn(f.eval_split, False))
+            if f.eval_split
+            else None
+        )
+
+    # Model: pretrained weights first (a model loaded outside the strategy's scope is only read).
+    weights_from = task.initial_weights(f)
+    with strategy.scope():
+        model = task.build_model(f, num_classes=len(class_names), weights_from=weights_from)
+        del weights_from
+        options = task.train_options(f, model=model, num_classes=len(class_names))
+        # Optimizer and schedule.
+        optimizer, step_var = build_optimizer(
+            f, steps_per_epoch=epoch_steps, variables=model.trainable_variables
+        )
+    state = loop.RunState(task.CSV_COLUMNS)  # the run's total training time and last epoch's logs
+
+    # Restore.
+    manager = loop.checkpoint_manager(
+        machinery.write_dir,
+        keep=f.keep_checkpoints,
+        model=model,
+        optimizer=optimizer,
+        step=step_var,
+        **state.checkpointed(),
+    )
+    evaluate = task.make_evaluator(f, strategy, model, class_names) if eval_dataset is not None else None
+
+    def evaluation_details():
+        """final_metrics.json's `val_<name>` of the evaluator's last call (e.g. per-class AP or IoU)."""
+        details = getattr(evaluate, "details", None) or {}
+        return {f"val_{key}": value for key, value in details.items()}
+
+    def restored_evaluation_details():
+        # The checkpoint holds the last epoch's logs but not the evaluator's details: the restored model is
+        # evaluated again (the same weights and data give the same numbers).
+        if getattr(evaluate, "details", None) is not None:
+            evaluate(eval_dataset)
+        return evaluation_details()
+
+    if restore(f, manager, optimizer=optimizer, step_var=step_var, steps_per_epoch=epoch_steps):
+        # Nothing left to train.
+        finish_trained_run(
+            f, machinery=machinery, model=task.final_model(f, model, num_classes=len(class_names)),
+            state=state, step_var=step_var, extra_metrics=restored_evaluation_details,
+        )
+        return
+    if machinery.chief:
+        write_run_files(f, task=task.NAME, flags_text=flags_text, class_names=class_names)
+
+    # Fit.
+    train_function = steps.make_train_function(
+        strategy,
+        model,
+        optimizer,
+        global_batch_size=f.batch_size,
+        seed=f.seed,
+        jit_compile=f.jit_compile,
+        grad_clip_norm=f.grad_clip_norm,
+        **options.step_kwargs,
+    )
+    logs, wall_time_s = fit(
+        f,
+        machinery=machinery,
+        model=model,
+        optimizer=optimizer,
+        train_function=train_function,
+        train_iterator=train_iterator,
+        evaluate=evaluate,
+        eval_dataset=eval_dataset,
+        manager=manager,
+        step_var=step_var,
+        steps_per_epoch=epoch_steps,
+        state=state,
+        mixup_epochs=options.mixup_epochs,
+    )
+
+    # The final model.
+    final = task.final_model(f, model, num_classes=len(class_names))
+    extra_metrics = evaluation_details()
+    if getattr(f, "skip_corrupt", False):
+        count = skipped_files.count()
+        plural = "" if count == 1 else "s"
+        print(f"Skipped {count} distinct undecodable file{plural} (--skip_corrupt).", flush=True)
+        extra_metrics["skipped_files"] = count
+    finish(
+        f,
+        machinery=machinery,
+        model=final,
+        logs=logs,
+        step_var=step_var,
+        wall_time_s=wall_time_s,
+        extra_metrics=extra_metrics,
+    )

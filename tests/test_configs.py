@@ -130,10 +130,7 @@ def test_nested_recipes_override_their_base(parse):
 
 
 def parse_finetune(*args):
-    flag_values = flags.FlagValues()
-    finetune.define_flags(flag_values)
-    flag_values(["finetune", *args])
-    return flag_values
+    return finetune.parse_flags(list(args))
 
 
 def test_there_are_transfer_recipes_for_the_paper_and_for_a_cpu():

@@ -64,6 +64,31 @@ def test_our_loss_equals_keras_hubs_compute_loss(detector):
     assert float(halved) == pytest.approx(float(ours) / 2, rel=1e-5)
 
 
+def test_our_label_encoder_gives_keras_hubs_targets(detector):
+    # make_label_encoder (public keras-hub pieces) against the detector's own keras-hub encoder, on boxes
+    # that match anchors well, badly and not at all (padding), and on one box straddling the image edge.
+    rng = np.random.default_rng(0)
+    corners = rng.uniform(-8, SIZE + 8, [3, 5, 2, 2])
+    boxes = np.concatenate([corners.min(axis=2), corners.max(axis=2) + 4], axis=-1).astype("float32")
+    labels = rng.integers(0, 3, [3, 5])
+    boxes[0, 3:], labels[0, 3:] = -1, -1  # padding
+    cases = [TARGETS, {"boxes": tf.constant(boxes), "labels": tf.constant(labels, tf.int32)}]
+    ours = detection_model.make_label_encoder()
+    for targets in cases:
+        images = tf.zeros([targets["boxes"].shape[0], SIZE, SIZE, 3])
+        inputs = dict(images=images, gt_boxes=targets["boxes"], gt_classes=targets["labels"])
+        expected, got = detector.label_encoder(**inputs), ours(**inputs)
+        classes = np.asarray(expected[1])
+        assert {-2.0, -1.0} <= set(np.unique(classes)) and (classes >= 0).sum() > 0  # all three kinds occur
+        np.testing.assert_array_equal(np.asarray(got[1]), classes)
+        np.testing.assert_allclose(np.asarray(got[0]), np.asarray(expected[0]), atol=1e-5)
+    # A negative control: another IoU threshold moves anchors between the kinds.
+    loose = detection_model.LabelEncoder(detection_model.make_anchor_generator(), positive_threshold=0.3,
+                                         negative_threshold=0.2)
+    moved = loose(**inputs)[1]
+    assert (np.asarray(moved) >= 0).sum() > (classes >= 0).sum()
+
+
 def test_batches_without_boxes(detector):
     images = tf.zeros([2, SIZE, SIZE, 3])
     predictions = detector(images, training=True)

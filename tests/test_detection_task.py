@@ -12,7 +12,6 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from absl import flags
 from tiny_detection import CLASSES, write_rectangles_coco, write_rectangles_voc
 
 from bot_keras import evaluate, export, finetune, predict
@@ -31,10 +30,7 @@ def _env():
 
 
 def _flags(*args):
-    fv = flags.FlagValues()
-    finetune.define_flags(fv)
-    fv(["finetune", "--task=detection", "--backbone=resnet18_d", "--model_dir=/tmp/x", *args])
-    return fv
+    return finetune.parse_flags(["--task=detection", "--backbone=resnet18_d", "--model_dir=/tmp/x", *args])
 
 
 def test_detection_flags_are_checked_before_any_data(tmp_path):

@@ -63,10 +63,7 @@ def cli_env():
 
 
 def parse(*args):
-    fv = flags.FlagValues()
-    finetune.define_flags(fv)
-    fv(["finetune", *args])
-    return fv
+    return finetune.parse_flags(list(args))
 
 
 def base_args(data, model_dir, *extra):
@@ -116,7 +113,6 @@ def finetuned(tmp_path_factory):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--task=regression"], "--task='regression' is not one of segmentation"),
         (["--backbone=vgg16"], "--backbone='vgg16' is not a ResNet name"),
         (["--output_stride=4"], "--output_stride=4 is not one of"),
         (["--freeze_stages=5"], "--freeze_stages=5 must be in [0, 4]"),
@@ -135,6 +131,13 @@ def test_bad_flags_are_named_with_their_value(tmp_path, extra, message):
     with pytest.raises(finetune.FlagError) as error:
         finetune.validate_flags(f)
     assert message in str(error.value)
+
+
+def test_an_unknown_task_is_named_before_its_flags_are_read(tmp_path):
+    # The task chooses which flags the command line may hold, so it is checked as the flags are parsed.
+    with pytest.raises(finetune.FlagError) as error:
+        parse(*base_args("/unused", tmp_path / "run", "--task=regression"))
+    assert "--task='regression' is not one of segmentation" in str(error.value)
 
 
 def test_backbone_weights_of_another_architecture_are_refused(tmp_path):

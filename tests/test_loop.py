@@ -176,7 +176,7 @@ def test_checkpoint_restores_weights_step_learning_rate_and_loss_scale(tmp_path)
     assert float(optimizer2.dynamic_scale.numpy()) == 16384.0
     # optimizer.learning_rate is the next update's; last_learning_rate the last one's.
     assert float(optimizer2.learning_rate) == pytest.approx(float(schedule(6)), rel=1e-6)
-    assert loop.last_learning_rate(optimizer2) == pytest.approx(float(schedule(5)), rel=1e-6)
+    assert loop.last_learning_rate(optimizer2, schedule) == pytest.approx(float(schedule(5)), rel=1e-6)
     # Warmup over 5 steps to 0.1, then cosine: at step 6 the lr is ½(1 + cos(π·1/14))·0.1.
     assert float(schedule(6)) == pytest.approx(0.5 * (1 + math.cos(math.pi / 14)) * 0.1, rel=1e-6)
     for a, b in zip(expected_weights, model2.get_weights(), strict=True):

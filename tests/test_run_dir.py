@@ -42,6 +42,21 @@ def test_flags_file_with_an_unknown_flag_names_the_file(tmp_path):
         run_dir.read_flags(tmp_path / "flags.txt", train.define_flags)
 
 
+def test_a_finetuning_run_from_before_per_task_flags_reads_without_the_other_tasks_flags(tmp_path):
+    # Such a segmentation run recorded detection's flags too; reading it skips them, and nothing else.
+    (tmp_path / "flags.txt").write_text(
+        "--task=segmentation\n--backbone=resnet18_d\n--crop_size=32\n--head=fcn\n--keep_difficult\n"
+        "--max_detections=100\n--nodetection_head_norm\n--nofreeze_bn\n"
+    )
+    define = run_dir.command_flags("segmentation")
+    back = run_dir.read_flags(tmp_path / "flags.txt", define, skip=run_dir.OTHER_TASK_FLAGS["segmentation"])
+    assert (back.task, back.backbone, back.crop_size, back.head, back.freeze_bn) == (
+        "segmentation", "resnet18_d", 32, "fcn", False)
+    assert "max_detections" not in back
+    with pytest.raises(cli.SetupError, match=r"flags\.txt: .*keep_difficult"):
+        run_dir.read_flags(tmp_path / "flags.txt", define)
+
+
 def test_reading_a_run_registers_nothing_on_the_global_flags(tmp_path):
     run_dir.write_flags(tmp_path, _parsed("--model=resnet18_d"), ["model"])
     run_dir.read_flags(tmp_path / "flags.txt", train.define_flags)

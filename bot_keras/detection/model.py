@@ -28,9 +28,6 @@ import keras
 import keras_hub
 import tensorflow as tf
 
-# keras-hub 0.32 does not export its RetinaNet label encoder (setup.py pins keras-hub < 0.33).
-from keras_hub.src.models.retinanet.retinanet_label_encoder import RetinaNetLabelEncoder
-
 from bot_keras.models import build_backbone
 
 BOX_FORMAT = "yxyx"
@@ -112,12 +109,71 @@ def make_anchor_generator():
                                             num_scales=3, aspect_ratios=[0.5, 1.0, 2.0], anchor_size=4)
 
 
+class LabelEncoder:
+    """RetinaNet's training targets (Lin et al.): each anchor matched to the ground-truth box of highest
+    IoU, positive at IoU >= 0.5 (its box as "center_xywh" deltas, its class), background below 0.4 (class
+    -1), ignored between (class -2); an anchor matched to a -1 padding box, whose deltas are NaN, is ignored.
+
+    Built from public pieces (`keras_hub.layers.BoxMatcher`, `keras.utils.bounding_boxes`) to the rules of
+    keras-hub 0.32's `RetinaNetLabelEncoder`, which keras-hub does not export (the detector builds one for
+    itself, `detector.label_encoder`; tests/test_detection_model.py checks the two give the same targets).
+    Called as keras-hub's: `(images, gt_boxes [B, N, 4], gt_classes [B, N]) -> (box deltas [B, A, 4],
+    class targets [B, A, 1])`; only the images' static shape is read.
+    """
+
+    def __init__(self, anchor_generator, *, bounding_box_format=BOX_FORMAT, encoding_format="center_xywh",
+                 positive_threshold=0.5, negative_threshold=0.4, box_variance=(1.0, 1.0, 1.0, 1.0),
+                 background_class=-1.0, ignore_class=-2.0):
+        self.anchor_generator = anchor_generator
+        self.bounding_box_format = bounding_box_format
+        self.encoding_format = encoding_format
+        self.box_variance = list(box_variance)
+        self.background_class, self.ignore_class = background_class, ignore_class
+        self.box_matcher = keras_hub.layers.BoxMatcher(
+            thresholds=[negative_threshold, positive_threshold], match_values=[-1, -2, 1],
+            force_match_for_each_col=False,
+        )
+
+    def __call__(self, images, gt_boxes, gt_classes):
+        height, width, channels = images.shape[1:]
+        gt_boxes = tf.convert_to_tensor(gt_boxes)
+        gt_classes = tf.cast(tf.convert_to_tensor(gt_classes), gt_boxes.dtype)
+        if gt_classes.shape.rank == 3:
+            gt_classes = gt_classes[..., 0]
+        anchors = tf.concat(list(self.anchor_generator(images).values()), axis=0)
+        anchors = keras.utils.bounding_boxes.convert_format(
+            anchors, source=self.anchor_generator.bounding_box_format, target=self.bounding_box_format,
+            height=height, width=width,
+        )
+        iou = keras.utils.bounding_boxes.compute_iou(
+            anchors, gt_boxes, bounding_box_format=self.bounding_box_format,
+            image_shape=(height, width, channels),
+        )
+        matched_index, matched_value = self.box_matcher(iou)
+        if gt_boxes.shape[1] == 0:  # no box in the whole batch: every anchor is background
+            matched_boxes = tf.zeros([tf.shape(gt_boxes)[0], tf.shape(anchors)[0], 4], gt_boxes.dtype)
+            matched_classes = tf.zeros(tf.shape(matched_boxes)[:2], gt_boxes.dtype)
+        else:
+            matched_boxes = tf.gather(gt_boxes, matched_index, batch_dims=1)
+            matched_classes = tf.gather(gt_classes, matched_index, batch_dims=1)
+        deltas = keras.utils.bounding_boxes.encode_box_to_deltas(
+            anchors=anchors, boxes=matched_boxes, anchor_format=self.bounding_box_format,
+            box_format=self.bounding_box_format, encoding_format=self.encoding_format,
+            variance=self.box_variance, image_shape=(height, width, channels),
+        )
+        classes = tf.where(tf.equal(matched_value, 1), matched_classes, self.background_class)
+        classes = tf.where(tf.equal(matched_value, -2), self.ignore_class, classes)
+        nan = tf.reduce_any(tf.math.is_nan(deltas), axis=-1)
+        deltas = tf.where(nan[..., tf.newaxis], self.ignore_class, deltas)
+        classes = tf.where(nan, self.ignore_class, classes)
+        return deltas, classes
+
+
 def make_label_encoder(anchor_generator=None):
-    """keras-hub's anchor matching (IoU >= 0.5 positive, < 0.4 background) on `make_anchor_generator`'s
-    anchors: the detector's own encoder, and one the training loss builds without the model (same config,
-    so the same targets)."""
-    return RetinaNetLabelEncoder(anchor_generator or make_anchor_generator(), bounding_box_format=BOX_FORMAT,
-                                 encoding_format="center_xywh")
+    """`LabelEncoder` (IoU >= 0.5 positive, < 0.4 background) on `make_anchor_generator`'s anchors: the
+    training loss's, built without the model; the detector's own (keras-hub's default for its anchors and
+    box format) follows the same rules."""
+    return LabelEncoder(anchor_generator or make_anchor_generator())
 
 
 def build_detector(backbone_name, *, num_classes, image_size, image_encoder=None,
@@ -164,8 +220,8 @@ def build_detector(backbone_name, *, num_classes, image_size, image_encoder=None
         backbone=backbone,
         num_classes=num_classes,
         bounding_box_format=BOX_FORMAT,
-        anchor_generator=(anchors := make_anchor_generator()),
-        label_encoder=make_label_encoder(anchors),
+        anchor_generator=make_anchor_generator(),
+        label_encoder=None,  # keras-hub's own for these anchors and format (`LabelEncoder`'s rules)
         prediction_decoder=make_nms(confidence_threshold, max_detections=max_detections),
         use_prediction_head_norm=head_norm,
     )

@@ -1,6 +1,7 @@
 """Object detection as a `bot_keras.finetune` task (paper Section 6.1; ours is RetinaNet, see `model.py`).
 
-The task-module contract is in `bot_keras.finetune`'s docstring. Here: the flags `--keep_difficult`,
+The task contract is `bot_keras.tasks.Task`; what the transfer tasks share (the backbone flags and
+weights) is `bot_keras.transfer`. Here: the flags `--keep_difficult`,
 `--detection_scale_range`, `--detection_head_norm` and `--max_detections`; `data.make_detection_dataset`
 (training: random scale, crop/pad to `--crop_size`, flip; validation: longer side to `--crop_size`, pad);
 `model.build_detector`
@@ -19,20 +20,23 @@ import pathlib
 import tensorflow as tf
 from absl import flags
 
-from bot_keras import cli, run_dir, steps
+from bot_keras import cli, run_dir, steps, tasks, transfer
 from bot_keras.data.decode import check_encoded_image
 from bot_keras.detection import augment, data, draw, evaluate, export, sources
 from bot_keras.detection import loss as detection_loss
 from bot_keras.detection import model as detection_model
 from bot_keras.models import build_backbone
 
-NAME = run_dir.DETECTION
+NAME = tasks.DETECTION
+SCHEDULE_NAMES = transfer.SCHEDULE_NAMES
 DEFAULT_OUTPUT_STRIDE = 32  # FPN on P3-P5 at their true strides
 CSV_COLUMNS = ("loss", "lr", "images_per_sec", "val_map_voc07", "val_map_all_point")
 DRAW_MIN_SCORE = 0.3  # what predict draws; the serving signature returns every detection down to 0.05
 
 
 def define_flags(fv):
+    """The transfer tasks' flags (`transfer.define_flags`), then detection's own."""
+    transfer.define_flags(fv)
     d = dict(flag_values=fv)
     flags.DEFINE_bool(
         "keep_difficult", False, "Detection: train on VOC 'difficult' / COCO crowd boxes too.", **d
@@ -58,7 +62,7 @@ def scale_range(f):
 
 
 def flag_problems(f):
-    problems = []
+    problems = transfer.flag_problems(f)
     if f.dataset:
         try:
             sources.parse_source(f.dataset)
@@ -88,8 +92,9 @@ def dataset_info(f, split):
     return sources.detection_info(f.dataset, split=split, data_dir=f.data_dir)
 
 
-def make_dataset(f, *, split, training, input_context=None, batch_size=None):
+def make_dataset(f, *, split, training, input_context=None, batch_size=None, skipped_files=None):
     """Training: (images, {"boxes", "labels"}); validation: the same plus evaluation's metadata."""
+    del skipped_files  # no --skip_corrupt: a broken image or annotation stops the run, naming the file
     ds = data.make_detection_dataset(
         f.dataset,
         split=split,
@@ -111,6 +116,9 @@ def _without_key(targets):
     return {k: v for k, v in targets.items() if k != "key"}
 
 
+initial_weights = transfer.initial_weights
+
+
 def build_model(f, *, num_classes, output_stride=DEFAULT_OUTPUT_STRIDE, weights_from=None):
     """`model.build_detector` on `--backbone` (holding `weights_from`'s weights when given)."""
     size = f.crop_size
@@ -123,6 +131,12 @@ def build_model(f, *, num_classes, output_stride=DEFAULT_OUTPUT_STRIDE, weights_
 
 def inference_model(model):
     return model
+
+
+def final_model(f, model, *, num_classes):
+    return transfer.final_model(
+        f, model, inference_model=inference_model, build_model=build_model, num_classes=num_classes
+    )
 
 
 def per_example_loss(f):
@@ -154,6 +168,12 @@ def _loss_sums(per_example_loss, labels, outputs):
 TRAIN_METRICS = steps.Metrics(("loss", "count"), _loss_sums)
 
 
+def train_options(f, *, model, num_classes):
+    del num_classes
+    transfer.freeze(f, model)
+    return tasks.TrainOptions(step_kwargs=dict(per_example_loss=per_example_loss(f), metrics=TRAIN_METRICS))
+
+
 class Evaluator:
     """`evaluate(distributed dataset) -> {"map_voc07", "map_all_point", "count", ...}` over the split;
     `.details` holds the last call's per-class AP (final_metrics.json). Each replica's share of a batch is
@@ -174,8 +194,9 @@ class Evaluator:
         return {k: v for k, v in result.items() if k.startswith(("map_", "coco_")) or k == "count"}
 
 
-def make_evaluator(strategy, model, class_names):
+def make_evaluator(f, strategy, model, class_names):
     """Training's per-epoch evaluation: VOC mAP (COCO's, for coco: data, from bot_keras.evaluate)."""
+    del f
     return Evaluator(strategy, model, class_names)
 
 
@@ -185,28 +206,22 @@ def make_evaluator(strategy, model, class_names):
 def evaluate_run(run, *, dataset=None, split=None, data_dir=None, batch_size=None, **_):
     """Evaluates a detection run's model.keras on a split (default: the run's --eval_split) as training's
     validation does; returns (result for the JSON, with per-class AP; one-line summary)."""
-    f = run_dir.run_flags(run, dataset=dataset, data_dir=data_dir, batch_size=batch_size)
-    split = split or run.flags["eval_split"] or "validation"
+    f, split = tasks.evaluation_flags(
+        run, split=split, default_split="validation", dataset=dataset, data_dir=data_dir,
+        batch_size=batch_size,
+    )
     with cli.setup_errors(f"--dataset={f.dataset}"):
         info = dataset_info(f, split)
-    if list(info.class_names) != list(run.class_names):
-        raise cli.SetupError(
-            f"{run.model_dir / run_dir.CLASSES_FILE} lists {len(run.class_names)} classes but --dataset="
-            f"{f.dataset!r} split {split!r} has {len(info.class_names)}: other classes."
-        )
+    tasks.check_same_classes(
+        run.class_names, info.class_names, expected_label=f"{run.model_dir / run_dir.CLASSES_FILE} lists",
+        found_label=f"--dataset={f.dataset!r} split {split!r} has", consequence=": other classes.",
+    )
     model = run_dir.load_model(run)
     coco = f.dataset.startswith("coco:")
     with cli.setup_errors(f"--dataset={f.dataset}"):
         batches = make_dataset(f, split=split, training=False)
-    try:
+    with tasks.bad_input("Evaluation"):
         result = evaluate.evaluate_detector(model, batches, class_names=run.class_names, coco=coco)
-    except tf.errors.InvalidArgumentError as error:
-        from bot_keras.data.errors import bad_input_message
-
-        message = bad_input_message(error)
-        if message is None:
-            raise
-        raise cli.SetupError(f"Evaluation stopped by bad input data: {message}") from None
     result.update(split=split, dataset=f.dataset, image_size=f.crop_size, model=str(run.model_path))
     line = (
         f"{f.dataset} {split} ({result['count']} images): VOC07 mAP@0.5 {100 * result['map_voc07']:.2f}%  "
@@ -217,7 +232,8 @@ def evaluate_run(run, *, dataset=None, split=None, data_dir=None, batch_size=Non
     return result, line
 
 
-def serving_module(run, model):
+def serving_module(run, model, *, top_k=None):
+    del top_k  # detections are ranked by score, down to the NMS threshold
     module = export.DetectionServingModule(model, class_names=run.class_names, image_size=run.image_size)
     return module, {"serving_default": module.serve_bytes.get_concrete_function()}
 
@@ -235,9 +251,11 @@ def load_predictor(path):
     return lambda encoded: {k: v.numpy() for k, v in serve(image_bytes=tf.constant(list(encoded))).items()}
 
 
-def predict_files(model_path, image_paths, output_dir, encoded_images, *, min_score=DRAW_MIN_SCORE):
+def predict_files(model_path, image_paths, output_dir, encoded_images, *, k=None, min_score=DRAW_MIN_SCORE):
     """Writes `<stem>_detections.png` (or `.jpg` for a JPEG input) with the detections scoring at least
-    `min_score` drawn, per image, into `output_dir`; returns the lines to print (boxes in input pixels)."""
+    `min_score` drawn, per image, into `output_dir`; returns the lines to print (boxes in input pixels;
+    `k` is the classifier's top-k, unused here)."""
+    del k
     detect = load_predictor(model_path)
     output_dir = pathlib.Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """Semantic segmentation as a `bot_keras.finetune` task (paper Section 6.2: FCN on ADE20K).
 
-The task-module contract is in `bot_keras.finetune`'s docstring. Here: the flags `--head`,
+The task contract is `bot_keras.tasks.Task`; what the transfer tasks share (the backbone flags and
+weights) is `bot_keras.transfer`. Here: the flags `--head`,
 `--aux_loss_weight`, `--eval_mode`, `--eval_size`; the data of `data.py` with `augment.py`'s transforms;
 `heads.build_segmenter`; the loss of `losses.py` (FCN's auxiliary head weighted by `--aux_loss_weight`,
 GluonCV's 0.5); training logs the mean per-image pixel accuracy of the crops, evaluation sums one confusion
@@ -20,13 +21,13 @@ import numpy as np
 import tensorflow as tf
 from absl import flags
 
-from bot_keras import cli, run_dir, steps
+from bot_keras import cli, run_dir, steps, tasks, transfer
 from bot_keras.data.augment import normalize
 from bot_keras.data.decode import check_encoded_image, decode_image
-from bot_keras.data.errors import bad_input_message
 from bot_keras.segmentation import augment, data, heads, losses, metrics
 
-NAME = run_dir.SEGMENTATION
+NAME = tasks.SEGMENTATION
+SCHEDULE_NAMES = transfer.SCHEDULE_NAMES
 DEFAULT_OUTPUT_STRIDE = 8  # the paper's FCN (GluonCV's dilated ResNet)
 CSV_COLUMNS = (
     "loss",
@@ -40,6 +41,8 @@ CSV_COLUMNS = (
 
 
 def define_flags(fv):
+    """The transfer tasks' flags (`transfer.define_flags`), then segmentation's own."""
+    transfer.define_flags(fv)
     d = dict(flag_values=fv)
     flags.DEFINE_string("head", "fcn", "Segmentation head: " + " | ".join(heads.HEADS) + ".", **d)
     flags.DEFINE_float(
@@ -64,7 +67,7 @@ def define_flags(fv):
 
 
 def flag_problems(f):
-    problems = []
+    problems = transfer.flag_problems(f)
     if f.dataset:
         try:
             data.parse_source(f.dataset)
@@ -104,7 +107,8 @@ def dataset_info(f, split):
     return data.dataset_info(f.dataset, split=split, data_dir=f.data_dir)
 
 
-def make_dataset(f, *, split, training, input_context=None, batch_size=None):
+def make_dataset(f, *, split, training, input_context=None, batch_size=None, skipped_files=None):
+    del skipped_files  # no --skip_corrupt: a broken image or mask stops the run, naming the file
     return data.make_segmentation_dataset(
         f.dataset,
         split=split,
@@ -118,13 +122,16 @@ def make_dataset(f, *, split, training, input_context=None, batch_size=None):
     )
 
 
-def build_model(f, *, num_classes, output_stride, weights_from=None):
+initial_weights = transfer.initial_weights
+
+
+def build_model(f, *, num_classes, output_stride=None, weights_from=None):
     """`heads.build_segmenter` of the flags; any input size (training crops and whole validation images)."""
     return heads.build_segmenter(
         f.head,
         f.backbone,
         num_classes=num_classes,
-        output_stride=output_stride,
+        output_stride=output_stride or transfer.output_stride(f, DEFAULT_OUTPUT_STRIDE),
         aux=uses_aux(f),
         weights_from=weights_from,
     )
@@ -135,6 +142,12 @@ def inference_model(model):
     if isinstance(model.output, dict):
         return keras.Model(model.inputs[0], model.output["logits"], name=model.name)  # one input, not a list
     return model
+
+
+def final_model(f, model, *, num_classes):
+    return transfer.final_model(
+        f, model, inference_model=inference_model, build_model=build_model, num_classes=num_classes
+    )
 
 
 def per_example_loss(f):
@@ -162,6 +175,12 @@ def _pixel_accuracy_sums(per_example_loss, labels, outputs):
 
 
 TRAIN_METRICS = steps.Metrics(("loss", "pixel_accuracy", "count"), _pixel_accuracy_sums)
+
+
+def train_options(f, *, model, num_classes):
+    del num_classes
+    transfer.freeze(f, model)
+    return tasks.TrainOptions(step_kwargs=dict(per_example_loss=per_example_loss(f), metrics=TRAIN_METRICS))
 
 
 def _eval_loss(labels, outputs, teacher_outputs=None):
@@ -209,7 +228,8 @@ class Evaluator:
         return self._evaluate(dataset)
 
 
-def make_evaluator(strategy, model, class_names):
+def make_evaluator(f, strategy, model, class_names):
+    del f
     return Evaluator(strategy, model, class_names)
 
 
@@ -219,26 +239,22 @@ def make_evaluator(strategy, model, class_names):
 def evaluate_run(run, *, dataset=None, split=None, data_dir=None, batch_size=None):
     """Evaluates a segmentation run's model.keras on a split (default: the run's --eval_split), with the
     run's validation transform; returns (result for the JSON, one-line summary)."""
-    f = run_dir.run_flags(run, dataset=dataset, data_dir=data_dir, batch_size=batch_size)
-    split = split or run.flags["eval_split"] or "validation"
+    f, split = tasks.evaluation_flags(
+        run, split=split, default_split="validation", dataset=dataset, data_dir=data_dir,
+        batch_size=batch_size,
+    )
     with cli.setup_errors(f"--dataset={f.dataset}"):
         info = dataset_info(f, split)
-    if list(info.class_names) != list(run.class_names):
-        raise cli.SetupError(
-            f"{run.model_dir / run_dir.CLASSES_FILE} lists {len(run.class_names)} classes but --dataset="
-            f"{f.dataset!r} split {split!r} has {len(info.class_names)}: other classes."
-        )
+    tasks.check_same_classes(
+        run.class_names, info.class_names, expected_label=f"{run.model_dir / run_dir.CLASSES_FILE} lists",
+        found_label=f"--dataset={f.dataset!r} split {split!r} has", consequence=": other classes.",
+    )
     model = run_dir.load_model(run)
     evaluator = Evaluator(tf.distribute.get_strategy(), model, run.class_names)
     with cli.setup_errors(f"--dataset={f.dataset}"):
         batches = make_dataset(f, split=split, training=False)
-    try:
+    with tasks.bad_input("Evaluation"):
         result = evaluator(batches)
-    except tf.errors.InvalidArgumentError as error:
-        message = bad_input_message(error)  # the pipeline's check naming the file, or None: a bug
-        if message is None:
-            raise
-        raise cli.SetupError(f"Evaluation stopped by bad input data: {message}") from None
     result.update(
         evaluator.details,
         confusion=evaluator.confusion.tolist(),
@@ -291,8 +307,9 @@ class SegmentationServing(tf.Module):
         return {"class_map": class_map(self.model, image, self._size)}
 
 
-def serving_module(run, model):
-    module = SegmentationServing(model, class_names=run.class_names, size=eval_size(run_dir.run_flags(run)))
+def serving_module(run, model, *, top_k=None):
+    del top_k  # a class map has no top-k
+    module = SegmentationServing(model, class_names=run.class_names, size=eval_size(tasks.run_flags(run)))
     return module, {"serving_default": module.serve_bytes.get_concrete_function()}
 
 
@@ -314,15 +331,16 @@ def load_predictor(path):
         return (lambda encoded: serve(image_bytes=tf.constant(encoded))["class_map"].numpy()), names
     run = run_dir.read_run(path, task=NAME)
     model = run_dir.load_model(run)
-    size = eval_size(run_dir.run_flags(run))
+    size = eval_size(tasks.run_flags(run))
     predict = tf.function(lambda image: class_map(model, image, size))
     return (lambda encoded: predict(decode_image(encoded)).numpy()), run.class_names
 
 
-def predict_files(model_path, image_paths, output_dir, encoded_images):
+def predict_files(model_path, image_paths, output_dir, encoded_images, *, k=None):
     """Writes `<stem>_classes.png` (class ids as grey levels) and `<stem>_overlay.png` (the photo under
     the class colours) per image into `output_dir` (`<stem>_<position>` when two inputs share a stem);
-    returns one line per image to print."""
+    returns one line per image to print (`k` is the classifier's top-k; a class map has none)."""
+    del k
     predict, names = load_predictor(model_path)
     output_dir = pathlib.Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,291 @@
+"""Image classification as a task (the paper's subject): what `bot_keras.train` trains.
+
+The task contract is `bot_keras.tasks.Task`. Here: the trainer's flags (every trick of the paper is one flag,
+see the README's flag table: Section 3.1 linear scaling, warmup, zero-γ, no bias decay; 3.2 fp16; Section 4
+the model; Section 5 cosine decay, label smoothing, distillation, mixup); `data.make_dataset` with the
+Section 2.1 augmentation; `models.build_model`; the step's label-smoothed (and distilled, mixed-up) loss;
+top-1/top-5 evaluation; export's `ServingModule` and predict's top-k.
+"""
+
+import math
+import os
+
+import tensorflow as tf
+from absl import flags
+
+from bot_keras import cli, distribute, loop, run_dir, schedules, steps, tasks, trainer
+from bot_keras.data import Augmentation, SkippedFiles
+from bot_keras.data import dataset_info as data_info
+from bot_keras.data import make_dataset as data_pipeline
+from bot_keras.data.sources import parse_source
+from bot_keras.models import MODEL_NAMES, RESNET_NAMES
+from bot_keras.models import build_model as build_classifier
+from bot_keras.teacher import load_teacher, parse_teacher_spec
+
+NAME = tasks.CLASSIFICATION
+SCHEDULE_NAMES = schedules.SCHEDULE_NAMES
+CSV_COLUMNS = loop.CSV_COLUMNS
+
+
+def define_flags(fv):
+    """Defines the trainer's flags on the `absl.flags.FlagValues` `fv` (also what reads a run's flags.txt)."""
+    d = dict(flag_values=fv)
+    # --- what to train, on what ----------------------------------------------------------------------
+    flags.DEFINE_string("model", None, "Model name, e.g. resnet50_d (see bot_keras.models.MODEL_NAMES).", **d)
+    flags.DEFINE_string(
+        "dataset", None, "Data source: tfds:NAME[:VERSION], tfrecord:GLOB, folder:ROOT, synthetic.", **d
+    )
+    flags.DEFINE_string(
+        "data_dir", None, "TFDS data dir; relative folder:/tfrecord: paths resolve in it.", **d
+    )
+    flags.DEFINE_string(
+        "train_split", "train", "Split to train on (TFDS split or image-folder subdirectory).", **d
+    )
+    flags.DEFINE_string(
+        "eval_split", "validation", "Split evaluated at each epoch end; empty: no evaluation.", **d
+    )
+    flags.DEFINE_bool(
+        "skip_corrupt", False, "Skip undecodable image files (each reported) instead of failing.", **d
+    )
+    flags.DEFINE_integer(
+        "label_offset", None, "Subtracted from TFRecord labels (1 for TF's 1-based ImageNet shards).", **d
+    )
+    flags.DEFINE_integer("image_size", 224, "Training and evaluation resolution (pixels, square).", **d)
+    flags.DEFINE_bool(
+        "random_crop", True, "Random-resized crop, 8-100% of the area (Sec. 2.1); off: eval crop.", **d
+    )
+    flags.DEFINE_float(
+        "crop_min_area", 0.08, "Smallest area fraction of the random-resized crop (paper: 0.08).", **d
+    )
+    flags.DEFINE_bool("flip", True, "Random horizontal flip (Sec. 2.1).", **d)
+    flags.DEFINE_bool("color_jitter", True, "Brightness, saturation and contrast jitter (Sec. 2.1).", **d)
+    flags.DEFINE_bool("pca_lighting", True, "AlexNet-style PCA lighting noise (Sec. 2.1).", **d)
+    flags.DEFINE_float("dropout_rate", 0.0, "Dropout before the classifier.", **d)
+    flags.DEFINE_bool(
+        "zero_gamma", False, "Zero-initialise the last BN gamma of each residual block (Sec. 3.1).", **d
+    )
+    flags.DEFINE_bool("sync_bn", False, "Synchronise BatchNorm statistics across replicas.", **d)
+    # --- optimisation ----------------------------------------------------------------------------------
+    trainer.define_optimization_flags(
+        fv,
+        batch_size=256,
+        epochs=120,
+        base_lr=0.1,
+        lr_schedule="step",
+        schedule_names=schedules.SCHEDULE_NAMES,
+    )
+    flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing epsilon (Sec. 5.2).", **d)
+    flags.DEFINE_float("mixup_alpha", 0.0, "Mixup Beta(alpha, alpha); 0 turns mixup off (Sec. 5.4).", **d)
+    flags.DEFINE_integer("mixup_off_epochs", 0, "Train the last N epochs without mixup.", **d)
+    flags.DEFINE_string(
+        "teacher",
+        "",
+        "Distillation teacher: a .keras file, a SavedModel dir, or NAME:WEIGHTS (Sec. 5.3).",
+        **d,
+    )
+    flags.DEFINE_float("distill_temperature", 20.0, "Distillation temperature T (Sec. 5.3).", **d)
+    flags.DEFINE_float(
+        "distill_hard_weight", None, "Weight w of the hard loss, (w, 1-w) form; unset: the paper's 1:1.", **d
+    )
+    # --- machinery -------------------------------------------------------------------------------------
+    trainer.define_machinery_flags(fv)
+
+
+def flag_problems(f):
+    """Messages for the bad values among the classifier's own flags (the command adds the machinery's)."""
+    problems = []
+
+    def need(condition, message):
+        if not condition:
+            problems.append(message)
+
+    for name in ("model", "dataset", "model_dir"):
+        need(getattr(f, name), f"--{name} is required.")
+    need(
+        not f.model or f.model in MODEL_NAMES,
+        f"--model={f.model!r} is unknown; known: {', '.join(MODEL_NAMES)}.",
+    )
+    if f.dataset:
+        try:
+            parse_source(f.dataset)
+        except ValueError as error:
+            problems.append(f"--dataset: {error}")
+    need(
+        not (f.zero_gamma and f.model in MODEL_NAMES and f.model not in RESNET_NAMES),
+        f"--zero_gamma applies to residual networks only (Section 3.1); --model={f.model!r} has no "
+        "residual blocks.",
+    )
+    need(f.image_size >= 16, f"--image_size={f.image_size} is too small (at least 16).")
+    need(0 < f.crop_min_area <= 1, f"--crop_min_area={f.crop_min_area} must be in (0, 1].")
+    need(0 <= f.dropout_rate < 1, f"--dropout_rate={f.dropout_rate} must be in [0, 1).")
+    need(0 <= f.label_smoothing < 1, f"--label_smoothing={f.label_smoothing} must be in [0, 1).")
+    need(f.mixup_alpha >= 0, f"--mixup_alpha={f.mixup_alpha} must be >= 0 (0 turns mixup off).")
+    need(f.mixup_off_epochs >= 0, f"--mixup_off_epochs={f.mixup_off_epochs} must be >= 0.")
+    need(
+        not f.mixup_off_epochs or f.mixup_alpha > 0,
+        f"--mixup_off_epochs={f.mixup_off_epochs} needs mixup on (--mixup_alpha > 0, got {f.mixup_alpha}).",
+    )
+    need(
+        f.mixup_off_epochs < f.epochs or not f.mixup_alpha,
+        f"--mixup_off_epochs={f.mixup_off_epochs} leaves no mixup epoch out of --epochs={f.epochs}.",
+    )
+    need(f.distill_temperature > 0, f"--distill_temperature={f.distill_temperature} must be positive.")
+    need(
+        f.distill_hard_weight is None or 0 <= f.distill_hard_weight <= 1,
+        f"--distill_hard_weight={f.distill_hard_weight} must be in [0, 1].",
+    )
+    need(
+        f.distill_hard_weight is None or f.teacher,
+        f"--distill_hard_weight={f.distill_hard_weight} is set but there is no --teacher.",
+    )
+    if f.teacher:
+        name, path = parse_teacher_spec(f.teacher)
+        if name is not None:  # NAME:WEIGHTS
+            need(os.path.exists(path), f"--teacher={f.teacher!r}: no weights file {path!r}.")
+        else:
+            need(os.path.exists(path), f"--teacher={f.teacher!r}: no such file or directory.")
+    return problems
+
+
+# --- data, model, loss, metrics (the training driver's) ----------------------------------------------------
+
+
+def _source(f, skip_corrupt=None):
+    """Every read of the source names the same directory, label offset and corrupt-file policy."""
+    return dict(
+        data_dir=f.data_dir,
+        label_offset=f.label_offset,
+        skip_corrupt=f.skip_corrupt if skip_corrupt is None else skip_corrupt,
+    )
+
+
+def dataset_info(f, split):
+    return data_info(f.dataset, split=split, **_source(f))
+
+
+def make_dataset(f, *, split, training, input_context=None, batch_size=None, skipped_files=None):
+    """Training: the Section 2.1 augmentation of the flags; evaluation: the centre crop."""
+    return data_pipeline(
+        f.dataset,
+        split=split,
+        image_size=f.image_size,
+        global_batch_size=batch_size or f.batch_size,
+        training=training,
+        input_context=input_context,
+        seed=f.seed if training else None,
+        augmentation=Augmentation(
+            random_crop=f.random_crop,
+            crop_area_range=(f.crop_min_area, 1.0),
+            flip=f.flip,
+            color_jitter=f.color_jitter,
+            pca_lighting=f.pca_lighting,
+        )
+        if training
+        else None,
+        skipped_files=skipped_files,
+        **_source(f),
+    )
+
+
+def initial_weights(f):
+    del f
+    return None  # a classifier trains from scratch (its initialisation: --zero_gamma, Section 3.1)
+
+
+def build_model(f, *, num_classes, weights_from=None):
+    del weights_from
+    return build_classifier(
+        f.model,
+        num_classes=num_classes,
+        input_shape=(f.image_size, f.image_size, 3),
+        zero_gamma=f.zero_gamma,
+        dropout_rate=f.dropout_rate,
+    )
+
+
+def train_options(f, *, model, num_classes):
+    """Synchronised BatchNorm (--sync_bn), the distillation teacher (Section 5.3), the label-smoothed and
+    distilled loss (5.2, 5.3) and mixup (5.4) for all but the last --mixup_off_epochs epochs."""
+    distribute.set_synchronized_batch_norm(model, f.sync_bn)
+    teacher = (
+        load_teacher(f.teacher, num_classes=num_classes, image_size=f.image_size) if f.teacher else None
+    )
+    per_example_loss = steps.make_per_example_loss(
+        label_smoothing=f.label_smoothing,
+        temperature=f.distill_temperature,
+        hard_weight=f.distill_hard_weight,
+    )
+    return tasks.TrainOptions(
+        step_kwargs=dict(per_example_loss=per_example_loss, teacher=teacher, mixup_alpha=f.mixup_alpha),
+        mixup_epochs=int(math.ceil(f.epochs)) - f.mixup_off_epochs if f.mixup_alpha else 0,
+    )
+
+
+def make_evaluator(f, strategy, model, class_names):
+    del class_names
+    return steps.make_eval_function(strategy, model, jit_compile=f.jit_compile)
+
+
+def final_model(f, model, *, num_classes):
+    """The student alone (no teacher, no optimizer) with per-replica BatchNorm; a mixed-precision model is
+    saved as trained (readers rebuild it in float32, `run_dir.float32_rebuild`)."""
+    del f, num_classes
+    distribute.set_synchronized_batch_norm(model, False)
+    return model
+
+
+# --- bot_keras.evaluate, export and predict ---------------------------------------------------------------
+
+
+def evaluate_run(run, *, dataset=None, split=None, data_dir=None, image_size=None, batch_size=None,
+                 skip_corrupt=None):
+    """Top-1 / top-5 of the run's model on a split (default: the run's --eval_split) with the evaluation
+    transform the trainer uses; unset arguments come from the run's flags.txt, so the same shards are read
+    with the same labels and corrupt-file policy. Returns (result for the JSON, one-line summary)."""
+    f, split = tasks.evaluation_flags(
+        run, split=split, dataset=dataset, data_dir=data_dir, image_size=image_size, batch_size=batch_size,
+        skip_corrupt=skip_corrupt,
+    )
+    skipped_files = SkippedFiles()
+    with cli.setup_errors(f"--dataset={f.dataset}"):
+        info = dataset_info(f, split)
+    tasks.check_same_classes(
+        run.class_names, info.class_names,
+        expected_label=f"{run.model_dir / 'classes.txt'} lists", found_label=f"--dataset={f.dataset!r} split "
+        f"{split!r} has", consequence="; the model was trained on other classes.",
+    )
+    model = run_dir.load_model(run)
+    with cli.setup_errors(f"--dataset={f.dataset}"):
+        batches = make_dataset(f, split=split, training=False, skipped_files=skipped_files)
+    with tasks.bad_input("Evaluation"):
+        result = steps.make_eval_function(tf.distribute.get_strategy(), model)(batches)
+    result.update(split=split, dataset=f.dataset, image_size=int(f.image_size), model=str(run.model_path))
+    if f.skip_corrupt:
+        result["skipped_files"] = skipped_files.count()
+    line = (
+        f"{result['dataset']} {result['split']} ({result['count']} images): "
+        f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%"
+    )
+    if "skipped_files" in result:
+        count = result["skipped_files"]
+        line += f"\nSkipped {count} distinct undecodable file{'' if count == 1 else 's'} (--skip_corrupt)."
+    return result, line
+
+
+def serving_module(run, model, *, top_k):
+    """`export.ServingModule`: `serving_default` (image bytes) and `serving_images` (uint8 pixels)."""
+    from bot_keras.export import ServingModule  # the serving graph lives with the export command's docs
+
+    module = ServingModule(model, class_names=run.class_names, image_size=run.image_size, top_k=top_k)
+    return module, {
+        "serving_default": module.serve_bytes.get_concrete_function(),
+        "serving_images": module.serve_images.get_concrete_function(),
+    }
+
+
+def predict_files(model_path, image_paths, output_dir, encoded_images, *, k=5):
+    """The top-k classes of each image (`predict.format_predictions`); writes no files."""
+    del output_dir, encoded_images
+    from bot_keras import predict  # the classifier's loaders (SavedModel, .keras file, run) live there
+
+    return [predict.format_predictions(predict.predict(model_path, image_paths, k=k))]

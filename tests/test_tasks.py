@@ -1,0 +1,161 @@
+"""tasks.py: the one Task interface, its lazy registry, and the contract every task keeps.
+
+The contract test trains each task for one step through `bot_keras.finetune --task=T` (the one driver,
+`trainer.run`, which `bot_keras.train` calls too), evaluates, exports, serves the export in a fresh
+process (`python -m bot_keras.predict`) and predicts from the run through the registry, and checks that
+both predictions agree. The keras-hub test runs a process in which `import keras_hub` fails.
+"""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import keras
+import pytest
+from test_finetune import base_args, write_scenes
+from tiny_detection import write_rectangles_voc
+
+from bot_keras import evaluate, export, finetune, predict, tasks
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# A site directory whose sitecustomize makes `import keras_hub` fail, as on an install without the extra.
+BLOCK_KERAS_HUB = 'import sys\nsys.modules["keras_hub"] = None\n'
+
+
+def _env(*, without_keras_hub=False, tmp_path=None):
+    """The environment a user runs a command in (bot_keras quiets TensorFlow's start-up lines itself)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")}
+    path = [str(REPO)]
+    if without_keras_hub:
+        site = tmp_path / "no_keras_hub"
+        site.mkdir(exist_ok=True)
+        (site / "sitecustomize.py").write_text(BLOCK_KERAS_HUB)
+        path.insert(0, str(site))
+    return dict(env, PYTHONPATH=os.pathsep.join(path), CUDA_VISIBLE_DEVICES="")
+
+
+def test_every_task_module_provides_the_interface():
+    # The Protocol's operations and attributes, read from the class (so a new one cannot be forgotten).
+    names = [n for n in vars(tasks.Task) if not n.startswith("_")] + list(tasks.Task.__annotations__)
+    assert {"define_flags", "make_dataset", "build_model", "evaluate_run", "serving_module"} <= set(names)
+    for name in tasks.TASKS:
+        module = tasks.task_module(name)
+        assert module.NAME == name
+        missing = [n for n in names if not hasattr(module, n)]
+        assert not missing, f"{tasks.TASK_MODULES[name]} lacks {missing}"
+    with pytest.raises(ValueError, match=r"--task='regression' is not one of segmentation, detection"):
+        tasks.task_module("regression")
+
+
+def test_readers_import_no_command_and_no_keras_hub():
+    # A fresh process: importing the readers pulls in neither a training command nor keras-hub.
+    code = (
+        "import sys\n"
+        "import bot_keras.evaluate, bot_keras.export, bot_keras.predict, bot_keras.run_dir\n"
+        "print(sorted(m for m in ('bot_keras.train', 'bot_keras.finetune', 'bot_keras.trainer', 'keras_hub',"
+        " 'bot_keras.detection.task') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def _task_args(task, tmp_path):
+    """(command line, eval image count, an image to predict) of a one-step run of `task`."""
+    common = ["--max_steps=1", "--steps_per_epoch=2", "--verbose=0", f"--model_dir={tmp_path / 'run'}"]
+    if task == "classification":
+        scenes = write_scenes(tmp_path / "scenes")
+        args = ["--task=classification", "--model=resnet18_d", "--dataset=synthetic:20", "--image_size=32",
+                "--batch_size=4", "--epochs=1", "--base_lr=0.1"]
+        return args + common, 10, scenes / "val" / "images" / "0.png"  # synthetic: at least 10 validation
+    if task == "segmentation":
+        scenes = write_scenes(tmp_path / "scenes")
+        args = [a for a in base_args(scenes, tmp_path / "run") if not a.startswith("--model_dir")]
+        return args + common, 3, scenes / "val" / "images" / "0.png"
+    root = write_rectangles_voc(tmp_path / "voc", {"train": 4, "val": 2})
+    args = ["--task=detection", f"--dataset=voc:{root}", "--backbone=resnet18_d", "--crop_size=64",
+            "--batch_size=4", "--eval_split=val", "--detection_scale_range=1,1"]
+    return args + common, 2, pathlib.Path(root) / "JPEGImages" / "val000.png"
+
+
+@pytest.mark.slow  # a fresh serving process per task
+@pytest.mark.parametrize("task", ["classification", "segmentation", "detection"])
+def test_task_contract_train_evaluate_export_serve_predict(task, tmp_path):
+    argv, eval_count, image = _task_args(task, tmp_path)
+    run = tmp_path / "run"
+    keras.utils.set_random_seed(0)
+    finetune.main(["finetune"], finetune.parse_flags(argv))  # the driver every training command uses
+    keras.backend.clear_session()
+    assert json.loads((run / "run.json").read_text()) == {"task": task}
+    recorded = (run / "flags.txt").read_text()
+    assert recorded.startswith(f"--task={task}\n")
+    # A run defines and records only its own task's flags.
+    own = {"classification": "--model=", "segmentation": "--head=", "detection": "--max_detections="}
+    for other, flag in own.items():
+        assert (flag in recorded) == (other == task), (other, recorded)
+    metrics = json.loads((run / "final_metrics.json").read_text())
+    assert metrics["step"] == 1
+
+    result, line = evaluate.evaluate_task_run(run, task)
+    assert result["count"] == eval_count, result
+    assert f"({eval_count} images)" in line
+
+    served = export.export(run, tmp_path / "served")
+    assert predict.model_task(served) == predict.model_task(run) == task
+
+    # The export in a fresh process, through the command line ...
+    out = subprocess.run(
+        [sys.executable, "-m", "bot_keras.predict", f"--model={served}", "--top_k=2",
+         f"--output_dir={tmp_path / 'predicted'}", str(image)],
+        env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    # ... and the run in this one, through the registry: the same lines (files written to the same place).
+    lines = tasks.task_module(task).predict_files(
+        run, [str(image)], tmp_path / "predicted", predict.read_images([str(image)]), k=2
+    )
+    expected = "\n".join(lines).strip().splitlines()
+    assert out.stdout.strip().splitlines()[-len(expected):] == expected
+    assert expected[0].startswith(str(image))
+
+
+@pytest.mark.slow  # three fresh processes
+def test_fcn_segmentation_trains_evaluates_exports_and_predicts_without_keras_hub(tmp_path):
+    scenes = write_scenes(tmp_path / "scenes")
+    run, env = tmp_path / "run", _env(without_keras_hub=True, tmp_path=tmp_path)
+    args = [*base_args(scenes, run), "--max_steps=1", "--steps_per_epoch=2"]
+    image = scenes / "val" / "images" / "0.png"
+    script = (
+        "import sys\n"
+        "from bot_keras import cli, evaluate, export, finetune, predict\n"
+        f"finetune.main(['finetune'], finetune.parse_flags({args!r}))\n"
+        f"cli.call(evaluate.main, evaluate.define_flags, ['--model_dir={run}'], command='evaluate')\n"
+        f"cli.call(export.main, export.define_flags, ['--model_dir={run}', "
+        f"'--export_dir={tmp_path / 'served'}'], command='export')\n"
+        f"cli.call(predict.main, predict.define_flags, ['--model={tmp_path / 'served'}', "
+        f"'--output_dir={tmp_path / 'out'}', '{image}'], command='predict')\n"
+        "assert sys.modules['keras_hub'] is None\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"val \(3 images\): pixel accuracy [\d.]+%  mIoU", done.stdout), done.stdout
+    assert (tmp_path / "out" / "0_classes.png").is_file() and (run / "eval_val.json").is_file()
+
+    # Detection and DeepLabV3 need the extra: one line naming it, exit 2.
+    for extra in (["--task=detection", "--backbone=resnet18_d"], ["--head=deeplabv3", "--aux_loss_weight=0"]):
+        command = [*(base_args(scenes, tmp_path / "other") if "--head=deeplabv3" in extra else []), *extra]
+        if "--task=detection" in extra:
+            command += [f"--dataset=voc:{tmp_path}", f"--model_dir={tmp_path / 'other'}"]
+        refused = subprocess.run([sys.executable, "-m", "bot_keras.finetune", *command], env=env,
+                                 capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.strip().count("\n") == 0, refused.stderr
+        assert "pip install 'bot-keras[transfer]'" in refused.stderr and "keras-hub" in refused.stderr
+

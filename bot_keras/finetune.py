@@ -31,7 +31,15 @@ def define_flags(fv, task=None):
     if task is None:
         trainer.define_machinery_flags(fv)
         return
-    task_module(task).define_flags(fv)
+    module = task_module(task)
+    module.define_flags(fv)
+    # A task trained from scratch by its own command (classification) states its fine-tuning defaults and
+    # the fine-tuning name of its flags (--backbone for --model); flags.txt records the flags themselves.
+    for name, value in getattr(module, "FINETUNE_DEFAULTS", {}).items():
+        fv[name].default = value
+        fv[name].value = value
+    for alias, name in getattr(module, "FINETUNE_ALIASES", {}).items():
+        flags.DEFINE_alias(alias, name, flag_values=fv)
 
 
 def task_of(argv):
@@ -81,7 +89,8 @@ def contract_flags(task):
     """Every flag a run of `task` records, in definition order (--task first)."""
     scratch = flags.FlagValues()
     define_flags(scratch, task)
-    return tuple(scratch)
+    aliases = getattr(task_module(task), "FINETUNE_ALIASES", {})
+    return tuple(name for name in scratch if name not in aliases)
 
 
 def resolved_flags_text(f):

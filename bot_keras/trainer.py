@@ -34,6 +34,7 @@ from absl import flags, logging
 from bot_keras import cli, distribute, loop, optimizers, run_dir, schedules, steps, tasks
 from bot_keras.data import SkippedFiles
 from bot_keras.data.errors import bad_input_message
+from bot_keras.models.resnet import BACKBONE_VARIABLE_PATTERN
 
 
 def define_optimization_flags(fv, *, batch_size, epochs, base_lr, lr_schedule, schedule_names):
@@ -245,6 +246,13 @@ def lr_schedule(f, *, steps_per_epoch):
         )
 
 
+def backbone_lr_multipliers(f):
+    """`--backbone_lr_mult` as the optimizer's (pattern, factor) pairs: the backbone's variables step with
+    the head's learning rate times the factor (none when the flag is 1 or the task has no such flag)."""
+    factor = getattr(f, "backbone_lr_mult", 1.0)
+    return () if factor == 1.0 else ((BACKBONE_VARIABLE_PATTERN, factor),)
+
+
 def build_optimizer(f, *, steps_per_epoch, variables):
     """The schedule and optimizer of the flags (Sections 3.1, 5.1), built for `variables`, plus the step
     counter; call inside `strategy.scope()`. Returns (optimizer, step_var)."""
@@ -255,6 +263,7 @@ def build_optimizer(f, *, steps_per_epoch, variables):
         weight_decay=weight_decay(f),
         weight_decay_mode=f.weight_decay_mode,
         no_bias_decay=f.no_bias_decay,
+        lr_multipliers=backbone_lr_multipliers(f),
     )
     if distribute.needs_loss_scaling(f.precision):
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)

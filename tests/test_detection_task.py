@@ -19,7 +19,7 @@ from bot_keras import run_dir as runs
 from bot_keras.detection import loss as detection_loss
 from bot_keras.detection import model as detection_model
 from bot_keras.detection import task
-from bot_keras.models.backbone import freeze_backbone
+from bot_keras.models.resnet import freeze_backbone
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -194,7 +194,7 @@ from bot_keras import steps
 from bot_keras.detection import loss as detection_loss
 from bot_keras.detection import model as detection_model
 from bot_keras.detection import task
-from bot_keras.models.backbone import freeze_backbone
+from bot_keras.models.resnet import freeze_backbone
 
 SIZE, BATCH = 64, 2
 images = tf.random.stateless_uniform([BATCH, SIZE, SIZE, 3], [0, 1], -1.0, 1.0)

@@ -23,7 +23,7 @@ from tiny_run import make_run
 
 from bot_keras import cli, evaluate, export, finetune, predict, run_dir, train
 from bot_keras.data.augment import MEAN_RGB, STD_RGB
-from bot_keras.models.backbone import freeze_backbone
+from bot_keras.models.resnet import freeze_backbone
 from bot_keras.segmentation import heads
 from bot_keras.segmentation import task as segmentation
 

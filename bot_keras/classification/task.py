@@ -13,7 +13,7 @@ import os
 import tensorflow as tf
 from absl import flags
 
-from bot_keras import cli, distribute, loop, run_dir, schedules, steps, tasks, trainer
+from bot_keras import cli, distribute, loop, run_dir, schedules, steps, tasks, trainer, transfer
 from bot_keras.data import Augmentation, SkippedFiles
 from bot_keras.data import dataset_info as data_info
 from bot_keras.data import make_dataset as data_pipeline
@@ -65,6 +65,12 @@ def define_flags(fv):
         "zero_gamma", False, "Zero-initialise the last BN gamma of each residual block (Sec. 3.1).", **d
     )
     flags.DEFINE_bool("sync_bn", False, "Synchronise BatchNorm statistics across replicas.", **d)
+    # --- fine-tuning: a pretrained start (ResNets) -----------------------------------------------------
+    transfer.define_backbone_flags(fv)
+    flags.DEFINE_bool(
+        "new_head", False, "With --backbone_weights of a classifier with as many classes as the data: start "
+        "a new head anyway (the head is always new when the class counts differ).", **d
+    )
     # --- optimisation ----------------------------------------------------------------------------------
     trainer.define_optimization_flags(
         fv,
@@ -91,6 +97,14 @@ def define_flags(fv):
     trainer.define_machinery_flags(fv)
 
 
+# `bot_keras.finetune --task=classification`'s defaults where they differ from training from scratch: a
+# pretrained backbone needs a tenth of the from-scratch learning rate (0.01 per 256 images, 0.0025 at batch
+# 64), a short warmup (the new head's first large gradients reach a trained backbone), cosine decay, and
+# far fewer epochs; --backbone is the fine-tuning commands' name for --model.
+FINETUNE_DEFAULTS = dict(batch_size=64, epochs=30, base_lr=0.01, lr_schedule="cosine", warmup_epochs=1.0)
+FINETUNE_ALIASES = {"backbone": "model"}
+
+
 def flag_problems(f):
     """Messages for the bad values among the classifier's own flags (the command adds the machinery's)."""
     problems = []
@@ -115,6 +129,13 @@ def flag_problems(f):
         f"--zero_gamma applies to residual networks only (Section 3.1); --model={f.model!r} has no "
         "residual blocks.",
     )
+    pretrained = f.backbone_weights or f.freeze_stages or f.freeze_bn or f.backbone_lr_mult != 1.0
+    need(
+        not (pretrained and f.model in MODEL_NAMES and f.model not in RESNET_NAMES),
+        f"--backbone_weights, --freeze_stages, --freeze_bn and --backbone_lr_mult need a ResNet --model; "
+        f"--model={f.model!r} is not one.",
+    )
+    problems.extend(transfer.backbone_flag_problems(f, f.model))
     need(f.image_size >= 16, f"--image_size={f.image_size} is too small (at least 16).")
     need(0 < f.crop_min_area <= 1, f"--crop_min_area={f.crop_min_area} must be in (0, 1].")
     need(0 <= f.dropout_rate < 1, f"--dropout_rate={f.dropout_rate} must be in [0, 1).")
@@ -188,25 +209,32 @@ def make_dataset(f, *, split, training, input_context=None, batch_size=None, ski
 
 
 def initial_weights(f):
-    del f
-    return None  # a classifier trains from scratch (its initialisation: --zero_gamma, Section 3.1)
+    """The model of --backbone_weights (`transfer.load_backbone_weights`), or None: from scratch (the
+    initialisation of --zero_gamma, Section 3.1)."""
+    return transfer.load_backbone_weights(f.backbone_weights, f.model)
 
 
 def build_model(f, *, num_classes, weights_from=None):
-    del weights_from
-    return build_classifier(
+    """The classifier of --model; with `weights_from`, its backbone (and head, when the source's has
+    `num_classes` outputs and --new_head is off) copied in."""
+    model = build_classifier(
         f.model,
         num_classes=num_classes,
         input_shape=(f.image_size, f.image_size, 3),
         zero_gamma=f.zero_gamma,
         dropout_rate=f.dropout_rate,
     )
+    if weights_from is not None:
+        keep_head = transfer.keeps_head(weights_from, num_classes, new_head=f.new_head)
+        transfer.copy_pretrained(model, weights_from, spec=f.backbone_weights, keep_head=keep_head)
+    return model
 
 
 def train_options(f, *, model, num_classes):
     """Synchronised BatchNorm (--sync_bn), the distillation teacher (Section 5.3), the label-smoothed and
     distilled loss (5.2, 5.3) and mixup (5.4) for all but the last --mixup_off_epochs epochs."""
     distribute.set_synchronized_batch_norm(model, f.sync_bn)
+    transfer.freeze(f, model)  # --freeze_stages, --freeze_bn, --backbone_lr_mult=0
     teacher = (
         load_teacher(f.teacher, num_classes=num_classes, image_size=f.image_size) if f.teacher else None
     )

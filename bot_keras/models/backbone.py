@@ -65,27 +65,3 @@ class ResNetBackbone(_Base):
         if isinstance(config.get("dtype"), dict):
             config["dtype"] = keras.dtype_policies.deserialize(config["dtype"])
         return cls(**config)
-
-
-def freeze_backbone(model, *, stages=0, batch_norm=False):
-    """Freezes part of the ResNet inside `model` (a backbone, or a task built on one) for fine-tuning.
-
-    `stages` = N ≥ 1 freezes the stem and stages 1..N (Detectron's FREEZE_AT = N + 1; GluonCV's Faster-RCNN
-    freezes the stem and stage 1, N = 1); `batch_norm` freezes every BatchNorm of the backbone (scale, shift
-    and statistics: Keras runs a non-trainable BatchNorm in inference mode), as detection fine-tuning with
-    small per-device batches does. Layers are found, also inside nested models (a keras-hub task's
-    backbone), by the names `resnet_features` gives them (`stem_*`, `stage{n}_*`); heads are never touched.
-    Returns the number of layers frozen.
-    """
-    if not 0 <= stages <= 4:
-        raise ValueError(f"stages must be in [0, 4], got {stages!r}")
-    frozen_prefixes = ("stem_", *(f"stage{n}_" for n in range(1, stages + 1))) if stages else None
-    count = 0
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if not layer.weights or not layer.name.startswith(("stem_", "stage")):
-            continue
-        in_frozen_stage = frozen_prefixes is not None and layer.name.startswith(frozen_prefixes)
-        if in_frozen_stage or (batch_norm and isinstance(layer, keras.layers.BatchNormalization)):
-            layer.trainable = False
-            count += 1
-    return count

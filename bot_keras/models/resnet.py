@@ -47,6 +47,9 @@ BOTTLENECK_EXPANSION = 4
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 OUTPUT_STRIDES = (8, 16, 32)
+# A backbone variable's path (`resnet50_d/stage1_block0_conv1/kernel`, also inside a task model): the stem_*
+# and stage{n}_* layers below; the classifier head (`logits`) and task heads do not match.
+BACKBONE_VARIABLE_PATTERN = r"(?:^|/)(?:stem_|stage\d+_)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,3 +272,27 @@ def resnet_features(inputs, depth, *, tweaks=Tweaks(), output_stride=32, zero_ga
             )
         features[stage] = x
     return features
+
+
+def freeze_backbone(model, *, stages=0, batch_norm=False):
+    """Freezes part of the ResNet inside `model` (a backbone, or a task built on one) for fine-tuning.
+
+    `stages` = N ≥ 1 freezes the stem and stages 1..N (Detectron's FREEZE_AT = N + 1; GluonCV's Faster-RCNN
+    freezes the stem and stage 1, N = 1); `batch_norm` freezes every BatchNorm of the backbone (scale, shift
+    and statistics: Keras runs a non-trainable BatchNorm in inference mode), as detection fine-tuning with
+    small per-device batches does. Layers are found, also inside nested models (a keras-hub task's
+    backbone), by the names `resnet_features` gives them (`stem_*`, `stage{n}_*`); heads are never touched.
+    Returns the number of layers frozen.
+    """
+    if not 0 <= stages <= 4:
+        raise ValueError(f"stages must be in [0, 4], got {stages!r}")
+    frozen_prefixes = ("stem_", *(f"stage{n}_" for n in range(1, stages + 1))) if stages else None
+    count = 0
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if not layer.weights or not layer.name.startswith(("stem_", "stage")):
+            continue
+        in_frozen_stage = frozen_prefixes is not None and layer.name.startswith(frozen_prefixes)
+        if in_frozen_stage or (batch_norm and isinstance(layer, keras.layers.BatchNormalization)):
+            layer.trainable = False
+            count += 1
+    return count

@@ -44,6 +44,13 @@ def define_flags(fv):
         "backbone", None, f"ResNet backbone, e.g. resnet50_d ({', '.join(RESNET_NAMES[:4])}, ...).", **d
     )
     define_backbone_flags(fv)
+    flags.DEFINE_integer(
+        "output_stride",
+        0,
+        "Backbone output stride 8 | 16 | 32 (dilated last stages); 0: the "
+        "task's default (segmentation 8, detection 32).",
+        **d,
+    )
     flags.DEFINE_integer("crop_size", 480, "Training crop (pixels, square); the model's input size.", **d)
     # --- optimisation and machinery (the classifier's flags; fine-tuning defaults) ----------------------
     trainer.define_optimization_flags(

@@ -17,7 +17,8 @@ from bot_keras.models.applications import APPLICATIONS
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ALL_RECIPES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.flags"))
-TRANSFER_RECIPES = [r for r in ALL_RECIPES if r.startswith("configs/transfer/")]
+# bot_keras.finetune's: transfer to other tasks, and classifiers fine-tuned from pretrained weights.
+TRANSFER_RECIPES = [r for r in ALL_RECIPES if r.startswith(("configs/transfer/", "configs/finetune/"))]
 RECIPES = [r for r in ALL_RECIPES if r not in TRANSFER_RECIPES]  # bot_keras.train's
 
 
@@ -150,7 +151,9 @@ def test_transfer_recipe_header_states_command_hardware_and_result(recipe):
 def test_transfer_recipe_parses_and_validates(monkeypatch, tmp_path, recipe):
     monkeypatch.chdir(ROOT)
     f = parse_finetune(f"--flagfile={recipe}")
-    assert f.model_dir is None and not f.resume and not f.backbone_weights, (
+    # The command line chooses the run directory and a local run's weights; a hub name may be the recipe.
+    local_weights = f.backbone_weights and not f.backbone_weights.startswith(("timm:", "kerashub:"))
+    assert f.model_dir is None and not f.resume and not local_weights, (
         f"{recipe}: the command line chooses the run directory and the backbone weights"
     )
     f.model_dir = str(tmp_path / "run")

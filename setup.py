@@ -46,6 +46,8 @@ EXTRAS = {
     # Only COCO mAP@[.5:.95] (bot_keras/detection/metrics.py, for `coco:` data) needs the reference
     # implementation; VOC mAP is ours, and the import is lazy, so detection on VOC runs without it.
     "coco": ["pycocotools>=2.0.8,<3"],
+    # Only --backbone_weights=timm:NAME downloads through it (bot_keras/models/timm_weights.py, lazily).
+    "hub": ["huggingface_hub>=0.20"],
     "lint": ["ruff>=0.6"],
     # Only tools/ablation.py's accuracy plot (PNG) uses it; training never does (docs/training.md, Ablations).
     "tools": ["matplotlib>=3.8"],

@@ -84,9 +84,10 @@ def refresh(text):
 
 
 def _cli_modules():
-    """Every bot_keras and tools/ module that defines command-line flags (by its `def define_flags(`)."""
+    """Every bot_keras and tools/ module that defines command-line flags (by its module-level
+    `def define_flags(`; the task Protocol's method of that name in tasks.py is not one)."""
     for path in sorted((ROOT / "bot_keras").rglob("*.py")) + sorted((ROOT / "tools").glob("*.py")):
-        if "def define_flags(" in path.read_text():
+        if re.search(r"^def define_flags\(", path.read_text(), re.MULTILINE):
             yield ".".join(path.relative_to(ROOT).with_suffix("").parts)
 
 

@@ -19,6 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 ablation = load_tool("ablation")
 
 BASE = "configs/cifar10/ablation_base.flags"
+CAMVID = "configs/transfer/camvid_fcn_resnet18_d.flags"
 
 
 # --- rows ------------------------------------------------------------------------------------------------
@@ -109,23 +110,36 @@ def test_rows_are_validated_with_the_trainer_flags_before_training(monkeypatch, 
     assert "row 'base'" not in text
 
 
+def test_the_table6_rows_and_transfers_validate(monkeypatch, tmp_path):
+    """configs/cifar10/table6_rows.txt as its header runs it: two seeds, CamVid on every row, raccoon on
+    the first and last."""
+    monkeypatch.chdir(ROOT)
+    texts, labels = ablation.read_spec_lines("configs/cifar10/table6_rows.txt")
+    rows = ablation.parse_rows(texts, where=labels)
+    assert [row.name for row in rows] == [
+        "efficient (Sec. 3)", "+ cosine (Sec. 5.1)", "+ label smoothing (Sec. 5.2)", "+ mixup (Sec. 5.4)"]
+    raccoon = "configs/transfer/raccoon_retinanet_resnet18_d.flags@0,-1"
+    transfers = [ablation.parse_transfer(CAMVID, num_rows=4), ablation.parse_transfer(raccoon, num_rows=4)]
+    jobs = ablation.plan_jobs(rows, [0, 1], transfers, base=BASE, common=["--dataset=folder:/data/cifar10"],
+                              epochs=12, out_dir=str(tmp_path))
+    assert len(jobs) == 8 + 8 + 4
+    ablation.validate_jobs(jobs, rows, {job.key: "new" for job in jobs})
+
+
 def run_ablation(argv):
     return cli.call(
         ablation.main, ablation.define_flags, argv, command=ablation.COMMAND, required=ablation.REQUIRED
     )
 
 
-CAMVID = "configs/transfer/camvid_fcn_resnet18_d.flags"
-
-
-def test_seeds_and_transfers_are_parsed_with_their_errors_named():
+def test_seeds_and_transfers_are_parsed_with_their_errors_named(monkeypatch):
     assert ablation.parse_seeds([]) == [None]
     assert ablation.parse_seeds(["0", "1", "7"]) == [0, 1, 7]
     with pytest.raises(ablation.SpecError, match=r"--seeds='0,x' is not a comma-separated list"):
         ablation.parse_seeds(["0", "x"])
     with pytest.raises(ablation.SpecError, match=r"--seeds='1,1' repeats a seed"):
         ablation.parse_seeds(["1", "1"])
-    os.chdir(ROOT)
+    monkeypatch.chdir(ROOT)
     every = ablation.parse_transfer(CAMVID, num_rows=3)
     assert (every.name, every.rows, every.flags, every.task) == (
         "camvid_fcn_resnet18_d", (0, 1, 2), (), "segmentation")

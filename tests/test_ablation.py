@@ -383,6 +383,16 @@ def test_two_seeds_a_transfer_and_a_killed_run_resumed(monkeypatch, tmp_path, ca
     table = (out / "ablation.md").read_text()
     assert "| a | 1 | failed (exit -9, see seed1/00_a.log) |  |  |  | skipped |  |" in table
 
+    def no_training(command, **_):
+        raise AssertionError(f"--no_train started {command}")
+
+    monkeypatch.setattr(ablation, "run_command", no_training)
+    assert run_ablation([*argv[:-4], "--no_train", *argv[-4:]]) == 0  # a report of the unfinished ablation
+    table = (out / "ablation.md").read_text()
+    assert "| a | 1 | pending (1 epoch logged) |  |  |  | pending |  |" in table
+    seed0 = 100 * json.loads((out / "seed0" / "00_a" / "final_metrics.json").read_text())["val_top1"]
+    assert f"| a | {seed0:.2f} | — | {seed0:.2f} / pending | " in table  # the finished seed alone
+
     monkeypatch.setattr(ablation, "run_command", in_process())
     finished = {path: path.stat().st_mtime_ns for path in out.glob("**/final_metrics.json")}
     assert len(finished) == 2  # seed 0's classifier and its transfer

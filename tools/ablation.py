@@ -433,6 +433,9 @@ def _cell_status(result):
         return "pending"
     if result.get("status") == "failed":
         return f"failed (exit {result.get('returncode')}, see {result.get('log')})"
+    if result.get("epochs_logged"):  # a run in progress (or killed) that --no_train found
+        count = result["epochs_logged"]
+        return f"pending ({count} epoch{'' if count == 1 else 's'} logged)"
     return result.get("status", "pending")
 
 
@@ -574,7 +577,8 @@ def plot_curves(results, path, *, title):
     axes.set_ylabel("validation top-1 (%)")
     axes.set_title(title)
     axes.grid(True, alpha=0.3)
-    axes.legend()
+    if colours:
+        axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -628,7 +632,9 @@ def run_job(job, *, rows, out_dir, train_now=True):
             print(f"{label}: already finished in {job.run_dir}; reusing it.", flush=True)
         return {**result, "wall_s": previous.get("wall_s"), "status": "finished", **summarize_job(job)}
     if not train_now:
-        return {**result, "status": "pending"}
+        csv_log = os.path.join(job.run_dir, "logs", "training.csv")
+        logged = len(read_csv_log(csv_log).get("epoch", [])) if os.path.isfile(csv_log) else 0
+        return {**result, "status": "pending", **({"epochs_logged": logged} if logged else {})}
     if state == "stuck":
         raise cli.SetupError(f"{label}: {job.run_dir} holds an unfinished run without a checkpoint to resume "
                              "from; remove it to train the run again.")

@@ -347,7 +347,6 @@ def validate_jobs(jobs, rows, states):
         raise SpecError("\n".join(problems))
 
 
-
 # --- results ---------------------------------------------------------------------------------------------
 
 
@@ -653,8 +652,7 @@ def run_job(job, *, rows, out_dir, train_now=True):
         result.update(status="finished", **summarize_job(job))
         shown = _percent(result["top1"] if job.transfer is None else result["metric"])
         metric = "top-1" if job.transfer is None else TRANSFER_METRICS[job.transfer.task][1]
-        print(f"{label}: {metric} {shown}% in "
-              f"{result['wall_s']:.0f} s", flush=True)
+        print(f"{label}: {metric} {shown}% in {result['wall_s']:.0f} s", flush=True)
     else:
         result.update(status="failed")
         print(f"{label}: FAILED (exit {returncode}); see {log_path}", flush=True)

@@ -59,6 +59,14 @@ def define_flags(fv):
     flags.DEFINE_bool("flip", True, "Random horizontal flip (Sec. 2.1).", **d)
     flags.DEFINE_bool("color_jitter", True, "Brightness, saturation and contrast jitter (Sec. 2.1).", **d)
     flags.DEFINE_bool("pca_lighting", True, "AlexNet-style PCA lighting noise (Sec. 2.1).", **d)
+    flags.DEFINE_enum(
+        "augment_on",
+        "device",
+        ["host", "device"],
+        "Where jitter, lighting and normalisation run: device (batched in the train step; the host sends "
+        "uint8) or host (per image in the tf.data map).",
+        **d,
+    )
     flags.DEFINE_float("dropout_rate", 0.0, "Dropout before the classifier.", **d)
     flags.DEFINE_bool(
         "zero_gamma", False, "Zero-initialise the last BN gamma of each residual block (Sec. 3.1).", **d
@@ -198,6 +206,14 @@ def main(argv, f=flags.FLAGS):
             "line up."
         )
     steps_per_epoch = trainer.steps_per_epoch(f, train_info.num_examples, f.train_split)
+    augmentation = Augmentation(
+        random_crop=f.random_crop,
+        crop_area_range=(f.crop_min_area, 1.0),
+        flip=f.flip,
+        color_jitter=f.color_jitter,
+        pca_lighting=f.pca_lighting,
+        on=f.augment_on,
+    )
 
     def train_input(context):
         return make_dataset(
@@ -208,14 +224,9 @@ def main(argv, f=flags.FLAGS):
             training=True,
             input_context=context,
             seed=f.seed,
-            augmentation=Augmentation(
-                random_crop=f.random_crop,
-                crop_area_range=(f.crop_min_area, 1.0),
-                flip=f.flip,
-                color_jitter=f.color_jitter,
-                pca_lighting=f.pca_lighting,
-            ),
+            augmentation=augmentation,
             skipped_files=skipped_files,
+            start_step=loop.checkpoint_step(f.model_dir) if f.resume else 0,  # the batches it resumes at
             **source,
         )
 
@@ -227,6 +238,7 @@ def main(argv, f=flags.FLAGS):
             global_batch_size=f.batch_size,
             training=False,
             input_context=context,
+            augmentation=augmentation,
             skipped_files=skipped_files,
             **source,
         )
@@ -294,6 +306,7 @@ def main(argv, f=flags.FLAGS):
         seed=f.seed,
         jit_compile=f.jit_compile,
         grad_clip_norm=f.grad_clip_norm,
+        augmentation=augmentation,
     )
     evaluate = (
         steps.make_eval_function(strategy, model, jit_compile=f.jit_compile)

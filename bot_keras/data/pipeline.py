@@ -85,7 +85,8 @@ def make_dataset(
         where jitter, lighting and normalisation run (`on`; validation honours `on` too).
       start_step: a training pipeline that starts at the batch a run reaches after this many global steps
         (`--resume`): with a `seed`, the batches of an uninterrupted run from there on. The skipped steps'
-        records are read, shuffled and batched but not decoded.
+        records are read, shuffled and batched but not decoded, so only a cached (in-memory) split is
+        replayed; an uncached one (ImageNet) starts afresh, a fresh shuffle and fresh crops.
     """
     if not isinstance(image_size, int) or image_size < 8:
         raise ValueError(f"image_size must be an integer >= 8; got {image_size!r}.")
@@ -170,9 +171,14 @@ def make_dataset(
     if training:
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
         ds = tf.data.Dataset.zip(ds, seeds)
-        if start_step:
+        if start_step and cache:
             ds = _skip_batches(ds, batch_size, start_step * _batches_per_step(input_context))
             repeat = False  # _skip_batches repeats, before the skip
+        elif start_step:
+            log.info(
+                "%s %s is not cached: the pipeline starts afresh at step %d (replaying it would read every "
+                "finished pass again).", source, split, start_step,
+            )
 
         def prepare(example, element_seed):
             encoded, label = check(example)

@@ -406,7 +406,9 @@ def random_batch(count, height=20, width=16, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (count, height, width, 3)).astype(np.uint8)
 
 
-@pytest.mark.parametrize("jitter_on, lighting_on", [(True, True), (True, False), (False, True), (False, False)])
+@pytest.mark.parametrize(
+    "jitter_on, lighting_on", [(True, True), (True, False), (False, True), (False, False)]
+)
 def test_device_jitter_and_lighting_equal_the_host_version_image_by_image(jitter_on, lighting_on):
     images = random_batch(12)
     jitter, alpha = augment.draw_color_params(

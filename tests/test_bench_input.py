@@ -54,7 +54,8 @@ def test_folder_tables_and_waterfall_at_tiny_size(bench, tmp_path, capsys):
     assert rows["minimal fused chain"][-1] == "1.00"  # the main table's and the waterfall's reference
     for name in paths:  # ratio to the minimal chain, and images/s or µs per image: positive numbers
         assert float(rows[name][0]) > 0 and float(rows[name][-1]) > 0, name
-    assert re.search(r"host pipeline of --augment_on=device / minimal chain with the paper's crop: [0-9.]+", out)
+    summary = r"host pipeline of --augment_on=device / minimal chain with the paper's crop: [0-9.]+"
+    assert re.search(summary, out)
     # Bytes a batch moves to the accelerator: 4 images of 32x32x3 as uint8 or float32, + 4x2 float32 labels.
     assert "train, host for device: 12,320" in out and "train, Section 2.1: 49,184" in out
     # Waterfall: µs per image ÷ the row above = the difference printed.

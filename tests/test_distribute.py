@@ -198,7 +198,8 @@ _MIRRORED = _COMMON + textwrap.dedent(
             total += float(tf.reduce_sum(loss(labels, model(images), None)))
         return total
     # Each replica's own draws; the negative control: replica 0's draws on both.
-    out["device"] = {"got": float(got), "want": device_loss(lambda r: r), "want_shared": device_loss(lambda r: 0)}
+    out["device"] = {"got": float(got), "want": device_loss(lambda r: r),
+                     "want_shared": device_loss(lambda r: 0)}
     print("RESULT " + json.dumps(out))
     """
 )

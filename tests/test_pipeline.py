@@ -108,12 +108,10 @@ def test_validation_keeps_order_and_every_example_and_matches_preprocess_for_eva
 
 def test_device_augmentation_batches_are_uint8_and_the_step_finishes_them():
     kwargs = dict(split="train", image_size=16, global_batch_size=4, training=True, seed=3)
-    device = batches(make_dataset("synthetic:20", augmentation=augment.Augmentation(on="device"), **kwargs).take(2))
-    host = batches(
-        make_dataset(
-            "synthetic:20", augmentation=augment.Augmentation(color_jitter=False, pca_lighting=False), **kwargs
-        ).take(2)
-    )
+    on_device = augment.Augmentation(on="device")
+    host_crop_flip = augment.Augmentation(color_jitter=False, pca_lighting=False)
+    device = batches(make_dataset("synthetic:20", augmentation=on_device, **kwargs).take(2))
+    host = batches(make_dataset("synthetic:20", augmentation=host_crop_flip, **kwargs).take(2))
     for (x, y), (h, hy) in zip(device, host, strict=True):
         assert x.dtype == np.uint8 and x.shape == (4, 16, 16, 3)
         np.testing.assert_array_equal(y, hy)  # same order, same crops and flips: only the rounding differs

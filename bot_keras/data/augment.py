@@ -458,7 +458,10 @@ def augment_batch_on_device(images, seed, augmentation=Augmentation(on="device")
             f"got {images.dtype.name} images."
         )
     jitter, alpha = draw_color_params(
-        seed, tf.shape(images)[0], color_jitter=augmentation.color_jitter, pca_lighting=augmentation.pca_lighting
+        seed,
+        tf.shape(images)[0],
+        color_jitter=augmentation.color_jitter,
+        pca_lighting=augmentation.pca_lighting,
     )
     return color_and_normalize_batch(images, jitter, alpha)
 

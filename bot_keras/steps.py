@@ -252,7 +252,7 @@ def device_augmentation_seed(seed, step, replica):
     """The stateless seed [2] of one replica's device augmentation at `step`: (run seed, step·1024 +
     replica), folded with a stream number of its own."""
     base = tf.stack([tf.cast(seed, tf.int64), tf.cast(step, tf.int64) * 1024 + tf.cast(replica, tf.int64)])
-    return tf.random.experimental.stateless_fold_in(base, _DEVICE_AUGMENTATION_STREAM)
+    return tf.random.experimental.stateless_fold_in(base, _DEVICE_AUGMENTATION_STREAM, alg="philox")
 
 
 def make_eval_function(strategy, model, *, per_example_loss=cross_entropy, metrics=None, summarize=means,

@@ -262,7 +262,7 @@ def waterfall(encoded, *, source, split, args):
     datasets["make_dataset, crop + flip"] = library["train, crop + flip"]
     datasets["make_dataset, all Section 2.1"] = library["train, Section 2.1"]
     rates = time_interleaved(datasets, args.threads, args.timed_images, args.batch_size, args.rounds)
-    print("\nwhere the time goes (CPU µs per image; each row adds one piece to the row above; the last two "
+    print("\nwhere the time goes (CPU µs per image; each row adds one piece to the row above; the last three "
           "rows are make_dataset's own paths, with its cache, shuffle and record parsing)")
     print("| path | µs per image | + over the row above | / minimal chain |\n| --- | ---: | ---: | ---: |")
     floor, previous = rates["minimal fused chain"], None

@@ -114,7 +114,7 @@ def _split_seed(seed, count):
     """`count` independent stateless seeds from one; int64 always, so a Python [3, 4] (int32) and a tf.data
     int64 seed give the same draws."""
     seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
-    return tf.unstack(tf.random.experimental.stateless_split(seed, count))
+    return tf.unstack(tf.random.experimental.stateless_split(seed, count, alg="philox"))
 
 
 # -------------------------------------------------------------------------------------- random resized crop
@@ -404,17 +404,17 @@ def draw_color_params(seed, batch_size, *, color_jitter=True, pca_lighting=True,
     """One independent draw per image for `color_and_normalize_batch`: (jitter, lighting_alpha), where
     jitter = (factors [B, 3] ~ U[1-s, 1+s], order [B] uniform over the six orders) and lighting_alpha
     [B, 3] ~ N(0, 0.1), each None when switched off. The distributions of `color_jitter` and
-    `random_lighting`; stateless from `seed` [2]."""
+    `random_lighting`; stateless from `seed` [2], Philox everywhere (under XLA "auto" would differ)."""
     factor_seed, order_seed, lighting_seed = _split_seed(seed, 3)
     jitter = alpha = None
     if color_jitter:
-        factors = tf.random.stateless_uniform([batch_size, 3], factor_seed, 1.0 - strength, 1.0 + strength)
+        factors = tf.random.stateless_uniform(
+            [batch_size, 3], factor_seed, 1.0 - strength, 1.0 + strength, alg="philox")
         order = tf.random.stateless_uniform(
-            [batch_size], order_seed, 0, len(_JITTER_ORDERS), dtype=tf.int32
-        )
+            [batch_size], order_seed, 0, len(_JITTER_ORDERS), dtype=tf.int32, alg="philox")
         jitter = (factors, order)
     if pca_lighting:
-        alpha = LIGHTING_STD * tf.random.stateless_normal([batch_size, 3], lighting_seed)
+        alpha = LIGHTING_STD * tf.random.stateless_normal([batch_size, 3], lighting_seed, alg="philox")
     return jitter, alpha
 
 

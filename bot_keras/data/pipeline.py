@@ -2,7 +2,8 @@
 
 Order of a training pipeline: shard per input pipeline → (cache encoded bytes) → shuffle → per-example
 stateless seed → parallel map (framing check, fused decode-and-crop, flip, jitter, lighting, normalise,
-one-hot) → batch (drop_remainder) → repeat → prefetch. Validation: no shuffle, resize + centre crop,
+one-hot; with `augmentation.on == "device"` the map stops after the flip, uint8 out, and the train step
+does the rest) → batch (drop_remainder) → repeat → prefetch. Validation: no shuffle, resize + centre crop,
 every example kept (the last batch may be short), one pass.
 
 Training datasets repeat forever by default, and the repeat sits *after* batching: every pass over the data

@@ -39,6 +39,13 @@ def latest_checkpoint(model_dir):
     return tf.train.latest_checkpoint(directory) if os.path.isdir(directory) else None
 
 
+def checkpoint_step(model_dir):
+    """The step of the newest checkpoint of `model_dir` (what `--resume` continues from), read from its
+    name (`manager.save(checkpoint_number=step)`); 0 without one."""
+    path = latest_checkpoint(model_dir)
+    return int(path.rsplit("-", 1)[1]) if path else 0
+
+
 def checkpoint_manager(write_dir, *, keep, **objects):
     """A `tf.train.CheckpointManager` of `objects` (e.g. model=, optimizer=, step=) in
     `write_dir/checkpoints`, keeping the last `keep`."""

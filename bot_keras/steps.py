@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from bot_keras import losses
+from bot_keras.data import augment
 from bot_keras.data import mixup as mixup_ops
 from bot_keras.teacher import teacher_logits
 
@@ -132,8 +133,14 @@ def make_train_function(
     seed=0,
     jit_compile=False,
     grad_clip_norm=0.0,
+    augmentation=None,
 ):
     """Returns `train_steps(iterator, start_step, num_steps, mixup_on) -> {name: sum over the steps}`.
+
+    What a replica does to its batch before the model, in order (`prepare_batch`): the device half of
+    Section 2.1 when `augmentation.on == "device"` (the uint8 batch cast, jittered, lit and normalised in
+    float32, `augment.augment_batch_on_device`, each image's draws from the seed (run seed, step, replica),
+    so a resumed run draws what an uninterrupted one would), then mixup; the model gets its compute dtype.
 
     Each replica mixes its own batch with its own λ (Section 5.4: one λ a batch; the partner of example i
     is example B-1-i), the teacher (`teacher.load_teacher`'s, if any) sees the same mixed
@@ -169,11 +176,25 @@ def make_train_function(
         ]
         return tf.where(mixup_on, tf.stack(lams), 1.0)
 
-    def replica_step(batch, lams):
+    on_device = augmentation is not None and augmentation.on == "device"
+
+    def prepare_batch(batch, step, lams):
+        """A replica's batch as the model trains on it, in this order: device augmentation (float32) →
+        mixup → the model's compute dtype (host-augmented float32 batches are left to the model's cast)."""
         images, labels = batch
+        replica = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, tf.int64)
+        if on_device:
+            images = augment.augment_batch_on_device(
+                images, device_augmentation_seed(seed, step, replica), augmentation
+            )
         if mixup_alpha > 0:
-            lam = tf.gather(lams, tf.distribute.get_replica_context().replica_id_in_sync_group)
-            images, labels = mixup_ops.mixup(images, labels, lam)
+            images, labels = mixup_ops.mixup(images, labels, tf.gather(lams, replica))
+        if on_device:
+            images = tf.cast(images, model.compute_dtype)
+        return images, labels
+
+    def replica_step(batch, step, lams):
+        images, labels = prepare_batch(batch, step, lams)
         teacher_outputs = teacher_logits(teacher, images) if teacher is not None else None
         with tf.GradientTape() as tape:
             outputs = _float32(model(images, training=True))
@@ -197,7 +218,7 @@ def make_train_function(
         replica_step = tf.function(replica_step, jit_compile=True)
 
     def one_step(iterator, step, mixup_on):
-        per_replica = strategy.run(replica_step, args=(next(iterator), mixup_lambdas(step, mixup_on)))
+        per_replica = strategy.run(replica_step, args=(next(iterator), step, mixup_lambdas(step, mixup_on)))
         return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
     @tf.function
@@ -222,6 +243,18 @@ def make_train_function(
     return train_steps
 
 
+# The device augmentation's draws are a stream apart from mixup's λ, which uses (run seed, step·1024 +
+# replica) unfolded.
+_DEVICE_AUGMENTATION_STREAM = 1
+
+
+def device_augmentation_seed(seed, step, replica):
+    """The stateless seed [2] of one replica's device augmentation at `step`: (run seed, step·1024 +
+    replica), folded with a stream number of its own."""
+    base = tf.stack([tf.cast(seed, tf.int64), tf.cast(step, tf.int64) * 1024 + tf.cast(replica, tf.int64)])
+    return tf.random.experimental.stateless_fold_in(base, _DEVICE_AUGMENTATION_STREAM, alg="philox")
+
+
 def make_eval_function(strategy, model, *, per_example_loss=cross_entropy, metrics=None, summarize=means,
                        jit_compile=False):
     """Returns `evaluate(distributed_dataset) -> summarize(sums)`: by default `means`, {"loss", "top1",
@@ -232,6 +265,8 @@ def make_eval_function(strategy, model, *, per_example_loss=cross_entropy, metri
 
     def replica_step(batch):
         images, labels = batch
+        if images.dtype == tf.uint8:  # make_dataset(augmentation.on="device"): normalised here, batched
+            images = augment.normalize(images)
         outputs = _float32(model(images, training=False))
         return metrics.vector(per_example_loss(labels, outputs, None), labels, outputs)
 

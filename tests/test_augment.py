@@ -397,3 +397,101 @@ def test_training_switches_turn_steps_off():
     offset = (with_lighting - plain) * STD  # one RGB offset for every pixel
     np.testing.assert_allclose(offset, np.broadcast_to(offset[0, 0], offset.shape), atol=1e-3)
     assert np.abs(offset[0, 0]).max() > 0.01
+
+
+# ------------------------------------------------------------------------------ batched, on the device
+
+
+def random_batch(count, height=20, width=16, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (count, height, width, 3)).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    "jitter_on, lighting_on", [(True, True), (True, False), (False, True), (False, False)]
+)
+def test_device_jitter_and_lighting_equal_the_host_version_image_by_image(jitter_on, lighting_on):
+    images = random_batch(12)
+    jitter, alpha = augment.draw_color_params(
+        tf.constant([4, 2]), 12, color_jitter=jitter_on, pca_lighting=lighting_on
+    )
+    assert (jitter is None) != jitter_on and (alpha is None) != lighting_on
+    if jitter_on:
+        jitter = (jitter[0], tf.range(12) % 6)  # every one of the six orders, twice
+    batched = tf.function(augment.color_and_normalize_batch)(images, jitter, alpha).numpy()  # as in a step
+    assert batched.dtype == np.float32 and batched.shape == images.shape
+    for b in range(len(images)):
+        host = augment.color_and_normalize(
+            images[b].astype(np.float32),
+            jitter=(jitter[0][b], jitter[1][b]) if jitter_on else None,
+            lighting_alpha=alpha[b] if lighting_on else None,
+        ).numpy()
+        np.testing.assert_allclose(batched[b], host, rtol=0, atol=1e-5)
+
+
+def test_device_augmentation_of_a_batch_by_hand():
+    # Brightness 1.2 alone (contrast and saturation factors 1), no lighting: (1.2 x - mean) / std.
+    images = random_batch(2, 4, 4)
+    jitter = (tf.constant([[1.2, 1.0, 1.0], [1.0, 1.0, 1.0]]), tf.constant([3, 0]))
+    out = augment.color_and_normalize_batch(images, jitter).numpy()
+    np.testing.assert_allclose(out[0], (1.2 * images[0] - MEAN) / STD, atol=1e-5)
+    np.testing.assert_allclose(out[1], (images[1] - MEAN) / STD, atol=1e-5)
+    # Every switch off: augment_batch_on_device is normalize; float input is refused by name.
+    off = augment.Augmentation(color_jitter=False, pca_lighting=False, on="device")
+    np.testing.assert_allclose(
+        augment.augment_batch_on_device(tf.constant(images), [1, 2], off).numpy(),
+        augment.normalize(images).numpy(),
+        atol=1e-6,
+    )
+    with pytest.raises(ValueError, match="uint8 batches.*got float32"):
+        augment.augment_batch_on_device(tf.zeros([1, 4, 4, 3]), [1, 2])
+
+
+def independence_and_uniformity(factors):
+    """For one jitter factor drawn per image, `factors` [batches, B]: the sample correlation of the factors
+    of neighbouring images in a batch, pooled over the batches, and the largest Kolmogorov-Smirnov
+    distance of one batch's factors from U[0.6, 1.4]."""
+    correlation = np.corrcoef(factors[:, :-1].ravel(), factors[:, 1:].ravel())[0, 1]
+    uniform = np.linspace(0.6, 1.4, 100_001)
+    ks = max(ks_distance(batch, uniform) for batch in factors)
+    return correlation, ks
+
+
+def test_device_draws_are_independent_per_image_and_uniform():
+    batches, batch_size = 16, 1024
+    factors = np.stack([
+        augment.draw_color_params(tf.constant([9, step]), batch_size)[0][0].numpy() for step in range(batches)
+    ])  # [batches, B, 3]
+    # 16 · 1023 pairs: the correlation's standard error is 0.008; the KS critical value of 1024 draws at
+    # the 0.1 % level is 1.95 / 32 = 0.061 (16 batches: a 1.6 % chance of one false alarm).
+    for channel in range(3):
+        correlation, ks = independence_and_uniformity(factors[..., channel])
+        assert abs(correlation) < 0.04 and ks < 0.061, (channel, correlation, ks)
+    # Negative control: one factor per batch, broadcast to its images, fails both checks.
+    shared = np.repeat(factors[:, :1, 0], batch_size, axis=1)
+    correlation, ks = independence_and_uniformity(shared)
+    assert correlation > 0.9 and ks > 0.5
+    # The order is uniform over the six, and lighting's alpha is N(0, 0.1), per image.
+    jitter, alpha = augment.draw_color_params(tf.constant([9, 0]), 60_000)
+    np.testing.assert_allclose(np.bincount(jitter[1].numpy(), minlength=6) / 60_000, 1 / 6, atol=0.006)
+    np.testing.assert_allclose(alpha.numpy().std(0), 0.1, rtol=0.02)
+    np.testing.assert_allclose(alpha.numpy().mean(0), 0.0, atol=0.002)
+
+
+def test_device_split_hands_the_train_step_the_host_crop_and_flip_as_uint8():
+    encoded = tf.constant(encode(smooth_image(48, 40)))
+    on_device = augment.Augmentation(on="device")
+    host_crop_flip = augment.Augmentation(color_jitter=False, pca_lighting=False)
+    for seed in ([1, 2], [3, 4], [5, 6]):
+        image = augment.preprocess_for_train(encoded, 24, seed, on_device)
+        assert image.dtype == tf.uint8 and image.shape == (24, 24, 3)
+        # The same crop and flip as the host path (which normalises): undo the normalisation and compare.
+        host = augment.preprocess_for_train(encoded, 24, seed, host_crop_flip).numpy() * STD + MEAN
+        np.testing.assert_allclose(image.numpy(), host, atol=0.5 + 1e-3)
+    with pytest.raises(ValueError, match="on must be one of"):
+        augment.Augmentation(on="gpu")
+    image = np.random.default_rng(0).integers(0, 256, (30, 40, 3)).astype(np.uint8)
+    uint8 = augment.preprocess_for_eval(image, 16, on="device")
+    assert uint8.dtype == tf.uint8
+    np.testing.assert_allclose(
+        augment.normalize(uint8).numpy(), augment.preprocess_for_eval(image, 16).numpy(), atol=0.5 / 57 + 1e-5
+    )

@@ -46,13 +46,18 @@ def test_folder_tables_and_waterfall_at_tiny_size(bench, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "8 JPEGs" in out and "mean 48x64 px" in out
     rows = _rows(out)
-    paths = ["decode_jpeg (whole file)", "train, crop + flip", "train, Section 2.1", "train, unfused",
+    paths = ["decode_jpeg (whole file)", "minimal fused chain, paper's crop", "train, host for device",
+             "train, crop + flip", "train, Section 2.1", "train, unfused",
              "validation", "paper sampler in the minimal chain", "+ colour jitter",
              "make_dataset, all Section 2.1"]
     assert set(paths) <= set(rows), sorted(rows)
     assert rows["minimal fused chain"][-1] == "1.00"  # the main table's and the waterfall's reference
     for name in paths:  # ratio to the minimal chain, and images/s or µs per image: positive numbers
         assert float(rows[name][0]) > 0 and float(rows[name][-1]) > 0, name
+    summary = r"host pipeline of --augment_on=device / minimal chain with the paper's crop: [0-9.]+"
+    assert re.search(summary, out)
+    # Bytes a batch moves to the accelerator: 4 images of 32x32x3 as uint8 or float32, + 4x2 float32 labels.
+    assert "train, host for device: 12,320" in out and "train, Section 2.1: 49,184" in out
     # Waterfall: µs per image ÷ the row above = the difference printed.
     assert float(rows["+ normalise"][1]) == pytest.approx(
         float(rows["+ normalise"][0]) - float(rows["paper sampler in the minimal chain"][0]), abs=1.01

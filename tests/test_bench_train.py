@@ -119,3 +119,30 @@ def test_tiny_run_prints_the_table_and_finite_positive_ratios(bench, capsys):
     for value in result["ratios"].values():
         assert math.isfinite(value) and value > 0
         assert float(printed["step time, trainer ÷ model.fit"]) == pytest.approx(value, abs=1e-3)
+
+
+def test_end_to_end_alternates_host_and_device_and_reports_their_ratio_and_bytes(bench, tmp_path, monkeypatch,
+                                                                                 capsys):
+    (tmp_path / "train").mkdir()
+    args = parse(bench, [*_TINY, f"--end_to_end={tmp_path}", "--end_to_end_rounds=3"])
+    calls = []
+
+    def fake_run(root, base, args, augment_on):
+        calls.append(augment_on)
+        rates = {"host": [10.0, 30.0, 11.0], "device": [12.0, 13.0, 50.0]}[augment_on]
+        command = ["python", "-m", "bot_keras.train", f"--augment_on={augment_on}"]
+        return rates[calls.count(augment_on) - 1], command
+
+    monkeypatch.setattr(bench, "end_to_end_images_per_second", fake_run)
+    monkeypatch.setattr(bench, "input_images_per_second", lambda root, args, batches, on: 100.0)
+    base = bench.configurations(args)[0]
+    result = bench.end_to_end(args, base, 20.0)
+    assert calls == ["host", "device"] * 3  # alternating, so that load falls on both alike
+    assert result["images/s end to end, augment_on device ÷ host"] == pytest.approx(13.0 / 11.0)  # medians
+    assert result["images/s, end to end (device) ÷ step alone"] == pytest.approx(13.0 / 20.0)
+    out = capsys.readouterr().out
+    # 4 images of 32x32x3: uint8 for device, float32 for host.
+    assert "--augment_on=device: 13.0 images/s" in out and "per batch: 12,288 bytes" in out
+    assert "--augment_on=host: 11.0 images/s" in out and "per batch: 49,152 bytes" in out
+    with pytest.raises(cli.SetupError, match="--augment_on: 'gpu'"):
+        parse(bench, ["--augment_on=gpu"])

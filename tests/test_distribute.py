@@ -174,6 +174,32 @@ _MIRRORED = _COMMON + textwrap.dedent(
     except ValueError as error:
         refused = str(error)
     out["mixup"] = {"got": float(got), "want": want, "jit_refused": refused}
+
+    # Device augmentation: replica r jitters, lights and normalises its uint8 half batch with the draws of
+    # seed (run seed, step, r), then mixes it with its λ.
+    from bot_keras.data import augment
+    x_uint8 = np.random.RandomState(2).randint(0, 256, (64, 6, 6, 3)).astype("uint8")
+    def uint8_dataset_fn(context):
+        batch = context.get_per_replica_batch_size(GLOBAL_BATCH)
+        return tf.data.Dataset.from_tensor_slices((x_uint8, y)).batch(batch, drop_remainder=True).repeat()
+    on_device = augment.Augmentation(on="device")
+    step = steps.make_train_function(mirrored, model, optimizer, per_example_loss=loss, global_batch_size=8,
+                                     mixup_alpha=0.2, seed=5, augmentation=on_device)
+    got = step(iter(mirrored.distribute_datasets_from_function(uint8_dataset_fn)), tf.constant(7, tf.int64),
+               tf.constant(1), tf.constant(True))["loss"]
+    def device_loss(seed_replica):
+        total = 0.0
+        for r in range(2):
+            lam = mixup_ops.sample_mixup_lambda(0.2, seed=tf.constant([5, 7 * 1024 + r], tf.int64))
+            half = slice(4 * r, 4 * r + 4)
+            images = augment.augment_batch_on_device(tf.constant(x_uint8[half]),
+                                                     steps.device_augmentation_seed(5, 7, seed_replica(r)))
+            images, labels = mixup_ops.mixup(images, tf.constant(y[half]), lam)
+            total += float(tf.reduce_sum(loss(labels, model(images), None)))
+        return total
+    # Each replica's own draws; the negative control: replica 0's draws on both.
+    out["device"] = {"got": float(got), "want": device_loss(lambda r: r),
+                     "want_shared": device_loss(lambda r: 0)}
     print("RESULT " + json.dumps(out))
     """
 )
@@ -210,6 +236,8 @@ def test_mirrored_two_devices_matches_one_device_with_the_same_global_batch(tmp_
     # LossScaleOptimizer alone would take replica 0's verdict and sum inf into every weight).
     assert out["overflow"] == {"scale": 16384.0, "iterations": 0, "unchanged": True}
     assert out["mixup"]["got"] == pytest.approx(out["mixup"]["want"], rel=1e-5)
+    assert out["device"]["got"] == pytest.approx(out["device"]["want"], rel=1e-5)
+    assert out["device"]["got"] != pytest.approx(out["device"]["want_shared"], rel=1e-3)
     # XLA cannot compile a step over two CPU replicas (one cluster, one device): refused, naming them.
     assert "needs one replica or MirroredStrategy over GPUs" in out["mixup"]["jit_refused"]
     assert "CPU:0" in out["mixup"]["jit_refused"] and "CPU:1" in out["mixup"]["jit_refused"]

@@ -116,6 +116,17 @@ def test_loop_resumes_mid_epoch_and_honours_max_steps(tmp_path):
     assert saved == [10, 11] and step == 11
 
 
+def test_checkpoint_step_is_the_newest_checkpoints_step(tmp_path):
+    # What the trainer hands make_dataset(start_step=...) on --resume, before restoring anything.
+    assert loop.checkpoint_step(str(tmp_path)) == 0
+    step = tf.Variable(0, dtype=tf.int64)
+    manager = loop.checkpoint_manager(str(tmp_path), keep=3, step=step)
+    for number in (3, 12, 7):  # the newest, not the largest
+        step.assign(number)
+        manager.save(checkpoint_number=number)
+    assert loop.checkpoint_step(str(tmp_path)) == 7
+
+
 def test_progress_bar_of_a_resumed_epoch_counts_the_steps_it_runs(tmp_path, capsys):
     # Resumed at step 7 of 5-step epochs: the last epoch runs steps 8-10, 3 of them, and says so.
     _run_loop(tmp_path, epochs=2, start=7, checkpoint_steps=0, verbose=1, steps_per_execution=1)

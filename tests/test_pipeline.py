@@ -106,6 +106,50 @@ def test_validation_keeps_order_and_every_example_and_matches_preprocess_for_eva
     np.testing.assert_allclose(np.concatenate([x for x, _ in got]), expected, atol=1e-5)
 
 
+def test_device_augmentation_batches_are_uint8_and_the_step_finishes_them():
+    kwargs = dict(split="train", image_size=16, global_batch_size=4, training=True, seed=3)
+    on_device = augment.Augmentation(on="device")
+    host_crop_flip = augment.Augmentation(color_jitter=False, pca_lighting=False)
+    device = batches(make_dataset("synthetic:20", augmentation=on_device, **kwargs).take(2))
+    host = batches(make_dataset("synthetic:20", augmentation=host_crop_flip, **kwargs).take(2))
+    for (x, y), (h, hy) in zip(device, host, strict=True):
+        assert x.dtype == np.uint8 and x.shape == (4, 16, 16, 3)
+        np.testing.assert_array_equal(y, hy)  # same order, same crops and flips: only the rounding differs
+        np.testing.assert_allclose(augment.normalize(x).numpy(), h, atol=0.5 / 57 + 1e-5)
+    validation = make_dataset(
+        "synthetic:20", split="validation", image_size=16, global_batch_size=4, training=False,
+        augmentation=augment.Augmentation(on="device"),
+    )
+    assert next(iter(validation))[0].dtype == tf.uint8
+
+
+def test_resume_mid_epoch_reproduces_the_augmented_batches_of_an_uninterrupted_run():
+    from bot_keras import steps
+
+    # 11 examples, batch 3: a pass is 3 steps (2 examples dropped), so steps 4-8 cross into the third pass.
+    kwargs = dict(
+        split="train", image_size=16, global_batch_size=3, training=True, seed=7,
+        augmentation=augment.Augmentation(on="device"),
+    )
+
+    def augmented(ds, first_step, count):
+        """What the train step trains on at each step: the device half with the step's seed (replica 0)."""
+        out = []
+        for step, (images, labels) in zip(range(first_step, first_step + count), ds, strict=False):
+            seed = steps.device_augmentation_seed(7, step, 0)
+            out.append((augment.augment_batch_on_device(images, seed).numpy(), labels.numpy()))
+        return out
+
+    uninterrupted = augmented(make_dataset("synthetic:11", **kwargs), 0, 9)[4:]
+    resumed = augmented(make_dataset("synthetic:11", start_step=4, **kwargs), 4, 5)
+    for (a, la), (b, lb) in zip(uninterrupted, resumed, strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(la, lb)
+    # Negative control: a pipeline that starts afresh at step 4 (no start_step) trains on other batches.
+    afresh = augmented(make_dataset("synthetic:11", **kwargs), 4, 1)
+    assert not np.array_equal(afresh[0][0], uninterrupted[0][0])
+
+
 def test_ablation_switches_reach_the_transform():
     # With every random step off, a training batch holds the validation images (in shuffled order).
     off = augment.Augmentation(random_crop=False, flip=False, color_jitter=False, pca_lighting=False)

@@ -169,6 +169,68 @@ def test_mixup_in_the_step_uses_the_replica_seeded_lambda_and_switches_off():
     assert run(7, False) == pytest.approx(loss_sum(images, labels), rel=1e-5)  # --mixup_off_epochs
 
 
+class _InputSpy:
+    """A model stand-in that records what the step hands the model (its dtype and float32 values)."""
+
+    def __init__(self, model, batch_shape):
+        self.model = model
+        self.seen = tf.Variable(tf.zeros(batch_shape), trainable=False)
+        self.dtypes = []
+
+    def __call__(self, images, training=False):
+        self.dtypes.append(images.dtype)
+        self.seen.assign(tf.cast(images, tf.float32))
+        return self.model(images, training=training)
+
+    def __getattr__(self, name):  # trainable_variables, losses, compute_dtype
+        return getattr(self.model, name)
+
+
+@pytest.mark.parametrize("precision, compute, jit_compile", [
+    ("float32", tf.float32, False),
+    ("float32", tf.float32, True),  # XLA compiles the draws and the batched colour map too
+    ("mixed_float16", tf.float16, False),
+    ("mixed_bfloat16", tf.bfloat16, False),
+])
+def test_device_augmentation_in_the_step_computes_in_float32_and_hands_the_model_its_compute_dtype(
+    precision, compute, jit_compile
+):
+    from bot_keras.data import augment
+
+    distribute.set_precision(precision)
+    keras.utils.set_random_seed(0)
+    spy = _InputSpy(_tiny_model(), (8, 6, 6, 3))
+    optimizer = optimizers.build_optimizer(0.0, weight_decay=0.0)
+    optimizer.build(spy.trainable_variables)
+    loss = steps.make_per_example_loss(label_smoothing=0.0, temperature=1.0, hard_weight=None)
+    step = steps.make_train_function(
+        tf.distribute.get_strategy(), spy, optimizer, per_example_loss=loss, global_batch_size=8, seed=5,
+        augmentation=augment.Augmentation(on="device"), jit_compile=jit_compile,
+    )
+    images = np.random.default_rng(1).integers(0, 256, (8, 6, 6, 3)).astype(np.uint8)
+    labels = np.eye(3, dtype="float32")[np.arange(8) % 3]
+    data = tf.data.Dataset.from_tensors((images, labels)).repeat()
+    step(iter(data), tf.constant(11, tf.int64), tf.constant(1), tf.constant(False))
+    assert spy.dtypes == [compute]
+    # The float32 result of the device half (seed: run seed 5, step 11, replica 0), rounded once to the
+    # compute dtype: within half a unit in the last place of that dtype (plus float32 round-off between
+    # the eager and the compiled graph). A chain computed in half precision rounds 0-255 pixels to
+    # bfloat16's 1.0 steps at its first op and misses this by far.
+    # Under XLA the float draws come from XLA's own sampler (same distributions, other numbers), so the
+    # reference is compiled the same way.
+    device_half = tf.function(augment.augment_batch_on_device, jit_compile=jit_compile)
+    expected = device_half(tf.constant(images), steps.device_augmentation_seed(5, 11, 0))
+    assert expected.dtype == tf.float32
+    expected = expected.numpy()
+    mantissa_bits = {tf.float32: 23, tf.float16: 10, tf.bfloat16: 7}[compute]
+    half_ulp = 0.5 * 2.0 ** (np.floor(np.log2(np.abs(expected) + 1e-30)) - mantissa_bits)
+    assert (np.abs(spy.seen.numpy() - expected) <= half_ulp + 1e-5).all()
+    # The step draws per step: another step's batch is augmented differently.
+    other = augment.augment_batch_on_device(tf.constant(images), steps.device_augmentation_seed(5, 12, 0))
+    assert np.abs(other.numpy() - expected).max() > 0.05
+    keras.mixed_precision.set_global_policy("float32")
+
+
 # --- XLA (jit_compile) ------------------------------------------------------------------------------------
 
 

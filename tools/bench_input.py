@@ -12,6 +12,10 @@ background load hits every path alike; each path's best round is reported):
   decode_jpeg            the floor: `tf.io.decode_jpeg` of the whole file, nothing else;
   minimal fused chain    what the paper's crop needs at least: sample a box (8-100 % area, aspect 3/4-4/3),
                          `decode_and_crop_jpeg`, resize to 224, flip;
+  ..., paper's crop      the same chain with the paper's crop sampler (`augment.sample_crop_window`);
+  train, host for device `make_dataset(training=True)` with `on="device"` (the trainer's default,
+                         `--augment_on=device`): crop, resize, flip, uint8 out; jitter, lighting and
+                         normalisation are left to the train step;
   train, crop + flip     `make_dataset(training=True)` with jitter and lighting off;
   ..., TF sampler        the same with `crop_sampler="tf"`: the minimal chain's crop distribution (smaller
                          crops, so less to decode and resize than the paper's);
@@ -20,7 +24,9 @@ background load hits every path alike; each path's best round is reported):
   validation             `make_dataset(training=False)` (shorter side 256, centre crop).
 
 The tf.data private thread pool is limited to --threads (1: per-core figures). Ratios are against the
-minimal fused chain of the same run. A last table times a CIFAR-sized folder (32x32 JPEGs at 32 px, all
+minimal fused chain of the same run; a summary line gives the host pipeline of `--augment_on=device`
+against the chain with the paper's crop (the same crop distribution), and the bytes of one batch as each
+path hands it to the accelerator. A last table times a CIFAR-sized folder (32x32 JPEGs at 32 px, all
 cores): the first pass reads files, later passes come from the cache of encoded bytes.
 """
 
@@ -83,20 +89,23 @@ def reference_paths(encoded, image_size, batch_size):
     def decode_only(data, seed):
         return tf.shape(tf.io.decode_jpeg(data, channels=3))
 
-    def minimal_chain(data, seed):
+    def minimal_chain(data, seed, paper_crop=False):
         box_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
         shape = tf.io.extract_jpeg_shape(data)
-        begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-            shape,
-            tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
-            seed=box_seed,
-            min_object_covered=0.0,
-            aspect_ratio_range=(3 / 4, 4 / 3),
-            area_range=(0.08, 1.0),
-            max_attempts=10,
-            use_image_if_no_bounding_boxes=True,
-        )
-        window = tf.stack([begin[0], begin[1], size[0], size[1]])
+        if paper_crop:
+            window = augment.sample_crop_window(shape[:2], box_seed)
+        else:
+            begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+                shape,
+                tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+                seed=box_seed,
+                min_object_covered=0.0,
+                aspect_ratio_range=(3 / 4, 4 / 3),
+                area_range=(0.08, 1.0),
+                max_attempts=10,
+                use_image_if_no_bounding_boxes=True,
+            )
+            window = tf.stack([begin[0], begin[1], size[0], size[1]])
         crop = tf.image.decode_and_crop_jpeg(data, window, channels=3)
         image = tf.image.resize(crop, [image_size, image_size], antialias=False)
         return tf.image.stateless_random_flip_left_right(image, flip_seed)
@@ -104,6 +113,9 @@ def reference_paths(encoded, image_size, batch_size):
     return {
         "decode_jpeg (whole file)": paired.map(decode_only).batch(batch_size),
         "minimal fused chain": paired.map(minimal_chain).batch(batch_size),
+        "minimal fused chain, paper's crop": paired.map(
+            lambda data, seed: minimal_chain(data, seed, paper_crop=True)
+        ).batch(batch_size),
     }
 
 
@@ -153,6 +165,9 @@ def library_paths(source, split, image_size, batch_size):
     common = dict(split=split, image_size=image_size, global_batch_size=batch_size, cache=True)
     crop_flip = augment.Augmentation(color_jitter=False, pca_lighting=False)
     return {
+        "train, host for device": make_dataset(
+            source, training=True, seed=0, augmentation=augment.Augmentation(on="device"), **common
+        ),
         "train, crop + flip": make_dataset(source, training=True, seed=0, augmentation=crop_flip, **common),
         "train, crop + flip, TF sampler": make_dataset(
             source,
@@ -215,8 +230,23 @@ def bench_folder(title, root, split, args):
     for name, rate in rates.items():
         print(f"| {name} | {rate / args.threads:.0f} | {rate / floor:.2f} |")
     print(f"fused / unfused: {rates['train, Section 2.1'] / rates['train, unfused']:.2f}")
+    paper_floor = rates["minimal fused chain, paper's crop"]
+    print(
+        f"host pipeline of --augment_on=device / minimal chain with the paper's crop: "
+        f"{rates['train, host for device'] / paper_floor:.2f} (--augment_on=host, all Section 2.1: "
+        f"{rates['train, Section 2.1'] / paper_floor:.2f})"
+    )
+    for name in ("train, host for device", "train, Section 2.1"):
+        print(f"bytes per batch handed to the accelerator, {name}: {batch_bytes(datasets[name]):,}")
     if args.waterfall:
         waterfall(encoded, source=f"folder:{root}", split=split, args=args)
+
+
+def batch_bytes(ds):
+    """Bytes of one (images, labels) batch as `ds` yields it: what crosses to the accelerator a step."""
+    return sum(
+        int(np.prod(spec.shape)) * spec.dtype.size for spec in tf.nest.flatten(ds.element_spec)
+    )
 
 
 def waterfall(encoded, *, source, split, args):
@@ -228,10 +258,11 @@ def waterfall(encoded, *, source, split, args):
         **waterfall_paths(encoded, args.image_size, args.batch_size),
     }
     library = library_paths(source, split, args.image_size, args.batch_size)
+    datasets["make_dataset, host for device (uint8)"] = library["train, host for device"]
     datasets["make_dataset, crop + flip"] = library["train, crop + flip"]
     datasets["make_dataset, all Section 2.1"] = library["train, Section 2.1"]
     rates = time_interleaved(datasets, args.threads, args.timed_images, args.batch_size, args.rounds)
-    print("\nwhere the time goes (CPU µs per image; each row adds one piece to the row above; the last two "
+    print("\nwhere the time goes (CPU µs per image; each row adds one piece to the row above; the last three "
           "rows are make_dataset's own paths, with its cache, shuffle and record parsing)")
     print("| path | µs per image | + over the row above | / minimal chain |\n| --- | ---: | ---: | ---: |")
     floor, previous = rates["minimal fused chain"], None

@@ -23,7 +23,9 @@ The ratios printed below the table come from the same run: each configuration's 
 (for a `keras:` model, the base ÷ it: ours ÷ Keras'), the trainer's step ÷ model.fit's, and with
 --end_to_end the trainer's images/s end to end on the photo folder ROOT (ROOT/train/<class>/*.jpg, full
 Section 2.1 augmentation, in a subprocess) ÷ the base step's, with the input pipeline's own images/s on the
-same cores for reference.
+same cores for reference. With --end_to_end, `--augment_on=host,device` (the default) runs the trainer
+once per value and round, alternating, and prints each one's median images/s, device ÷ host, and the
+bytes of one batch that each hands to the accelerator (uint8 for device, float32 for host).
 """
 
 import csv
@@ -48,7 +50,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bot_keras import cli, distribute, optimizers, steps  # noqa: E402
-from bot_keras.data import make_dataset  # noqa: E402
+from bot_keras.data import Augmentation, make_dataset  # noqa: E402
 from bot_keras.models import MODEL_NAMES, build_model  # noqa: E402
 
 KERAS_PREFIX = "keras:"
@@ -191,11 +193,12 @@ def ratios(configs, seconds, base):
     return result
 
 
-def input_images_per_second(root, args, batches):
-    """images/s of the trainer's training input pipeline alone (all cores, default augmentation)."""
+def input_images_per_second(root, args, batches, augment_on="device"):
+    """images/s of the trainer's training input pipeline alone (all cores, default augmentation, the host
+    half of `augment_on`)."""
     dataset = make_dataset(
         f"folder:{root}", split="train", image_size=args.image_size, global_batch_size=args.batch_sizes[0],
-        training=True, seed=0,
+        training=True, seed=0, augmentation=Augmentation(on=augment_on),
     )
     iterator = iter(dataset.repeat())
     next(iterator)
@@ -205,9 +208,9 @@ def input_images_per_second(root, args, batches):
     return batches * args.batch_sizes[0] / (time.perf_counter() - start)
 
 
-def end_to_end_images_per_second(root, base, args):
-    """Runs `python -m bot_keras.train` on folder ROOT for --end_to_end_steps steps; its images/s (the
-    trainer leaves its first, compiling call out of it)."""
+def end_to_end_images_per_second(root, base, args, augment_on="device"):
+    """Runs `python -m bot_keras.train --augment_on=AUGMENT_ON` on folder ROOT for --end_to_end_steps
+    steps; its images/s (the trainer leaves its first, compiling call out of it)."""
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = os.path.join(tmp, "run")
         command = [
@@ -216,7 +219,7 @@ def end_to_end_images_per_second(root, base, args):
             f"--precision={base.precision}", f"--strategy={base.strategy}",
             f"--jit_compile={str(base.jit).lower()}", "--epochs=1",
             f"--steps_per_epoch={args.end_to_end_steps}", f"--max_steps={args.end_to_end_steps}",
-            "--checkpoint_steps=0", "--verbose=0", f"--model_dir={model_dir}",
+            "--checkpoint_steps=0", "--verbose=0", f"--model_dir={model_dir}", f"--augment_on={augment_on}",
         ]
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -225,6 +228,34 @@ def end_to_end_images_per_second(root, base, args):
         with open(os.path.join(model_dir, "logs", "training.csv")) as f:
             rows = list(csv.DictReader(f))
         return float(rows[-1]["images_per_sec"]), command
+
+
+def end_to_end(args, base, step_rate):
+    """The trainer end to end on --end_to_end, per --augment_on value, --end_to_end_rounds rounds
+    alternating between the values; prints each one's figures and returns the ratios."""
+    rates = {on: [] for on in args.augment_on}
+    for _ in range(args.end_to_end_rounds):
+        for on in args.augment_on:
+            rate, command = end_to_end_images_per_second(args.end_to_end, base, args, augment_on=on)
+            rates[on].append(rate)
+    print(f"\nend to end: {' '.join(command[1:-1])} --augment_on=…")
+    result = {}
+    for on, values in rates.items():
+        rate = statistics.median(values)
+        pipeline = input_images_per_second(args.end_to_end, args, max(4, args.end_to_end_steps), on)
+        image_bytes = base.batch * args.image_size**2 * 3 * (1 if on == "device" else 4)
+        print(
+            f"  --augment_on={on}: {rate:.1f} images/s end to end (rounds: "
+            f"{', '.join(f'{v:.1f}' for v in values)}); step alone {step_rate:.1f}; input pipeline alone "
+            f"{pipeline:.1f} (all cores); step and pipeline sharing the cores: "
+            f"1/(1/{step_rate:.1f} + 1/{pipeline:.1f}) = {1 / (1 / step_rate + 1 / pipeline):.1f}; "
+            f"images moved to the device per batch: {image_bytes:,} bytes"
+        )
+        result[f"images/s, end to end ({on}) ÷ step alone"] = rate / step_rate
+    if len(rates) == 2:
+        host, device = (statistics.median(rates[on]) for on in ("host", "device"))
+        result["images/s end to end, augment_on device ÷ host"] = device / host
+    return result
 
 
 def print_table(configs, seconds, spread, first_step, base):
@@ -263,6 +294,10 @@ def define_flags(fv):
     flags.DEFINE_integer("rounds", 3, "Rounds; each times every configuration.", **d)
     flags.DEFINE_string("end_to_end", None, "Image folder ROOT/train/<class>/*.jpg.", **d)
     flags.DEFINE_integer("end_to_end_steps", 8, "Steps of the end-to-end run.", **d)
+    flags.DEFINE_list("augment_on", ["host", "device"], "The trainer's --augment_on values run end to end.",
+                      **d)
+    flags.DEFINE_integer("end_to_end_rounds", 1, "End-to-end runs per --augment_on value (alternating).",
+                         **d)
 
 
 _ON_OFF = {"on": True, "off": False, "true": True, "false": False}
@@ -287,7 +322,10 @@ def check_flags(f):
         args.batch_sizes = [int(b) for b in args.batch_sizes]
     else:
         problems.append(f"--batch_sizes={','.join(args.batch_sizes)!r}: positive integers")
-    for name in ("warmup", "steps", "rounds", "image_size", "num_classes", "end_to_end_steps"):
+    problems += [f"--augment_on: {v!r} is not host or device" for v in args.augment_on
+                 if v not in ("host", "device")]
+    for name in ("warmup", "steps", "rounds", "image_size", "num_classes", "end_to_end_steps",
+                 "end_to_end_rounds"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
             problems.append(f"--{name}={getattr(args, name)} is too small")
     if args.end_to_end and not os.path.isdir(os.path.join(args.end_to_end, "train")):
@@ -336,16 +374,7 @@ def measure(args):
     print_table(configs, seconds, spread, {c: b.first_step_s for c, b in benches.items()}, base)
     result = ratios(configs, seconds, base)
     if args.end_to_end:
-        step_rate = base.batch / seconds[base]
-        end_to_end, command = end_to_end_images_per_second(args.end_to_end, base, args)
-        pipeline = input_images_per_second(args.end_to_end, args, batches=max(4, args.end_to_end_steps))
-        result["images/s, end to end ÷ step alone"] = end_to_end / step_rate
-        print(f"\nend to end: {' '.join(command[1:])}")
-        print(
-            f"  {end_to_end:.1f} images/s end to end; step alone {step_rate:.1f}; input pipeline alone "
-            f"{pipeline:.1f} (all cores); step and pipeline sharing the cores: "
-            f"1/(1/{step_rate:.1f} + 1/{pipeline:.1f}) = {1 / (1 / step_rate + 1 / pipeline):.1f}"
-        )
+        result.update(end_to_end(args, base, base.batch / seconds[base]))
     print(f"\nratios (base: {base.label()}; medians of this run)")
     for name, value in result.items():
         print(f"  {name:55s} {value:7.3f}")

@@ -60,6 +60,14 @@ def define_flags(fv):
     flags.DEFINE_bool("flip", True, "Random horizontal flip (Sec. 2.1).", **d)
     flags.DEFINE_bool("color_jitter", True, "Brightness, saturation and contrast jitter (Sec. 2.1).", **d)
     flags.DEFINE_bool("pca_lighting", True, "AlexNet-style PCA lighting noise (Sec. 2.1).", **d)
+    flags.DEFINE_enum(
+        "augment_on",
+        "device",
+        ["host", "device"],
+        "Where jitter, lighting and normalisation run: device (batched in the train step; the host sends "
+        "uint8) or host (per image in the tf.data map).",
+        **d,
+    )
     flags.DEFINE_float("dropout_rate", 0.0, "Dropout before the classifier.", **d)
     flags.DEFINE_bool(
         "zero_gamma", False, "Zero-initialise the last BN gamma of each residual block (Sec. 3.1).", **d
@@ -184,8 +192,22 @@ def dataset_info(f, split):
     return data_info(f.dataset, split=split, **_source(f))
 
 
+def augmentation(f):
+    """The Section 2.1 augmentation of the flags, and where it runs (--augment_on)."""
+    return Augmentation(
+        random_crop=f.random_crop,
+        crop_area_range=(f.crop_min_area, 1.0),
+        flip=f.flip,
+        color_jitter=f.color_jitter,
+        pca_lighting=f.pca_lighting,
+        on=f.augment_on,
+    )
+
+
 def make_dataset(f, *, split, training, input_context=None, batch_size=None, skipped_files=None):
-    """Training: the Section 2.1 augmentation of the flags; evaluation: the centre crop."""
+    """Training: the Section 2.1 augmentation of the flags; evaluation: the centre crop. With
+    --augment_on=device both yield uint8 batches that the train and eval steps finish; a resumed training
+    pipeline starts at the checkpoint's step."""
     return data_pipeline(
         f.dataset,
         split=split,
@@ -194,16 +216,9 @@ def make_dataset(f, *, split, training, input_context=None, batch_size=None, ski
         training=training,
         input_context=input_context,
         seed=f.seed if training else None,
-        augmentation=Augmentation(
-            random_crop=f.random_crop,
-            crop_area_range=(f.crop_min_area, 1.0),
-            flip=f.flip,
-            color_jitter=f.color_jitter,
-            pca_lighting=f.pca_lighting,
-        )
-        if training
-        else None,
+        augmentation=augmentation(f),
         skipped_files=skipped_files,
+        start_step=loop.checkpoint_step(f.model_dir) if training and f.resume else 0,
         **_source(f),
     )
 
@@ -244,7 +259,8 @@ def train_options(f, *, model, num_classes):
         hard_weight=f.distill_hard_weight,
     )
     return tasks.TrainOptions(
-        step_kwargs=dict(per_example_loss=per_example_loss, teacher=teacher, mixup_alpha=f.mixup_alpha),
+        step_kwargs=dict(per_example_loss=per_example_loss, teacher=teacher, mixup_alpha=f.mixup_alpha,
+                         augmentation=augmentation(f)),
         mixup_epochs=int(math.ceil(f.epochs)) - f.mixup_off_epochs if f.mixup_alpha else 0,
     )
 

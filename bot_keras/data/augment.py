@@ -35,6 +35,13 @@ almost never falls back.
 Steps 4-7 (jitter, lighting, normalise) are one affine map of each pixel's RGB (a 3x3 matrix and an offset;
 see `color_and_normalize`), applied in one pass after the resize; the step-by-step functions are kept as
 the readable definition and tests check that the two agree.
+
+Where they run (`Augmentation.on`, the trainer's `--augment_on`): "host" runs every step per image in the
+tf.data map; "device" (the trainer's default) stops the map after the flip with uint8 images, and the
+compiled train step runs steps 4-7 on the whole batch (`augment_batch_on_device`: `draw_color_params`
+draws each image's factors, order and lighting alpha from the same distributions, `color_and_normalize_batch`
+applies them), where an accelerator does the per-pixel float work for free and the host sends a quarter of
+the bytes. The batched functions follow `color_and_normalize`, their per-image twin.
 """
 
 import dataclasses
@@ -62,6 +69,7 @@ CROP_AREA_RANGE = (0.08, 1.0)
 CROP_ASPECT_RANGE = (3 / 4, 4 / 3)
 CROP_ATTEMPTS = 10
 CROP_SAMPLERS = ("paper", "tf")
+AUGMENT_ON = ("host", "device")  # where jitter, lighting and normalisation run (`Augmentation.on`)
 JITTER_STRENGTH = 0.4  # coefficients from U[1 - 0.4, 1 + 0.4] = U[0.6, 1.4]
 EVAL_CROP_FRACTION = 0.875  # 224 / 256
 
@@ -85,6 +93,9 @@ class Augmentation:
     pca_lighting: bool = True  # step 6
     crop_area_range: tuple = CROP_AREA_RANGE  # the crop's area fraction; a milder low end suits 32 px images
     crop_sampler: str = "paper"  # "paper": the authors' distribution; "tf": TensorFlow's bounding-box sampler
+    # "host": every step in the tf.data map, float32 out; "device": the map crops, resizes and flips (uint8
+    # out) and the train step runs jitter, lighting and normalisation batched (`augment_batch_on_device`)
+    on: str = "host"
 
     def __post_init__(self):
         area = tuple(float(a) for a in self.crop_area_range)
@@ -95,13 +106,15 @@ class Augmentation:
         object.__setattr__(self, "crop_area_range", area)
         if self.crop_sampler not in CROP_SAMPLERS:
             raise ValueError(f"crop_sampler must be one of {CROP_SAMPLERS}; got {self.crop_sampler!r}.")
+        if self.on not in AUGMENT_ON:
+            raise ValueError(f"on must be one of {AUGMENT_ON}; got {self.on!r}.")
 
 
 def _split_seed(seed, count):
     """`count` independent stateless seeds from one; int64 always, so a Python [3, 4] (int32) and a tf.data
     int64 seed give the same draws."""
     seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
-    return tf.unstack(tf.random.experimental.stateless_split(seed, count))
+    return tf.unstack(tf.random.experimental.stateless_split(seed, count, alg="philox"))
 
 
 # -------------------------------------------------------------------------------------- random resized crop
@@ -266,14 +279,16 @@ def jitter_coefficients(factors, order):
 
     Each of the three maps y to f*y + (1-f)*T(y), with T the identity (brightness), the mean luma (contrast)
     or the per-pixel luma (saturation); composed in any order they keep that form, so we compose three
-    scalar coefficients in the drawn order instead of touching the pixels three times.
+    scalar coefficients in the drawn order instead of touching the pixels three times. Batched too:
+    `factors` [B, 3] and `order` [B] give coefficients [B] (the device path's one draw per image).
     """
     factors = tf.cast(factors, tf.float32)
-    orders = tf.constant(_JITTER_ORDERS, tf.int32)[order]
+    orders = tf.gather(tf.constant(_JITTER_ORDERS, tf.int32), order)  # [3] or [B, 3]
     p, q, r = tf.constant(1.0), tf.constant(0.0), tf.constant(0.0)
     for position in range(3):
-        op = orders[position]
-        f = tf.gather(factors, op)
+        op = orders[..., position]
+        # factors[op] per image; the one-hot product is exact (x * 1 + 0 + 0).
+        f = tf.reduce_sum(factors * tf.one_hot(op, 3), axis=-1)
         # y = p x + q l + r m has luma (p + q) l + r m and mean luma (p + q + r) m.
         contrast_r = f * r + (1 - f) * (p + q + r)
         saturation_q, saturation_r = f * q + (1 - f) * (p + q), f * r + (1 - f) * r
@@ -376,6 +391,81 @@ def color_and_normalize(image, jitter=None, lighting_alpha=None):
     return _per_channel_affine(out, None, offset * inv_std)
 
 
+# --------------------------------------------------------------------- the same steps, batched on the device
+
+
+def to_uint8(image):
+    """A float 0-255 image rounded to uint8: what the host hands the accelerator under `on="device"` (a
+    quarter of float32's bytes; the rounding moves a pixel by at most 0.5, 0.009 of a normalised unit)."""
+    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
+def draw_color_params(seed, batch_size, *, color_jitter=True, pca_lighting=True, strength=JITTER_STRENGTH):
+    """One independent draw per image for `color_and_normalize_batch`: (jitter, lighting_alpha), where
+    jitter = (factors [B, 3] ~ U[1-s, 1+s], order [B] uniform over the six orders) and lighting_alpha
+    [B, 3] ~ N(0, 0.1), each None when switched off. The distributions of `color_jitter` and
+    `random_lighting`; stateless from `seed` [2], Philox everywhere (under XLA "auto" would differ)."""
+    factor_seed, order_seed, lighting_seed = _split_seed(seed, 3)
+    jitter = alpha = None
+    if color_jitter:
+        factors = tf.random.stateless_uniform(
+            [batch_size, 3], factor_seed, 1.0 - strength, 1.0 + strength, alg="philox")
+        order = tf.random.stateless_uniform(
+            [batch_size], order_seed, 0, len(_JITTER_ORDERS), dtype=tf.int32, alg="philox")
+        jitter = (factors, order)
+    if pca_lighting:
+        alpha = LIGHTING_STD * tf.random.stateless_normal([batch_size, 3], lighting_seed, alg="philox")
+    return jitter, alpha
+
+
+def color_and_normalize_batch(images, jitter=None, lighting_alpha=None):
+    """`color_and_normalize` of every image of a batch [B, H, W, 3] (uint8 or float, 0-255) with its own
+    parameters: jitter (factors [B, 3], order [B]) or None, lighting_alpha [B, 3] or None. Float32 out.
+
+    The same affine map per image, x M_b + b_b: one batched [H·W, 3] × [3, 3] product (tests check it
+    against `color_and_normalize` image by image).
+    """
+    images = tf.cast(images, tf.float32)
+    inv_std = 1.0 / tf.constant(STD_RGB)
+    offset = -tf.constant(MEAN_RGB)[None, :]  # [1 or B, 3]
+    if lighting_alpha is not None:
+        offset += lighting_offset(lighting_alpha)  # matvec broadcasts over the batch: [B, 3]
+    if jitter is None:
+        return images * inv_std + (offset * inv_std)[:, None, None, :]
+    p, q, r = jitter_coefficients(*jitter)  # [B] each
+    luma_weights = tf.constant(LUMA_RGB)
+    shape = tf.shape(images)
+    # Each image's mean colour, reduced in the order `color_and_normalize` reduces it.
+    rows = tf.reduce_mean(tf.reshape(images, [shape[0], shape[1], -1]), axis=1)
+    mean_rgb = tf.reduce_mean(tf.reshape(rows, [shape[0], -1, 3]), axis=1)
+    offset += r[:, None] * tf.linalg.matvec(mean_rgb, luma_weights)[:, None]
+    matrix = p[:, None, None] * tf.eye(3) + q[:, None, None] * (luma_weights[:, None] * tf.ones([1, 3]))
+    pixels = tf.reshape(images, [shape[0], -1, 3])
+    out = tf.matmul(pixels, matrix * inv_std) + (offset * inv_std)[:, None, :]
+    return tf.reshape(out, shape)
+
+
+def augment_batch_on_device(images, seed, augmentation=Augmentation(on="device")):
+    """Section 2.1 steps 4, 6 and 7 for a uint8 batch [B, S, S, 3] that `make_dataset` cropped, resized
+    and flipped on the host (`augmentation.on == "device"`): jitter and lighting as `augmentation` switches
+    them, drawn per image from `seed` [2] (`draw_color_params`), then normalisation; float32 out.
+
+    Runs inside the compiled train step, on each replica's batch. With every switch off it is `normalize`.
+    """
+    if images.dtype != tf.uint8:
+        raise ValueError(
+            f"augment_batch_on_device takes the uint8 batches of make_dataset(augmentation.on='device'); "
+            f"got {images.dtype.name} images."
+        )
+    jitter, alpha = draw_color_params(
+        seed,
+        tf.shape(images)[0],
+        color_jitter=augmentation.color_jitter,
+        pca_lighting=augmentation.pca_lighting,
+    )
+    return color_and_normalize_batch(images, jitter, alpha)
+
+
 def eval_resize_size(image_size):
     """The shorter side before the centre crop: ceil(S / 0.875) (256 for 224; GluonCV's rounding)."""
     return int(math.ceil(image_size / EVAL_CROP_FRACTION - 1e-9))
@@ -396,15 +486,16 @@ def center_crop(image, size):
     return tf.slice(image, [top, left, 0], [size, size, -1])
 
 
-def preprocess_for_eval(image, image_size):
+def preprocess_for_eval(image, image_size, *, on="host"):
     """Validation transform (Section 2.1): uint8 [H, W, 3] → normalised float32 [S, S, 3].
 
     Shorter side to ceil(S / 0.875), centre crop S, normalise. The exported models' serving signature uses
-    this same function.
+    this same function. `on="device"` stops before normalising and returns uint8 (`to_uint8`): the
+    evaluation step normalises the batch.
     """
     image = resize_shorter_side(image, eval_resize_size(image_size))
     image = center_crop(image, image_size)
-    image = normalize(image)
+    image = to_uint8(image) if on == "device" else normalize(image)
     image.set_shape([image_size, image_size, 3])
     return image
 
@@ -414,7 +505,8 @@ def preprocess_for_train(encoded, image_size, seed, augmentation=Augmentation())
 
     `augmentation` switches steps off for ablations and picks the crop's area range and sampler; with
     `random_crop=False` the image is resized and centre cropped as for validation. One stateless `seed` [2]
-    determines every draw.
+    determines every draw. With `augmentation.on == "device"` it stops after the flip and returns uint8
+    [S, S, 3] (the same crop and flip for the same seed); `augment_batch_on_device` does the rest.
     """
     crop_seed, flip_seed, jitter_seed, lighting_seed = _split_seed(seed, 4)
     if augmentation.random_crop:
@@ -430,8 +522,13 @@ def preprocess_for_train(encoded, image_size, seed, augmentation=Augmentation())
         image = center_crop(
             resize_shorter_side(decode_image(encoded), eval_resize_size(image_size)), image_size
         )
+    if augmentation.on == "device":
+        image = to_uint8(image)  # flipping a quarter of the bytes; the train step does steps 4-7
     if augmentation.flip:
         image = random_flip(image, flip_seed)
+    if augmentation.on == "device":
+        image.set_shape([image_size, image_size, 3])
+        return image
     image = color_and_normalize(
         image,
         jitter=_jitter_draws(jitter_seed) if augmentation.color_jitter else None,

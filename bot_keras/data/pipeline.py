@@ -2,7 +2,8 @@
 
 Order of a training pipeline: shard per input pipeline → (cache encoded bytes) → shuffle → per-example
 stateless seed → parallel map (framing check, fused decode-and-crop, flip, jitter, lighting, normalise,
-one-hot) → batch (drop_remainder) → repeat → prefetch. Validation: no shuffle, resize + centre crop,
+one-hot; with `augmentation.on == "device"` the map stops after the flip, uint8 out, and the train step
+does the rest) → batch (drop_remainder) → repeat → prefetch. Validation: no shuffle, resize + centre crop,
 every example kept (the last batch may be short), one pass.
 
 Training datasets repeat forever by default, and the repeat sits *after* batching: every pass over the data
@@ -54,8 +55,10 @@ def make_dataset(
     augmentation=None,
     skipped_files=None,
     download=False,
+    start_step=0,
 ):
-    """A `tf.data.Dataset` of (float32 images [B, S, S, 3], one-hot float32 labels [B, K]).
+    """A `tf.data.Dataset` of (float32 images [B, S, S, 3], one-hot float32 labels [B, K]); uint8 images
+    when `augmentation.on == "device"` (cropped, resized and flipped; the train or eval step does the rest).
 
     Args:
       source, split, data_dir, label_offset, download: see `sources` (`--dataset`, `--data_dir`).
@@ -79,7 +82,12 @@ def make_dataset(
         exactly when `seed` is given (otherwise parallel map may reorder for speed).
       repeat, drop_remainder: None = `training`.
       augmentation: an `augment.Augmentation` (None: every step on): the Section 2.1 training steps,
-        each switchable for ablations, and the crop's area range and sampler (the paper's by default).
+        each switchable for ablations, the crop's area range and sampler (the paper's by default), and
+        where jitter, lighting and normalisation run (`on`; validation honours `on` too).
+      start_step: a training pipeline that starts at the batch a run reaches after this many global steps
+        (`--resume`): with a `seed`, the batches of an uninterrupted run from there on. The skipped steps'
+        records are read, shuffled and batched but not decoded, so only a cached (in-memory) split is
+        replayed; an uncached one (ImageNet) starts afresh, a fresh shuffle and fresh crops.
     """
     if not isinstance(image_size, int) or image_size < 8:
         raise ValueError(f"image_size must be an integer >= 8; got {image_size!r}.")
@@ -164,6 +172,14 @@ def make_dataset(
     if training:
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
         ds = tf.data.Dataset.zip(ds, seeds)
+        if start_step and cache:
+            ds = _skip_batches(ds, batch_size, start_step * _batches_per_step(input_context))
+            repeat = False  # _skip_batches repeats, before the skip
+        elif start_step:
+            log.info(
+                "%s %s is not cached: the pipeline starts afresh at step %d (replaying it would read every "
+                "finished pass again).", source, split, start_step,
+            )
 
         def prepare(example, element_seed):
             encoded, label = check(example)
@@ -172,7 +188,8 @@ def make_dataset(
 
         def prepare(example):
             encoded, label = check(example)
-            return augment.preprocess_for_eval(decode.decode_image(encoded), image_size), label
+            image = decode.decode_image(encoded)
+            return augment.preprocess_for_eval(image, image_size, on=augmentation.on), label
 
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     if skip_corrupt:
@@ -189,6 +206,21 @@ def make_dataset(
     options = tf.data.Options()
     options.deterministic = deterministic
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def _batches_per_step(input_context):
+    """Per-replica batches one input pipeline yields a global step: its replicas' share."""
+    if input_context is None:
+        return 1
+    return input_context.num_replicas_in_sync // input_context.num_input_pipelines
+
+
+def _skip_batches(ds, batch_size, count):
+    """The undecoded (example, seed) stream of a training pipeline, repeated, without the elements of its
+    first `count` batches: batched (drop_remainder, so each pass ends where a pass of decoded batches does),
+    repeated as `make_dataset` repeats, `count` batches skipped, unbatched again for the map. Every pass
+    reshuffles and redraws exactly as in a pipeline that yielded those batches."""
+    return ds.batch(batch_size, drop_remainder=True).repeat().skip(count).unbatch()
 
 
 class SkippedFiles:

@@ -342,8 +342,10 @@ def float32_rebuild(model, run):
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32")
     try:
+        # Stochastic depth adds weightless layers that change the layers' order: rebuilt with them too.
         rebuilt = build_model(
-            run.model_name, num_classes=len(run.class_names), input_shape=model.input_shape[1:]
+            run.model_name, num_classes=len(run.class_names), input_shape=model.input_shape[1:],
+            drop_path_rate=run.flags.get("drop_path_rate", 0.0),
         )
     finally:
         keras.mixed_precision.set_global_policy(previous)

@@ -63,6 +63,11 @@ def define_flags(fv):
     flags.DEFINE_bool(
         "zero_gamma", False, "Zero-initialise the last BN gamma of each residual block (Sec. 3.1).", **d
     )
+    flags.DEFINE_float(
+        "drop_path_rate", 0.0,
+        "Stochastic depth (beyond the paper): the last residual block's drop probability, linear from 0 "
+        "at the first (timm's schedule); ResNets only; 0: off.", **d,
+    )
     flags.DEFINE_bool("sync_bn", False, "Synchronise BatchNorm statistics across replicas.", **d)
     # --- optimisation ----------------------------------------------------------------------------------
     trainer.define_optimization_flags(
@@ -131,6 +136,12 @@ def validate_flags(f):
         not (f.zero_gamma and f.model in MODEL_NAMES and f.model not in RESNET_NAMES),
         f"--zero_gamma applies to residual networks only (Section 3.1); --model={f.model!r} has no "
         "residual blocks.",
+    )
+    need(0 <= f.drop_path_rate < 1, f"--drop_path_rate={f.drop_path_rate} must be in [0, 1).")
+    need(
+        not (f.drop_path_rate and f.model in MODEL_NAMES and f.model not in RESNET_NAMES),
+        f"--drop_path_rate applies to residual networks only (stochastic depth drops residual branches); "
+        f"--model={f.model!r} has none.",
     )
     need(f.image_size >= 16, f"--image_size={f.image_size} is too small (at least 16).")
     need(0 < f.crop_min_area <= 1, f"--crop_min_area={f.crop_min_area} must be in (0, 1].")
@@ -243,6 +254,7 @@ def main(argv, f=flags.FLAGS):
             input_shape=(f.image_size, f.image_size, 3),
             zero_gamma=f.zero_gamma,
             dropout_rate=f.dropout_rate,
+            drop_path_rate=f.drop_path_rate,
         )
         distribute.set_synchronized_batch_norm(model, f.sync_bn)
         teacher = (

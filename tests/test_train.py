@@ -40,6 +40,8 @@ def _base(tmp_path):
         (["--crop_min_area=0"], r"--crop_min_area=0.0 must be in \(0, 1\]"),
         (["--dataset=imagenet"], r"--dataset: Unknown dataset source 'imagenet'"),
         (["--model=mobilenet", "--zero_gamma"], r"--zero_gamma applies to residual networks only"),
+        (["--model=mobilenet", "--drop_path_rate=0.1"], r"--drop_path_rate applies to residual networks"),
+        (["--drop_path_rate=1"], r"--drop_path_rate=1.0 must be in \[0, 1\)"),
         (["--teacher=resnet18_d:/nonexistent/w.h5"], r"no weights file '/nonexistent/w.h5'"),
         (["--crop_min_area=1.5"], r"--crop_min_area=1.5 must be in \(0, 1\]"),
     ],

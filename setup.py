@@ -45,7 +45,7 @@ EXTRAS = {
     # implementation; VOC mAP is ours, and the import is lazy, so detection on VOC runs without it.
     "coco": ["pycocotools>=2.0.8,<3"],
     "lint": ["ruff>=0.6"],
-    # Only tools/ablation.py's accuracy plot (PNG) uses it; training never does (docs/training.md, Ablations).
+    # Only tools/ablation.py's accuracy plot and evaluate's --confusion_png use it; training never does.
     "tools": ["matplotlib>=3.8"],
 }
 

@@ -20,7 +20,7 @@ import os
 import tensorflow as tf
 from absl import flags
 
-from bot_keras import cli, run_dir, steps
+from bot_keras import cli, metrics, run_dir, steps
 from bot_keras.data import SkippedFiles, dataset_info, make_dataset
 from bot_keras.data.errors import bad_input_message
 
@@ -30,8 +30,9 @@ COMMAND = "bot_keras.evaluate"
 def evaluate_run(
     model_dir, *, dataset=None, split=None, data_dir=None, image_size=None, batch_size=None, skip_corrupt=None
 ):
-    """Evaluates the run in `model_dir`; returns {"top1", "top5", "loss", "count", "split", ...} (and
-    "skipped_files" when skipping). Unset arguments come from the run's flags.txt.
+    """Evaluates the run in `model_dir`; returns {"top1", "top5", "loss", "count", "per_class",
+    "confusion", "split", ...} (and "skipped_files" when skipping). Unset arguments come from the run's
+    flags.txt.
 
     Set-up problems (a missing file, other classes, a broken image) raise cli.SetupError."""
     run = run_dir.read_run(model_dir)
@@ -73,8 +74,11 @@ def evaluate_run(
             skipped_files=skipped_files,
             **source,
         )
+    summed, summarize = metrics.with_confusion(run.class_names)
     try:
-        result = steps.make_eval_function(tf.distribute.get_strategy(), model)(data)
+        result = steps.make_eval_function(
+            tf.distribute.get_strategy(), model, metrics=summed, summarize=summarize
+        )(data)
     except tf.errors.InvalidArgumentError as error:
         message = bad_input_message(error)  # the pipeline's check naming the file, or None: a bug
         if message is None:
@@ -98,6 +102,9 @@ def define_flags(fv):
         "skip_corrupt", None, "Skip undecodable images, naming each (default: the run's --skip_corrupt).", **d
     )
     flags.DEFINE_string("output", None, "JSON file to write (default: MODEL_DIR/eval_SPLIT.json).", **d)
+    flags.DEFINE_string(
+        "confusion_png", None, "Also draw the confusion matrix to this PNG (needs matplotlib).", **d
+    )
 
 
 def evaluate_finetune_run(model_dir, task, *, dataset=None, split=None, data_dir=None, batch_size=None):
@@ -115,7 +122,7 @@ def main(argv, f=flags.FLAGS):
         raise cli.SetupError(f"unexpected arguments: {' '.join(argv[1:])}")
     task = run_dir.read_task(f.model_dir)
     if task != run_dir.CLASSIFICATION:
-        for name in ("image_size", "skip_corrupt"):
+        for name in ("image_size", "skip_corrupt", "confusion_png"):
             if f[name].value is not None:
                 raise cli.SetupError(f"--{name} is for classification runs; {f.model_dir} is a {task} run")
         result, line = evaluate_finetune_run(
@@ -126,6 +133,8 @@ def main(argv, f=flags.FLAGS):
         print(line)
         print(f"Wrote {output}")
         return
+    if f.confusion_png:
+        metrics.pyplot(f.confusion_png)  # before the evaluation: a missing matplotlib is one line, at once
     result = evaluate_run(
         f.model_dir,
         dataset=f.dataset,
@@ -141,6 +150,15 @@ def main(argv, f=flags.FLAGS):
         f"{result['dataset']} {result['split']} ({result['count']} images): "
         f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%"
     )
+    worst = metrics.worst_classes(result["per_class"])
+    if worst:
+        print("Lowest F1: " + ", ".join(
+            f"{name} {100 * result['per_class'][name]['f1']:.1f}% (recall "
+            f"{100 * (result['per_class'][name]['recall'] or 0):.1f}%)" for name in worst
+        ))
+    if f.confusion_png:
+        metrics.plot_confusion(result["confusion"], list(result["per_class"]), f.confusion_png)
+        print(f"Wrote {f.confusion_png}")
     if "skipped_files" in result:
         count = result["skipped_files"]
         print(f"Skipped {count} distinct undecodable file{'' if count == 1 else 's'} (--skip_corrupt).")

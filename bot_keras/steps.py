@@ -129,6 +129,8 @@ def make_train_function(
     metrics=None,
     teacher=None,
     mixup_alpha=0.0,
+    cutmix_alpha=0.0,
+    mix_switch_prob=0.5,
     seed=0,
     jit_compile=False,
     grad_clip_norm=0.0,
@@ -139,7 +141,9 @@ def make_train_function(
     is example B-1-i), the teacher (`teacher.load_teacher`'s, if any) sees the same mixed
     batch, and the loss is divided by the global batch so that the all-reduced SUM of replica gradients is
     the gradient of the global mean. Build the model and optimizer in `strategy.scope()`. `metrics`
-    defaults to `CLASSIFICATION_METRICS`.
+    defaults to `CLASSIFICATION_METRICS`. `cutmix_alpha > 0` adds CutMix (`mixup_ops.sample_mix`): alone it
+    replaces mixup; beside it, each batch of a replica uses CutMix with probability `mix_switch_prob`.
+    `mixup_on` False turns both off.
 
     `jit_compile=True` compiles the whole replica step with XLA (mixup, teacher, forward, backward, the
     overflow agreement, the optimizer update and the metric sums); the step loop and its `next(iterator)`
@@ -157,23 +161,28 @@ def make_train_function(
 
     replicas = strategy.num_replicas_in_sync
 
-    def mixup_lambdas(step, mixup_on):
-        """λ of every replica at `step` (1 when mixup is off): stateless seed (run seed, step·1024 +
-        replica). Drawn outside the replica step: XLA cannot compile the Gamma sampler."""
-        if mixup_alpha <= 0:
-            return tf.ones([replicas])
+    mixing = mixup_alpha > 0 or cutmix_alpha > 0
+
+    def mix_draws(step, mixup_on):
+        """Every replica's `mixup_ops.sample_mix` draw at `step` ([replicas, 4]; λ = 1 when mixing is off):
+        stateless seed (run seed, step·1024 + replica). Drawn outside the replica step: XLA cannot compile
+        the Gamma sampler."""
+        off = tf.constant([[1.0, 0.0, 0.0, 0.0]])
+        if not mixing:
+            return tf.tile(off, [replicas, 1])
         run_seed = tf.cast(seed, tf.int64)
-        lams = [
-            mixup_ops.sample_mixup_lambda(mixup_alpha, seed=tf.stack([run_seed, step * 1024 + r]))
+        draws = [
+            mixup_ops.sample_mix(tf.stack([run_seed, step * 1024 + r]), mixup_alpha=mixup_alpha,
+                                 cutmix_alpha=cutmix_alpha, switch_prob=mix_switch_prob)
             for r in range(replicas)
         ]
-        return tf.where(mixup_on, tf.stack(lams), 1.0)
+        return tf.where(mixup_on, tf.stack(draws), off)
 
-    def replica_step(batch, lams):
+    def replica_step(batch, draws):
         images, labels = batch
-        if mixup_alpha > 0:
-            lam = tf.gather(lams, tf.distribute.get_replica_context().replica_id_in_sync_group)
-            images, labels = mixup_ops.mixup(images, labels, lam)
+        if mixing:
+            draw = tf.gather(draws, tf.distribute.get_replica_context().replica_id_in_sync_group)
+            images, labels = mixup_ops.mix(images, labels, draw)
         teacher_outputs = teacher_logits(teacher, images) if teacher is not None else None
         with tf.GradientTape() as tape:
             outputs = _float32(model(images, training=True))
@@ -197,7 +206,7 @@ def make_train_function(
         replica_step = tf.function(replica_step, jit_compile=True)
 
     def one_step(iterator, step, mixup_on):
-        per_replica = strategy.run(replica_step, args=(next(iterator), mixup_lambdas(step, mixup_on)))
+        per_replica = strategy.run(replica_step, args=(next(iterator), mix_draws(step, mixup_on)))
         return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
     @tf.function

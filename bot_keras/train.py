@@ -80,7 +80,17 @@ def define_flags(fv):
     )
     flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing epsilon (Sec. 5.2).", **d)
     flags.DEFINE_float("mixup_alpha", 0.0, "Mixup Beta(alpha, alpha); 0 turns mixup off (Sec. 5.4).", **d)
-    flags.DEFINE_integer("mixup_off_epochs", 0, "Train the last N epochs without mixup.", **d)
+    flags.DEFINE_float(
+        "cutmix_alpha", 0.0,
+        "CutMix Beta(alpha, alpha) (beyond the paper; timm's): paste a box of the partner image, labels "
+        "mixed by its pasted area; 0 turns it off.", **d,
+    )
+    flags.DEFINE_float(
+        "mix_switch_prob", 0.5,
+        "With both --mixup_alpha and --cutmix_alpha: the probability that a batch uses CutMix, else mixup "
+        "(timm's switch probability).", **d,
+    )
+    flags.DEFINE_integer("mixup_off_epochs", 0, "Train the last N epochs without mixup (and CutMix).", **d)
     flags.DEFINE_string(
         "teacher",
         "",
@@ -149,12 +159,15 @@ def validate_flags(f):
     need(0 <= f.label_smoothing < 1, f"--label_smoothing={f.label_smoothing} must be in [0, 1).")
     need(f.mixup_alpha >= 0, f"--mixup_alpha={f.mixup_alpha} must be >= 0 (0 turns mixup off).")
     need(f.mixup_off_epochs >= 0, f"--mixup_off_epochs={f.mixup_off_epochs} must be >= 0.")
+    need(f.cutmix_alpha >= 0, f"--cutmix_alpha={f.cutmix_alpha} must be >= 0 (0 turns CutMix off).")
+    need(0 <= f.mix_switch_prob <= 1, f"--mix_switch_prob={f.mix_switch_prob} must be in [0, 1].")
     need(
-        not f.mixup_off_epochs or f.mixup_alpha > 0,
-        f"--mixup_off_epochs={f.mixup_off_epochs} needs mixup on (--mixup_alpha > 0, got {f.mixup_alpha}).",
+        not f.mixup_off_epochs or f.mixup_alpha > 0 or f.cutmix_alpha > 0,
+        f"--mixup_off_epochs={f.mixup_off_epochs} needs mixup on (--mixup_alpha > 0, got {f.mixup_alpha}) "
+        f"or CutMix (--cutmix_alpha > 0, got {f.cutmix_alpha}).",
     )
     need(
-        f.mixup_off_epochs < f.epochs or not f.mixup_alpha,
+        f.mixup_off_epochs < f.epochs or not (f.mixup_alpha or f.cutmix_alpha),
         f"--mixup_off_epochs={f.mixup_off_epochs} leaves no mixup epoch out of --epochs={f.epochs}.",
     )
     need(f.distill_temperature > 0, f"--distill_temperature={f.distill_temperature} must be positive.")
@@ -303,6 +316,8 @@ def main(argv, f=flags.FLAGS):
         global_batch_size=f.batch_size,
         teacher=teacher,
         mixup_alpha=f.mixup_alpha,
+        cutmix_alpha=f.cutmix_alpha,
+        mix_switch_prob=f.mix_switch_prob,
         seed=f.seed,
         jit_compile=f.jit_compile,
         grad_clip_norm=f.grad_clip_norm,
@@ -325,7 +340,7 @@ def main(argv, f=flags.FLAGS):
         step_var=step_var,
         steps_per_epoch=steps_per_epoch,
         state=state,
-        mixup_epochs=int(math.ceil(f.epochs)) - f.mixup_off_epochs if f.mixup_alpha else 0,
+        mixup_epochs=int(math.ceil(f.epochs)) - f.mixup_off_epochs if f.mixup_alpha or f.cutmix_alpha else 0,
     )
 
     # Export: the student alone (no teacher, no optimizer), per-replica BN config, next to its class list.

@@ -169,6 +169,37 @@ def test_mixup_in_the_step_uses_the_replica_seeded_lambda_and_switches_off():
     assert run(7, False) == pytest.approx(loss_sum(images, labels), rel=1e-5)  # --mixup_off_epochs
 
 
+def test_cutmix_in_the_step_uses_the_replica_seeded_draw_and_switches_off():
+    from bot_keras.data import mixup as mixup_ops
+
+    keras.utils.set_random_seed(0)
+    model = _tiny_model()
+    optimizer = optimizers.build_optimizer(0.0, weight_decay=0.0)  # lr 0: the model stays fixed
+    optimizer.build(model.trainable_variables)
+    loss = steps.make_per_example_loss(label_smoothing=0.0, temperature=1.0, hard_weight=None)
+    step = steps.make_train_function(
+        tf.distribute.get_strategy(), model, optimizer, per_example_loss=loss, global_batch_size=8,
+        mixup_alpha=0.2, cutmix_alpha=1.0, mix_switch_prob=1.0, seed=5,
+    )
+    images, labels = next(iter(_batches()))
+
+    def loss_sum(x, y):
+        return float(tf.reduce_sum(tf.nn.softmax_cross_entropy_with_logits(labels=y, logits=model(x))))
+
+    def run(start, mixup_on):
+        it = iter(_batches())
+        return step(it, tf.constant(start, tf.int64), tf.constant(1), tf.constant(mixup_on))["loss"].numpy()
+
+    draw = mixup_ops.sample_mix(tf.constant([5, 7 * 1024], tf.int64), mixup_alpha=0.2, cutmix_alpha=1.0,
+                                switch_prob=1.0)
+    assert draw[1] == 1.0  # switch probability 1: CutMix
+    box = mixup_ops.cutmix_box(draw[0], draw[2:], 6, 6)
+    assert 0 < (box[1] - box[0]) * (box[3] - box[2]) < 36  # a proper box, not a no-op
+    mixed_images, mixed_labels = mixup_ops.cutmix(images, labels, box)
+    assert run(7, True) == pytest.approx(loss_sum(mixed_images, mixed_labels), rel=1e-5)
+    assert run(7, False) == pytest.approx(loss_sum(images, labels), rel=1e-5)  # --mixup_off_epochs
+
+
 # --- XLA (jit_compile) ------------------------------------------------------------------------------------
 
 

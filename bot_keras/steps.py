@@ -26,8 +26,11 @@ import numpy as np
 import tensorflow as tf
 
 from bot_keras import losses
+from bot_keras.data import erasing
 from bot_keras.data import mixup as mixup_ops
 from bot_keras.teacher import teacher_logits
+
+ERASING_STREAM = 1  # random erasing's seeds: the step's (run seed, step·1024 + replica) folded with this
 
 
 def classification_sums(per_example_loss, labels, logits):
@@ -131,6 +134,7 @@ def make_train_function(
     mixup_alpha=0.0,
     cutmix_alpha=0.0,
     mix_switch_prob=0.5,
+    random_erasing=0.0,
     seed=0,
     jit_compile=False,
     grad_clip_norm=0.0,
@@ -143,7 +147,9 @@ def make_train_function(
     the gradient of the global mean. Build the model and optimizer in `strategy.scope()`. `metrics`
     defaults to `CLASSIFICATION_METRICS`. `cutmix_alpha > 0` adds CutMix (`mixup_ops.sample_mix`): alone it
     replaces mixup; beside it, each batch of a replica uses CutMix with probability `mix_switch_prob`.
-    `mixup_on` False turns both off.
+    `mixup_on` False turns both off. `random_erasing` > 0 erases a box of each image with that probability
+    (`erasing.random_erasing`, seed (run seed, step·1024 + replica) folded with `ERASING_STREAM`) before
+    the mixing.
 
     `jit_compile=True` compiles the whole replica step with XLA (mixup, teacher, forward, backward, the
     overflow agreement, the optimizer update and the metric sums); the step loop and its `next(iterator)`
@@ -178,10 +184,16 @@ def make_train_function(
         ]
         return tf.where(mixup_on, tf.stack(draws), off)
 
-    def replica_step(batch, draws):
+    def replica_step(batch, draws, step):
         images, labels = batch
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+        if random_erasing > 0:  # on the normalised batch, before mixing (timm's order)
+            erase_seed = tf.random.experimental.stateless_fold_in(
+                tf.stack([tf.cast(seed, tf.int64), step * 1024 + tf.cast(replica, tf.int64)]), ERASING_STREAM
+            )
+            images = erasing.random_erasing(images, probability=random_erasing, seed=erase_seed)
         if mixing:
-            draw = tf.gather(draws, tf.distribute.get_replica_context().replica_id_in_sync_group)
+            draw = tf.gather(draws, replica)
             images, labels = mixup_ops.mix(images, labels, draw)
         teacher_outputs = teacher_logits(teacher, images) if teacher is not None else None
         with tf.GradientTape() as tape:
@@ -206,7 +218,7 @@ def make_train_function(
         replica_step = tf.function(replica_step, jit_compile=True)
 
     def one_step(iterator, step, mixup_on):
-        per_replica = strategy.run(replica_step, args=(next(iterator), mix_draws(step, mixup_on)))
+        per_replica = strategy.run(replica_step, args=(next(iterator), mix_draws(step, mixup_on), step))
         return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
     @tf.function

@@ -90,6 +90,11 @@ def define_flags(fv):
         "With both --mixup_alpha and --cutmix_alpha: the probability that a batch uses CutMix, else mixup "
         "(timm's switch probability).", **d,
     )
+    flags.DEFINE_float(
+        "random_erasing", 0.0,
+        "Random erasing probability per image (beyond the paper; timm's default mode): a box of 2-33% of the "
+        "normalised image replaced by N(0, 1) noise; 0: off.", **d,
+    )
     flags.DEFINE_integer("mixup_off_epochs", 0, "Train the last N epochs without mixup (and CutMix).", **d)
     flags.DEFINE_string(
         "teacher",
@@ -159,6 +164,7 @@ def validate_flags(f):
     need(0 <= f.label_smoothing < 1, f"--label_smoothing={f.label_smoothing} must be in [0, 1).")
     need(f.mixup_alpha >= 0, f"--mixup_alpha={f.mixup_alpha} must be >= 0 (0 turns mixup off).")
     need(f.mixup_off_epochs >= 0, f"--mixup_off_epochs={f.mixup_off_epochs} must be >= 0.")
+    need(0 <= f.random_erasing <= 1, f"--random_erasing={f.random_erasing} must be in [0, 1].")
     need(f.cutmix_alpha >= 0, f"--cutmix_alpha={f.cutmix_alpha} must be >= 0 (0 turns CutMix off).")
     need(0 <= f.mix_switch_prob <= 1, f"--mix_switch_prob={f.mix_switch_prob} must be in [0, 1].")
     need(
@@ -318,6 +324,7 @@ def main(argv, f=flags.FLAGS):
         mixup_alpha=f.mixup_alpha,
         cutmix_alpha=f.cutmix_alpha,
         mix_switch_prob=f.mix_switch_prob,
+        random_erasing=f.random_erasing,
         seed=f.seed,
         jit_compile=f.jit_compile,
         grad_clip_norm=f.grad_clip_norm,

@@ -200,6 +200,32 @@ def test_cutmix_in_the_step_uses_the_replica_seeded_draw_and_switches_off():
     assert run(7, False) == pytest.approx(loss_sum(images, labels), rel=1e-5)  # --mixup_off_epochs
 
 
+def test_random_erasing_in_the_step_erases_before_mixing_with_the_step_seed():
+    from bot_keras.data import erasing
+    from bot_keras.data import mixup as mixup_ops
+
+    keras.utils.set_random_seed(0)
+    model = _tiny_model()
+    optimizer = optimizers.build_optimizer(0.0, weight_decay=0.0)  # lr 0: the model stays fixed
+    optimizer.build(model.trainable_variables)
+    loss = steps.make_per_example_loss(label_smoothing=0.0, temperature=1.0, hard_weight=None)
+    step = steps.make_train_function(
+        tf.distribute.get_strategy(), model, optimizer, per_example_loss=loss, global_batch_size=8,
+        mixup_alpha=0.2, random_erasing=1.0, seed=5,
+    )
+    images, labels = next(iter(_batches()))
+    step_seed = tf.constant([5, 7 * 1024], tf.int64)
+    seed = tf.random.experimental.stateless_fold_in(step_seed, steps.ERASING_STREAM)
+    erased = erasing.random_erasing(images, probability=1.0, seed=seed)
+    assert not np.array_equal(erased.numpy(), images.numpy())
+    lam = mixup_ops.sample_mixup_lambda(0.2, seed=tf.constant([5, 7 * 1024], tf.int64))
+    mixed_images, mixed_labels = mixup_ops.mixup(erased, labels, lam)
+    expected = float(tf.reduce_sum(tf.nn.softmax_cross_entropy_with_logits(labels=mixed_labels,
+                                                                           logits=model(mixed_images))))
+    got = step(iter(_batches()), tf.constant(7, tf.int64), tf.constant(1), tf.constant(True))["loss"]
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+
+
 # --- XLA (jit_compile) ------------------------------------------------------------------------------------
 
 

@@ -33,6 +33,7 @@ def _base(tmp_path):
         (["--label_smoothing=1.0"], r"--label_smoothing=1.0 must be in \[0, 1\)"),
         (["--mixup_off_epochs=1"], r"--mixup_off_epochs=1 needs mixup on \(--mixup_alpha > 0, got 0.0\)"),
         (["--cutmix_alpha=-1"], r"--cutmix_alpha=-1.0 must be >= 0"),
+        (["--random_erasing=2"], r"--random_erasing=2.0 must be in \[0, 1\]"),
         (["--mix_switch_prob=1.5"], r"--mix_switch_prob=1.5 must be in \[0, 1\]"),
         (["--cutmix_alpha=1", "--mixup_off_epochs=2"], r"--mixup_off_epochs=2 leaves no mixup epoch"),
         (["--mixup_alpha=0.2", "--mixup_off_epochs=2"], r"--mixup_off_epochs=2 leaves no mixup epoch"),

@@ -135,6 +135,7 @@ def make_train_function(
     cutmix_alpha=0.0,
     mix_switch_prob=0.5,
     random_erasing=0.0,
+    ema=None,
     seed=0,
     jit_compile=False,
     grad_clip_norm=0.0,
@@ -149,7 +150,7 @@ def make_train_function(
     replaces mixup; beside it, each batch of a replica uses CutMix with probability `mix_switch_prob`.
     `mixup_on` False turns both off. `random_erasing` > 0 erases a box of each image with that probability
     (`erasing.random_erasing`, seed (run seed, step·1024 + replica) folded with `ERASING_STREAM`) before
-    the mixing.
+    the mixing. `ema` (an `ema.WeightEMA`, or None) is updated after every step.
 
     `jit_compile=True` compiles the whole replica step with XLA (mixup, teacher, forward, backward, the
     overflow agreement, the optimizer update and the metric sums); the step loop and its `next(iterator)`
@@ -219,6 +220,8 @@ def make_train_function(
 
     def one_step(iterator, step, mixup_on):
         per_replica = strategy.run(replica_step, args=(next(iterator), mix_draws(step, mixup_on), step))
+        if ema is not None:  # after the update, once for all replicas
+            ema.update()
         return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
     @tf.function

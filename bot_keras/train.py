@@ -20,6 +20,7 @@ from absl import flags
 from bot_keras import cli, distribute, loop, run_dir, schedules, steps, trainer
 from bot_keras.data import Augmentation, SkippedFiles, dataset_info, make_dataset
 from bot_keras.data.sources import parse_source
+from bot_keras.ema import WeightEMA, evaluated_with_averages
 from bot_keras.models import MODEL_NAMES, RESNET_NAMES, build_model
 from bot_keras.teacher import load_teacher, parse_teacher_spec
 
@@ -102,6 +103,11 @@ def define_flags(fv):
         "Distillation teacher: a .keras file, a SavedModel dir, or NAME:WEIGHTS (Sec. 5.3).",
         **d,
     )
+    flags.DEFINE_float(
+        "ema_decay", 0.0,
+        "Weight EMA decay (beyond the paper), e.g. 0.9999, warmed up as min(decay, (1+n)/(10+n)): "
+        "evaluation, model.keras and final_metrics.json use the averaged weights; 0: off.", **d,
+    )
     flags.DEFINE_float("distill_temperature", 20.0, "Distillation temperature T (Sec. 5.3).", **d)
     flags.DEFINE_float(
         "distill_hard_weight", None, "Weight w of the hard loss, (w, 1-w) form; unset: the paper's 1:1.", **d
@@ -176,6 +182,7 @@ def validate_flags(f):
         f.mixup_off_epochs < f.epochs or not (f.mixup_alpha or f.cutmix_alpha),
         f"--mixup_off_epochs={f.mixup_off_epochs} leaves no mixup epoch out of --epochs={f.epochs}.",
     )
+    need(0 <= f.ema_decay < 1, f"--ema_decay={f.ema_decay} must be in [0, 1) (0: off).")
     need(f.distill_temperature > 0, f"--distill_temperature={f.distill_temperature} must be positive.")
     need(
         f.distill_hard_weight is None or 0 <= f.distill_hard_weight <= 1,
@@ -285,6 +292,7 @@ def main(argv, f=flags.FLAGS):
         optimizer, step_var = trainer.build_optimizer(
             f, steps_per_epoch=steps_per_epoch, variables=model.trainable_variables
         )
+        ema = WeightEMA(model, f.ema_decay) if f.ema_decay else None  # in the checkpoints: exact --resume
     state = loop.RunState()  # the run's total training time and last epoch's logs, in its checkpoints
 
     # Restore.
@@ -295,9 +303,12 @@ def main(argv, f=flags.FLAGS):
         optimizer=optimizer,
         step=step_var,
         **state.checkpointed(),
+        **({"ema": ema} if ema is not None else {}),
     )
     if trainer.restore(f, manager, optimizer=optimizer, step_var=step_var, steps_per_epoch=steps_per_epoch):
         distribute.set_synchronized_batch_norm(model, False)  # as exported below
+        if ema is not None:
+            ema.swap()  # the averaged weights are the run's model
         trainer.finish_trained_run(f, machinery=machinery, model=model, state=state, step_var=step_var)
         return
     if machinery.chief:
@@ -325,6 +336,7 @@ def main(argv, f=flags.FLAGS):
         cutmix_alpha=f.cutmix_alpha,
         mix_switch_prob=f.mix_switch_prob,
         random_erasing=f.random_erasing,
+        ema=ema,
         seed=f.seed,
         jit_compile=f.jit_compile,
         grad_clip_norm=f.grad_clip_norm,
@@ -334,6 +346,8 @@ def main(argv, f=flags.FLAGS):
         if eval_dataset is not None
         else None
     )
+    if evaluate is not None and ema is not None:
+        evaluate = evaluated_with_averages(evaluate, ema)  # the epoch's val_* are the averages' scores
     logs, wall_time_s = trainer.fit(
         f,
         machinery=machinery,
@@ -353,6 +367,9 @@ def main(argv, f=flags.FLAGS):
     # Export: the student alone (no teacher, no optimizer), per-replica BN config, next to its class list.
     distribute.set_synchronized_batch_norm(model, False)
     extra_metrics = {}
+    if ema is not None:
+        ema.swap()  # model.keras holds the averaged weights
+        extra_metrics["weights"] = f"ema (decay {f.ema_decay})"
     if f.skip_corrupt:
         count = skipped_files.count()
         plural = "" if count == 1 else "s"

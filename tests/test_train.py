@@ -274,3 +274,28 @@ def test_undecodable_file_stops_training_naming_it(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Training stopped by bad input data" in proc.stderr and "broken.jpg" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow  # a training run end to end, then an evaluation
+def test_ema_run_saves_and_scores_the_averaged_weights(parse, tmp_path):
+    """--ema_decay: model.keras holds the averages (those of the last checkpoint, not the raw weights), and
+    evaluating it gives the val_top1 the trainer logged for its last epoch."""
+    import json
+
+    from bot_keras import evaluate, loop, run_dir
+
+    f = parse(*_base(tmp_path), "--dataset=synthetic:16", "--image_size=16", "--batch_size=8", "--epochs=1",
+              "--ema_decay=0.9", "--base_lr=0.4", "--verbose=0")
+    train.main([], f)
+    run = str(tmp_path / "run")
+    final = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
+    assert final["weights"] == "ema (decay 0.9)"
+    saved = run_dir.load_model(run_dir.read_run(run))
+    reader = tf.train.load_checkpoint(loop.latest_checkpoint(run))
+    names = {name for name, _ in tf.train.list_variables(loop.latest_checkpoint(run))}
+    averages = [reader.get_tensor(f"ema/averages/{i}/.ATTRIBUTES/VARIABLE_VALUE")
+                for i in range(len(saved.weights))]
+    assert "ema/updates/.ATTRIBUTES/VARIABLE_VALUE" in names
+    for weight, average in zip(saved.weights, averages, strict=True):
+        np.testing.assert_array_equal(weight.numpy(), average)
+    assert evaluate.evaluate_run(run)["top1"] == pytest.approx(final["val_top1"], abs=1e-6)

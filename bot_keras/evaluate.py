@@ -28,14 +28,15 @@ COMMAND = "bot_keras.evaluate"
 
 
 def evaluate_run(
-    model_dir, *, dataset=None, split=None, data_dir=None, image_size=None, batch_size=None, skip_corrupt=None
+    model_dir, *, dataset=None, split=None, data_dir=None, image_size=None, batch_size=None,
+    skip_corrupt=None, checkpoint="final",
 ):
     """Evaluates the run in `model_dir`; returns {"top1", "top5", "loss", "count", "per_class",
     "confusion", "split", ...} (and "skipped_files" when skipping). Unset arguments come from the run's
     flags.txt.
 
     Set-up problems (a missing file, other classes, a broken image) raise cli.SetupError."""
-    run = run_dir.read_run(model_dir)
+    run = run_dir.read_run(model_dir, checkpoint=checkpoint)
     dataset = dataset or run.flags["dataset"]
     split = split or run.flags["eval_split"]
     if not split:
@@ -102,6 +103,10 @@ def define_flags(fv):
         "skip_corrupt", None, "Skip undecodable images, naming each (default: the run's --skip_corrupt).", **d
     )
     flags.DEFINE_string("output", None, "JSON file to write (default: MODEL_DIR/eval_SPLIT.json).", **d)
+    flags.DEFINE_enum(
+        "checkpoint", "final", list(run_dir.CHECKPOINTS),
+        "final: model.keras; best: model_best.keras (a run trained with --keep_best).", **d,
+    )
     flags.DEFINE_string(
         "confusion_png", None, "Also draw the confusion matrix to this PNG (needs matplotlib).", **d
     )
@@ -122,6 +127,10 @@ def main(argv, f=flags.FLAGS):
         raise cli.SetupError(f"unexpected arguments: {' '.join(argv[1:])}")
     task = run_dir.read_task(f.model_dir)
     if task != run_dir.CLASSIFICATION:
+        if f.checkpoint != "final":
+            raise cli.SetupError(
+                f"--checkpoint={f.checkpoint} is for classification runs; {f.model_dir} is a {task} run"
+            )
         for name in ("image_size", "skip_corrupt", "confusion_png"):
             if f[name].value is not None:
                 raise cli.SetupError(f"--{name} is for classification runs; {f.model_dir} is a {task} run")
@@ -143,8 +152,10 @@ def main(argv, f=flags.FLAGS):
         image_size=f.image_size,
         batch_size=f.batch_size,
         skip_corrupt=f.skip_corrupt,
+        checkpoint=f.checkpoint,
     )
-    output = f.output or os.path.join(f.model_dir, f"eval_{result['split']}.json")
+    suffix = "_best" if f.checkpoint == "best" else ""
+    output = f.output or os.path.join(f.model_dir, f"eval_{result['split']}{suffix}.json")
     run_dir.write_atomic(output, json.dumps(result, indent=2) + "\n")
     print(
         f"{result['dataset']} {result['split']} ({result['count']} images): "

@@ -17,7 +17,7 @@ import os
 
 from absl import flags
 
-from bot_keras import cli, distribute, loop, run_dir, schedules, steps, trainer
+from bot_keras import best_model, cli, distribute, loop, run_dir, schedules, steps, trainer
 from bot_keras.data import Augmentation, SkippedFiles, dataset_info, make_dataset
 from bot_keras.data.sources import parse_source
 from bot_keras.ema import WeightEMA, evaluated_with_averages
@@ -108,6 +108,11 @@ def define_flags(fv):
         "Weight EMA decay (beyond the paper), e.g. 0.9999, warmed up as min(decay, (1+n)/(10+n)): "
         "evaluation, model.keras and final_metrics.json use the averaged weights; 0: off.", **d,
     )
+    flags.DEFINE_string(
+        "keep_best", "",
+        "Also keep the best epoch's model as model_best.keras, by this evaluation metric: "
+        + " | ".join(best_model.METRICS) + " (beyond the paper); empty: off.", **d,
+    )
     flags.DEFINE_float("distill_temperature", 20.0, "Distillation temperature T (Sec. 5.3).", **d)
     flags.DEFINE_float(
         "distill_hard_weight", None, "Weight w of the hard loss, (w, 1-w) form; unset: the paper's 1:1.", **d
@@ -183,6 +188,11 @@ def validate_flags(f):
         f"--mixup_off_epochs={f.mixup_off_epochs} leaves no mixup epoch out of --epochs={f.epochs}.",
     )
     need(0 <= f.ema_decay < 1, f"--ema_decay={f.ema_decay} must be in [0, 1) (0: off).")
+    need(
+        not f.keep_best or f.keep_best in best_model.METRICS,
+        f"--keep_best={f.keep_best!r} is not one of {best_model.METRICS} (empty: off).",
+    )
+    need(not f.keep_best or f.eval_split, f"--keep_best={f.keep_best} needs an evaluation (--eval_split).")
     need(f.distill_temperature > 0, f"--distill_temperature={f.distill_temperature} must be positive.")
     need(
         f.distill_hard_weight is None or 0 <= f.distill_hard_weight <= 1,
@@ -293,6 +303,11 @@ def main(argv, f=flags.FLAGS):
             f, steps_per_epoch=steps_per_epoch, variables=model.trainable_variables
         )
         ema = WeightEMA(model, f.ema_decay) if f.ema_decay else None  # in the checkpoints: exact --resume
+        keep_best = best_model.KeepBest(
+            f.keep_best, model=model, chief=machinery.chief, step_var=step_var,
+            save=lambda m: run_dir.save_model(m, f.model_dir, run_dir.BEST_MODEL_FILE),
+            steps_per_epoch=steps_per_epoch, sync_bn=f.sync_bn,
+        ) if f.keep_best else None
     state = loop.RunState()  # the run's total training time and last epoch's logs, in its checkpoints
 
     # Restore.
@@ -304,6 +319,7 @@ def main(argv, f=flags.FLAGS):
         step=step_var,
         **state.checkpointed(),
         **({"ema": ema} if ema is not None else {}),
+        **(keep_best.checkpointed() if keep_best is not None else {}),
     )
     if trainer.restore(f, manager, optimizer=optimizer, step_var=step_var, steps_per_epoch=steps_per_epoch):
         distribute.set_synchronized_batch_norm(model, False)  # as exported below
@@ -346,6 +362,8 @@ def main(argv, f=flags.FLAGS):
         if eval_dataset is not None
         else None
     )
+    if evaluate is not None and keep_best is not None:
+        evaluate = keep_best.wrap(evaluate)  # inside the EMA swap below: scores and saves the averages
     if evaluate is not None and ema is not None:
         evaluate = evaluated_with_averages(evaluate, ema)  # the epoch's val_* are the averages' scores
     logs, wall_time_s = trainer.fit(
@@ -370,6 +388,8 @@ def main(argv, f=flags.FLAGS):
     if ema is not None:
         ema.swap()  # model.keras holds the averaged weights
         extra_metrics["weights"] = f"ema (decay {f.ema_decay})"
+    if keep_best is not None:
+        extra_metrics.update(keep_best.summary())
     if f.skip_corrupt:
         count = skipped_files.count()
         plural = "" if count == 1 else "s"

@@ -49,7 +49,7 @@ EXTRAS = {
     # Only --backbone_weights=timm:NAME downloads through it (bot_keras/models/timm_weights.py, lazily).
     "hub": ["huggingface_hub>=0.20"],
     "lint": ["ruff>=0.6"],
-    # Only tools/ablation.py's accuracy plot (PNG) uses it; training never does (docs/training.md, Ablations).
+    # Only tools/ablation.py's accuracy plot and evaluate's --confusion_png use it; training never does.
     "tools": ["matplotlib>=3.8"],
 }
 

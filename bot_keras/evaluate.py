@@ -20,20 +20,21 @@ import os
 
 from absl import flags
 
-from bot_keras import cli, run_dir, tasks
+from bot_keras import cli, metrics, run_dir, tasks
 
 COMMAND = "bot_keras.evaluate"
 CLASSIFICATION_FLAGS = ("image_size", "skip_corrupt")  # what only a classification run's evaluation takes
 
 
 def evaluate_run(
-    model_dir, *, dataset=None, split=None, data_dir=None, image_size=None, batch_size=None, skip_corrupt=None
+    model_dir, *, dataset=None, split=None, data_dir=None, image_size=None, batch_size=None,
+    skip_corrupt=None, checkpoint="final",
 ):
     """Evaluates the classification run in `model_dir`; returns {"top1", "top5", "loss", "count", "split",
     ...} (and "skipped_files" when skipping). Unset arguments come from the run's flags.txt.
 
     Set-up problems (a missing file, other classes, a broken image) raise cli.SetupError."""
-    run = run_dir.read_run(model_dir)
+    run = run_dir.read_run(model_dir, checkpoint=checkpoint)
     result, _ = tasks.task_module(run.task).evaluate_run(
         run, dataset=dataset, split=split, data_dir=data_dir, image_size=image_size, batch_size=batch_size,
         skip_corrupt=skip_corrupt,
@@ -53,12 +54,21 @@ def define_flags(fv):
         "skip_corrupt", None, "Skip undecodable images, naming each (default: the run's --skip_corrupt).", **d
     )
     flags.DEFINE_string("output", None, "JSON file to write (default: MODEL_DIR/eval_SPLIT.json).", **d)
+    flags.DEFINE_enum(
+        "checkpoint", "final", list(run_dir.CHECKPOINTS),
+        "final: model.keras; best: model_best.keras (a classification run trained with --keep_best).", **d,
+    )
+    flags.DEFINE_string(
+        "confusion_png", None, "Classification: also draw the confusion matrix to this PNG (matplotlib).",
+        **d,
+    )
 
 
-def evaluate_task_run(model_dir, task, **overrides):
-    """Evaluates the `task` run in `model_dir` through its task module (`bot_keras.tasks`); the non-None
-    `overrides` replace the run's flags. Returns (result for the JSON, the lines to print)."""
-    run = run_dir.read_run(model_dir, task=task)
+def evaluate_task_run(model_dir, task, checkpoint="final", **overrides):
+    """Evaluates the `task` run in `model_dir` (its `checkpoint`: final or best) through its task module
+    (`bot_keras.tasks`); the non-None `overrides` replace the run's flags. Returns (result for the JSON, the
+    lines to print)."""
+    run = run_dir.read_run(model_dir, task=task, checkpoint=checkpoint)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     return tasks.task_module(task).evaluate_run(run, **overrides)
 
@@ -80,10 +90,19 @@ def main(argv, f=flags.FLAGS):
             overrides[name] = f[name].value
         elif f[name].value is not None:
             raise cli.SetupError(f"--{name} is for classification runs; {f.model_dir} is a {task} run")
-    result, line = evaluate_task_run(f.model_dir, task, **overrides)
-    output = f.output or os.path.join(f.model_dir, f"eval_{result['split']}.json")
+    if task != tasks.CLASSIFICATION and (f.checkpoint != "final" or f.confusion_png):
+        flag = "--confusion_png" if f.confusion_png else f"--checkpoint={f.checkpoint}"
+        raise cli.SetupError(f"{flag} is for classification runs; {f.model_dir} is a {task} run")
+    if f.confusion_png:
+        metrics.pyplot(f.confusion_png)  # before the evaluation: a missing matplotlib is one line, at once
+    result, line = evaluate_task_run(f.model_dir, task, checkpoint=f.checkpoint, **overrides)
+    suffix = "_best" if f.checkpoint == "best" else ""
+    output = f.output or os.path.join(f.model_dir, f"eval_{result['split']}{suffix}.json")
     run_dir.write_atomic(output, json.dumps(result, indent=2) + "\n")
     print(line)
+    if f.confusion_png:
+        metrics.plot_confusion(result["confusion"], list(result["per_class"]), f.confusion_png)
+        print(f"Wrote {f.confusion_png}")
     print(f"Wrote {output}")
 
 

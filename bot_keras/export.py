@@ -172,9 +172,11 @@ def _write(run, model, staging, *, export_format, quantize, top_k):
             shutil.copyfile(run.model_dir / name, extra / name)
 
 
-def export(model_dir, export_dir, *, export_format="savedmodel", overwrite=False, quantize="none", top_k=5):
+def export(model_dir, export_dir, *, export_format="savedmodel", overwrite=False, quantize="none", top_k=5,
+           checkpoint="final"):
     """Exports the run in `model_dir` to `export_dir`; returns the export directory as a Path. Bad
-    options or a bad run directory raise cli.SetupError naming them."""
+    options or a bad run directory raise cli.SetupError naming them. `checkpoint="best"` exports
+    `model_best.keras` (`--keep_best`) instead of `model.keras`."""
     if export_format not in FORMATS:
         raise cli.SetupError(f"export_format={export_format} is not one of {', '.join(FORMATS)}")
     if quantize not in QUANTIZE:
@@ -191,7 +193,7 @@ def export(model_dir, export_dir, *, export_format="savedmodel", overwrite=False
     task = run_dir.read_task(model_dir) if pathlib.Path(model_dir).is_dir() else run_dir.CLASSIFICATION
     if task != run_dir.CLASSIFICATION and export_format == "tflite":
         raise cli.SetupError(f"{model_dir} is a {task} run; it exports as savedmodel or keras, not tflite")
-    run = run_dir.read_run(model_dir, task=task)
+    run = run_dir.read_run(model_dir, task=task, checkpoint=checkpoint)
     model = run_dir.load_model(run)
 
     export_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -234,6 +236,10 @@ def define_flags(fv):
         "quantize", "none", QUANTIZE, "TFLite only: dynamic-range (int8 weight) quantisation.", **d
     )
     flags.DEFINE_integer("top_k", 5, "SavedModel only: how many classes the top_k_* outputs hold.", **d)
+    flags.DEFINE_enum(
+        "checkpoint", "final", list(run_dir.CHECKPOINTS),
+        "final: model.keras; best: model_best.keras (a run trained with --keep_best).", **d,
+    )
 
 
 def main(argv, f=flags.FLAGS):
@@ -246,6 +252,7 @@ def main(argv, f=flags.FLAGS):
         overwrite=f.overwrite,
         quantize=f.quantize,
         top_k=f.top_k,
+        checkpoint=f.checkpoint,
     )
     print(f"exported {f.model_dir} ({f.format}) to {path}")
 

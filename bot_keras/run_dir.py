@@ -42,6 +42,8 @@ RUN_FILE = "run.json"
 FLAGS_FILE = "flags.txt"
 CLASSES_FILE = "classes.txt"
 MODEL_FILE = "model.keras"
+BEST_MODEL_FILE = "model_best.keras"  # --keep_best: the inference model of the best epoch
+CHECKPOINTS = {"final": MODEL_FILE, "best": BEST_MODEL_FILE}  # --checkpoint of evaluate and export
 METRICS_FILE = "final_metrics.json"
 CHECKPOINTS_DIR = "checkpoints"
 LOGS_DIR = "logs"
@@ -113,10 +115,10 @@ def write_metrics(model_dir, metrics):
     write_atomic(pathlib.Path(model_dir) / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
 
 
-def save_model(model, model_dir):
-    """`model.save` to `model_dir/model.keras`, atomically (Keras needs the `.keras` suffix on the
-    temporary name too)."""
-    path = pathlib.Path(model_dir) / MODEL_FILE
+def save_model(model, model_dir, name=MODEL_FILE):
+    """`model.save` to `model_dir/model.keras` (or `name`, e.g. `BEST_MODEL_FILE`), atomically (Keras needs
+    the `.keras` suffix on the temporary name too)."""
+    path = pathlib.Path(model_dir) / name
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
     try:
         model.save(tmp)
@@ -228,10 +230,11 @@ class Run:
     task: str
     flags: dict  # every flag of the training command: the run's value, or the command's default
     class_names: tuple
+    model_file: str = MODEL_FILE  # or BEST_MODEL_FILE (`read_run(..., checkpoint="best")`)
 
     @property
     def model_path(self):
-        return self.model_dir / MODEL_FILE
+        return self.model_dir / self.model_file
 
     @property
     def model_name(self):
@@ -244,12 +247,17 @@ class Run:
         return self.flags["image_size" if self.task == CLASSIFICATION else "crop_size"]
 
 
-def read_run(model_dir, *, task=CLASSIFICATION):
+def read_run(model_dir, *, task=CLASSIFICATION, checkpoint="final"):
     """Checks a finished run directory of `task` and reads its flags and class names; a SetupError names
-    what is missing or wrong."""
+    what is missing or wrong. `checkpoint="best"` reads `model_best.keras` (`--keep_best`) instead of
+    `model.keras`."""
     model_dir = pathlib.Path(model_dir)
     if not model_dir.is_dir():
         raise SetupError(f"run directory {model_dir} does not exist (--model_dir={model_dir})")
+    if checkpoint not in CHECKPOINTS:
+        raise SetupError(f"--checkpoint={checkpoint!r} is not one of {', '.join(CHECKPOINTS)}")
+    if checkpoint == "best" and not (model_dir / BEST_MODEL_FILE).is_file():
+        raise SetupError(f"--checkpoint=best: {model_dir} has no {BEST_MODEL_FILE} (train with --keep_best)")
     missing = [name for name in (FLAGS_FILE, CLASSES_FILE, MODEL_FILE) if not (model_dir / name).is_file()]
     if missing:
         hint = ""
@@ -271,7 +279,8 @@ def read_run(model_dir, *, task=CLASSIFICATION):
     if not class_names:
         raise SetupError(f"{model_dir / CLASSES_FILE} lists no classes")
     values = {name: parsed[name].value for name in parsed}
-    return Run(model_dir=model_dir, task=run_task, flags=values, class_names=class_names)
+    return Run(model_dir=model_dir, task=run_task, flags=values, class_names=class_names,
+               model_file=CHECKPOINTS[checkpoint])
 
 
 # --- the model --------------------------------------------------------------------------------------------
@@ -363,8 +372,10 @@ def float32_rebuild(model, run):
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32")
     try:
+        # Stochastic depth adds weightless layers that change the layers' order: rebuilt with them too.
         rebuilt = build_model(
-            run.model_name, num_classes=len(run.class_names), input_shape=model.input_shape[1:]
+            run.model_name, num_classes=len(run.class_names), input_shape=model.input_shape[1:],
+            drop_path_rate=run.flags.get("drop_path_rate", 0.0),
         )
     finally:
         keras.mixed_precision.set_global_policy(previous)

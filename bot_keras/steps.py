@@ -26,9 +26,11 @@ import numpy as np
 import tensorflow as tf
 
 from bot_keras import losses
-from bot_keras.data import augment
+from bot_keras.data import augment, erasing
 from bot_keras.data import mixup as mixup_ops
 from bot_keras.teacher import teacher_logits
+
+ERASING_STREAM = 1  # random erasing's seeds: the step's (run seed, step·1024 + replica) folded with this
 
 
 def classification_sums(per_example_loss, labels, logits):
@@ -130,6 +132,10 @@ def make_train_function(
     metrics=None,
     teacher=None,
     mixup_alpha=0.0,
+    cutmix_alpha=0.0,
+    mix_switch_prob=0.5,
+    random_erasing=0.0,
+    ema=None,
     seed=0,
     jit_compile=False,
     grad_clip_norm=0.0,
@@ -140,13 +146,18 @@ def make_train_function(
     What a replica does to its batch before the model, in order (`prepare_batch`): the device half of
     Section 2.1 when `augmentation.on == "device"` (the uint8 batch cast, jittered, lit and normalised in
     float32, `augment.augment_batch_on_device`, each image's draws from the seed (run seed, step, replica),
-    so a resumed run draws what an uninterrupted one would), then mixup; the model gets its compute dtype.
+    so a resumed run draws what an uninterrupted one would), then random erasing, then mixup or CutMix;
+    the model gets its compute dtype.
 
     Each replica mixes its own batch with its own λ (Section 5.4: one λ a batch; the partner of example i
     is example B-1-i), the teacher (`teacher.load_teacher`'s, if any) sees the same mixed
     batch, and the loss is divided by the global batch so that the all-reduced SUM of replica gradients is
     the gradient of the global mean. Build the model and optimizer in `strategy.scope()`. `metrics`
-    defaults to `CLASSIFICATION_METRICS`.
+    defaults to `CLASSIFICATION_METRICS`. `cutmix_alpha > 0` adds CutMix (`mixup_ops.sample_mix`): alone it
+    replaces mixup; beside it, each batch of a replica uses CutMix with probability `mix_switch_prob`.
+    `mixup_on` False turns both off. `random_erasing` > 0 erases a box of each image with that probability
+    (`erasing.random_erasing`, seed (run seed, step·1024 + replica) folded with `ERASING_STREAM`) before
+    the mixing. `ema` (an `ema.WeightEMA`, or None) is updated after every step.
 
     `jit_compile=True` compiles the whole replica step with XLA (mixup, teacher, forward, backward, the
     overflow agreement, the optimizer update and the metric sums); the step loop and its `next(iterator)`
@@ -164,37 +175,48 @@ def make_train_function(
 
     replicas = strategy.num_replicas_in_sync
 
-    def mixup_lambdas(step, mixup_on):
-        """λ of every replica at `step` (1 when mixup is off): stateless seed (run seed, step·1024 +
-        replica). Drawn outside the replica step: XLA cannot compile the Gamma sampler."""
-        if mixup_alpha <= 0:
-            return tf.ones([replicas])
+    mixing = mixup_alpha > 0 or cutmix_alpha > 0
+
+    def mix_draws(step, mixup_on):
+        """Every replica's `mixup_ops.sample_mix` draw at `step` ([replicas, 4]; λ = 1 when mixing is off):
+        stateless seed (run seed, step·1024 + replica). Drawn outside the replica step: XLA cannot compile
+        the Gamma sampler."""
+        off = tf.constant([[1.0, 0.0, 0.0, 0.0]])
+        if not mixing:
+            return tf.tile(off, [replicas, 1])
         run_seed = tf.cast(seed, tf.int64)
-        lams = [
-            mixup_ops.sample_mixup_lambda(mixup_alpha, seed=tf.stack([run_seed, step * 1024 + r]))
+        draws = [
+            mixup_ops.sample_mix(tf.stack([run_seed, step * 1024 + r]), mixup_alpha=mixup_alpha,
+                                 cutmix_alpha=cutmix_alpha, switch_prob=mix_switch_prob)
             for r in range(replicas)
         ]
-        return tf.where(mixup_on, tf.stack(lams), 1.0)
+        return tf.where(mixup_on, tf.stack(draws), off)
 
     on_device = augmentation is not None and augmentation.on == "device"
 
-    def prepare_batch(batch, step, lams):
+    def prepare_batch(batch, step, draws):
         """A replica's batch as the model trains on it, in this order: device augmentation (float32) →
-        mixup → the model's compute dtype (host-augmented float32 batches are left to the model's cast)."""
+        random erasing (on the normalised batch, timm's order) → mixup/CutMix → the model's compute dtype
+        (host-augmented float32 batches are left to the model's cast)."""
         images, labels = batch
         replica = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, tf.int64)
         if on_device:
             images = augment.augment_batch_on_device(
                 images, device_augmentation_seed(seed, step, replica), augmentation
             )
-        if mixup_alpha > 0:
-            images, labels = mixup_ops.mixup(images, labels, tf.gather(lams, replica))
+        if random_erasing > 0:
+            erase_seed = tf.random.experimental.stateless_fold_in(
+                tf.stack([tf.cast(seed, tf.int64), step * 1024 + replica]), ERASING_STREAM
+            )
+            images = erasing.random_erasing(images, probability=random_erasing, seed=erase_seed)
+        if mixing:
+            images, labels = mixup_ops.mix(images, labels, tf.gather(draws, replica))
         if on_device:
             images = tf.cast(images, model.compute_dtype)
         return images, labels
 
-    def replica_step(batch, step, lams):
-        images, labels = prepare_batch(batch, step, lams)
+    def replica_step(batch, draws, step):
+        images, labels = prepare_batch(batch, step, draws)
         teacher_outputs = teacher_logits(teacher, images) if teacher is not None else None
         with tf.GradientTape() as tape:
             outputs = _float32(model(images, training=True))
@@ -218,7 +240,9 @@ def make_train_function(
         replica_step = tf.function(replica_step, jit_compile=True)
 
     def one_step(iterator, step, mixup_on):
-        per_replica = strategy.run(replica_step, args=(next(iterator), step, mixup_lambdas(step, mixup_on)))
+        per_replica = strategy.run(replica_step, args=(next(iterator), mix_draws(step, mixup_on), step))
+        if ema is not None:  # after the update, once for all replicas
+            ema.update()
         return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
     @tf.function

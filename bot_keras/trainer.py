@@ -31,9 +31,10 @@ import keras
 import tensorflow as tf
 from absl import flags, logging
 
-from bot_keras import cli, distribute, loop, optimizers, run_dir, schedules, steps, tasks
+from bot_keras import best_model, cli, distribute, loop, optimizers, run_dir, schedules, steps, tasks
 from bot_keras.data import SkippedFiles
 from bot_keras.data.errors import bad_input_message
+from bot_keras.ema import WeightEMA, evaluated_with_averages
 from bot_keras.models.resnet import BACKBONE_VARIABLE_PATTERN
 
 
@@ -471,6 +472,14 @@ def run(task, f, *, flags_text):
         optimizer, step_var = build_optimizer(
             f, steps_per_epoch=epoch_steps, variables=model.trainable_variables
         )
+        # Beyond the paper, where the task defines the flags: weight EMA and the best epoch's model.
+        ema_decay = getattr(f, "ema_decay", 0.0)
+        ema = WeightEMA(model, ema_decay) if ema_decay else None  # in the checkpoints: exact --resume
+        keep_best = best_model.KeepBest(
+            f.keep_best, model=model, chief=machinery.chief, step_var=step_var,
+            save=lambda m: run_dir.save_model(m, f.model_dir, run_dir.BEST_MODEL_FILE),
+            steps_per_epoch=epoch_steps, sync_bn=getattr(f, "sync_bn", False),
+        ) if getattr(f, "keep_best", "") else None
     state = loop.RunState(task.CSV_COLUMNS)  # the run's total training time and last epoch's logs
 
     # Restore.
@@ -481,8 +490,14 @@ def run(task, f, *, flags_text):
         optimizer=optimizer,
         step=step_var,
         **state.checkpointed(),
+        **({"ema": ema} if ema is not None else {}),
+        **(keep_best.checkpointed() if keep_best is not None else {}),
     )
     evaluate = task.make_evaluator(f, strategy, model, class_names) if eval_dataset is not None else None
+    if evaluate is not None and keep_best is not None:
+        evaluate = keep_best.wrap(evaluate)  # inside the EMA swap below: scores and saves the averages
+    if evaluate is not None and ema is not None:
+        evaluate = evaluated_with_averages(evaluate, ema)  # the epoch's val_* are the averages' scores
 
     def evaluation_details():
         """final_metrics.json's `val_<name>` of the evaluator's last call (e.g. per-class AP or IoU)."""
@@ -498,6 +513,8 @@ def run(task, f, *, flags_text):
 
     if restore(f, manager, optimizer=optimizer, step_var=step_var, steps_per_epoch=epoch_steps):
         # Nothing left to train.
+        if ema is not None:
+            ema.swap()  # the averaged weights are the run's model
         finish_trained_run(
             f, machinery=machinery, model=task.final_model(f, model, num_classes=len(class_names)),
             state=state, step_var=step_var, extra_metrics=restored_evaluation_details,
@@ -515,6 +532,7 @@ def run(task, f, *, flags_text):
         seed=f.seed,
         jit_compile=f.jit_compile,
         grad_clip_norm=f.grad_clip_norm,
+        ema=ema,
         **options.step_kwargs,
     )
     logs, wall_time_s = fit(
@@ -534,8 +552,14 @@ def run(task, f, *, flags_text):
     )
 
     # The final model.
+    if ema is not None:
+        ema.swap()  # model.keras holds the averaged weights
     final = task.final_model(f, model, num_classes=len(class_names))
     extra_metrics = evaluation_details()
+    if ema is not None:
+        extra_metrics["weights"] = f"ema (decay {ema_decay})"
+    if keep_best is not None:
+        extra_metrics.update(keep_best.summary())
     if getattr(f, "skip_corrupt", False):
         count = skipped_files.count()
         plural = "" if count == 1 else "s"

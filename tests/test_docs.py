@@ -41,7 +41,7 @@ def test_generated_flag_tables_are_current():
 
 def test_refresh_rewrites_a_changed_table():
     table = flag_reference.table("export")
-    assert "| `--format` | `savedmodel` |" in table and table.count("\n| `--") == 6
+    assert "| `--format` | `savedmodel` |" in table and table.count("\n| `--") == 7
     stale = "<!-- flags:export -->\n" + table.replace("`savedmodel`", "`keras`", 1) + "<!-- /flags:export -->"
     assert flag_reference.refresh(stale) != stale
     assert flag_reference.refresh(flag_reference.refresh(stale)) == flag_reference.refresh(stale)

@@ -85,6 +85,27 @@ def test_folder_dataset_trains_and_evaluates_end_to_end(trained_folder_run):
     # The exported model.keras scores what the trainer measured at its last epoch end.
     assert result["top1"] == pytest.approx(final["val_top1"], abs=1e-6)
     assert result["top5"] == 1.0  # 3 classes: every label is in the top 5
+    confusion = np.array(result["confusion"])
+    assert confusion.shape == (3, 3) and confusion.sum() == 12
+    assert np.trace(confusion) / 12 == pytest.approx(result["top1"])
+    assert [m["support"] for m in result["per_class"].values()] == [4, 4, 4]
+    assert list(result["per_class"]) == ["cat", "dog", "fish"]
+
+
+def test_evaluate_command_writes_per_class_metrics_and_the_confusion_png(trained_folder_run, tmp_path,
+                                                                          capsys):
+    pytest.importorskip("matplotlib")
+    run_dir, _ = trained_folder_run
+    output, png = tmp_path / "eval.json", tmp_path / "confusion.png"
+    f = flags.FlagValues()
+    evaluate.define_flags(f)
+    f(["evaluate", f"--model_dir={run_dir}", f"--output={output}", f"--confusion_png={png}"])
+    evaluate.main(["evaluate"], f)
+    report = json.loads(output.read_text())
+    assert set(report["per_class"]["dog"]) == {"precision", "recall", "f1", "support"}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "Lowest F1: " in printed and f"Wrote {png}" in printed
 
 
 def test_evaluate_rejects_runs_trained_on_other_classes(trained_folder_run, tmp_path):

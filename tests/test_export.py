@@ -181,6 +181,15 @@ def test_mixed_float16_run_is_exported_as_float32_with_the_same_logits(tmp_path)
     assert gap <= 1e-3 * scale
 
 
+def test_mixed_float16_run_with_stochastic_depth_rebuilds_with_the_same_weights(tmp_path):
+    # The drop-path layers change the functional model's layer order: the float32 rebuild must have them.
+    run_dir, trained = make_run(tmp_path / "run16", precision="mixed_float16", drop_path_rate=0.2)
+    rebuilt = runs.load_model(runs.read_run(run_dir))
+    assert {layer.compute_dtype for layer in rebuilt.layers} == {"float32"}
+    for source, target in zip(trained.weights, rebuilt.weights, strict=True):
+        np.testing.assert_array_equal(source.numpy(), target.numpy())
+
+
 def test_weights_that_do_not_fit_the_flags_architecture_are_named(tmp_path):
     run_dir, _ = make_run(tmp_path / "run16", precision="mixed_float16")
     flags = (run_dir / "flags.txt").read_text().replace(f"--model={MODEL}", "--model=resnet34_d")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bot_keras.models import MODEL_NAMES, build_backbone, build_model, load_classifier_weights
-from bot_keras.models.resnet import BLOCKS_PER_STAGE, Tweaks, resnet_features
+from bot_keras.models.resnet import BLOCKS_PER_STAGE, Tweaks, drop_path_rates, resnet_features
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -272,6 +272,54 @@ def test_zero_gamma_blocks_start_as_their_shortcut():
     before, after = (np.asarray(t) for t in probe(images(32), training=False))
     assert np.abs(before).max() > 0
     np.testing.assert_array_equal(after, before)  # identity shortcut, zero branch, ReLU of a ReLU output
+
+
+# --- stochastic depth ------------------------------------------------------------------------------------
+
+
+def test_drop_path_rates_rise_linearly_over_the_blocks():
+    # ResNet-18: 8 blocks, rate i/7 of the last block's 0.35 (timm's schedule).
+    np.testing.assert_allclose(drop_path_rates(18, 0.35), [0.35 * i / 7 for i in range(8)])
+    assert len(drop_path_rates(50, 0.1)) == 16 and drop_path_rates(50, 0.1)[-1] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match=r"drop_path_rate must be in \[0, 1\), got 1.0"):
+        drop_path_rates(18, 1.0)
+
+
+def test_drop_path_is_the_identity_at_inference():
+    plain = build_model("resnet18_d", num_classes=10, input_shape=(32, 32, 3))
+    dropped = build_model("resnet18_d", num_classes=10, input_shape=(32, 32, 3), drop_path_rate=0.5)
+    randomize(plain)
+    load_classifier_weights(dropped, plain)  # layer by layer: the drop-path layers have no weights
+    x = images(32, batch=4)
+    inference = np.asarray(dropped(x, training=False))
+    np.testing.assert_array_equal(inference, np.asarray(plain(x, training=False)))
+    # In training the two differ (a negative control for the comparison above).
+    assert not np.allclose(np.asarray(dropped(x, training=True)), np.asarray(plain(x, training=True)))
+
+
+def test_drop_path_survival_per_block_follows_the_schedule():
+    """Each block keeps its branch for a whole example with probability 1 - rate, scaled by 1 / (1 - rate):
+    the survivors' branches are nonzero and the dropped ones exactly zero, within 4 binomial sigmas."""
+    rate, batch = 0.6, 256
+    model = build_model("resnet18_d", num_classes=10, input_shape=(32, 32, 3), drop_path_rate=rate)
+    drops = [layer for layer in model.layers if layer.name.endswith("_drop_path")]
+    expected = drop_path_rates(18, rate)
+    names = [f"stage{s}_block{b}_drop_path" for s in (1, 2, 3, 4) for b in (0, 1)]
+    assert [d.name for d in drops] == names[1:]
+    probe = keras.Model(model.input, [t for d in drops for t in (d.input, d.output)])
+    outputs = [np.asarray(t) for t in probe(images(32, batch=batch), training=True)]
+    for i, (branch, dropped) in enumerate(zip(outputs[::2], outputs[1::2], strict=True)):
+        block_rate = expected[i + 1]  # the first block's rate is 0: no layer
+        kept = np.abs(dropped).reshape(batch, -1).max(axis=1) > 0
+        sigma = np.sqrt(block_rate * (1 - block_rate) / batch)
+        assert abs((1 - kept.mean()) - block_rate) < 4 * sigma, (drops[i].name, kept.mean(), block_rate)
+        np.testing.assert_allclose(dropped[kept], branch[kept] / (1 - block_rate), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mobilenet", "inception_v3"])
+def test_drop_path_is_refused_without_residual_blocks(name):
+    with pytest.raises(ValueError, match=f"drop_path_rate=0.1 does not apply to '{name}'.*has none"):
+        build_model(name, num_classes=10, input_shape=(96, 96, 3), drop_path_rate=0.1)
 
 
 # --- initialisers ----------------------------------------------------------------------------------------

@@ -135,32 +135,32 @@ def test_grad_clip_norm_rescales_the_gradient_to_the_norm_and_leaves_smaller_one
         _one_clipped_step("float32", -1.0)
 
 
-def test_mixup_in_the_step_uses_the_replica_seeded_lambda_and_switches_off():
-    from bot_keras.data import mixup as mixup_ops
-
+def _frozen_step(**kwargs):
+    """A step with learning rate 0 (the model stays fixed) and the mixing options `kwargs`; returns
+    (run(start, mixup_on) -> the step's summed loss, loss_sum(images, labels) -> the same by hand)."""
     keras.utils.set_random_seed(0)
     model = _tiny_model()
-    optimizer = optimizers.build_optimizer(0.0, weight_decay=0.0)  # lr 0: the model stays fixed
+    optimizer = optimizers.build_optimizer(0.0, weight_decay=0.0)
     optimizer.build(model.trainable_variables)
     loss = steps.make_per_example_loss(label_smoothing=0.0, temperature=1.0, hard_weight=None)
-    step = steps.make_train_function(
-        tf.distribute.get_strategy(),
-        model,
-        optimizer,
-        per_example_loss=loss,
-        global_batch_size=8,
-        mixup_alpha=0.2,
-        seed=5,
-    )
-    images, labels = next(iter(_batches()))
-
-    def loss_sum(x, y):
-        return float(tf.reduce_sum(tf.nn.softmax_cross_entropy_with_logits(labels=y, logits=model(x))))
+    step = steps.make_train_function(tf.distribute.get_strategy(), model, optimizer, per_example_loss=loss,
+                                     global_batch_size=8, seed=5, **kwargs)
 
     def run(start, mixup_on):
         it = iter(_batches())
         return step(it, tf.constant(start, tf.int64), tf.constant(1), tf.constant(mixup_on))["loss"].numpy()
 
+    def loss_sum(x, y):
+        return float(tf.reduce_sum(tf.nn.softmax_cross_entropy_with_logits(labels=y, logits=model(x))))
+
+    return run, loss_sum
+
+
+def test_mixup_in_the_step_uses_the_replica_seeded_lambda_and_switches_off():
+    from bot_keras.data import mixup as mixup_ops
+
+    run, loss_sum = _frozen_step(mixup_alpha=0.2)
+    images, labels = next(iter(_batches()))
     # λ of replica 0 at step 7 with run seed 5: seed (5, 7·1024 + 0).
     lam = mixup_ops.sample_mixup_lambda(0.2, seed=tf.constant([5, 7 * 1024], tf.int64))
     mixed_images, mixed_labels = mixup_ops.mixup(images, labels, lam)
@@ -229,6 +229,35 @@ def test_device_augmentation_in_the_step_computes_in_float32_and_hands_the_model
     other = augment.augment_batch_on_device(tf.constant(images), steps.device_augmentation_seed(5, 12, 0))
     assert np.abs(other.numpy() - expected).max() > 0.05
     keras.mixed_precision.set_global_policy("float32")
+
+
+def test_cutmix_in_the_step_uses_the_replica_seeded_draw_and_switches_off():
+    from bot_keras.data import mixup as mixup_ops
+
+    run, loss_sum = _frozen_step(mixup_alpha=0.2, cutmix_alpha=1.0, mix_switch_prob=1.0)
+    images, labels = next(iter(_batches()))
+    draw = mixup_ops.sample_mix(tf.constant([5, 7 * 1024], tf.int64), mixup_alpha=0.2, cutmix_alpha=1.0,
+                                switch_prob=1.0)
+    assert draw[1] == 1.0  # switch probability 1: CutMix
+    box = mixup_ops.cutmix_box(draw[0], draw[2:], 6, 6)
+    assert 0 < (box[1] - box[0]) * (box[3] - box[2]) < 36  # a proper box, not a no-op
+    mixed_images, mixed_labels = mixup_ops.cutmix(images, labels, box)
+    assert run(7, True) == pytest.approx(loss_sum(mixed_images, mixed_labels), rel=1e-5)
+    assert run(7, False) == pytest.approx(loss_sum(images, labels), rel=1e-5)  # --mixup_off_epochs
+
+
+def test_random_erasing_in_the_step_erases_before_mixing_with_the_step_seed():
+    from bot_keras.data import erasing
+    from bot_keras.data import mixup as mixup_ops
+
+    run, loss_sum = _frozen_step(mixup_alpha=0.2, random_erasing=1.0)
+    images, labels = next(iter(_batches()))
+    step_seed = tf.constant([5, 7 * 1024], tf.int64)
+    seed = tf.random.experimental.stateless_fold_in(step_seed, steps.ERASING_STREAM)
+    erased = erasing.random_erasing(images, probability=1.0, seed=seed)
+    assert not np.array_equal(erased.numpy(), images.numpy())
+    lam = mixup_ops.sample_mixup_lambda(0.2, seed=step_seed)
+    assert run(7, True) == pytest.approx(loss_sum(*mixup_ops.mixup(erased, labels, lam)), rel=1e-5)
 
 
 # --- XLA (jit_compile) ------------------------------------------------------------------------------------

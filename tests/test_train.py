@@ -33,6 +33,12 @@ def _base(tmp_path):
         (["--warmup_epochs=2"], r"--warmup_epochs=2.0 must be in \[0, --epochs=2.0\)"),
         (["--label_smoothing=1.0"], r"--label_smoothing=1.0 must be in \[0, 1\)"),
         (["--mixup_off_epochs=1"], r"--mixup_off_epochs=1 needs mixup on \(--mixup_alpha > 0, got 0.0\)"),
+        (["--cutmix_alpha=-1"], r"--cutmix_alpha=-1.0 must be >= 0"),
+        (["--keep_best=top1"], r"--keep_best='top1' is not one of"),
+        (["--keep_best=val_top1", "--eval_split="], r"--keep_best=val_top1 needs an evaluation"),
+        (["--random_erasing=2"], r"--random_erasing=2.0 must be in \[0, 1\]"),
+        (["--mix_switch_prob=1.5"], r"--mix_switch_prob=1.5 must be in \[0, 1\]"),
+        (["--cutmix_alpha=1", "--mixup_off_epochs=2"], r"--mixup_off_epochs=2 leaves no mixup epoch"),
         (["--mixup_alpha=0.2", "--mixup_off_epochs=2"], r"--mixup_off_epochs=2 leaves no mixup epoch"),
         (["--distill_hard_weight=0.5"], r"--distill_hard_weight=0.5 is set but there is no --teacher"),
         (["--teacher=/nonexistent/t.keras"], r"--teacher='/nonexistent/t.keras': no such file"),
@@ -41,6 +47,8 @@ def _base(tmp_path):
         (["--crop_min_area=0"], r"--crop_min_area=0.0 must be in \(0, 1\]"),
         (["--dataset=imagenet"], r"--dataset: Unknown dataset source 'imagenet'"),
         (["--model=mobilenet", "--zero_gamma"], r"--zero_gamma applies to residual networks only"),
+        (["--model=mobilenet", "--drop_path_rate=0.1"], r"--drop_path_rate applies to residual networks"),
+        (["--drop_path_rate=1"], r"--drop_path_rate=1.0 must be in \[0, 1\)"),
         (["--teacher=resnet18_d:/nonexistent/w.h5"], r"no weights file '/nonexistent/w.h5'"),
         (["--crop_min_area=1.5"], r"--crop_min_area=1.5 must be in \(0, 1\]"),
     ],
@@ -269,3 +277,37 @@ def test_undecodable_file_stops_training_naming_it(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Training stopped by bad input data" in proc.stderr and "broken.jpg" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow  # a training run end to end, then an evaluation
+def test_ema_and_keep_best_run_saves_and_scores_the_averaged_weights(parse, tmp_path):
+    """--ema_decay: model.keras holds the averages (those of the last checkpoint, not the raw weights), and
+    evaluating it gives the val_top1 the trainer logged for its last epoch. --keep_best=val_loss:
+    final_metrics.json names the epoch with the lowest logged val_loss, and model_best.keras scores it."""
+    import csv
+    import json
+
+    from bot_keras import evaluate, loop, run_dir
+
+    f = parse(*_base(tmp_path), "--dataset=synthetic:16", "--image_size=16", "--batch_size=8", "--epochs=3",
+              "--ema_decay=0.9", "--base_lr=0.4", "--keep_best=val_loss", "--verbose=0")
+    train.main([], f)
+    run = str(tmp_path / "run")
+    final = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
+    assert final["weights"] == "ema (decay 0.9)"
+    with open(tmp_path / "run" / "logs" / "training.csv") as log:
+        val_losses = [float(row["val_loss"]) for row in csv.DictReader(log)]
+    assert len(val_losses) == 3
+    assert final["best_epoch"] == int(np.argmin(val_losses))
+    assert final["best_val_loss"] == pytest.approx(min(val_losses), rel=1e-6)
+    best = evaluate.evaluate_run(run, checkpoint="best")
+    assert best["loss"] == pytest.approx(final["best_val_loss"], rel=1e-5)
+    saved = run_dir.load_model(run_dir.read_run(run))
+    reader = tf.train.load_checkpoint(loop.latest_checkpoint(run))
+    names = {name for name, _ in tf.train.list_variables(loop.latest_checkpoint(run))}
+    averages = [reader.get_tensor(f"ema/averages/{i}/.ATTRIBUTES/VARIABLE_VALUE")
+                for i in range(len(saved.weights))]
+    assert "ema/updates/.ATTRIBUTES/VARIABLE_VALUE" in names
+    for weight, average in zip(saved.weights, averages, strict=True):
+        np.testing.assert_array_equal(weight.numpy(), average)
+    assert evaluate.evaluate_run(run)["top1"] == pytest.approx(final["val_top1"], abs=1e-6)

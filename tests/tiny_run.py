@@ -21,7 +21,7 @@ IMAGE_SIZE = 32
 CLASS_NAMES = ("cat", "dog", "fox", "owl", "yak")
 
 
-def make_run(model_dir, *, precision="float32", seed=0):
+def make_run(model_dir, *, precision="float32", seed=0, drop_path_rate=0.0):
     """Writes flags.txt, classes.txt and model.keras for a ResNet-18-D on 32 px images with 5 classes.
 
     The weights stand in for training: random convolutions, BatchNorm statistics and affine parameters
@@ -35,7 +35,8 @@ def make_run(model_dir, *, precision="float32", seed=0):
     keras.mixed_precision.set_global_policy(precision)
     try:
         keras.utils.set_random_seed(seed)
-        model = build_model(MODEL, num_classes=len(CLASS_NAMES), input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3))
+        model = build_model(MODEL, num_classes=len(CLASS_NAMES), input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3),
+                            drop_path_rate=drop_path_rate)
     finally:
         keras.mixed_precision.set_global_policy(previous)
     rng = np.random.default_rng(seed)
@@ -56,7 +57,7 @@ def make_run(model_dir, *, precision="float32", seed=0):
     (model_dir / "flags.txt").write_text(
         "# flags as bot_keras.train writes them (a subset; all are train.py flags)\n"
         f"--model={MODEL}\n--image_size={IMAGE_SIZE}\n--precision={precision}\n--batch_size=8\n"
-        "--zero_gamma\n--nono_bias_decay\n"
+        f"--zero_gamma\n--nono_bias_decay\n--drop_path_rate={drop_path_rate}\n"
     )
     return model_dir, model
 

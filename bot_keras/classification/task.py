@@ -13,7 +13,19 @@ import os
 import tensorflow as tf
 from absl import flags
 
-from bot_keras import cli, distribute, loop, run_dir, schedules, steps, tasks, trainer, transfer
+from bot_keras import (
+    best_model,
+    cli,
+    distribute,
+    loop,
+    metrics,
+    run_dir,
+    schedules,
+    steps,
+    tasks,
+    trainer,
+    transfer,
+)
 from bot_keras.data import Augmentation, SkippedFiles
 from bot_keras.data import dataset_info as data_info
 from bot_keras.data import make_dataset as data_pipeline
@@ -72,6 +84,11 @@ def define_flags(fv):
     flags.DEFINE_bool(
         "zero_gamma", False, "Zero-initialise the last BN gamma of each residual block (Sec. 3.1).", **d
     )
+    flags.DEFINE_float(
+        "drop_path_rate", 0.0,
+        "Stochastic depth (beyond the paper): the last residual block's drop probability, linear from 0 "
+        "at the first (timm's schedule); ResNets only; 0: off.", **d,
+    )
     flags.DEFINE_bool("sync_bn", False, "Synchronise BatchNorm statistics across replicas.", **d)
     # --- fine-tuning: a pretrained start (ResNets) -----------------------------------------------------
     transfer.define_backbone_flags(fv)
@@ -90,12 +107,37 @@ def define_flags(fv):
     )
     flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing epsilon (Sec. 5.2).", **d)
     flags.DEFINE_float("mixup_alpha", 0.0, "Mixup Beta(alpha, alpha); 0 turns mixup off (Sec. 5.4).", **d)
-    flags.DEFINE_integer("mixup_off_epochs", 0, "Train the last N epochs without mixup.", **d)
+    flags.DEFINE_float(
+        "cutmix_alpha", 0.0,
+        "CutMix Beta(alpha, alpha) (beyond the paper; timm's): paste a box of the partner image, labels "
+        "mixed by its pasted area; 0 turns it off.", **d,
+    )
+    flags.DEFINE_float(
+        "mix_switch_prob", 0.5,
+        "With both --mixup_alpha and --cutmix_alpha: the probability that a batch uses CutMix, else mixup "
+        "(timm's switch probability).", **d,
+    )
+    flags.DEFINE_float(
+        "random_erasing", 0.0,
+        "Random erasing probability per image (beyond the paper; timm's default mode): a box of 2-33% of the "
+        "normalised image replaced by N(0, 1) noise; 0: off.", **d,
+    )
+    flags.DEFINE_integer("mixup_off_epochs", 0, "Train the last N epochs without mixup (and CutMix).", **d)
     flags.DEFINE_string(
         "teacher",
         "",
         "Distillation teacher: a .keras file, a SavedModel dir, or NAME:WEIGHTS (Sec. 5.3).",
         **d,
+    )
+    flags.DEFINE_float(
+        "ema_decay", 0.0,
+        "Weight EMA decay (beyond the paper), e.g. 0.9999, warmed up as min(decay, (1+n)/(10+n)): "
+        "evaluation, model.keras and final_metrics.json use the averaged weights; 0: off.", **d,
+    )
+    flags.DEFINE_string(
+        "keep_best", "",
+        "Also keep the best epoch's model as model_best.keras, by this evaluation metric: "
+        + " | ".join(best_model.METRICS) + " (beyond the paper); empty: off.", **d,
     )
     flags.DEFINE_float("distill_temperature", 20.0, "Distillation temperature T (Sec. 5.3).", **d)
     flags.DEFINE_float(
@@ -144,20 +186,36 @@ def flag_problems(f):
         f"--model={f.model!r} is not one.",
     )
     problems.extend(transfer.backbone_flag_problems(f, f.model))
+    need(0 <= f.drop_path_rate < 1, f"--drop_path_rate={f.drop_path_rate} must be in [0, 1).")
+    need(
+        not (f.drop_path_rate and f.model in MODEL_NAMES and f.model not in RESNET_NAMES),
+        f"--drop_path_rate applies to residual networks only (stochastic depth drops residual branches); "
+        f"--model={f.model!r} has none.",
+    )
     need(f.image_size >= 16, f"--image_size={f.image_size} is too small (at least 16).")
     need(0 < f.crop_min_area <= 1, f"--crop_min_area={f.crop_min_area} must be in (0, 1].")
     need(0 <= f.dropout_rate < 1, f"--dropout_rate={f.dropout_rate} must be in [0, 1).")
     need(0 <= f.label_smoothing < 1, f"--label_smoothing={f.label_smoothing} must be in [0, 1).")
     need(f.mixup_alpha >= 0, f"--mixup_alpha={f.mixup_alpha} must be >= 0 (0 turns mixup off).")
     need(f.mixup_off_epochs >= 0, f"--mixup_off_epochs={f.mixup_off_epochs} must be >= 0.")
+    need(0 <= f.random_erasing <= 1, f"--random_erasing={f.random_erasing} must be in [0, 1].")
+    need(f.cutmix_alpha >= 0, f"--cutmix_alpha={f.cutmix_alpha} must be >= 0 (0 turns CutMix off).")
+    need(0 <= f.mix_switch_prob <= 1, f"--mix_switch_prob={f.mix_switch_prob} must be in [0, 1].")
     need(
-        not f.mixup_off_epochs or f.mixup_alpha > 0,
-        f"--mixup_off_epochs={f.mixup_off_epochs} needs mixup on (--mixup_alpha > 0, got {f.mixup_alpha}).",
+        not f.mixup_off_epochs or f.mixup_alpha > 0 or f.cutmix_alpha > 0,
+        f"--mixup_off_epochs={f.mixup_off_epochs} needs mixup on (--mixup_alpha > 0, got {f.mixup_alpha}) "
+        f"or CutMix (--cutmix_alpha > 0, got {f.cutmix_alpha}).",
     )
     need(
-        f.mixup_off_epochs < f.epochs or not f.mixup_alpha,
+        f.mixup_off_epochs < f.epochs or not (f.mixup_alpha or f.cutmix_alpha),
         f"--mixup_off_epochs={f.mixup_off_epochs} leaves no mixup epoch out of --epochs={f.epochs}.",
     )
+    need(0 <= f.ema_decay < 1, f"--ema_decay={f.ema_decay} must be in [0, 1) (0: off).")
+    need(
+        not f.keep_best or f.keep_best in best_model.METRICS,
+        f"--keep_best={f.keep_best!r} is not one of {best_model.METRICS} (empty: off).",
+    )
+    need(not f.keep_best or f.eval_split, f"--keep_best={f.keep_best} needs an evaluation (--eval_split).")
     need(f.distill_temperature > 0, f"--distill_temperature={f.distill_temperature} must be positive.")
     need(
         f.distill_hard_weight is None or 0 <= f.distill_hard_weight <= 1,
@@ -238,6 +296,7 @@ def build_model(f, *, num_classes, weights_from=None):
         input_shape=(f.image_size, f.image_size, 3),
         zero_gamma=f.zero_gamma,
         dropout_rate=f.dropout_rate,
+        drop_path_rate=f.drop_path_rate,
     )
     if weights_from is not None:
         keep_head = transfer.keeps_head(weights_from, num_classes, new_head=f.new_head)
@@ -260,8 +319,9 @@ def train_options(f, *, model, num_classes):
     )
     return tasks.TrainOptions(
         step_kwargs=dict(per_example_loss=per_example_loss, teacher=teacher, mixup_alpha=f.mixup_alpha,
-                         augmentation=augmentation(f)),
-        mixup_epochs=int(math.ceil(f.epochs)) - f.mixup_off_epochs if f.mixup_alpha else 0,
+                         cutmix_alpha=f.cutmix_alpha, mix_switch_prob=f.mix_switch_prob,
+                         random_erasing=f.random_erasing, augmentation=augmentation(f)),
+        mixup_epochs=int(math.ceil(f.epochs)) - f.mixup_off_epochs if f.mixup_alpha or f.cutmix_alpha else 0,
     )
 
 
@@ -301,8 +361,11 @@ def evaluate_run(run, *, dataset=None, split=None, data_dir=None, image_size=Non
     model = run_dir.load_model(run)
     with cli.setup_errors(f"--dataset={f.dataset}"):
         batches = make_dataset(f, split=split, training=False, skipped_files=skipped_files)
+    summed, summarize = metrics.with_confusion(run.class_names)
     with tasks.bad_input("Evaluation"):
-        result = steps.make_eval_function(tf.distribute.get_strategy(), model)(batches)
+        result = steps.make_eval_function(
+            tf.distribute.get_strategy(), model, metrics=summed, summarize=summarize
+        )(batches)
     result.update(split=split, dataset=f.dataset, image_size=int(f.image_size), model=str(run.model_path))
     if f.skip_corrupt:
         result["skipped_files"] = skipped_files.count()
@@ -310,6 +373,12 @@ def evaluate_run(run, *, dataset=None, split=None, data_dir=None, image_size=Non
         f"{result['dataset']} {result['split']} ({result['count']} images): "
         f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%"
     )
+    worst = metrics.worst_classes(result["per_class"])
+    if worst:
+        line += "\nLowest F1: " + ", ".join(
+            f"{name} {100 * result['per_class'][name]['f1']:.1f}% (recall "
+            f"{100 * (result['per_class'][name]['recall'] or 0):.1f}%)" for name in worst
+        )
     if "skipped_files" in result:
         count = result["skipped_files"]
         line += f"\nSkipped {count} distinct undecodable file{'' if count == 1 else 's'} (--skip_corrupt)."

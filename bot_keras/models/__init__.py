@@ -34,7 +34,7 @@ def _check_input_shape(input_shape):
 
 
 def build_model(name, *, num_classes, input_shape=(224, 224, 3), zero_gamma=False, dropout_rate=0.0,
-                kernel_initializer="glorot_uniform"):
+                kernel_initializer="glorot_uniform", drop_path_rate=0.0):
     """A classifier `keras.Model` returning float32 logits of shape `[batch, num_classes]`.
 
     Args:
@@ -46,6 +46,8 @@ def build_model(name, *, num_classes, input_shape=(224, 224, 3), zero_gamma=Fals
       dropout_rate: dropout before the `logits` layer (0 = none).
       kernel_initializer: a Keras initializer for every conv and the Dense kernel; the paper's Xavier
         uniform by default, or "msra_prelu" for the authors' script's Gaussian MSRA-PReLU init.
+      drop_path_rate: stochastic depth (beyond the paper; ResNets only): the last block's probability of
+        dropping its residual branch in training, rising linearly from 0 at the first block.
     """
     _check_name(name, MODEL_NAMES)
     check_num_classes(num_classes)
@@ -54,11 +56,11 @@ def build_model(name, *, num_classes, input_shape=(224, 224, 3), zero_gamma=Fals
     if name in APPLICATIONS:
         return build_application(name, num_classes=num_classes, input_shape=input_shape,
                                  zero_gamma=zero_gamma, dropout_rate=dropout_rate,
-                                 kernel_initializer=kernel_initializer)
+                                 kernel_initializer=kernel_initializer, drop_path_rate=drop_path_rate)
     depth, tweaks = parse_resnet_name(name)
     inputs = keras.Input(shape=input_shape, name="images")
     features = resnet_features(inputs, depth, tweaks=tweaks, zero_gamma=zero_gamma,
-                               kernel_initializer=kernel_initializer)
+                               kernel_initializer=kernel_initializer, drop_path_rate=drop_path_rate)
     logits = classification_head(features[4], num_classes=num_classes, dropout_rate=dropout_rate,
                                  kernel_initializer=make_initializer(kernel_initializer))
     return keras.Model(inputs, logits, name=name)

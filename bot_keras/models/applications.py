@@ -18,13 +18,18 @@ APPLICATIONS = {
 
 
 def build_application(name, *, num_classes, input_shape, zero_gamma=False, dropout_rate=0.0,
-                      kernel_initializer="glorot_uniform"):
+                      kernel_initializer="glorot_uniform", drop_path_rate=0.0):
     if name not in APPLICATIONS:
         raise ValueError(f"Unknown application {name!r}; valid names: {', '.join(APPLICATIONS)}")
     if zero_gamma:
         raise ValueError(
             f"zero_gamma=True does not apply to {name!r}: zero-γ (Section 3.1) initialises the last BN of "
             "each residual block, and this network has no residual blocks; use it with a ResNet"
+        )
+    if drop_path_rate:
+        raise ValueError(
+            f"drop_path_rate={drop_path_rate!r} does not apply to {name!r}: stochastic depth drops residual "
+            "branches, and this network has none; use it with a ResNet"
         )
     if kernel_initializer != "glorot_uniform":
         raise ValueError(

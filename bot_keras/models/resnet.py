@@ -22,6 +22,14 @@ The architecture matches the authors' code (GluonCV `resnetv1b`) and timm exactl
 - the D shortcut pool is `AveragePooling2D(2, 2, padding="same")`: ceil mode, padded cells not counted,
   i.e. PyTorch/MXNet `AvgPool(2, 2, ceil_mode=True, count_include_pad=False)`.
 
+Beyond the paper, `drop_path_rate` adds stochastic depth (Huang et al., 2016), as timm and ResNet-RS train
+ResNets today: during training each block's residual branch is dropped for a whole example with a
+probability that grows linearly over the blocks, from 0 at the first block to `drop_path_rate` at the last
+(timm's `drop_path_rate * i / (blocks - 1)`), and the survivors are scaled by 1 / (1 - rate) so that
+inference, where the branch is always kept, needs no rescaling. It is a `Dropout` whose noise shape
+`(None, 1, 1, 1)` draws one decision per example, named `stage{s}_block{b}_drop_path`; it has no weights,
+so a model built without it loads the same weights and computes the same outputs at inference.
+
 Layer names are a contract (the timm weight converter maps onto them): stem `stem_conv`/`stem_bn` or
 `stem_conv1..3`/`stem_bn1..3`; `stage{s}_block{b}_conv{i}`/`_bn{i}`; shortcut `stage{s}_block{b}_down_conv`,
 `_down_bn` and `_down_pool`. Stage outputs are the layers `stage{s}_block{last}_out`.
@@ -185,14 +193,25 @@ def shortcut(x, filters, *, prefix, strides, avg_down, kernel_initializer):
                    kernel_initializer=kernel_initializer)
 
 
+def drop_path_rates(depth, drop_path_rate):
+    """Stochastic depth's drop probability of every block in network order: linear from 0 at the first
+    block to `drop_path_rate` at the last (timm's ResNet schedule)."""
+    check_depth(depth)
+    if not 0.0 <= drop_path_rate < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
+    blocks = sum(BLOCKS_PER_STAGE[depth])
+    return tuple(drop_path_rate * i / (blocks - 1) for i in range(blocks))
+
+
 def residual_block(x, width, *, prefix, bottleneck, strides, dilation, first_dilation, tweaks,
-                   zero_gamma, kernel_initializer):
+                   zero_gamma, kernel_initializer, drop_path_rate=0.0):
     """One residual block: branch + shortcut, added, then ReLU (He et al., 2016; paper Figure 1).
 
     Basic block (ResNet-18/34): 3×3 (strided) → 3×3. Bottleneck: 1×1 → 3×3 → 1×1 (×4 channels), with
     the stride on the first 1×1 (original ResNet) or on the 3×3 (`tweaks.stride_on_3x3`, ResNet-B).
     `first_dilation` is the dilation of the block's first 3×3 conv: the previous stage's dilation in a
-    stage's first block, as GluonCV and timm do.
+    stage's first block, as GluonCV and timm do. `drop_path_rate` > 0 drops the branch per example in
+    training (stochastic depth, module docstring).
     """
     init = kernel_initializer
     if bottleneck:
@@ -211,6 +230,8 @@ def residual_block(x, width, *, prefix, bottleneck, strides, dilation, first_dil
                     zero_gamma=zero_gamma, kernel_initializer=init)
     x = shortcut(x, filters, prefix=prefix, strides=strides, avg_down=tweaks.avg_down,
                  kernel_initializer=init)
+    if drop_path_rate > 0:
+        y = keras.layers.Dropout(drop_path_rate, noise_shape=(None, 1, 1, 1), name=f"{prefix}_drop_path")(y)
     y = keras.layers.Add(name=f"{prefix}_add")([x, y])
     return keras.layers.ReLU(name=f"{prefix}_out")(y)
 
@@ -237,15 +258,17 @@ def pyramid_keys(output_stride=32):
 
 
 def resnet_features(inputs, depth, *, tweaks=Tweaks(), output_stride=32, zero_gamma=False,
-                    kernel_initializer="glorot_uniform"):
+                    kernel_initializer="glorot_uniform", drop_path_rate=0.0):
     """Stem and four stages on a symbolic `inputs`; returns the stage outputs `{1: ..., 4: ...}`.
 
     Strides are `stage_strides(output_stride)`: 4, 8, 16, 32 by default. With `output_stride` 16 or 8 the last
     one or two stages keep stride 1 and dilate their 3×3 convs by 2, then 4 (GluonCV `dilated=True` / timm
-    `output_stride`), for segmentation backbones.
+    `output_stride`), for segmentation backbones. `drop_path_rate` is stochastic depth's rate at the last
+    block (`drop_path_rates`).
     """
     check_depth(depth)
     check_output_stride(output_stride)
+    block_rates = iter(drop_path_rates(depth, drop_path_rate))
     bottleneck = depth not in BASIC_BLOCK_DEPTHS
     x = stem(inputs, deep_stem=tweaks.deep_stem, kernel_initializer=kernel_initializer)
     features = {}
@@ -269,6 +292,7 @@ def resnet_features(inputs, depth, *, tweaks=Tweaks(), output_stride=32, zero_ga
                 tweaks=tweaks,
                 zero_gamma=zero_gamma,
                 kernel_initializer=kernel_initializer,
+                drop_path_rate=next(block_rates),
             )
         features[stage] = x
     return features

@@ -28,7 +28,15 @@ COMMAND = "bot_keras.evaluate"
 
 
 def evaluate_run(
-    model_dir, *, dataset=None, split=None, data_dir=None, image_size=None, batch_size=None, skip_corrupt=None
+    model_dir,
+    *,
+    dataset=None,
+    split=None,
+    data_dir=None,
+    image_size=None,
+    batch_size=None,
+    skip_corrupt=None,
+    max_image_pixels=None,
 ):
     """Evaluates the run in `model_dir`; returns {"top1", "top5", "loss", "count", "split", ...} (and
     "skipped_files" when skipping). Unset arguments come from the run's flags.txt.
@@ -46,6 +54,7 @@ def evaluate_run(
     image_size = int(image_size or run.image_size)
     batch_size = int(batch_size or run.flags["batch_size"])
     skip_corrupt = run.flags["skip_corrupt"] if skip_corrupt is None else skip_corrupt
+    max_image_pixels = run.flags["max_image_pixels"] if max_image_pixels is None else max_image_pixels
     # The same shards are read with the same labels and the same corrupt-file policy as in training.
     source = dict(data_dir=data_dir, label_offset=run.flags["label_offset"], skip_corrupt=skip_corrupt)
     skipped_files = SkippedFiles()
@@ -71,6 +80,7 @@ def evaluate_run(
             global_batch_size=batch_size,
             training=False,
             skipped_files=skipped_files,
+            max_image_pixels=max_image_pixels,
             **source,
         )
     try:
@@ -97,6 +107,9 @@ def define_flags(fv):
     flags.DEFINE_bool(
         "skip_corrupt", None, "Skip undecodable images, naming each (default: the run's --skip_corrupt).", **d
     )
+    flags.DEFINE_integer(
+        "max_image_pixels", None, "Refuse (or skip) images over this many pixels (default: the run's).", **d
+    )
     flags.DEFINE_string("output", None, "JSON file to write (default: MODEL_DIR/eval_SPLIT.json).", **d)
 
 
@@ -115,7 +128,7 @@ def main(argv, f=flags.FLAGS):
         raise cli.SetupError(f"unexpected arguments: {' '.join(argv[1:])}")
     task = run_dir.read_task(f.model_dir)
     if task != run_dir.CLASSIFICATION:
-        for name in ("image_size", "skip_corrupt"):
+        for name in ("image_size", "skip_corrupt", "max_image_pixels"):
             if f[name].value is not None:
                 raise cli.SetupError(f"--{name} is for classification runs; {f.model_dir} is a {task} run")
         result, line = evaluate_finetune_run(
@@ -134,6 +147,7 @@ def main(argv, f=flags.FLAGS):
         image_size=f.image_size,
         batch_size=f.batch_size,
         skip_corrupt=f.skip_corrupt,
+        max_image_pixels=f.max_image_pixels,
     )
     output = f.output or os.path.join(f.model_dir, f"eval_{result['split']}.json")
     run_dir.write_atomic(output, json.dumps(result, indent=2) + "\n")

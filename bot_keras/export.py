@@ -44,7 +44,7 @@ from absl import flags
 
 from bot_keras import cli, run_dir
 from bot_keras.data.augment import preprocess_for_eval
-from bot_keras.data.decode import check_encoded_image, decode_image
+from bot_keras.data.decode import MAX_IMAGE_PIXELS, decode_image, serving_checks
 
 COMMAND = "bot_keras.export"
 FORMATS = ("savedmodel", "keras", "tflite")
@@ -57,11 +57,13 @@ KERAS_FILE = "model.keras"
 class ServingModule(tf.Module):
     """The exported object: a float32 classifier behind the two serving signatures (module docstring)."""
 
-    def __init__(self, model, *, class_names, image_size, top_k):
+    def __init__(self, model, *, class_names, image_size, top_k, max_image_pixels=MAX_IMAGE_PIXELS):
         super().__init__(name="bot_keras_classifier")
         self.model = model
         self.class_names = tf.Variable(list(class_names), trainable=False, name="class_names")
         self.image_size = tf.Variable(image_size, trainable=False, name="image_size")
+        self.max_image_pixels = tf.Variable(int(max_image_pixels), trainable=False, name="max_image_pixels")
+        self._max_pixels = int(max_image_pixels)
         self._size = int(image_size)
         self._top_k = min(int(top_k), len(class_names))
 
@@ -88,19 +90,7 @@ class ServingModule(tf.Module):
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     def serve_bytes(self, image_bytes):
-        ok = tf.map_fn(check_encoded_image, image_bytes, fn_output_signature=tf.bool)
-        checks = [
-            _assert_batch_not_empty("serving_default", image_bytes),
-            tf.debugging.Assert(
-                tf.reduce_all(ok),
-                [
-                    "serving_default: image_bytes entries at these batch indices are not complete JPEG, PNG, "
-                    "GIF or BMP images:",
-                    tf.reshape(tf.where(tf.logical_not(ok)), [-1]),
-                ],
-            ),
-        ]
-        with tf.control_dependencies(checks):
+        with tf.control_dependencies(serving_checks("serving_default", image_bytes, self._max_pixels)):
             images = self._preprocess(tf.identity(image_bytes), decode=True)
         return self._outputs(images)
 
@@ -161,7 +151,10 @@ def _write(run, model, staging, *, export_format, quantize, top_k):
         extra = staging / "assets.extra"
         extra.mkdir()
     elif export_format == "savedmodel":
-        module = ServingModule(model, class_names=run.class_names, image_size=run.image_size, top_k=top_k)
+        module = ServingModule(
+            model, class_names=run.class_names, image_size=run.image_size, top_k=top_k,
+            max_image_pixels=run.flags.get("max_image_pixels", MAX_IMAGE_PIXELS),
+        )
         signatures = {
             "serving_default": module.serve_bytes.get_concrete_function(),
             "serving_images": module.serve_images.get_concrete_function(),

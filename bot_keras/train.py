@@ -43,9 +43,6 @@ def define_flags(fv):
     flags.DEFINE_string(
         "eval_split", "validation", "Split evaluated at each epoch end; empty: no evaluation.", **d
     )
-    flags.DEFINE_bool(
-        "skip_corrupt", False, "Skip undecodable image files (each reported) instead of failing.", **d
-    )
     flags.DEFINE_integer(
         "label_offset", None, "Subtracted from TFRecord labels (1 for TF's 1-based ImageNet shards).", **d
     )
@@ -87,6 +84,7 @@ def define_flags(fv):
         "distill_hard_weight", None, "Weight w of the hard loss, (w, 1-w) form; unset: the paper's 1:1.", **d
     )
     # --- machinery -------------------------------------------------------------------------------------
+    trainer.define_input_flags(fv)
     trainer.define_machinery_flags(fv)
 
 
@@ -216,6 +214,7 @@ def main(argv, f=flags.FLAGS):
                 pca_lighting=f.pca_lighting,
             ),
             skipped_files=skipped_files,
+            max_image_pixels=f.max_image_pixels,
             **source,
         )
 
@@ -228,6 +227,7 @@ def main(argv, f=flags.FLAGS):
             training=False,
             input_context=context,
             skipped_files=skipped_files,
+            max_image_pixels=f.max_image_pixels,
             **source,
         )
 

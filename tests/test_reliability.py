@@ -16,7 +16,7 @@ import sys
 
 import pytest
 from test_train import _cli
-from tiny_run import encode, pixels
+from tiny_run import encode, jpeg_declaring, pixels, png_bomb
 
 from bot_keras import cli, evaluate, export, predict, train
 
@@ -263,3 +263,91 @@ def test_a_missing_required_flag_is_one_line_not_the_flag_help(module, args, mes
     assert proc.returncode == cli.USAGE_ERROR
     assert proc.stderr.strip().splitlines()[-1] == f"{module}: error: {message}"
     assert "flags:" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+# --- 7. image bombs: refused from the header, before anything decodes them -------------------------------
+
+
+def _bombs(directory):
+    """A JPEG whose header declares 60000 x 60000 (a 600-byte file) and a valid 20000 x 20000 PNG."""
+    directory.mkdir(parents=True, exist_ok=True)
+    jpeg, png = directory / "patched.jpg", directory / "bomb.png"
+    jpeg.write_bytes(jpeg_declaring(60000, 60000))
+    png.write_bytes(png_bomb(20000, 20000))
+    return jpeg, png
+
+
+@SLOW
+def test_training_names_an_image_bomb_or_skips_and_counts_both(tmp_path):
+    data = _write_folder(tmp_path / "data")
+    jpeg, png = _bombs(data / "train" / "a")
+    args = _train_args(data, tmp_path / "run", "--steps_per_epoch=5")  # 18 images, 5 steps of 4: all read
+    proc = _run("bot_keras.train", *args)
+    assert proc.returncode == cli.USAGE_ERROR
+    line = _error_line(proc, "bot_keras.train")
+    expected = {
+        jpeg: "60000x60000 = 3600000000 pixels", png: "20000x20000 = 400000000 pixels"
+    }
+    named = [path for path in expected if str(path) in line]
+    assert len(named) == 1, line
+    assert line == (
+        f"bot_keras.train: error: Training stopped by bad input data: Image over the pixel limit: {named[0]} "
+        f"is {expected[named[0]]}, over the limit of 89478485 (raise max_image_pixels, or skip such files "
+        "with skip_corrupt)"
+    )
+
+    proc = _run("bot_keras.train", *_train_args(data, tmp_path / "skip", "--steps_per_epoch=5",
+                                                "--skip_corrupt"))
+    assert proc.returncode == cli.OK, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "skip" / "final_metrics.json").read_text())["skipped_files"] == 2
+    warnings = [line for line in proc.stderr.splitlines() if "skipped image over the pixel limit" in line]
+    assert sorted(str(p) for p in (jpeg, png) if any(str(p) in w for w in warnings)) == sorted(
+        [str(jpeg), str(png)]
+    ) and len(warnings) == 2, proc.stderr[-3000:]
+
+
+# Loads an export in a fresh process (no bot_keras), sends it each image in turn and prints the outcome and
+# how much the process's peak resident memory grew during the call.
+_SERVE_AND_MEASURE = """
+import resource, sys
+import tensorflow as tf
+serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+for path in sys.argv[2:]:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        serve(image_bytes=tf.constant([open(path, "rb").read()]))
+        outcome = "served"
+    except tf.errors.InvalidArgumentError as error:
+        outcome = "refused: " + next(line for line in error.message.splitlines() if "serving_default" in line)
+    print(outcome, "|", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+@SLOW
+def test_predict_and_the_exported_savedmodel_refuse_image_bombs_without_decoding_them(finished_run, tmp_path):
+    run, data = finished_run
+    jpeg, png = _bombs(tmp_path / "images")
+    proc = _run("bot_keras.predict", f"--model={run}", str(png))
+    assert proc.returncode == cli.USAGE_ERROR
+    assert _error_line(proc, "bot_keras.predict") == (
+        f"bot_keras.predict: error: {png} declares 20000x20000 = 400000000 pixels, over --max_image_pixels="
+        "89478485 (a decompression bomb, or a photo to shrink first); it was not decoded"
+    )
+    with pytest.raises(cli.SetupError, match=r"patched\.jpg declares 60000x60000 = 3600000000 pixels, over"):
+        predict.read_images([jpeg])
+
+    exported = export.export(run, tmp_path / "export")
+    loaded = __import__("tensorflow").saved_model.load(str(exported))
+    assert int(loaded.max_image_pixels.numpy()) == 89478485  # recorded in the export
+    del loaded
+    photo = data / "train" / "a" / "0.jpg"
+    proc = _run(None, str(exported), str(png), str(jpeg), str(photo), wrapper=_SERVE_AND_MEASURE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [line.rsplit(" | ", 1) for line in proc.stdout.strip().splitlines()[-3:]]
+    refusal = "serving_default: image_bytes entries at these batch indices declare more than 89478485 pixels"
+    assert [outcome.startswith("refused") and refusal in outcome for outcome, _ in results] == [
+        True, True, False
+    ], results
+    assert results[2][0] == "served"
+    decoded_kib = 20000 * 20000 * 3 // 1024  # what decoding the PNG bomb to RGB would allocate: 1.1 GiB
+    assert int(results[0][1]) < decoded_kib // 8, results  # < 140 MiB growth of the peak: nothing decoded

@@ -218,7 +218,10 @@ def evaluate_run(run, *, dataset=None, split=None, data_dir=None, batch_size=Non
 
 
 def serving_module(run, model):
-    module = export.DetectionServingModule(model, class_names=run.class_names, image_size=run.image_size)
+    module = export.DetectionServingModule(
+        model, class_names=run.class_names, image_size=run.image_size,
+        max_image_pixels=run.flags.get("max_image_pixels", export.MAX_IMAGE_PIXELS),
+    )
     return module, {"serving_default": module.serve_bytes.get_concrete_function()}
 
 

@@ -36,6 +36,7 @@ import keras
 from absl import flags
 
 from bot_keras import cli, loop, run_dir, schedules, steps, trainer
+from bot_keras.data import SkippedFiles
 from bot_keras.models import RESNET_NAMES, build_backbone
 from bot_keras.models.backbone import freeze_backbone
 from bot_keras.models.resnet import OUTPUT_STRIDES
@@ -98,6 +99,7 @@ def define_flags(fv):
         lr_schedule="poly",
         schedule_names=schedules.FINETUNE_SCHEDULE_NAMES,
     )
+    trainer.define_input_flags(fv)
     trainer.define_machinery_flags(fv)
     for name in TASK_MODULES:
         importlib.import_module(TASK_MODULES[name]).define_flags(fv)
@@ -226,18 +228,19 @@ def main(argv, f=flags.FLAGS):
             f"--train_split={f.train_split!r} has {len(train_info.class_names)}: labels would not line up."
         )
     steps_per_epoch = trainer.steps_per_epoch(f, train_info.num_examples, f.train_split)
+    skipped_files = SkippedFiles()  # the files --skip_corrupt skipped (checkpointed: summed on --resume)
     with cli.setup_errors(f"--dataset={f.dataset}"):
         train_iterator = iter(
             strategy.distribute_datasets_from_function(
                 lambda context: task.make_dataset(
-                    f, split=f.train_split, training=True, input_context=context
+                    f, split=f.train_split, training=True, input_context=context, skipped_files=skipped_files
                 )
             )
         )
         eval_dataset = (
             strategy.distribute_datasets_from_function(
                 lambda context: task.make_dataset(
-                    f, split=f.eval_split, training=False, input_context=context
+                    f, split=f.eval_split, training=False, input_context=context, skipped_files=skipped_files
                 )
             )
             if f.eval_split
@@ -287,6 +290,7 @@ def main(argv, f=flags.FLAGS):
         optimizer=optimizer,
         step=step_var,
         **state.checkpointed(),
+        **skipped_files.checkpointed(),
     )
     evaluate = task.make_evaluator(strategy, model, train_info.class_names) if eval_dataset else None
 
@@ -342,6 +346,9 @@ def main(argv, f=flags.FLAGS):
 
     # Export: the inference model in float32.
     inference = export_model()
+    extra_metrics = evaluation_details()
+    if f.skip_corrupt:
+        extra_metrics["skipped_files"] = skipped_files.report()
     trainer.finish(
         f,
         machinery=machinery,
@@ -349,7 +356,7 @@ def main(argv, f=flags.FLAGS):
         logs=logs,
         step_var=step_var,
         wall_time_s=wall_time_s,
-        extra_metrics=evaluation_details(),
+        extra_metrics=extra_metrics,
     )
 
 

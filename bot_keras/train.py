@@ -264,6 +264,7 @@ def main(argv, f=flags.FLAGS):
         optimizer=optimizer,
         step=step_var,
         **state.checkpointed(),
+        **skipped_files.checkpointed(),
     )
     if trainer.restore(f, manager, optimizer=optimizer, step_var=step_var, steps_per_epoch=steps_per_epoch):
         distribute.set_synchronized_batch_norm(model, False)  # as exported below
@@ -320,10 +321,7 @@ def main(argv, f=flags.FLAGS):
     distribute.set_synchronized_batch_norm(model, False)
     extra_metrics = {}
     if f.skip_corrupt:
-        count = skipped_files.count()
-        plural = "" if count == 1 else "s"
-        print(f"Skipped {count} distinct undecodable file{plural} (--skip_corrupt).", flush=True)
-        extra_metrics["skipped_files"] = count
+        extra_metrics["skipped_files"] = skipped_files.report()
     trainer.finish(
         f,
         machinery=machinery,

@@ -11,11 +11,15 @@ import hashlib
 import json
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+from test_finetune import write_scenes
 from test_train import _cli
+from tiny_detection import write_rectangles_voc
 from tiny_run import encode, jpeg_declaring, pixels, png_bomb
 
 from bot_keras import cli, evaluate, export, predict, train
@@ -351,3 +355,83 @@ def test_predict_and_the_exported_savedmodel_refuse_image_bombs_without_decoding
     assert results[2][0] == "served"
     decoded_kib = 20000 * 20000 * 3 // 1024  # what decoding the PNG bomb to RGB would allocate: 1.1 GiB
     assert int(results[0][1]) < decoded_kib // 8, results  # < 140 MiB growth of the peak: nothing decoded
+
+
+# --- 8. a truncated JPEG in a fine-tuning set ------------------------------------------------------------
+
+
+def _truncated_jpeg():
+    jpeg = _photo(seed=7, size=64)
+    return jpeg[: len(jpeg) // 2]  # no end marker: Pillow refuses it too
+
+
+@SLOW
+@pytest.mark.parametrize("task", ["detection", "segmentation"])
+def test_a_truncated_jpeg_in_a_finetuning_set_is_named_with_the_cure_or_skipped_and_counted(task, tmp_path):
+    if task == "detection":
+        root = pathlib.Path(write_rectangles_voc(tmp_path / "voc", {"train": 4}))
+        (root / "JPEGImages" / "train001.png").unlink()
+        broken = root / "JPEGImages" / "train001.jpg"
+        dataset = f"voc:{root}"
+        expected = f"Undecodable image file (empty, not an image, or truncated): {broken}"
+    else:
+        root = write_scenes(tmp_path / "scenes", counts=(("train", 4),))
+        (root / "train" / "images" / "2.png").unlink()
+        broken = root / "train" / "images" / "2.jpg"
+        dataset, expected = f"seg_folder:{root}", f"Bad segmentation input: unreadable image file {broken}"
+    broken.write_bytes(_truncated_jpeg())
+    args = [f"--task={task}", f"--dataset={dataset}", "--eval_split=", "--backbone=resnet18_d",
+            "--crop_size=64" if task == "detection" else "--crop_size=32", "--batch_size=2",
+            "--steps_per_epoch=2", "--epochs=1", "--verbose=0", "--seed=1"]  # 2 steps of 2: all read
+    proc = _run("bot_keras.finetune", *args, f"--model_dir={tmp_path / 'run'}")
+    assert proc.returncode == cli.USAGE_ERROR
+    assert _error_line(proc, "bot_keras.finetune") == (
+        f"bot_keras.finetune: error: Training stopped by bad input data: {expected} (remove the file, or "
+        "skip such files with --skip_corrupt)"
+    )
+
+    proc = _run("bot_keras.finetune", *args, f"--model_dir={tmp_path / 'skip'}", "--skip_corrupt")
+    assert proc.returncode == cli.OK, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "skip" / "final_metrics.json").read_text())["skipped_files"] == 1
+    assert proc.stderr.count(f"skipped undecodable image {broken} (1 distinct files skipped so far)") == 1
+    assert "Skipped 1 distinct undecodable file (--skip_corrupt)." in proc.stdout
+
+
+# --- 9. preemption: SIGTERM finishes the step, checkpoints, exits PREEMPTED ------------------------------
+
+
+@SLOW
+def test_sigterm_mid_epoch_checkpoints_the_step_exits_preempted_and_resume_finishes(tmp_path):
+    data = _write_folder(tmp_path / "data")
+    run = tmp_path / "run"
+    # One long epoch and no step checkpoints: a checkpoint inside the epoch can only be the preemption's.
+    args = _train_args(data, run, "--steps_per_epoch=200", "--checkpoint_steps=0")
+    _, env = _cli()
+    proc = subprocess.Popen([sys.executable, "-m", "bot_keras.train", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    csv_log = run / "logs" / "training.csv"  # opened once the loop's signal handlers are in place
+    deadline = time.time() + TIMEOUT
+    while proc.poll() is None and not csv_log.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == cli.PREEMPTED, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if "preempted" in line]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    step = int(lines[0].split("preempted at step ")[1].split()[0])
+    assert lines[0] == f"bot_keras.train: preempted at step {step} (SIGTERM); `--resume` continues"
+    assert 1 <= step < 200
+    assert tf_latest(run) == str(run / "checkpoints" / f"ckpt-{step}")
+    assert not (run / "model.keras").exists() and not list(run.glob(".*.tmp*"))
+
+    proc = _run("bot_keras.train", *args, "--resume")
+    assert proc.returncode == cli.OK, proc.stderr[-3000:]
+    assert f"at step {step} (epoch 0)" in proc.stdout
+    assert json.loads((run / "final_metrics.json").read_text())["step"] == 200
+
+
+def tf_latest(run):
+    import tensorflow as tf
+
+    return tf.train.latest_checkpoint(str(run / "checkpoints"))

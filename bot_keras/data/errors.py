@@ -17,6 +17,8 @@ IMAGE_TOO_LARGE = "Image over the pixel limit:"  # a header declaring more than 
 LABEL_OUT_OF_RANGE = "Label out of range"
 BAD_SEGMENTATION_INPUT = "Bad segmentation input:"  # segmentation/data.py and augment.py's checks
 BAD_DETECTION_INPUT = "Bad detection input:"  # detection/data.py's checks
+SKIP_CURE = "(remove the file, or skip such files with --skip_corrupt)"  # how a message about a bad file ends
+
 MARKERS = (
     UNDECODABLE_IMAGE, IMAGE_TOO_LARGE, LABEL_OUT_OF_RANGE, BAD_SEGMENTATION_INPUT, BAD_DETECTION_INPUT
 )

@@ -230,6 +230,18 @@ class SkippedFiles:
     def count(self):
         return int(self._table.size())
 
+    def checkpointed(self):
+        """The table as a `tf.train.Checkpoint` object (keyword arguments of `loop.checkpoint_manager`): a
+        resumed run adds to the files its earlier processes skipped and names none of them again."""
+        return {"skipped_files": self._table}
+
+    def report(self):
+        """Prints the count (the line both training commands end with) and returns it."""
+        count = self.count()
+        plural = "" if count == 1 else "s"
+        print(f"Skipped {count} distinct undecodable file{plural} (--skip_corrupt).", flush=True)
+        return count
+
     def keys(self):
         return sorted(k.decode() for k in self._table.export()[0].numpy())
 

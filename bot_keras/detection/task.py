@@ -88,7 +88,7 @@ def dataset_info(f, split):
     return sources.detection_info(f.dataset, split=split, data_dir=f.data_dir)
 
 
-def make_dataset(f, *, split, training, input_context=None, batch_size=None):
+def make_dataset(f, *, split, training, input_context=None, batch_size=None, skipped_files=None):
     """Training: (images, {"boxes", "labels"}); validation: the same plus evaluation's metadata."""
     ds = data.make_detection_dataset(
         f.dataset,
@@ -102,6 +102,9 @@ def make_dataset(f, *, split, training, input_context=None, batch_size=None):
         keep_difficult=f.keep_difficult,
         with_metadata=not training,
         scale_range=scale_range(f),
+        skip_corrupt=f.skip_corrupt,
+        skipped_files=skipped_files,
+        max_image_pixels=f.max_image_pixels,
     )
     # The file names stay on the host: a distributed dataset moves every tensor to the replicas.
     return ds if training else ds.map(lambda images, targets: (images, _without_key(targets)))

@@ -104,7 +104,7 @@ def dataset_info(f, split):
     return data.dataset_info(f.dataset, split=split, data_dir=f.data_dir)
 
 
-def make_dataset(f, *, split, training, input_context=None, batch_size=None):
+def make_dataset(f, *, split, training, input_context=None, batch_size=None, skipped_files=None):
     return data.make_segmentation_dataset(
         f.dataset,
         split=split,
@@ -115,6 +115,9 @@ def make_dataset(f, *, split, training, input_context=None, batch_size=None):
         input_context=input_context,
         seed=f.seed,
         eval_mode=f.eval_mode,
+        skip_corrupt=f.skip_corrupt,
+        skipped_files=skipped_files,
+        max_image_pixels=f.max_image_pixels,
     )
 
 

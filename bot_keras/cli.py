@@ -38,7 +38,7 @@ class Preempted(Exception):
     """Training stopped on a signal after checkpointing `step` (exit PREEMPTED)."""
 
     def __init__(self, step, signal_name):
-        super().__init__(f"preempted at step {step} ({signal_name}); `--resume` continues")
+        super().__init__(f"preempted at step {step} ({signal_name}); --resume continues")
         self.step = step
 
 

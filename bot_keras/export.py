@@ -213,6 +213,10 @@ def export(model_dir, export_dir, *, export_format="savedmodel", overwrite=False
             shutil.rmtree(retired)
         else:
             os.rename(staging, export_dir)
+    except OSError as error:  # a full disk (ENOSPC, EIO): the previous export is left as it was
+        shutil.rmtree(staging, ignore_errors=True)
+        raise run_dir.write_error(export_dir, error, "any previous export is intact; free space and export "
+                                  "again") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

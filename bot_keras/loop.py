@@ -49,6 +49,23 @@ def checkpoint_manager(write_dir, *, keep, **objects):
     return tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep)
 
 
+def save_checkpoint(manager, step):
+    """`manager.save(checkpoint_number=step)`; a write that fails (a full disk: ENOSPC, EIO, as an OSError
+    or TensorFlow's error) removes the half-written `ckpt-<step>` files and raises `run_dir.write_error`.
+    The `checkpoint` index is written last, so it still names the previous checkpoint, which `--resume`
+    uses."""
+    try:
+        manager.save(checkpoint_number=step)
+    except (OSError, tf.errors.OpError) as error:
+        prefix = os.path.join(manager.directory, f"ckpt-{step}")
+        for path in tf.io.gfile.glob(prefix + ".*") + tf.io.gfile.glob(prefix + "_temp*"):
+            if tf.io.gfile.isdir(path):
+                tf.io.gfile.rmtree(path)
+            else:
+                tf.io.gfile.remove(path)
+        raise run_dir.write_error(prefix, error) from None
+
+
 def restore_latest(manager, model_dir):
     """Restores the newest checkpoint of `model_dir` into the manager's objects; returns its path. A
     checkpoint that does not fit (another model, precision or class count) is a SetupError."""
@@ -174,7 +191,7 @@ def train_loop(
             state.wall_time_s.assign(previous_time + time.perf_counter() - clock_start)
             if epoch_logs is not None:
                 state.record_epoch(epoch_logs)
-        manager.save(checkpoint_number=step)
+        save_checkpoint(manager, step)
 
     with stop_signals() as stop:  # SIGTERM / SIGINT: finish the step, checkpoint, stop
         callbacks.on_train_begin()  # (creates logs/training.csv: from then on a signal stops cleanly)

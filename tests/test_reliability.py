@@ -420,7 +420,7 @@ def test_sigterm_mid_epoch_checkpoints_the_step_exits_preempted_and_resume_finis
     lines = [line for line in stderr.splitlines() if "preempted" in line]
     assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
     step = int(lines[0].split("preempted at step ")[1].split()[0])
-    assert lines[0] == f"bot_keras.train: preempted at step {step} (SIGTERM); `--resume` continues"
+    assert lines[0] == f"bot_keras.train: preempted at step {step} (SIGTERM); --resume continues"
     assert 1 <= step < 200
     assert tf_latest(run) == str(run / "checkpoints" / f"ckpt-{step}")
     assert not (run / "model.keras").exists() and not list(run.glob(".*.tmp*"))
@@ -435,3 +435,96 @@ def tf_latest(run):
     import tensorflow as tf
 
     return tf.train.latest_checkpoint(str(run / "checkpoints"))
+
+
+# --- 10. a full disk: ENOSPC on each kind of write ----------------------------------------------------
+
+# Runs bot_keras.train with the write named by argv[1] failing as a full disk does (ENOSPC), after writing
+# part of its data: the second checkpoint (its temporary shard written), model.keras (part of the archive
+# written) or final_metrics.json (its temporary written, then fsync fails).
+_FULL_DISK = """
+import errno, os, runpy, sys
+import keras, tensorflow as tf
+kind = sys.argv.pop(1)
+full = OSError(errno.ENOSPC, "No space left on device")
+if kind == "checkpoint":
+    save, calls = tf.train.CheckpointManager.save, []
+    def failing_save(self, checkpoint_number=None, **kwargs):
+        calls.append(checkpoint_number)
+        if len(calls) == 2:
+            os.makedirs(os.path.join(self.directory, f"ckpt-{checkpoint_number}_temp"))
+            open(os.path.join(self.directory, f"ckpt-{checkpoint_number}_temp", "part-0"), "wb").write(b"x")
+            raise full
+        return save(self, checkpoint_number=checkpoint_number, **kwargs)
+    tf.train.CheckpointManager.save = failing_save
+elif kind == "model":
+    def failing_model_save(self, path, *args, **kwargs):
+        open(path, "wb").write(b"PK\\x03\\x04 half an archive")
+        raise full
+    keras.Model.save = failing_model_save
+else:
+    fsync = os.fsync
+    def failing_fsync(fd):
+        if "final_metrics" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise full
+        fsync(fd)
+    os.fsync = failing_fsync
+sys.argv[0] = "bot_keras.train"
+runpy.run_module("bot_keras.train", run_name="__main__")
+"""
+
+
+@SLOW
+@pytest.mark.parametrize("kind, path", [("checkpoint", "checkpoints/ckpt-2"), ("model", "model.keras"),
+                                        ("metrics", "final_metrics.json")])
+def test_a_full_disk_stops_in_one_line_leaves_the_previous_state_and_resume_finishes(kind, path, tmp_path):
+    data = _write_folder(tmp_path / "data")
+    run = tmp_path / "run"
+    args = _train_args(data, run, "--checkpoint_steps=1")  # checkpoints at steps 1 and 2
+    proc = _run(None, kind, *args, wrapper=_FULL_DISK)
+    assert proc.returncode == cli.USAGE_ERROR, proc.stderr[-3000:]
+    assert _error_line(proc, "bot_keras.train") == (
+        f"bot_keras.train: error: cannot write {run / path}: [Errno 28] No space left on device; the "
+        "previous files are intact; free space (or fix the disk), then rerun with --resume"
+    )
+    assert not list(run.glob(".*.tmp*")) and not list(run.glob("checkpoints/*_temp*"))  # no temporaries
+    latest = tf_latest(run)
+    assert latest == str(run / "checkpoints" / ("ckpt-1" if kind == "checkpoint" else "ckpt-2"))
+    assert not (run / "final_metrics.json").exists()
+    assert (run / "model.keras").exists() == (kind == "metrics")
+
+    proc = _run("bot_keras.train", *args, "--resume")  # space freed
+    assert proc.returncode == cli.OK, proc.stderr[-3000:]
+    assert json.loads((run / "final_metrics.json").read_text())["step"] == 2
+    assert run_dir_model_ok(run)
+
+
+def run_dir_model_ok(run):
+    from bot_keras import run_dir
+
+    return run_dir.keras_file_problem(run / "model.keras") is None
+
+
+@SLOW
+def test_a_full_disk_during_export_leaves_the_previous_export(finished_run, tmp_path, monkeypatch):
+    import errno
+
+    import keras
+
+    run, _ = finished_run
+    target = export.export(run, tmp_path / "export", export_format="keras")
+    before = _hashes(target)
+
+    def failing_save(self, path, *args, **kwargs):
+        pathlib.Path(path).write_bytes(b"PK\x03\x04 half an archive")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(keras.Model, "save", failing_save)
+    with pytest.raises(cli.SetupError) as error:
+        export.export(run, target, export_format="keras", overwrite=True)
+    assert str(error.value) == (
+        f"cannot write {target}: [Errno 28] No space left on device; any previous export is intact; free "
+        "space and export again"
+    )
+    assert _hashes(target) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no staging or retired sibling left

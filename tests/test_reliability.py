@@ -309,6 +309,15 @@ def test_training_names_an_image_bomb_or_skips_and_counts_both(tmp_path):
         [str(jpeg), str(png)]
     ) and len(warnings) == 2, proc.stderr[-3000:]
 
+    # The skipped files travel in the checkpoints: a resumed run reads both files again, names neither
+    # again, and its count is the run's (2), not the process's (0 new files).
+    proc = _run("bot_keras.train", *_train_args(data, tmp_path / "skip", "--steps_per_epoch=5",
+                                                "--skip_corrupt", "--resume", "--epochs=2"))
+    assert proc.returncode == cli.OK, proc.stderr[-3000:]
+    assert "skipped image" not in proc.stderr and "Skipped 2 distinct undecodable files" in proc.stdout
+    metrics = json.loads((tmp_path / "skip" / "final_metrics.json").read_text())
+    assert metrics["skipped_files"] == 2 and metrics["step"] == 10
+
 
 # Loads an export in a fresh process (no bot_keras), sends it each image in turn and prints the outcome and
 # how much the process's peak resident memory grew during the call.

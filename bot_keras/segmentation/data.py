@@ -163,19 +163,14 @@ def _check(condition, *message):
     return tf.debugging.Assert(condition, [tf.strings.join([BAD_SEGMENTATION_INPUT + " ", *message])])
 
 
-def read_pair(image_path, mask_path, num_classes, max_image_pixels=image_ops.MAX_IMAGE_PIXELS):
-    """Reads, checks and decodes one pair: uint8 [H, W, 3], int32 [H, W]; errors name the file."""
-    return decode_pair(tf.io.read_file(image_path), tf.io.read_file(mask_path), image_path, mask_path,
-                       num_classes, max_image_pixels)
-
-
 def _is_png(encoded):
-    return tf.equal(tf.strings.substr(encoded, 0, 8), b"\x89PNG\r\n\x1a\n")
+    return tf.equal(tf.strings.substr(encoded, 0, 8), image_ops.PNG_MAGIC)
 
 
 def decode_pair(encoded, encoded_mask, image_path, mask_path, num_classes,
                 max_image_pixels=image_ops.MAX_IMAGE_PIXELS):
-    """Checks (framing, the pixel limit from the headers) and decodes one pair's bytes."""
+    """Checks (framing, the pixel limit from the headers) and decodes one pair's bytes: uint8 [H, W, 3],
+    int32 [H, W]; errors name the file."""
     checks = [
         _check(image_ops.check_encoded_image(encoded), "unreadable image file ", image_path,
                " " + SKIP_CURE),

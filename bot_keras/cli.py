@@ -8,6 +8,8 @@
       1  INTERNAL_ERROR     a bug (ours, Keras' or TensorFlow's): Python's traceback, unchanged
       2  USAGE_ERROR        bad flags or input (a missing flag or file, undecodable data): one message
       3  NON_FINITE_LOSS    training stopped on a NaN/inf loss (`FloatingPointError`)
+      4  PREEMPTED          training stopped on SIGTERM or SIGINT after writing a checkpoint (`Preempted`):
+                            the same command with `--resume` continues
 
 - A set-up problem the user can fix raises `SetupError` (a `ValueError`) with a message naming the flag,
   file or value; `run` prints it after `<command>: error:` and exits 2. Any other exception is a bug and
@@ -24,11 +26,20 @@ OK = 0
 INTERNAL_ERROR = 1
 USAGE_ERROR = 2
 NON_FINITE_LOSS = 3
+PREEMPTED = 4
 HELP_FLAGS = ("help", "h", "?", "helpshort", "helpfull", "helpxml")  # absl's own
 
 
 class SetupError(ValueError):
     """A problem with the command's input that the user can fix; the message names the flag or file."""
+
+
+class Preempted(Exception):
+    """Training stopped on a signal after checkpointing `step` (exit PREEMPTED)."""
+
+    def __init__(self, step, signal_name):
+        super().__init__(f"preempted at step {step} ({signal_name}); --resume continues")
+        self.step = step
 
 
 def fail(command, message, code=USAGE_ERROR):
@@ -67,6 +78,9 @@ def _checked_main(main, argv, flag_values, *, command, required):
         fail(command, str(error))
     except FloatingPointError as error:
         fail(command, f"training stopped: {error}", NON_FINITE_LOSS)
+    except Preempted as stop:
+        print(f"{command}: {stop}", file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED)
 
 
 def run(main, define_flags, *, command, required=()):

@@ -23,12 +23,13 @@ from absl import flags
 from bot_keras import cli, metrics, run_dir, tasks
 
 COMMAND = "bot_keras.evaluate"
-CLASSIFICATION_FLAGS = ("image_size", "skip_corrupt")  # what only a classification run's evaluation takes
+# What only a classification run's evaluation takes.
+CLASSIFICATION_FLAGS = ("image_size", "skip_corrupt", "max_image_pixels")
 
 
 def evaluate_run(
     model_dir, *, dataset=None, split=None, data_dir=None, image_size=None, batch_size=None,
-    skip_corrupt=None, checkpoint="final",
+    skip_corrupt=None, max_image_pixels=None, checkpoint="final",
 ):
     """Evaluates the classification run in `model_dir`; returns {"top1", "top5", "loss", "count", "split",
     ...} (and "skipped_files" when skipping). Unset arguments come from the run's flags.txt.
@@ -37,7 +38,7 @@ def evaluate_run(
     run = run_dir.read_run(model_dir, checkpoint=checkpoint)
     result, _ = tasks.task_module(run.task).evaluate_run(
         run, dataset=dataset, split=split, data_dir=data_dir, image_size=image_size, batch_size=batch_size,
-        skip_corrupt=skip_corrupt,
+        skip_corrupt=skip_corrupt, max_image_pixels=max_image_pixels,
     )
     return result
 
@@ -52,6 +53,9 @@ def define_flags(fv):
     flags.DEFINE_integer("batch_size", None, "Batch size (default: the run's).", **d)
     flags.DEFINE_bool(
         "skip_corrupt", None, "Skip undecodable images, naming each (default: the run's --skip_corrupt).", **d
+    )
+    flags.DEFINE_integer(
+        "max_image_pixels", None, "Refuse (or skip) images over this many pixels (default: the run's).", **d
     )
     flags.DEFINE_string("output", None, "JSON file to write (default: MODEL_DIR/eval_SPLIT.json).", **d)
     flags.DEFINE_enum(

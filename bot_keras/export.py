@@ -45,7 +45,7 @@ from absl import flags
 
 from bot_keras import cli, run_dir, tasks
 from bot_keras.data.augment import preprocess_for_eval
-from bot_keras.data.decode import check_encoded_image, decode_image
+from bot_keras.data.decode import MAX_IMAGE_PIXELS, decode_image, serving_checks
 
 COMMAND = "bot_keras.export"
 FORMATS = ("savedmodel", "keras", "tflite")
@@ -58,11 +58,13 @@ KERAS_FILE = "model.keras"
 class ServingModule(tf.Module):
     """The exported object: a float32 classifier behind the two serving signatures (module docstring)."""
 
-    def __init__(self, model, *, class_names, image_size, top_k):
+    def __init__(self, model, *, class_names, image_size, top_k, max_image_pixels=MAX_IMAGE_PIXELS):
         super().__init__(name="bot_keras_classifier")
         self.model = model
         self.class_names = tf.Variable(list(class_names), trainable=False, name="class_names")
         self.image_size = tf.Variable(image_size, trainable=False, name="image_size")
+        self.max_image_pixels = tf.Variable(int(max_image_pixels), trainable=False, name="max_image_pixels")
+        self._max_pixels = int(max_image_pixels)
         self._size = int(image_size)
         self._top_k = min(int(top_k), len(class_names))
 
@@ -89,19 +91,7 @@ class ServingModule(tf.Module):
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     def serve_bytes(self, image_bytes):
-        ok = tf.map_fn(check_encoded_image, image_bytes, fn_output_signature=tf.bool)
-        checks = [
-            _assert_batch_not_empty("serving_default", image_bytes),
-            tf.debugging.Assert(
-                tf.reduce_all(ok),
-                [
-                    "serving_default: image_bytes entries at these batch indices are not complete JPEG, PNG, "
-                    "GIF or BMP images:",
-                    tf.reshape(tf.where(tf.logical_not(ok)), [-1]),
-                ],
-            ),
-        ]
-        with tf.control_dependencies(checks):
+        with tf.control_dependencies(serving_checks("serving_default", image_bytes, self._max_pixels)):
             images = self._preprocess(tf.identity(image_bytes), decode=True)
         return self._outputs(images)
 
@@ -212,6 +202,10 @@ def export(model_dir, export_dir, *, export_format="savedmodel", overwrite=False
             shutil.rmtree(retired)
         else:
             os.rename(staging, export_dir)
+    except OSError as error:  # a full disk (ENOSPC, EIO): the previous export is left as it was
+        shutil.rmtree(staging, ignore_errors=True)
+        raise run_dir.write_error(export_dir, error, "any previous export is intact; free space and export "
+                                  "again") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

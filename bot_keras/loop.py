@@ -12,9 +12,12 @@ last epoch's logs. So a resumed run reports its total wall time, and a run kille
 checkpoint (e.g. during the final save) can still write complete final metrics on `--resume`.
 """
 
+import contextlib
 import csv
 import importlib.util
 import os
+import signal
+import threading
 import time
 
 import keras
@@ -23,7 +26,7 @@ import tensorflow as tf
 from absl import logging
 
 from bot_keras import run_dir
-from bot_keras.cli import SetupError
+from bot_keras.cli import Preempted, SetupError
 from bot_keras.schedules import training_steps
 
 # The CSV log's columns, fixed so that mixup epochs show NA for accuracy.
@@ -52,6 +55,23 @@ def checkpoint_manager(write_dir, *, keep, **objects):
     checkpoint = tf.train.Checkpoint(**objects)
     directory = os.path.join(write_dir, run_dir.CHECKPOINTS_DIR)
     return tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep)
+
+
+def save_checkpoint(manager, step):
+    """`manager.save(checkpoint_number=step)`; a write that fails (a full disk: ENOSPC, EIO, as an OSError
+    or TensorFlow's error) removes the half-written `ckpt-<step>` files and raises `run_dir.write_error`.
+    The `checkpoint` index is written last, so it still names the previous checkpoint, which `--resume`
+    uses."""
+    try:
+        manager.save(checkpoint_number=step)
+    except (OSError, tf.errors.OpError) as error:
+        prefix = os.path.join(manager.directory, f"ckpt-{step}")
+        for path in tf.io.gfile.glob(prefix + ".*") + tf.io.gfile.glob(prefix + "_temp*"):
+            if tf.io.gfile.isdir(path):
+                tf.io.gfile.rmtree(path)
+            else:
+                tf.io.gfile.remove(path)
+        raise run_dir.write_error(prefix, error) from None
 
 
 def restore_latest(manager, model_dir):
@@ -207,66 +227,98 @@ def train_loop(
     `evaluate(eval_dataset) -> {name: mean}` (or None: no evaluation) adds `val_<name>` to the epoch's
     logs. `state` (a `RunState` in the manager's checkpoint, or None) is brought up to date before each
     save. `learning_rate` (the optimizer's schedule, `step -> lr`, or None: a constant rate) gives the
-    logged "lr". Returns the last epoch's logs. Raises FloatingPointError on a non-finite loss.
+    logged "lr". Returns the last epoch's logs. Raises FloatingPointError on a non-finite loss, and
+    `cli.Preempted` after checkpointing when SIGTERM or SIGINT arrived (`stop_signals`).
     """
     end = total_steps(epochs, steps_per_epoch, max_steps)
     step = int(step_var.numpy())
     logs, traced = {}, False
     clock_start, previous_time = time.perf_counter(), float(state.wall_time_s.numpy()) if state else 0.0
 
-    def save(epoch_logs=None):
+    def save(step, epoch_logs=None):
         if state is not None:
             state.wall_time_s.assign(previous_time + time.perf_counter() - clock_start)
             if epoch_logs is not None:
                 state.record_epoch(epoch_logs)
-        manager.save(checkpoint_number=step)
+        save_checkpoint(manager, step)
 
-    callbacks.on_train_begin()
-    while step < end:
-        epoch = step // steps_per_epoch
-        epoch_end = min((epoch + 1) * steps_per_epoch, end)
-        epoch_start = step  # a resumed epoch runs from here: the progress bar counts the steps it runs
-        callbacks.set_params({**callbacks.params, "steps": epoch_end - epoch_start})
-        mixup_on = epoch < mixup_epochs
-        callbacks.on_epoch_begin(epoch)
-        totals, timed_steps = {}, 0
-        start_time = time.perf_counter()
-        while step < epoch_end:
-            n = min(steps_per_execution, epoch_end - step)
-            if checkpoint_steps:
-                n = min(n, checkpoint_steps - step % checkpoint_steps)
-            callbacks.on_train_batch_begin(step - epoch_start)
-            sums = train_function(
-                train_iterator, tf.constant(step, tf.int64), tf.constant(n), tf.constant(mixup_on)
-            )
-            sums = {name: float(value) for name, value in sums.items()}
-            step += n
-            if traced:
-                timed_steps += n
-            else:  # images/s leaves out the first call, which traces and compiles the step
-                traced, start_time = True, time.perf_counter()
-            step_var.assign(step)
-            lr = last_learning_rate(optimizer, learning_rate)
-            if not np.isfinite(sums["loss"]):
-                where = f"at step {step}" if n == 1 else f"in steps {step - n + 1}-{step}"
-                raise FloatingPointError(
-                    f"Non-finite training loss ({sums['loss'] / sums['count']}) {where} (epoch {epoch}), "
-                    f"--precision={precision}, learning rate {lr:.6g}; lower --base_lr or add "
-                    "--warmup_epochs."
+    with stop_signals() as stop:  # SIGTERM / SIGINT: finish the step, checkpoint, stop
+        callbacks.on_train_begin()  # (creates logs/training.csv: from then on a signal stops cleanly)
+        while step < end:
+            epoch = step // steps_per_epoch
+            epoch_end = min((epoch + 1) * steps_per_epoch, end)
+            epoch_start = step  # a resumed epoch runs from here: the progress bar counts the steps it runs
+            callbacks.set_params({**callbacks.params, "steps": epoch_end - epoch_start})
+            mixup_on = epoch < mixup_epochs
+            callbacks.on_epoch_begin(epoch)
+            totals, timed_steps = {}, 0
+            start_time = time.perf_counter()
+            while step < epoch_end:
+                n = min(steps_per_execution, epoch_end - step)
+                if checkpoint_steps:
+                    n = min(n, checkpoint_steps - step % checkpoint_steps)
+                callbacks.on_train_batch_begin(step - epoch_start)
+                sums = train_function(
+                    train_iterator, tf.constant(step, tf.int64), tf.constant(n), tf.constant(mixup_on)
                 )
-            totals = {name: totals.get(name, 0.0) + value for name, value in sums.items()}
-            images_per_sec = timed_steps * global_batch_size / max(time.perf_counter() - start_time, 1e-9)
-            logs = _train_logs(totals, mixup_on, lr, images_per_sec)
-            callbacks.on_train_batch_end(step - epoch_start - 1, logs)
-            if checkpoint_steps and step % checkpoint_steps == 0 and step < epoch_end:
-                save()
-        if evaluate is not None:
-            result = evaluate(eval_dataset)
-            logs.update({f"val_{name}": value for name, value in result.items() if name != "count"})
-        save(logs)
-        callbacks.on_epoch_end(epoch, logs)
+                sums = {name: float(value) for name, value in sums.items()}
+                step += n
+                if traced:
+                    timed_steps += n
+                else:  # images/s leaves out the first call, which traces and compiles the step
+                    traced, start_time = True, time.perf_counter()
+                step_var.assign(step)
+                lr = last_learning_rate(optimizer, learning_rate)
+                if not np.isfinite(sums["loss"]):
+                    where = f"at step {step}" if n == 1 else f"in steps {step - n + 1}-{step}"
+                    raise FloatingPointError(
+                        f"Non-finite training loss ({sums['loss'] / sums['count']}) {where} (epoch {epoch}), "
+                        f"--precision={precision}, learning rate {lr:.6g}; lower --base_lr or add "
+                        "--warmup_epochs."
+                    )
+                totals = {name: totals.get(name, 0.0) + value for name, value in sums.items()}
+                images_per_sec = timed_steps * global_batch_size / max(time.perf_counter() - start_time, 1e-9)
+                logs = _train_logs(totals, mixup_on, lr, images_per_sec)
+                callbacks.on_train_batch_end(step - epoch_start - 1, logs)
+                due = checkpoint_steps and step % checkpoint_steps == 0
+                if step < epoch_end and (due or stop["signal"]):
+                    save(step)
+                    if stop["signal"]:
+                        raise Preempted(step, stop["signal"])
+            if evaluate is not None:
+                result = evaluate(eval_dataset)
+                logs.update({f"val_{name}": value for name, value in result.items() if name != "count"})
+            save(step, logs)
+            callbacks.on_epoch_end(epoch, logs)
+            if stop["signal"] and step < end:
+                raise Preempted(step, stop["signal"])
     callbacks.on_train_end(logs)
     return logs
+
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """While active, SIGTERM and SIGINT (what schedulers, Kubernetes and preemptible VMs send; Ctrl-C) only
+    record that the run should stop: the loop finishes the step in flight, checkpoints and raises
+    `cli.Preempted`. Yields a dict whose "signal" is None or the name of the signal received. Outside the
+    main thread (where Python cannot install handlers) signals keep their usual effect."""
+    stop = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def record(signum, frame):
+        stop["signal"] = signal.Signals(signum).name
+
+    previous = {sig: signal.signal(sig, record) for sig in PREEMPTION_SIGNALS}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def last_learning_rate(optimizer, schedule=None):

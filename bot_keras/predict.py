@@ -34,7 +34,13 @@ from absl import flags
 
 from bot_keras import cli, run_dir, tasks
 from bot_keras.data.augment import preprocess_for_eval
-from bot_keras.data.decode import check_encoded_image, decode_image
+from bot_keras.data.decode import (
+    MAX_IMAGE_PIXELS,
+    check_encoded_image,
+    decode_image,
+    image_shape,
+    pixel_limit_problem,
+)
 
 COMMAND = "bot_keras.predict"
 
@@ -118,8 +124,9 @@ def load_classifier(path):
     )
 
 
-def read_images(paths):
-    """The bytes of each image file; an error names the first file that is missing or not an image."""
+def read_images(paths, max_image_pixels=MAX_IMAGE_PIXELS):
+    """The bytes of each image file; an error names the first file that is missing, not an image, or
+    whose header declares more than `max_image_pixels` pixels (checked before anything decodes it)."""
     encoded = []
     for path in map(pathlib.Path, paths):
         if not path.is_file():
@@ -127,6 +134,12 @@ def read_images(paths):
         data = path.read_bytes()
         if not bool(check_encoded_image(data)):
             raise cli.SetupError(f"{path} is not a complete JPEG, PNG, GIF or BMP image")
+        height, width = (int(n) for n in image_shape(data))
+        if height * width > max_image_pixels:
+            raise cli.SetupError(
+                f"{path} declares {width}x{height} = {height * width} pixels, over --max_image_pixels="
+                f"{max_image_pixels} (a decompression bomb, or a photo to shrink first); it was not decoded"
+            )
         encoded.append(data)
     return encoded
 
@@ -141,12 +154,12 @@ def top_k(probabilities, class_names, k):
     ]
 
 
-def predict(model_path, image_paths, *, k=5):
+def predict(model_path, image_paths, *, k=5, max_image_pixels=MAX_IMAGE_PIXELS):
     """[(image path, [Prediction, ...]), ...] for the image files, in order."""
     if k < 1:
         raise cli.SetupError(f"k={k} must be at least 1")
     classifier = load_classifier(model_path)
-    encoded = read_images(image_paths)
+    encoded = read_images(image_paths, max_image_pixels)
     return list(
         zip(image_paths, top_k(classifier.probabilities(encoded), classifier.class_names, k), strict=True)
     )
@@ -185,13 +198,20 @@ def define_flags(fv):
     flags.DEFINE_string("model", None, "SavedModel directory, .keras file or run directory.", **d)
     flags.DEFINE_integer("top_k", 5, "How many classes to print per image.", **d)
     flags.DEFINE_string("output_dir", "predictions", "Segmentation: where class maps and overlays go.", **d)
+    flags.DEFINE_integer(
+        "max_image_pixels", MAX_IMAGE_PIXELS,
+        "Refuse images whose header declares more pixels (height x width), before decoding them.", **d,
+    )
 
 
 def main(argv, f=flags.FLAGS):
     if len(argv) < 2:
         raise cli.SetupError("name at least one image: python -m bot_keras.predict --model=PATH IMAGE ...")
+    problem = pixel_limit_problem(f.max_image_pixels)
+    if problem:
+        raise cli.SetupError(f"--max_image_pixels {problem}")
     task = tasks.task_module(model_task(f.model))
-    encoded = read_images(argv[1:])
+    encoded = read_images(argv[1:], f.max_image_pixels)  # every header checked before anything decodes
     print("\n".join(task.predict_files(f.model, argv[1:], f.output_dir, encoded, k=f.top_k)))
 
 

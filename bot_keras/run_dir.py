@@ -59,9 +59,23 @@ REQUIRED_FLAGS = {CLASSIFICATION: ("model", "image_size"), SEGMENTATION: ("backb
 
 # --- writing, atomically ----------------------------------------------------------------------------------
 
+# What a training command's failed write says after the path and the error: its previous files are intact.
+RESUME_AFTER_WRITE_ERROR = (
+    "the previous files are intact; free space (or fix the disk), then rerun with --resume"
+)
+
+
+def write_error(path, error, cure=RESUME_AFTER_WRITE_ERROR):
+    """The SetupError of a write to `path` that failed with `error` (an OSError such as ENOSPC or EIO, or
+    TensorFlow's error for one): one line naming the path, the error and `cure`."""
+    reason = f"[Errno {error.errno}] {error.strerror}" if getattr(error, "strerror", None) else str(error)
+    reason = reason.strip().splitlines()[0] if reason.strip() else type(error).__name__
+    return SetupError(f"cannot write {path}: {reason}; {cure}")
+
 
 def write_atomic(path, data):
-    """Writes `data` (str or bytes) to `path` through a temporary sibling and `os.replace`."""
+    """Writes `data` (str or bytes) to `path` through a temporary sibling and `os.replace`; a failed write
+    (a full disk: ENOSPC, EIO) removes the temporary, leaves the previous file and raises `write_error`."""
     path = pathlib.Path(path)
     mode = "wb" if isinstance(data, bytes) else "w"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -72,6 +86,9 @@ def write_atomic(path, data):
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from a serving user
         os.replace(tmp, path)
+    except OSError as error:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise write_error(path, error) from None
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)
         raise
@@ -117,7 +134,8 @@ def write_metrics(model_dir, metrics):
 
 def save_model(model, model_dir, name=MODEL_FILE):
     """`model.save` to `model_dir/model.keras` (or `name`, e.g. `BEST_MODEL_FILE`), atomically (Keras needs
-    the `.keras` suffix on the temporary name too)."""
+    the `.keras` suffix on the temporary name too); a failed write is a `write_error`, as in
+    `write_atomic`."""
     path = pathlib.Path(model_dir) / name
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
     try:
@@ -125,6 +143,9 @@ def save_model(model, model_dir, name=MODEL_FILE):
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, error) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -33,6 +33,7 @@ from absl import flags, logging
 
 from bot_keras import best_model, cli, distribute, loop, optimizers, run_dir, schedules, steps, tasks
 from bot_keras.data import SkippedFiles
+from bot_keras.data.decode import MAX_IMAGE_PIXELS, pixel_limit_problem
 from bot_keras.data.errors import bad_input_message
 from bot_keras.ema import WeightEMA, evaluated_with_averages
 from bot_keras.models.resnet import BACKBONE_VARIABLE_PATTERN
@@ -81,6 +82,21 @@ def define_optimization_flags(fv, *, batch_size, epochs, base_lr, lr_schedule, s
         "Rescale the global batch's gradient to at most this L2 norm before each update (0: off; the "
         "paper clips nothing; the detection recipes use 10).",
         **d,
+    )
+
+
+def define_input_flags(fv):
+    """What the training commands do with bad images: skip them, and the pixel limit (decompression bombs)."""
+    d = dict(flag_values=fv)
+    flags.DEFINE_bool(
+        "skip_corrupt", False,
+        "Skip undecodable image files and images over --max_image_pixels (each named once, counted in "
+        "final_metrics.json) instead of failing.", **d,
+    )
+    flags.DEFINE_integer(
+        "max_image_pixels", MAX_IMAGE_PIXELS,
+        "Refuse (or with --skip_corrupt skip) images whose header declares more pixels (height x width), "
+        "before decoding them; the default is Pillow's. Exports record it and refuse such images too.", **d,
     )
 
 
@@ -169,6 +185,8 @@ def machinery_problems(f, *, schedule_names=schedules.SCHEDULE_NAMES):
     need(f.keep_checkpoints >= 1, f"--keep_checkpoints={f.keep_checkpoints} must be >= 1.")
     need(f.steps_per_epoch >= 0, f"--steps_per_epoch={f.steps_per_epoch} must be >= 0 (0: from the data).")
     need(f.max_steps >= 0, f"--max_steps={f.max_steps} must be >= 0 (0: no limit).")
+    pixels = pixel_limit_problem(f.max_image_pixels)
+    need(pixels is None, f"--max_image_pixels {pixels}.")
     if f.model_dir:
         checkpoint_dir = os.path.join(f.model_dir, run_dir.CHECKPOINTS_DIR)
         has_files = os.path.isdir(f.model_dir) and bool(os.listdir(f.model_dir))
@@ -490,6 +508,7 @@ def run(task, f, *, flags_text):
         optimizer=optimizer,
         step=step_var,
         **state.checkpointed(),
+        **skipped_files.checkpointed(),
         **({"ema": ema} if ema is not None else {}),
         **(keep_best.checkpointed() if keep_best is not None else {}),
     )
@@ -561,10 +580,7 @@ def run(task, f, *, flags_text):
     if keep_best is not None:
         extra_metrics.update(keep_best.summary())
     if getattr(f, "skip_corrupt", False):
-        count = skipped_files.count()
-        plural = "" if count == 1 else "s"
-        print(f"Skipped {count} distinct undecodable file{plural} (--skip_corrupt).", flush=True)
-        extra_metrics["skipped_files"] = count
+        extra_metrics["skipped_files"] = skipped_files.report()
     finish(
         f,
         machinery=machinery,

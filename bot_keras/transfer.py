@@ -61,6 +61,7 @@ def define_flags(fv):
         lr_schedule="poly",
         schedule_names=SCHEDULE_NAMES,
     )
+    trainer.define_input_flags(fv)
     trainer.define_machinery_flags(fv)
 
 

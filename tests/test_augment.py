@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
+from tiny_run import jpeg_declaring, png_bomb
 
 from bot_keras.data import augment, decode
 
@@ -495,3 +496,45 @@ def test_device_split_hands_the_train_step_the_host_crop_and_flip_as_uint8():
     np.testing.assert_allclose(
         augment.normalize(uint8).numpy(), augment.preprocess_for_eval(image, 16).numpy(), atol=0.5 / 57 + 1e-5
     )
+
+
+# --- the header's size and the pixel limit ----------------------------------------------------------
+
+
+def test_image_shape_reads_each_formats_header_as_pillow_does():
+    rgb = smooth_image(30, 40)
+    cases = {fmt: encode(rgb, fmt) for fmt in ("JPEG", "PNG", "GIF", "BMP")}
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, "JPEG", progressive=True)  # SOF2 after a DHT segment
+    cases["progressive JPEG"] = buffer.getvalue()
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, "JPEG", exif=b"Exif\x00\x00" + bytes(5000))  # a large APP1 first
+    cases["JPEG with EXIF"] = buffer.getvalue()
+    for name, data in cases.items():
+        width, height = Image.open(io.BytesIO(data)).size
+        assert decode.image_shape(data).numpy().tolist() == [height, width] == [30, 40], name
+    bomb = png_bomb(20000, 20000)
+    assert decode.image_shape(bomb).numpy().tolist() == [20000, 20000]
+    assert decode.image_shape(jpeg_declaring(60000, 50000)).numpy().tolist() == [60000, 50000]
+    # Unknown or unreadable: -1, left to the framing check (which now also wants a frame header).
+    headerless = b"\xff\xd8\xff\xe0" + b"junk" * 10 + b"\xff\xd9"
+    for data in (b"", b"text, not an image", headerless, cases["PNG"][:12]):
+        assert decode.image_shape(data).numpy().tolist() == [-1, -1], data[:12]
+    assert not bool(decode.check_encoded_image(headerless))
+
+
+def test_the_pixel_limit_is_read_from_the_header_inside_a_dataset():
+    bomb, patched, small = png_bomb(20000, 20000), jpeg_declaring(60000, 60000), encode(smooth_image(30, 40))
+    limit = decode.MAX_IMAGE_PIXELS  # Pillow's 89,478,485
+    ds = tf.data.Dataset.from_tensor_slices([bomb, patched, small])
+    assert list(ds.map(lambda e: decode.within_pixel_limit(e, limit)).as_numpy_iterator()) == [
+        False, False, True
+    ]
+    # The boundary is inclusive: 30 x 40 = 1200 pixels.
+    assert bool(decode.within_pixel_limit(small, 1200)) and not bool(decode.within_pixel_limit(small, 1199))
+    assert decode.too_large_description(patched, limit).numpy().decode() == (
+        f"60000x60000 = 3600000000 pixels, over the limit of {limit}"
+    )
+    assert decode.pixel_limit_problem(limit) is None
+    for bad in (0, decode.MAX_IMAGE_PIXELS_CEILING + 1, 1.5, True):
+        assert "must be an integer in [1, 178956970]" in decode.pixel_limit_problem(bad)

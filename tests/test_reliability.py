@@ -11,12 +11,16 @@ import hashlib
 import json
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+from test_finetune import write_scenes
 from test_train import _cli
-from tiny_run import encode, pixels
+from tiny_detection import write_rectangles_voc
+from tiny_run import encode, jpeg_declaring, pixels, png_bomb
 
 from bot_keras import cli, evaluate, export, predict, train
 
@@ -263,3 +267,273 @@ def test_a_missing_required_flag_is_one_line_not_the_flag_help(module, args, mes
     assert proc.returncode == cli.USAGE_ERROR
     assert proc.stderr.strip().splitlines()[-1] == f"{module}: error: {message}"
     assert "flags:" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+# --- 7. image bombs: refused from the header, before anything decodes them -------------------------------
+
+
+def _bombs(directory):
+    """A JPEG whose header declares 60000 x 60000 (a 600-byte file) and a valid 20000 x 20000 PNG."""
+    directory.mkdir(parents=True, exist_ok=True)
+    jpeg, png = directory / "patched.jpg", directory / "bomb.png"
+    jpeg.write_bytes(jpeg_declaring(60000, 60000))
+    png.write_bytes(png_bomb(20000, 20000))
+    return jpeg, png
+
+
+@SLOW
+def test_training_names_an_image_bomb_or_skips_and_counts_both(tmp_path):
+    data = _write_folder(tmp_path / "data")
+    jpeg, png = _bombs(data / "train" / "a")
+    args = _train_args(data, tmp_path / "run", "--steps_per_epoch=5")  # 18 images, 5 steps of 4: all read
+    proc = _run("bot_keras.train", *args)
+    assert proc.returncode == cli.USAGE_ERROR
+    line = _error_line(proc, "bot_keras.train")
+    expected = {
+        jpeg: "60000x60000 = 3600000000 pixels", png: "20000x20000 = 400000000 pixels"
+    }
+    named = [path for path in expected if str(path) in line]
+    assert len(named) == 1, line
+    assert line == (
+        f"bot_keras.train: error: Training stopped by bad input data: Image over the pixel limit: {named[0]} "
+        f"is {expected[named[0]]}, over the limit of 89478485 (raise max_image_pixels, or skip such files "
+        "with skip_corrupt)"
+    )
+
+    proc = _run("bot_keras.train", *_train_args(data, tmp_path / "skip", "--steps_per_epoch=5",
+                                                "--skip_corrupt"))
+    assert proc.returncode == cli.OK, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "skip" / "final_metrics.json").read_text())["skipped_files"] == 2
+    warnings = [line for line in proc.stderr.splitlines() if "skipped image over the pixel limit" in line]
+    assert sorted(str(p) for p in (jpeg, png) if any(str(p) in w for w in warnings)) == sorted(
+        [str(jpeg), str(png)]
+    ) and len(warnings) == 2, proc.stderr[-3000:]
+
+    # The skipped files travel in the checkpoints: a resumed run reads both files again, names neither
+    # again, and its count is the run's (2), not the process's (0 new files).
+    proc = _run("bot_keras.train", *_train_args(data, tmp_path / "skip", "--steps_per_epoch=5",
+                                                "--skip_corrupt", "--resume", "--epochs=2"))
+    assert proc.returncode == cli.OK, proc.stderr[-3000:]
+    assert "skipped image" not in proc.stderr and "Skipped 2 distinct undecodable files" in proc.stdout
+    metrics = json.loads((tmp_path / "skip" / "final_metrics.json").read_text())
+    assert metrics["skipped_files"] == 2 and metrics["step"] == 10
+
+
+# Loads an export in a fresh process (no bot_keras), sends it each image in turn and prints the outcome and
+# how much the process's peak resident memory grew during the call.
+_SERVE_AND_MEASURE = """
+import resource, sys
+import tensorflow as tf
+serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+for path in sys.argv[2:]:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        serve(image_bytes=tf.constant([open(path, "rb").read()]))
+        outcome = "served"
+    except tf.errors.InvalidArgumentError as error:
+        outcome = "refused: " + next(line for line in error.message.splitlines() if "serving_default" in line)
+    print(outcome, "|", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+@SLOW
+def test_predict_and_the_exported_savedmodel_refuse_image_bombs_without_decoding_them(finished_run, tmp_path):
+    run, data = finished_run
+    jpeg, png = _bombs(tmp_path / "images")
+    proc = _run("bot_keras.predict", f"--model={run}", str(png))
+    assert proc.returncode == cli.USAGE_ERROR
+    assert _error_line(proc, "bot_keras.predict") == (
+        f"bot_keras.predict: error: {png} declares 20000x20000 = 400000000 pixels, over --max_image_pixels="
+        "89478485 (a decompression bomb, or a photo to shrink first); it was not decoded"
+    )
+    with pytest.raises(cli.SetupError, match=r"patched\.jpg declares 60000x60000 = 3600000000 pixels, over"):
+        predict.read_images([jpeg])
+
+    exported = export.export(run, tmp_path / "export")
+    loaded = __import__("tensorflow").saved_model.load(str(exported))
+    assert int(loaded.max_image_pixels.numpy()) == 89478485  # recorded in the export
+    del loaded
+    photo = data / "train" / "a" / "0.jpg"
+    proc = _run(None, str(exported), str(png), str(jpeg), str(photo), wrapper=_SERVE_AND_MEASURE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [line.rsplit(" | ", 1) for line in proc.stdout.strip().splitlines()[-3:]]
+    refusal = "serving_default: image_bytes entries at these batch indices declare more than 89478485 pixels"
+    assert [outcome.startswith("refused") and refusal in outcome for outcome, _ in results] == [
+        True, True, False
+    ], results
+    assert results[2][0] == "served"
+    decoded_kib = 20000 * 20000 * 3 // 1024  # what decoding the PNG bomb to RGB would allocate: 1.1 GiB
+    assert int(results[0][1]) < decoded_kib // 8, results  # < 140 MiB growth of the peak: nothing decoded
+
+
+# --- 8. a truncated JPEG in a fine-tuning set ------------------------------------------------------------
+
+
+def _truncated_jpeg():
+    jpeg = _photo(seed=7, size=64)
+    return jpeg[: len(jpeg) // 2]  # no end marker: Pillow refuses it too
+
+
+@SLOW
+@pytest.mark.parametrize("task", ["detection", "segmentation"])
+def test_a_truncated_jpeg_in_a_finetuning_set_is_named_with_the_cure_or_skipped_and_counted(task, tmp_path):
+    if task == "detection":
+        root = pathlib.Path(write_rectangles_voc(tmp_path / "voc", {"train": 4}))
+        (root / "JPEGImages" / "train001.png").unlink()
+        broken = root / "JPEGImages" / "train001.jpg"
+        dataset = f"voc:{root}"
+        expected = f"Undecodable image file (empty, not an image, or truncated): {broken}"
+    else:
+        root = write_scenes(tmp_path / "scenes", counts=(("train", 4),))
+        (root / "train" / "images" / "2.png").unlink()
+        broken = root / "train" / "images" / "2.jpg"
+        dataset, expected = f"seg_folder:{root}", f"Bad segmentation input: unreadable image file {broken}"
+    broken.write_bytes(_truncated_jpeg())
+    args = [f"--task={task}", f"--dataset={dataset}", "--eval_split=", "--backbone=resnet18_d",
+            "--crop_size=64" if task == "detection" else "--crop_size=32", "--batch_size=2",
+            "--steps_per_epoch=2", "--epochs=1", "--verbose=0", "--seed=1"]  # 2 steps of 2: all read
+    proc = _run("bot_keras.finetune", *args, f"--model_dir={tmp_path / 'run'}")
+    assert proc.returncode == cli.USAGE_ERROR
+    assert _error_line(proc, "bot_keras.finetune") == (
+        f"bot_keras.finetune: error: Training stopped by bad input data: {expected} (remove the file, or "
+        "skip such files with --skip_corrupt)"
+    )
+
+    proc = _run("bot_keras.finetune", *args, f"--model_dir={tmp_path / 'skip'}", "--skip_corrupt")
+    assert proc.returncode == cli.OK, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "skip" / "final_metrics.json").read_text())["skipped_files"] == 1
+    assert proc.stderr.count(f"skipped undecodable image {broken} (1 distinct files skipped so far)") == 1
+    assert "Skipped 1 distinct undecodable file (--skip_corrupt)." in proc.stdout
+
+
+# --- 9. preemption: SIGTERM finishes the step, checkpoints, exits PREEMPTED ------------------------------
+
+
+@SLOW
+def test_sigterm_mid_epoch_checkpoints_the_step_exits_preempted_and_resume_finishes(tmp_path):
+    data = _write_folder(tmp_path / "data")
+    run = tmp_path / "run"
+    # One long epoch and no step checkpoints: a checkpoint inside the epoch can only be the preemption's.
+    args = _train_args(data, run, "--steps_per_epoch=200", "--checkpoint_steps=0")
+    _, env = _cli()
+    proc = subprocess.Popen([sys.executable, "-m", "bot_keras.train", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    csv_log = run / "logs" / "training.csv"  # opened once the loop's signal handlers are in place
+    deadline = time.time() + TIMEOUT
+    while proc.poll() is None and not csv_log.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == cli.PREEMPTED, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if "preempted" in line]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    step = int(lines[0].split("preempted at step ")[1].split()[0])
+    assert lines[0] == f"bot_keras.train: preempted at step {step} (SIGTERM); --resume continues"
+    assert 1 <= step < 200
+    assert tf_latest(run) == str(run / "checkpoints" / f"ckpt-{step}")
+    assert not (run / "model.keras").exists() and not list(run.glob(".*.tmp*"))
+
+    proc = _run("bot_keras.train", *args, "--resume")
+    assert proc.returncode == cli.OK, proc.stderr[-3000:]
+    assert f"at step {step} (epoch 0)" in proc.stdout
+    assert json.loads((run / "final_metrics.json").read_text())["step"] == 200
+
+
+def tf_latest(run):
+    import tensorflow as tf
+
+    return tf.train.latest_checkpoint(str(run / "checkpoints"))
+
+
+# --- 10. a full disk: ENOSPC on each kind of write ----------------------------------------------------
+
+# Runs bot_keras.train with the write named by argv[1] failing as a full disk does (ENOSPC), after writing
+# part of its data: the second checkpoint (its temporary shard written), model.keras (part of the archive
+# written) or final_metrics.json (its temporary written, then fsync fails).
+_FULL_DISK = """
+import errno, os, runpy, sys
+import keras, tensorflow as tf
+kind = sys.argv.pop(1)
+full = OSError(errno.ENOSPC, "No space left on device")
+if kind == "checkpoint":
+    save, calls = tf.train.CheckpointManager.save, []
+    def failing_save(self, checkpoint_number=None, **kwargs):
+        calls.append(checkpoint_number)
+        if len(calls) == 2:
+            os.makedirs(os.path.join(self.directory, f"ckpt-{checkpoint_number}_temp"))
+            open(os.path.join(self.directory, f"ckpt-{checkpoint_number}_temp", "part-0"), "wb").write(b"x")
+            raise full
+        return save(self, checkpoint_number=checkpoint_number, **kwargs)
+    tf.train.CheckpointManager.save = failing_save
+elif kind == "model":
+    def failing_model_save(self, path, *args, **kwargs):
+        open(path, "wb").write(b"PK\\x03\\x04 half an archive")
+        raise full
+    keras.Model.save = failing_model_save
+else:
+    fsync = os.fsync
+    def failing_fsync(fd):
+        if "final_metrics" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise full
+        fsync(fd)
+    os.fsync = failing_fsync
+sys.argv[0] = "bot_keras.train"
+runpy.run_module("bot_keras.train", run_name="__main__")
+"""
+
+
+@SLOW
+@pytest.mark.parametrize("kind, path", [("checkpoint", "checkpoints/ckpt-2"), ("model", "model.keras"),
+                                        ("metrics", "final_metrics.json")])
+def test_a_full_disk_stops_in_one_line_leaves_the_previous_state_and_resume_finishes(kind, path, tmp_path):
+    data = _write_folder(tmp_path / "data")
+    run = tmp_path / "run"
+    args = _train_args(data, run, "--checkpoint_steps=1")  # checkpoints at steps 1 and 2
+    proc = _run(None, kind, *args, wrapper=_FULL_DISK)
+    assert proc.returncode == cli.USAGE_ERROR, proc.stderr[-3000:]
+    assert _error_line(proc, "bot_keras.train") == (
+        f"bot_keras.train: error: cannot write {run / path}: [Errno 28] No space left on device; the "
+        "previous files are intact; free space (or fix the disk), then rerun with --resume"
+    )
+    assert not list(run.glob(".*.tmp*")) and not list(run.glob("checkpoints/*_temp*"))  # no temporaries
+    latest = tf_latest(run)
+    assert latest == str(run / "checkpoints" / ("ckpt-1" if kind == "checkpoint" else "ckpt-2"))
+    assert not (run / "final_metrics.json").exists()
+    assert (run / "model.keras").exists() == (kind == "metrics")
+
+    proc = _run("bot_keras.train", *args, "--resume")  # space freed
+    assert proc.returncode == cli.OK, proc.stderr[-3000:]
+    assert json.loads((run / "final_metrics.json").read_text())["step"] == 2
+    assert run_dir_model_ok(run)
+
+
+def run_dir_model_ok(run):
+    from bot_keras import run_dir
+
+    return run_dir.keras_file_problem(run / "model.keras") is None
+
+
+@SLOW
+def test_a_full_disk_during_export_leaves_the_previous_export(finished_run, tmp_path, monkeypatch):
+    import errno
+
+    import keras
+
+    run, _ = finished_run
+    target = export.export(run, tmp_path / "export", export_format="keras")
+    before = _hashes(target)
+
+    def failing_save(self, path, *args, **kwargs):
+        pathlib.Path(path).write_bytes(b"PK\x03\x04 half an archive")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(keras.Model, "save", failing_save)
+    with pytest.raises(cli.SetupError) as error:
+        export.export(run, target, export_format="keras", overwrite=True)
+    assert str(error.value) == (
+        f"cannot write {target}: [Errno 28] No space left on device; any previous export is intact; free "
+        "space and export again"
+    )
+    assert _hashes(target) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no staging or retired sibling left

@@ -3,6 +3,7 @@
 Shared by tests/test_export.py and tests/test_predict.py (pytest puts tests/ on sys.path).
 """
 
+import functools
 import io
 import pathlib
 
@@ -107,3 +108,28 @@ def evaluation_logits(model, folder_root, image_size=IMAGE_SIZE):
     dataset = make_dataset(f"folder:{folder_root}", split="val", image_size=image_size, global_batch_size=2,
                            training=False)
     return np.concatenate([np.asarray(model(images, training=False), np.float32) for images, _ in dataset])
+
+
+def jpeg_declaring(height, width, seed=0):
+    """A small valid JPEG (8 x 8) whose frame header is patched to declare height x width: what a
+    decompression bomb or a damaged header looks like to a reader of the header."""
+    data = bytearray(encode(pixels(8, 8, seed), "JPEG"))
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+@functools.lru_cache(maxsize=2)
+def png_bomb(height, width):
+    """A valid greyscale PNG of height x width black pixels, written with zlib row by row (Pillow would
+    hold the whole image): 20000 x 20000 is about 0.4 MB on disk and 1.2 GB decoded as RGB."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    compressor, row = zlib.compressobj(9), bytes(width + 1)  # filter byte 0, then `width` zero pixels
+    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")

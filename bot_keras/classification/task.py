@@ -29,6 +29,7 @@ from bot_keras import (
 from bot_keras.data import Augmentation, SkippedFiles
 from bot_keras.data import dataset_info as data_info
 from bot_keras.data import make_dataset as data_pipeline
+from bot_keras.data.decode import MAX_IMAGE_PIXELS
 from bot_keras.data.sources import parse_source
 from bot_keras.models import MODEL_NAMES, RESNET_NAMES
 from bot_keras.models import build_model as build_classifier
@@ -55,9 +56,6 @@ def define_flags(fv):
     )
     flags.DEFINE_string(
         "eval_split", "validation", "Split evaluated at each epoch end; empty: no evaluation.", **d
-    )
-    flags.DEFINE_bool(
-        "skip_corrupt", False, "Skip undecodable image files (each reported) instead of failing.", **d
     )
     flags.DEFINE_integer(
         "label_offset", None, "Subtracted from TFRecord labels (1 for TF's 1-based ImageNet shards).", **d
@@ -144,6 +142,7 @@ def define_flags(fv):
         "distill_hard_weight", None, "Weight w of the hard loss, (w, 1-w) form; unset: the paper's 1:1.", **d
     )
     # --- machinery -------------------------------------------------------------------------------------
+    trainer.define_input_flags(fv)
     trainer.define_machinery_flags(fv)
 
 
@@ -277,6 +276,7 @@ def make_dataset(f, *, split, training, input_context=None, batch_size=None, ski
         augmentation=augmentation(f),
         skipped_files=skipped_files,
         start_step=loop.checkpoint_step(f.model_dir) if training and f.resume else 0,
+        max_image_pixels=f.max_image_pixels,
         **_source(f),
     )
 
@@ -342,13 +342,13 @@ def final_model(f, model, *, num_classes):
 
 
 def evaluate_run(run, *, dataset=None, split=None, data_dir=None, image_size=None, batch_size=None,
-                 skip_corrupt=None):
+                 skip_corrupt=None, max_image_pixels=None):
     """Top-1 / top-5 of the run's model on a split (default: the run's --eval_split) with the evaluation
     transform the trainer uses; unset arguments come from the run's flags.txt, so the same shards are read
     with the same labels and corrupt-file policy. Returns (result for the JSON, one-line summary)."""
     f, split = tasks.evaluation_flags(
         run, split=split, dataset=dataset, data_dir=data_dir, image_size=image_size, batch_size=batch_size,
-        skip_corrupt=skip_corrupt,
+        skip_corrupt=skip_corrupt, max_image_pixels=max_image_pixels,
     )
     skipped_files = SkippedFiles()
     with cli.setup_errors(f"--dataset={f.dataset}"):
@@ -389,7 +389,10 @@ def serving_module(run, model, *, top_k):
     """`export.ServingModule`: `serving_default` (image bytes) and `serving_images` (uint8 pixels)."""
     from bot_keras.export import ServingModule  # the serving graph lives with the export command's docs
 
-    module = ServingModule(model, class_names=run.class_names, image_size=run.image_size, top_k=top_k)
+    module = ServingModule(
+        model, class_names=run.class_names, image_size=run.image_size, top_k=top_k,
+        max_image_pixels=run.flags.get("max_image_pixels", MAX_IMAGE_PIXELS),
+    )
     return module, {
         "serving_default": module.serve_bytes.get_concrete_function(),
         "serving_images": module.serve_images.get_concrete_function(),

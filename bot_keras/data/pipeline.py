@@ -56,6 +56,7 @@ def make_dataset(
     skipped_files=None,
     download=False,
     start_step=0,
+    max_image_pixels=decode.MAX_IMAGE_PIXELS,
 ):
     """A `tf.data.Dataset` of (float32 images [B, S, S, 3], one-hot float32 labels [B, K]); uint8 images
     when `augmentation.on == "device"` (cropped, resized and flipped; the train or eval step does the rest).
@@ -76,6 +77,9 @@ def make_dataset(
       skip_corrupt: undecodable files (zero bytes, not an image, truncated) are skipped, each file reported
         once (however many passes read it) with a warning naming it and the number of distinct files
         skipped so far; by default they raise an error naming the file (`bad_input_message` extracts it).
+      max_image_pixels: an image whose header declares more pixels (height × width) is bad input like an
+        undecodable one (refused naming the file, or skipped with `skip_corrupt`), checked before decoding
+        so that a decompression bomb never allocates its decoded size.
       skipped_files: a `SkippedFiles` that records the files skipped (`count()` at the end of a run); None
         keeps a private one.
       deterministic: keep element order under parallelism; None = True for validation, and for training
@@ -95,6 +99,9 @@ def make_dataset(
         augmentation = augment.Augmentation()  # every Section 2.1 step, as the paper trains
     if not isinstance(augmentation, augment.Augmentation):
         raise ValueError(f"augmentation must be an augment.Augmentation; got {augmentation!r}.")
+    problem = decode.pixel_limit_problem(max_image_pixels)
+    if problem:
+        raise ValueError(f"max_image_pixels {problem}.")
     batch_size = per_replica_batch_size(global_batch_size, input_context)
     info = sources.dataset_info(
         source,
@@ -136,7 +143,7 @@ def make_dataset(
     )
 
     if skip_corrupt:
-        ds = ds.filter((skipped_files or SkippedFiles()).filter_for(f"{source} {split}"))
+        ds = ds.filter((skipped_files or SkippedFiles()).filter_for(f"{source} {split}", max_image_pixels))
 
     def check(example):
         """Names the file of a broken image (or out-of-range label) instead of failing inside the decoder."""
@@ -150,6 +157,7 @@ def make_dataset(
                     )
                 ],
             ),
+            assert_pixel_limit(example["encoded"], key, max_image_pixels),
             tf.debugging.Assert(
                 (label >= 0) & (label < num_classes),
                 [
@@ -223,9 +231,30 @@ def _skip_batches(ds, batch_size, count):
     return ds.batch(batch_size, drop_remainder=True).repeat().skip(count).unbatch()
 
 
+def assert_pixel_limit(encoded, key, max_image_pixels):
+    """An assertion (for `tf.control_dependencies` before decoding) that the header of `encoded` declares
+    at most `max_image_pixels` pixels; its message names `key` and the image's size."""
+    return tf.debugging.Assert(
+        decode.within_pixel_limit(encoded, max_image_pixels),
+        [
+            tf.strings.join(
+                [
+                    errors.IMAGE_TOO_LARGE,
+                    key,
+                    "is",
+                    decode.too_large_description(encoded, max_image_pixels),
+                    "(raise max_image_pixels, or skip such files with skip_corrupt)",
+                ],
+                " ",
+            )
+        ],
+    )
+
+
 class SkippedFiles:
-    """The distinct files a pipeline (or several) skipped as undecodable: each is reported once, however
-    many passes read it, and `count()` / `keys()` give the tally at the end of a run."""
+    """The distinct files a pipeline (or several) skipped as undecodable or over the pixel limit: each is
+    reported once, however many passes read it, and `count()` / `keys()` give the tally at the end of a
+    run."""
 
     def __init__(self):
         self._table = tf.lookup.experimental.MutableHashTable(tf.string, tf.int64, default_value=0)
@@ -233,37 +262,46 @@ class SkippedFiles:
     def count(self):
         return int(self._table.size())
 
+    def checkpointed(self):
+        """The table as a `tf.train.Checkpoint` object (keyword arguments of `loop.checkpoint_manager`): a
+        resumed run adds to the files its earlier processes skipped and names none of them again."""
+        return {"skipped_files": self._table}
+
+    def report(self):
+        """Prints the count (the line both training commands end with) and returns it."""
+        count = self.count()
+        plural = "" if count == 1 else "s"
+        print(f"Skipped {count} distinct undecodable file{plural} (--skip_corrupt).", flush=True)
+        return count
+
     def keys(self):
         return sorted(k.decode() for k in self._table.export()[0].numpy())
 
-    def filter_for(self, name):
-        """A `Dataset.filter` predicate: False for a broken image, with a warning the first time per file."""
+    def filter_for(self, name, max_image_pixels=decode.MAX_IMAGE_PIXELS):
+        """A `Dataset.filter` predicate on examples: `keep` of their bytes and key."""
+        return lambda example: self.keep(example["encoded"], example["key"], name, max_image_pixels)
+
+    def keep(self, encoded, key, name, max_image_pixels=decode.MAX_IMAGE_PIXELS):
+        """False for undecodable `encoded` bytes or an image over `max_image_pixels` (header only, no
+        decoding), with a warning naming `key` the first time per file (the fine-tuning pipelines call it
+        per image and per mask)."""
         table = self._table
+        framed = decode.check_encoded_image(encoded)
+        ok = framed & decode.within_pixel_limit(encoded, max_image_pixels)
+        too_large = f"image over the pixel limit of {int(max_image_pixels)}"
+        reason = tf.where(framed, too_large, "undecodable image")
 
-        def keep(example):
-            ok = decode.check_encoded_image(example["encoded"])
+        def report():
+            def warn():
+                with tf.control_dependencies([table.insert(key, tf.constant(1, tf.int64))]):
+                    count = table.size()
+                line = tf.strings.join([
+                    f"WARNING bot_keras.data: {name}: skipped ", reason, " ", key,
+                    " (", tf.strings.as_string(count), " distinct files skipped so far)",
+                ])
+                tf.print(line, output_stream=sys.stderr)  # a scalar string prints unquoted
+                return ok
 
-            def report():
-                key = example["key"]
-                first_time = tf.equal(table.lookup(key), 0)
+            return tf.cond(tf.equal(table.lookup(key), 0), warn, lambda: ok)
 
-                def warn():
-                    with tf.control_dependencies([table.insert(key, tf.constant(1, tf.int64))]):
-                        count = table.size()
-                    tf.print(
-                        "WARNING bot_keras.data:",
-                        name,
-                        ": skipped undecodable image",
-                        key,
-                        "(",
-                        count,
-                        "distinct files skipped so far )",
-                        output_stream=sys.stderr,
-                    )
-                    return ok
-
-                return tf.cond(first_time, warn, lambda: ok)
-
-            return tf.cond(ok, lambda: ok, report)
-
-        return keep
+        return tf.cond(ok, lambda: ok, report)

@@ -14,9 +14,9 @@ Training drops difficult boxes (unless `keep_difficult`) and boxes that augmenta
 
 import tensorflow as tf
 
-from bot_keras.data.decode import check_encoded_image, decode_image
-from bot_keras.data.errors import BAD_DETECTION_INPUT, UNDECODABLE_IMAGE
-from bot_keras.data.pipeline import per_replica_batch_size
+from bot_keras.data.decode import MAX_IMAGE_PIXELS, check_encoded_image, decode_image
+from bot_keras.data.errors import BAD_DETECTION_INPUT, SKIP_CURE, UNDECODABLE_IMAGE
+from bot_keras.data.pipeline import SkippedFiles, assert_pixel_limit, per_replica_batch_size
 from bot_keras.detection import augment, sources
 
 PAD = -1
@@ -44,6 +44,9 @@ def make_detection_dataset(
     repeat=None,
     drop_remainder=None,
     deterministic=None,
+    skip_corrupt=False,
+    skipped_files=None,
+    max_image_pixels=MAX_IMAGE_PIXELS,
 ):
     """A `tf.data.Dataset` of (images [B, S, S, 3], {"boxes" [B, N, 4] yxyx pixels, "labels" [B, N]}).
 
@@ -57,6 +60,9 @@ def make_detection_dataset(
       keep_difficult: keep difficult boxes as training targets (VOC leaves them out).
       with_metadata: add "difficult", "scale", "image_hw" and "key" to the targets (for evaluation).
       scale_range: the training scale jitter (see `augment.preprocess_for_train`).
+      skip_corrupt, skipped_files, max_image_pixels: an undecodable image, or one whose header declares
+        more than `max_image_pixels` pixels, stops the run with one line naming it; with `skip_corrupt`
+        it is skipped and named once in `skipped_files` (a `bot_keras.data.SkippedFiles`).
     """
     if not isinstance(image_size, int) or image_size < 32:
         raise ValueError(f"image_size must be an integer >= 32; got {image_size!r}.")
@@ -79,12 +85,18 @@ def make_detection_dataset(
         seed = seed + 1_000_003 * input_context.input_pipeline_id
     ds = sources.load_examples(source, split=split, data_dir=data_dir, input_context=input_context,
                                shuffle=training, seed=seed)
+    if skip_corrupt:
+        skipped, name = skipped_files or SkippedFiles(), f"{source} {split}"
+        ds = ds.filter(lambda ex: skipped.keep(ex["encoded"], ex["key"], name, max_image_pixels))
 
     def decode(example):
         """Decoded uint8 image, with one-line errors naming the file for broken images and bad labels."""
         key, labels, declared = example["key"], example["labels"], example["image_hw"]
-        ok = tf.debugging.Assert(check_encoded_image(example["encoded"]), [UNDECODABLE_IMAGE, key])
-        with tf.control_dependencies([ok]):
+        ok = tf.debugging.Assert(check_encoded_image(example["encoded"]), [
+            tf.strings.join([UNDECODABLE_IMAGE, key, SKIP_CURE], " ")
+        ])
+        fits = assert_pixel_limit(example["encoded"], key, max_image_pixels)
+        with tf.control_dependencies([ok, fits]):
             image = decode_image(example["encoded"])
         hw = tf.shape(image)[:2]
         checks = [

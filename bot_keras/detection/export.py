@@ -26,7 +26,7 @@ The loaded object also carries `class_names`, `image_size`, `box_format` ("yxyx"
 
 import tensorflow as tf
 
-from bot_keras.data.decode import check_encoded_image, decode_image
+from bot_keras.data.decode import MAX_IMAGE_PIXELS, decode_image, serving_checks
 from bot_keras.detection import augment
 
 BOX_FORMAT = "yxyx"
@@ -35,13 +35,15 @@ BOX_FORMAT = "yxyx"
 class DetectionServingModule(tf.Module):
     """A float32 `RetinaNet` (bot_keras.detection.model) behind the bytes signature (module docstring)."""
 
-    def __init__(self, detector, *, class_names, image_size):
+    def __init__(self, detector, *, class_names, image_size, max_image_pixels=MAX_IMAGE_PIXELS):
         super().__init__(name="bot_keras_detector")
         self.detector = detector
         self.class_names = tf.Variable(list(class_names), trainable=False, name="class_names")
         self.image_size = tf.Variable(int(image_size), trainable=False, name="image_size")
         self.box_format = tf.Variable(BOX_FORMAT, trainable=False, name="box_format")
         self.task = tf.Variable("detection", trainable=False, name="task")
+        self.max_image_pixels = tf.Variable(int(max_image_pixels), trainable=False, name="max_image_pixels")
+        self._max_pixels = int(max_image_pixels)
         self._size = int(image_size)
         self._max_detections = int(detector.prediction_decoder.max_detections)
 
@@ -63,15 +65,7 @@ class DetectionServingModule(tf.Module):
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     def serve_bytes(self, image_bytes):
-        ok = tf.map_fn(check_encoded_image, image_bytes, fn_output_signature=tf.bool)
-        checks = [
-            tf.debugging.Assert(tf.size(image_bytes) > 0,
-                                ["serving_default: got an empty batch; send at least one image"]),
-            tf.debugging.Assert(tf.reduce_all(ok), [
-                "serving_default: image_bytes entries at these batch indices are not complete JPEG, PNG, "
-                "GIF or BMP images:", tf.reshape(tf.where(tf.logical_not(ok)), [-1]),
-            ]),
-        ]
+        checks = serving_checks("serving_default", image_bytes, self._max_pixels)
         d = self._max_detections
         with tf.control_dependencies(checks):
             boxes, scores, ids, names, count = tf.map_fn(
@@ -84,9 +78,11 @@ class DetectionServingModule(tf.Module):
                 "num_detections": count}
 
 
-def save_serving_model(detector, path, *, class_names, image_size):
+def save_serving_model(detector, path, *, class_names, image_size, max_image_pixels=MAX_IMAGE_PIXELS):
     """Writes the SavedModel with its `serving_default` signature to `path` (a new directory)."""
-    module = DetectionServingModule(detector, class_names=class_names, image_size=image_size)
+    module = DetectionServingModule(
+        detector, class_names=class_names, image_size=image_size, max_image_pixels=max_image_pixels
+    )
     signatures = {"serving_default": module.serve_bytes.get_concrete_function()}
     tf.saved_model.save(module, str(path), signatures=signatures)
     return module

@@ -94,7 +94,6 @@ def dataset_info(f, split):
 
 def make_dataset(f, *, split, training, input_context=None, batch_size=None, skipped_files=None):
     """Training: (images, {"boxes", "labels"}); validation: the same plus evaluation's metadata."""
-    del skipped_files  # no --skip_corrupt: a broken image or annotation stops the run, naming the file
     ds = data.make_detection_dataset(
         f.dataset,
         split=split,
@@ -107,6 +106,9 @@ def make_dataset(f, *, split, training, input_context=None, batch_size=None, ski
         keep_difficult=f.keep_difficult,
         with_metadata=not training,
         scale_range=scale_range(f),
+        skip_corrupt=f.skip_corrupt,
+        skipped_files=skipped_files,
+        max_image_pixels=f.max_image_pixels,
     )
     # The file names stay on the host: a distributed dataset moves every tensor to the replicas.
     return ds if training else ds.map(lambda images, targets: (images, _without_key(targets)))
@@ -234,7 +236,10 @@ def evaluate_run(run, *, dataset=None, split=None, data_dir=None, batch_size=Non
 
 def serving_module(run, model, *, top_k=None):
     del top_k  # detections are ranked by score, down to the NMS threshold
-    module = export.DetectionServingModule(model, class_names=run.class_names, image_size=run.image_size)
+    module = export.DetectionServingModule(
+        model, class_names=run.class_names, image_size=run.image_size,
+        max_image_pixels=run.flags.get("max_image_pixels", export.MAX_IMAGE_PIXELS),
+    )
     return module, {"serving_default": module.serve_bytes.get_concrete_function()}
 
 

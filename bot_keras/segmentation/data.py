@@ -25,8 +25,8 @@ import numpy as np
 import tensorflow as tf
 
 from bot_keras.data import decode as image_ops
-from bot_keras.data.errors import BAD_SEGMENTATION_INPUT
-from bot_keras.data.pipeline import per_replica_batch_size
+from bot_keras.data.errors import BAD_SEGMENTATION_INPUT, SKIP_CURE
+from bot_keras.data.pipeline import SkippedFiles, assert_pixel_limit, per_replica_batch_size
 from bot_keras.run_dir import read_class_names
 from bot_keras.segmentation import augment
 from bot_keras.segmentation.metrics import IGNORE_LABEL
@@ -163,13 +163,21 @@ def _check(condition, *message):
     return tf.debugging.Assert(condition, [tf.strings.join([BAD_SEGMENTATION_INPUT + " ", *message])])
 
 
-def read_pair(image_path, mask_path, num_classes):
-    """Reads, checks and decodes one pair: uint8 [H, W, 3], int32 [H, W]; errors name the file."""
-    encoded, encoded_mask = tf.io.read_file(image_path), tf.io.read_file(mask_path)
+def _is_png(encoded):
+    return tf.equal(tf.strings.substr(encoded, 0, 8), image_ops.PNG_MAGIC)
+
+
+def decode_pair(encoded, encoded_mask, image_path, mask_path, num_classes,
+                max_image_pixels=image_ops.MAX_IMAGE_PIXELS):
+    """Checks (framing, the pixel limit from the headers) and decodes one pair's bytes: uint8 [H, W, 3],
+    int32 [H, W]; errors name the file."""
     checks = [
-        _check(image_ops.check_encoded_image(encoded), "unreadable image file ", image_path),
-        _check(tf.equal(tf.strings.substr(encoded_mask, 0, 8), b"\x89PNG\r\n\x1a\n")
-               & image_ops.check_encoded_image(encoded_mask), "unreadable mask file (not a PNG) ", mask_path),
+        _check(image_ops.check_encoded_image(encoded), "unreadable image file ", image_path,
+               " " + SKIP_CURE),
+        _check(_is_png(encoded_mask) & image_ops.check_encoded_image(encoded_mask),
+               "unreadable mask file (not a PNG) ", mask_path, " " + SKIP_CURE),
+        assert_pixel_limit(encoded, image_path, max_image_pixels),
+        assert_pixel_limit(encoded_mask, mask_path, max_image_pixels),
     ]
     with tf.control_dependencies(checks):
         image = image_ops.decode_image(encoded)
@@ -208,13 +216,17 @@ def _tfds_pairs(name, split, data_dir, input_context, shuffle, seed):
 
 def make_segmentation_dataset(source, *, split, crop_size, global_batch_size, training, data_dir=None,
                               input_context=None, seed=None, eval_mode="pad", scale_range=augment.SCALE_RANGE,
-                              flip=True, cache=False, repeat=None, drop_remainder=None):
+                              flip=True, cache=False, repeat=None, drop_remainder=None, skip_corrupt=False,
+                              skipped_files=None, max_image_pixels=image_ops.MAX_IMAGE_PIXELS):
     """Batches of (float32 normalised images [B, S, S, 3], int32 masks [B, S, S]), S = `crop_size`.
 
     Training: shuffled, `augment.preprocess_for_train` (random scale, crop padded with 255, flip) with
     per-example stateless seeds from `seed`, repeated, full batches only. Evaluation: `preprocess_for_eval`
     with `eval_mode` ("pad": the whole image padded to S, mask padded with 255; "center": GluonCV's resize +
     centre crop), one pass, last batch kept. `cache` keeps the decoded pairs in memory (small datasets).
+    `skip_corrupt` skips a pair whose image or mask is undecodable or over `max_image_pixels` (from the
+    headers), naming the file once in `skipped_files` (a `bot_keras.data.SkippedFiles`); without it such a
+    file stops the run with one line naming it.
     """
     if eval_mode not in augment.EVAL_MODES:
         raise ValueError(f"eval_mode must be one of {augment.EVAL_MODES}, got {eval_mode!r}")
@@ -231,7 +243,16 @@ def make_segmentation_dataset(source, *, split, crop_size, global_batch_size, tr
             files = files.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
         if training and not cache:
             files = files.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
-        pairs = files.map(lambda i, m: read_pair(i, m, len(names)), num_parallel_calls=tf.data.AUTOTUNE)
+        pairs = files.map(lambda i, m: (tf.io.read_file(i), tf.io.read_file(m), i, m),
+                          num_parallel_calls=tf.data.AUTOTUNE)
+        if skip_corrupt:
+            skipped, name = skipped_files or SkippedFiles(), f"{source} {split}"
+            pairs = pairs.filter(lambda image, mask, i, m: skipped.keep(image, i, name, max_image_pixels)
+                                 & skipped.keep(mask, m, name, max_image_pixels))
+        pairs = pairs.map(
+            lambda image, mask, i, m: decode_pair(image, mask, i, m, len(names), max_image_pixels),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
     if cache:
         pairs = pairs.cache()
         if training:

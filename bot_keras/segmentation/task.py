@@ -23,7 +23,7 @@ from absl import flags
 
 from bot_keras import cli, run_dir, steps, tasks, transfer
 from bot_keras.data.augment import normalize
-from bot_keras.data.decode import check_encoded_image, decode_image
+from bot_keras.data.decode import MAX_IMAGE_PIXELS, decode_image, serving_checks
 from bot_keras.segmentation import augment, data, heads, losses, metrics
 
 NAME = tasks.SEGMENTATION
@@ -108,7 +108,6 @@ def dataset_info(f, split):
 
 
 def make_dataset(f, *, split, training, input_context=None, batch_size=None, skipped_files=None):
-    del skipped_files  # no --skip_corrupt: a broken image or mask stops the run, naming the file
     return data.make_segmentation_dataset(
         f.dataset,
         split=split,
@@ -119,6 +118,9 @@ def make_dataset(f, *, split, training, input_context=None, batch_size=None, ski
         input_context=input_context,
         seed=f.seed,
         eval_mode=f.eval_mode,
+        skip_corrupt=f.skip_corrupt,
+        skipped_files=skipped_files,
+        max_image_pixels=f.max_image_pixels,
     )
 
 
@@ -288,28 +290,29 @@ class SegmentationServing(tf.Module):
     """The exported object: `serving_default(image_bytes: string [])` → `class_map` int32 [H, W] at the
     input's size; carries `class_names`, `eval_size` and `task` ("segmentation") as variables."""
 
-    def __init__(self, model, *, class_names, size):
+    def __init__(self, model, *, class_names, size, max_image_pixels=MAX_IMAGE_PIXELS):
         super().__init__(name="bot_keras_segmenter")
         self.model = model
         self.class_names = tf.Variable(list(class_names), trainable=False, name="class_names")
         self.eval_size = tf.Variable(int(size), trainable=False, name="eval_size")
         self.task = tf.Variable(NAME, trainable=False, name="task")
+        self.max_image_pixels = tf.Variable(int(max_image_pixels), trainable=False, name="max_image_pixels")
         self._size = int(size)
+        self._max_pixels = int(max_image_pixels)
 
     @tf.function(input_signature=[tf.TensorSpec([], tf.string, name="image_bytes")])
     def serve_bytes(self, image_bytes):
-        check = tf.debugging.Assert(
-            check_encoded_image(image_bytes),
-            ["serving_default: image_bytes is not a complete JPEG, PNG, GIF or BMP image"],
-        )
-        with tf.control_dependencies([check]):
+        with tf.control_dependencies(serving_checks("serving_default", image_bytes, self._max_pixels)):
             image = decode_image(tf.identity(image_bytes))
         return {"class_map": class_map(self.model, image, self._size)}
 
 
 def serving_module(run, model, *, top_k=None):
     del top_k  # a class map has no top-k
-    module = SegmentationServing(model, class_names=run.class_names, size=eval_size(tasks.run_flags(run)))
+    module = SegmentationServing(
+        model, class_names=run.class_names, size=eval_size(tasks.run_flags(run)),
+        max_image_pixels=run.flags.get("max_image_pixels", MAX_IMAGE_PIXELS),
+    )
     return module, {"serving_default": module.serve_bytes.get_concrete_function()}
 
 

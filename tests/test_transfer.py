@@ -29,7 +29,8 @@ def randomise(model, seed):
 
 
 def classifier_flags(spec, **overrides):
-    values = dict(model="resnet18_d", image_size=SIZE, zero_gamma=False, dropout_rate=0.0, new_head=False,
+    values = dict(model="resnet18_d", image_size=SIZE, zero_gamma=False, dropout_rate=0.0, drop_path_rate=0.0,
+                  new_head=False,
                   backbone_weights=spec)
     return types.SimpleNamespace(**{**values, **overrides})
 

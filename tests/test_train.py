@@ -1,5 +1,6 @@
 """train.py: flag validation, flags.txt, set-up errors, and the command line end to end."""
 
+import inspect
 import math
 import os
 import pathlib
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from bot_keras import cli, train, trainer
+from bot_keras import cli, train, trainer, transfer
 from bot_keras.classification import task as classification
 
 
@@ -89,7 +90,8 @@ def test_existing_run_is_never_overwritten_without_resume(parse, tmp_path):
 def test_resolved_flags_reload_as_a_flagfile(parse, tmp_path):
     # Every flag train.py defines (through the classification task's and trainer.py's shared definitions) is
     # recorded (read from the sources, not from CONTRACT_FLAGS itself).
-    sources = pathlib.Path(classification.__file__).read_text() + pathlib.Path(trainer.__file__).read_text()
+    sources = (pathlib.Path(classification.__file__).read_text() + pathlib.Path(trainer.__file__).read_text()
+               + inspect.getsource(transfer.define_backbone_flags))
     defined = set(re.findall(r'flags\.DEFINE_\w+\(\s*"(\w+)"', sources))
     assert set(train.CONTRACT_FLAGS) == defined and len(defined) > 40
     f = parse(*_base(tmp_path), "--no_bias_decay", "--lr_decay_epochs=10,20", "--base_lr=0.4", "--zero_gamma",

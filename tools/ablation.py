@@ -311,7 +311,10 @@ def job_arguments(job, state):
 
 
 def parse_command(module, arguments):
-    """The flags of `python -m MODULE ARGUMENTS` on a fresh FlagValues (the command's own definitions)."""
+    """The flags of `python -m MODULE ARGUMENTS` on a fresh FlagValues (the command's own definitions; a
+    fine-tuning command line's are those of its --task)."""
+    if COMMANDS[module] is finetune:
+        return finetune.parse_flags(arguments)
     flag_values = flags.FlagValues()
     COMMANDS[module].define_flags(flag_values)
     flag_values([module, *arguments])

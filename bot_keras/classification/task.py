@@ -148,9 +148,9 @@ def define_flags(fv):
 
 # `bot_keras.finetune --task=classification`'s defaults where they differ from training from scratch: a
 # pretrained backbone needs a tenth of the from-scratch learning rate (0.01 per 256 images, 0.0025 at batch
-# 64), a short warmup (the new head's first large gradients reach a trained backbone), cosine decay, and
-# far fewer epochs; --backbone is the fine-tuning commands' name for --model.
-FINETUNE_DEFAULTS = dict(batch_size=64, epochs=30, base_lr=0.01, lr_schedule="cosine", warmup_epochs=1.0)
+# 64), a short warmup (half an epoch: the new head's first large gradients reach a trained backbone),
+# cosine decay, and far fewer epochs; --backbone is the fine-tuning commands' name for --model.
+FINETUNE_DEFAULTS = dict(batch_size=64, epochs=30, base_lr=0.01, lr_schedule="cosine", warmup_epochs=0.5)
 FINETUNE_ALIASES = {"backbone": "model"}
 
 

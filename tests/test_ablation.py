@@ -13,7 +13,7 @@ import pytest
 from test_finetune import write_scenes
 from tools_module import load_tool
 
-from bot_keras import cli, loop
+from bot_keras import cli, finetune, loop
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ablation = load_tool("ablation")
@@ -347,9 +347,12 @@ def in_process(kill_dir=None):
         module, arguments = command[2], list(command[3:])
         killed = kill_dir is not None and f"--model_dir={kill_dir}" in arguments
         tool = ablation.COMMANDS[module]
+        define_flags = tool.define_flags
+        if tool is finetune:  # the fine-tuning command defines the flags of its --task
+            define_flags = lambda fv: finetune.define_flags(fv, finetune.task_of(arguments))  # noqa: E731
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             try:
-                cli.call(tool.main, tool.define_flags, arguments + ["--max_steps=2"] * killed, command=module)
+                cli.call(tool.main, define_flags, arguments + ["--max_steps=2"] * killed, command=module)
                 code = 0
             except SystemExit as stop:
                 code = stop.code

@@ -71,7 +71,7 @@ def _task_args(task, tmp_path):
     if task == "classification":
         scenes = write_scenes(tmp_path / "scenes")
         args = ["--task=classification", "--model=resnet18_d", "--dataset=synthetic:20", "--image_size=32",
-                "--batch_size=4", "--epochs=1", "--base_lr=0.1"]
+                "--batch_size=4", "--epochs=1", "--base_lr=0.1", "--warmup_epochs=0"]
         return args + common, 10, scenes / "val" / "images" / "0.png"  # synthetic: at least 10 validation
     if task == "segmentation":
         scenes = write_scenes(tmp_path / "scenes")

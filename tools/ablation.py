@@ -201,12 +201,13 @@ def parse_transfer(text, *, num_rows):
     tokens = _flag_tokens(rest, where=where, what="the transfer", reserved=TRANSFER_RESERVED_FLAGS,
                           reason="tools/ablation.py sets the backbone, run directory and resume of every "
                                  "transfer run.")
-    try:
-        task = parse_command("bot_keras.finetune", [f"--flagfile={path}", *tokens]).task
-    except flags.Error as error:
-        raise SpecError(f"{where}: {error}") from None
+    task = finetune.task_of([f"--flagfile={path}", *tokens])  # first: the flags to parse are the task's
     if task not in TRANSFER_METRICS:
         raise SpecError(f"{where}: --task={task!r}; a transfer is one of {', '.join(TRANSFER_METRICS)}.")
+    try:
+        parse_command("bot_keras.finetune", [f"--flagfile={path}", *tokens])
+    except (flags.Error, cli.SetupError) as error:
+        raise SpecError(f"{where}: {error}") from None
     if not at:
         return Transfer(path, tuple(range(num_rows)), tuple(tokens), task)
     indexes = []

@@ -172,7 +172,7 @@ def test_mixed_float16_run_is_exported_as_float32_with_the_same_logits(tmp_path)
     # Same weights, float32 arithmetic: the export is the trained function.
     np.testing.assert_allclose(logits, reference_logits(rebuilt, encoded), atol=1e-4, rtol=1e-4)
     # Against the trained model's own float16 arithmetic the gap is float16 rounding (unit roundoff
-    # 2^-11 ≈ 4.9e-4 a step), so the 1e-3 is taken relative to the logit scale: a float32
+    # 2^-11 ≈ 4.9e-4 a step), so the 1e-3 tolerance is taken relative to the logit scale: a float32
     # export of different weights (or a float16 graph) would miss it by orders of magnitude.
     trained_logits = reference_logits(trained, encoded)
     scale = np.abs(trained_logits).max()

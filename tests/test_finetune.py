@@ -361,7 +361,7 @@ def _file_bytes(root):
 
 
 def test_resume_of_a_finished_run_changes_no_file_and_rewrites_lost_metrics(finetuned, tmp_path, capsys):
-    # The trainer.py logic bot_keras.train has (issue 13), here through bot_keras.finetune.
+    # The trainer.py logic bot_keras.train has, here through bot_keras.finetune.
     run = tmp_path / "run"
     shutil.copytree(finetuned[2], run)
     args = [f"--flagfile={run / 'flags.txt'}", f"--model_dir={run}", "--resume"]

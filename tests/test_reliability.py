@@ -1,4 +1,4 @@
-"""Reliability, through the command lines as a user meets them (issue 13): nothing a user saved is lost,
+"""Reliability, through the command lines as a user meets them: nothing a user saved is lost,
 valid photos are never rejected, every bad input is named once.
 
 Each case asserts the exact outcome: the exit status, the file named, which files are unchanged (hashes

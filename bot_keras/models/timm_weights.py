@@ -25,6 +25,7 @@ shape, and every tensor in the file must be used; otherwise a ValueError names t
 and what the weights look like (e.g. "the weights look like timm 'resnet50c'"), and no weight is changed.
 """
 
+import logging
 import os
 import pathlib
 import re
@@ -127,14 +128,20 @@ def download_timm_weights(name, *, download=None):
         except ImportError:
             raise ValueError(f"{HUB_PREFIX}{name} needs huggingface_hub to download: "
                              "pip install huggingface_hub (or pass a local .safetensors file)") from None
+    quiet = logging.getLogger("huggingface_hub")  # its retry warnings would precede our one-line error
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         return download(repo_id=f"timm/{name}", filename="model.safetensors")
     except Exception as error:  # huggingface_hub raises its own HTTP, offline and not-found errors
-        first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = first.rstrip(".")
         raise ValueError(
             f"cannot download {HUB_PREFIX}{name} (timm/{name}/model.safetensors): {first}. Without network, "
             "download model.safetensors on a connected machine and pass the local file instead"
         ) from None
+    finally:
+        quiet.setLevel(level)
 
 
 def describe_timm_state_dict(shapes):

@@ -1,8 +1,11 @@
 """Best-epoch selection (beyond the paper; timm's `--eval-metric`, Keras' `ModelCheckpoint(save_best_only)`).
 
-With `--keep_best=val_top1` (or `val_top5`, `val_loss`) the trainer scores every epoch-end evaluation and,
-when the metric beats the best so far (higher is better, lower for a loss), saves the inference model as
-`model_best.keras` beside `model.keras`, atomically (`run_dir.save_model`: a temporary file, then a rename;
+With `--keep_best=METRIC`, one of the task's `val_*` columns of `logs/training.csv` (classification
+`val_top1`, `val_top5`, `val_loss`; segmentation `val_mean_iou`, `val_pixel_accuracy`, `val_loss`;
+detection `val_map_voc07`, `val_map_all_point`: each task module's `BEST_METRICS`), the trainer scores
+every epoch-end evaluation and, when the metric beats the best so far (higher is better, lower for a loss),
+saves the inference model (the task's `final_model`, as `model.keras` holds it) as `model_best.keras`
+beside `model.keras`, atomically (`run_dir.save_model`: a temporary file, then a rename;
 a kill between the two leaves the previous best in place). The best value and its epoch (0-based, the
 `epoch` column of `logs/training.csv`) travel in the checkpoints, so a resumed run keeps comparing against
 the same best, and end in `final_metrics.json` as `best_epoch` and `best_<metric>`. With weight EMA the
@@ -15,16 +18,15 @@ import tensorflow as tf
 
 from bot_keras import distribute
 
-METRICS = ("val_top1", "val_top5", "val_loss")
-
 
 class KeepBest:
     """Wraps a trainer's `evaluate(dataset) -> {name: mean}` to save the best epoch's model."""
 
-    def __init__(self, metric, *, model, save, chief, step_var, steps_per_epoch, sync_bn):
-        """`save(model)` writes the best model (the trainer: `run_dir.save_model` to `model_best.keras`)."""
-        if metric not in METRICS:
-            raise ValueError(f"keep_best must be one of {METRICS}, got {metric!r}")
+    def __init__(self, metric, *, metrics, model, save, chief, step_var, steps_per_epoch, sync_bn):
+        """`metrics`: the task's `BEST_METRICS`; `save(model)` writes the best model (the trainer: the
+        task's final model to `model_best.keras`)."""
+        if metric not in metrics:
+            raise ValueError(f"keep_best must be one of {metrics}, got {metric!r}")
         self.metric, self.model, self.save, self.chief = metric, model, save, chief
         self.step_var, self.steps_per_epoch, self.sync_bn = step_var, steps_per_epoch, sync_bn
         self.sign = -1.0 if metric.endswith("loss") else 1.0

@@ -60,7 +60,7 @@ def define_flags(fv):
     flags.DEFINE_string("output", None, "JSON file to write (default: MODEL_DIR/eval_SPLIT.json).", **d)
     flags.DEFINE_enum(
         "checkpoint", "final", list(run_dir.CHECKPOINTS),
-        "final: model.keras; best: model_best.keras (a classification run trained with --keep_best).", **d,
+        "final: model.keras; best: model_best.keras (a run trained with --keep_best).", **d,
     )
     flags.DEFINE_string(
         "confusion_png", None, "Classification: also draw the confusion matrix to this PNG (matplotlib).",
@@ -94,9 +94,8 @@ def main(argv, f=flags.FLAGS):
             overrides[name] = f[name].value
         elif f[name].value is not None:
             raise cli.SetupError(f"--{name} is for classification runs; {f.model_dir} is a {task} run")
-    if task != tasks.CLASSIFICATION and (f.checkpoint != "final" or f.confusion_png):
-        flag = "--confusion_png" if f.confusion_png else f"--checkpoint={f.checkpoint}"
-        raise cli.SetupError(f"{flag} is for classification runs; {f.model_dir} is a {task} run")
+    if task != tasks.CLASSIFICATION and f.confusion_png:
+        raise cli.SetupError(f"--confusion_png is for classification runs; {f.model_dir} is a {task} run")
     if f.confusion_png:
         metrics.pyplot(f.confusion_png)  # before the evaluation: a missing matplotlib is one line, at once
     result, line = evaluate_task_run(f.model_dir, task, checkpoint=f.checkpoint, **overrides)

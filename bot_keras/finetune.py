@@ -80,7 +80,10 @@ def validate_flags(f):
     if f.task not in TASK_MODULES:
         raise FlagError(task_problem(f.task))
     task = task_module(f.task)
-    problems = task.flag_problems(f) + trainer.machinery_problems(f, schedule_names=task.SCHEDULE_NAMES)
+    problems = (
+        task.flag_problems(f) + trainer.machinery_problems(f, schedule_names=task.SCHEDULE_NAMES)
+        + trainer.weight_selection_problems(f, task.BEST_METRICS)
+    )
     if problems:
         raise FlagError("\n".join(problems))
 

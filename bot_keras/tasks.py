@@ -62,6 +62,7 @@ class Task(Protocol):
 
     NAME: str  # the task's name in run.json
     CSV_COLUMNS: tuple  # logs/training.csv's columns
+    BEST_METRICS: tuple  # the --keep_best values: val_* columns of CSV_COLUMNS (a loss is minimised)
     SCHEDULE_NAMES: tuple  # the --lr_schedule values the task accepts
 
     # --- flags ---------------------------------------------------------------------------------------
@@ -96,7 +97,8 @@ class Task(Protocol):
         goes to final_metrics.json as `val_<name>`."""
 
     def final_model(self, f, model, *, num_classes) -> Any:
-        """What model.keras holds: the inference model (e.g. without an auxiliary head)."""
+        """What model.keras (and --keep_best's model_best.keras, during training) holds: the inference model
+        (e.g. without an auxiliary head), sharing or copying the training model's weights."""
 
     # --- bot_keras.evaluate, export and predict ---------------------------------------------------------
     def evaluate_run(self, run, **overrides) -> tuple:

@@ -41,7 +41,10 @@ weight_decay = trainer.weight_decay  # kept under its old name for tools/ and te
 
 def validate_flags(f):
     """Checks what can be checked before data or models are touched; raises FlagError listing all."""
-    problems = classification.flag_problems(f) + trainer.machinery_problems(f)
+    problems = (
+        classification.flag_problems(f) + trainer.machinery_problems(f)
+        + trainer.weight_selection_problems(f, classification.BEST_METRICS)
+    )
     if problems:
         raise FlagError("\n".join(problems))
 

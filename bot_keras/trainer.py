@@ -100,6 +100,34 @@ def define_input_flags(fv):
     )
 
 
+def define_weight_selection_flags(fv):
+    """Which weights a run ends with (beyond the paper): weight EMA and the best epoch's model."""
+    d = dict(flag_values=fv)
+    flags.DEFINE_float(
+        "ema_decay", 0.0,
+        "Weight EMA decay (beyond the paper), e.g. 0.9999, warmed up as min(decay, (1+n)/(10+n)): "
+        "evaluation, model.keras and final_metrics.json use the averaged weights; 0: off.", **d,
+    )
+    flags.DEFINE_string(
+        "keep_best", "",
+        "Also keep the best epoch's model as model_best.keras, by this evaluation metric (beyond the paper): "
+        "classification val_top1 | val_top5 | val_loss; segmentation val_mean_iou | val_pixel_accuracy | "
+        "val_loss; detection val_map_voc07 | val_map_all_point; empty: off.", **d,
+    )
+
+
+def weight_selection_problems(f, best_metrics):
+    """Messages for bad --ema_decay / --keep_best values; `best_metrics`: the task's `BEST_METRICS`."""
+    problems = []
+    if not 0 <= f.ema_decay < 1:
+        problems.append(f"--ema_decay={f.ema_decay} must be in [0, 1) (0: off).")
+    if f.keep_best and f.keep_best not in best_metrics:
+        problems.append(f"--keep_best={f.keep_best!r} is not one of {', '.join(best_metrics)} (empty: off).")
+    elif f.keep_best and not f.eval_split:
+        problems.append(f"--keep_best={f.keep_best} needs an evaluation (--eval_split).")
+    return problems
+
+
 def define_machinery_flags(fv):
     """Precision, strategy, run directory and resume, seed, checkpoints, step limits, verbosity."""
     d = dict(flag_values=fv)
@@ -490,14 +518,15 @@ def run(task, f, *, flags_text):
         optimizer, step_var = build_optimizer(
             f, steps_per_epoch=epoch_steps, variables=model.trainable_variables
         )
-        # Beyond the paper, where the task defines the flags: weight EMA and the best epoch's model.
-        ema_decay = getattr(f, "ema_decay", 0.0)
-        ema = WeightEMA(model, ema_decay) if ema_decay else None  # in the checkpoints: exact --resume
+        # Beyond the paper: weight EMA and the best epoch's model.
+        ema = WeightEMA(model, f.ema_decay) if f.ema_decay else None  # in the checkpoints: exact --resume
         keep_best = best_model.KeepBest(
-            f.keep_best, model=model, chief=machinery.chief, step_var=step_var,
-            save=lambda m: run_dir.save_model(m, f.model_dir, run_dir.BEST_MODEL_FILE),
+            f.keep_best, metrics=task.BEST_METRICS, model=model, chief=machinery.chief, step_var=step_var,
+            save=lambda m: run_dir.save_model(
+                task.final_model(f, m, num_classes=len(class_names)), f.model_dir, run_dir.BEST_MODEL_FILE
+            ),
             steps_per_epoch=epoch_steps, sync_bn=getattr(f, "sync_bn", False),
-        ) if getattr(f, "keep_best", "") else None
+        ) if f.keep_best else None
     state = loop.RunState(task.CSV_COLUMNS)  # the run's total training time and last epoch's logs
 
     # Restore.
@@ -576,7 +605,7 @@ def run(task, f, *, flags_text):
     final = task.final_model(f, model, num_classes=len(class_names))
     extra_metrics = evaluation_details()
     if ema is not None:
-        extra_metrics["weights"] = f"ema (decay {ema_decay})"
+        extra_metrics["weights"] = f"ema (decay {f.ema_decay})"
     if keep_best is not None:
         extra_metrics.update(keep_best.summary())
     if getattr(f, "skip_corrupt", False):

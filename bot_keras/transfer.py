@@ -61,6 +61,7 @@ def define_flags(fv):
         lr_schedule="poly",
         schedule_names=SCHEDULE_NAMES,
     )
+    trainer.define_weight_selection_flags(fv)
     trainer.define_input_flags(fv)
     trainer.define_machinery_flags(fv)
 
@@ -258,6 +259,10 @@ def final_model(f, model, *, inference_model, build_model, num_classes):
     inference = inference_model(model)
     if f.precision == "float32":
         return inference
+    previous = keras.mixed_precision.global_policy()  # --keep_best calls this mid-training
     keras.mixed_precision.set_global_policy("float32")
-    rebuilt = inference_model(build_model(f, num_classes=num_classes, weights_from=None))
+    try:
+        rebuilt = inference_model(build_model(f, num_classes=num_classes, weights_from=None))
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
     return run_dir.copy_weights(rebuilt, inference, label=f"--precision={f.precision} model")

@@ -7,12 +7,15 @@ import tensorflow as tf
 
 from bot_keras import best_model, run_dir
 
+METRICS = ("val_top1", "val_top5", "val_loss")  # classification's BEST_METRICS
+
 
 def _setup(tmp_path, metric):
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     step_var = tf.Variable(0, dtype=tf.int64)
     keep = best_model.KeepBest(
-        metric, model=model, chief=True, step_var=step_var, steps_per_epoch=10, sync_bn=False,
+        metric, metrics=METRICS, model=model, chief=True, step_var=step_var, steps_per_epoch=10,
+        sync_bn=False,
         save=lambda m: run_dir.save_model(m, tmp_path, run_dir.BEST_MODEL_FILE),
     )
     return model, step_var, keep
@@ -71,8 +74,8 @@ def test_a_kill_between_the_temporary_file_and_the_rename_keeps_the_previous_bes
 
 def test_unknown_metric_is_refused():
     with pytest.raises(ValueError, match=r"keep_best must be one of .* got 'top1'"):
-        best_model.KeepBest("top1", model=None, save=None, chief=True, step_var=None, steps_per_epoch=1,
-                            sync_bn=False)
+        best_model.KeepBest("top1", metrics=METRICS, model=None, save=None, chief=True, step_var=None,
+                            steps_per_epoch=1, sync_bn=False)
 
 
 def test_checkpoint_best_reads_model_best_keras_and_names_its_absence(tmp_path):

@@ -124,6 +124,10 @@ def finetuned(tmp_path_factory):
         (["--dataset=coco:x"], "--dataset: Unknown segmentation dataset 'coco:x'"),
         (["--backbone_weights=/nonexistent/run"], "--backbone_weights='/nonexistent/run': no such file"),
         (["--precision=fp8"], "--precision='fp8' is not one of"),
+        (["--keep_best=val_top1"], "--keep_best='val_top1' is not one of val_mean_iou, val_pixel_accuracy, "
+                                   "val_loss"),
+        (["--keep_best=val_mean_iou", "--eval_split="], "--keep_best=val_mean_iou needs an evaluation"),
+        (["--ema_decay=1"], "--ema_decay=1.0 must be in [0, 1)"),
     ],
 )
 def test_bad_flags_are_named_with_their_value(tmp_path, extra, message):
@@ -451,6 +455,9 @@ def test_a_mixed_precision_run_saves_a_float32_model_holding_the_trained_weights
     f = parse(*base_args(data, tmp_path / "run", "--eval_split=", "--max_steps=1", "--steps_per_epoch=2",
                          "--precision=mixed_bfloat16"))
     finetune.main(["finetune"], f)
+    # The float32 rebuild for model.keras (and --keep_best's model_best.keras, mid-training) leaves the
+    # run's policy in place.
+    assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
     keras.mixed_precision.set_global_policy("float32")
     model = run_dir.load_model(run_dir.read_run(tmp_path / "run", task="segmentation"))
     assert {layer.dtype_policy.compute_dtype for layer in model.layers} == {"float32"}
@@ -461,3 +468,36 @@ def test_a_mixed_precision_run_saves_a_float32_model_holding_the_trained_weights
     stored = [reader.get_tensor(k) for k, shape in reader.get_variable_to_shape_map().items()
               if tuple(shape) == kernel.shape]
     assert stored and any(np.array_equal(kernel, tensor) for tensor in stored)
+
+
+@pytest.mark.slow  # three short epochs with evaluation, then two evaluations
+def test_ema_and_keep_best_apply_to_fine_tuning(tmp_path):
+    """--ema_decay and --keep_best=val_mean_iou on a segmentation run (FCN with its auxiliary head):
+    final_metrics.json names the epoch of the highest logged val_mean_iou, model_best.keras is the
+    inference model and scores exactly that, and model.keras holds the averaged weights of the last
+    checkpoint, not the raw ones."""
+    import csv
+
+    data = write_scenes(tmp_path / "data")
+    f = parse(*base_args(data, tmp_path / "run", "--epochs=3", "--steps_per_epoch=2", "--ema_decay=0.5",
+                         "--keep_best=val_mean_iou"))
+    finetune.main(["finetune"], f)
+    run = tmp_path / "run"
+    final = json.loads((run / "final_metrics.json").read_text())
+    with open(run / "logs" / "training.csv") as log:
+        mious = [float(row["val_mean_iou"]) for row in csv.DictReader(log)]
+    assert len(mious) == 3 and final["weights"] == "ema (decay 0.5)"
+    assert final["best_epoch"] == int(np.argmax(mious))
+    assert final["best_val_mean_iou"] == pytest.approx(max(mious), rel=1e-6)
+    best, _ = evaluate.evaluate_task_run(run, "segmentation", checkpoint="best")
+    assert best["mean_iou"] == pytest.approx(final["best_val_mean_iou"], abs=1e-6)
+    best_model = run_dir.load_model(run_dir.read_run(run, task="segmentation", checkpoint="best"))
+    assert not isinstance(best_model.output, dict)  # the inference model: no auxiliary output
+    # model.keras' head kernel is the EMA average the last checkpoint holds, and differs from the raw one.
+    kernel = run_dir.load_model(run_dir.read_run(run, task="segmentation")).get_layer("fcn_logits")
+    kernel = kernel.get_weights()[0]
+    reader = tf.train.load_checkpoint(str(run / "checkpoints"))
+    same_shape = {k: reader.get_tensor(k) for k, shape in reader.get_variable_to_shape_map().items()
+                  if tuple(shape) == kernel.shape}
+    matches = [k for k, tensor in same_shape.items() if np.array_equal(kernel, tensor)]
+    assert matches and all(k.startswith("ema/averages/") for k in matches)

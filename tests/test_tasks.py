@@ -46,6 +46,9 @@ def test_every_task_module_provides_the_interface():
         assert module.NAME == name
         missing = [n for n in names if not hasattr(module, n)]
         assert not missing, f"{tasks.TASK_MODULES[name]} lacks {missing}"
+        # --keep_best's metrics are validation columns the trainer logs (best_model.KeepBest reads them).
+        assert module.BEST_METRICS and all(m.startswith("val_") for m in module.BEST_METRICS)
+        assert set(module.BEST_METRICS) <= set(module.CSV_COLUMNS)
     with pytest.raises(ValueError, match=r"--task='regression' is not one of segmentation, detection"):
         tasks.task_module("regression")
 

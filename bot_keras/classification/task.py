@@ -14,7 +14,6 @@ import tensorflow as tf
 from absl import flags
 
 from bot_keras import (
-    best_model,
     cli,
     distribute,
     loop,
@@ -38,6 +37,7 @@ from bot_keras.teacher import load_teacher, parse_teacher_spec
 NAME = tasks.CLASSIFICATION
 SCHEDULE_NAMES = schedules.SCHEDULE_NAMES
 CSV_COLUMNS = loop.CSV_COLUMNS
+BEST_METRICS = ("val_top1", "val_top5", "val_loss")  # --keep_best
 
 
 def define_flags(fv):
@@ -127,21 +127,12 @@ def define_flags(fv):
         "Distillation teacher: a .keras file, a SavedModel dir, or NAME:WEIGHTS (Sec. 5.3).",
         **d,
     )
-    flags.DEFINE_float(
-        "ema_decay", 0.0,
-        "Weight EMA decay (beyond the paper), e.g. 0.9999, warmed up as min(decay, (1+n)/(10+n)): "
-        "evaluation, model.keras and final_metrics.json use the averaged weights; 0: off.", **d,
-    )
-    flags.DEFINE_string(
-        "keep_best", "",
-        "Also keep the best epoch's model as model_best.keras, by this evaluation metric: "
-        + " | ".join(best_model.METRICS) + " (beyond the paper); empty: off.", **d,
-    )
     flags.DEFINE_float("distill_temperature", 20.0, "Distillation temperature T (Sec. 5.3).", **d)
     flags.DEFINE_float(
         "distill_hard_weight", None, "Weight w of the hard loss, (w, 1-w) form; unset: the paper's 1:1.", **d
     )
     # --- machinery -------------------------------------------------------------------------------------
+    trainer.define_weight_selection_flags(fv)
     trainer.define_input_flags(fv)
     trainer.define_machinery_flags(fv)
 
@@ -209,12 +200,6 @@ def flag_problems(f):
         f.mixup_off_epochs < f.epochs or not (f.mixup_alpha or f.cutmix_alpha),
         f"--mixup_off_epochs={f.mixup_off_epochs} leaves no mixup epoch out of --epochs={f.epochs}.",
     )
-    need(0 <= f.ema_decay < 1, f"--ema_decay={f.ema_decay} must be in [0, 1) (0: off).")
-    need(
-        not f.keep_best or f.keep_best in best_model.METRICS,
-        f"--keep_best={f.keep_best!r} is not one of {best_model.METRICS} (empty: off).",
-    )
-    need(not f.keep_best or f.eval_split, f"--keep_best={f.keep_best} needs an evaluation (--eval_split).")
     need(f.distill_temperature > 0, f"--distill_temperature={f.distill_temperature} must be positive.")
     need(
         f.distill_hard_weight is None or 0 <= f.distill_hard_weight <= 1,

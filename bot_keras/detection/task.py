@@ -31,6 +31,7 @@ NAME = tasks.DETECTION
 SCHEDULE_NAMES = transfer.SCHEDULE_NAMES
 DEFAULT_OUTPUT_STRIDE = 32  # FPN on P3-P5 at their true strides
 CSV_COLUMNS = ("loss", "lr", "images_per_sec", "val_map_voc07", "val_map_all_point")
+BEST_METRICS = ("val_map_voc07", "val_map_all_point")  # --keep_best
 DRAW_MIN_SCORE = 0.3  # what predict draws; the serving signature returns every detection down to 0.05
 
 

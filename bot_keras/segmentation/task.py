@@ -38,6 +38,7 @@ CSV_COLUMNS = (
     "val_pixel_accuracy",
     "val_mean_iou",
 )
+BEST_METRICS = ("val_mean_iou", "val_pixel_accuracy", "val_loss")  # --keep_best
 
 
 def define_flags(fv):

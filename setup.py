@@ -25,13 +25,15 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     # The test suite exercises the keras-hub heads (segmentation, detection) where keras-hub installs
-    # (Python >= 3.11), and COCO mAP through pycocotools.
+    # (Python >= 3.11), COCO mAP through pycocotools, and the plots (evaluate's --confusion_png,
+    # tools/ablation.py) through matplotlib.
     "test": [
         "pytest>=8,<10",
         "pytest-xdist>=3.5,<4",
         "pillow>=10",
         "keras-hub>=0.32,<0.33; python_version>='3.11'",
         "pycocotools>=2.0.8,<3",
+        "matplotlib>=3.8",
     ],
     # Optional: keras-hub's task heads on our backbone (DeepLabV3 segmentation, detection). Not a core
     # dependency: it needs Python >= 3.11 and pulls tensorflow-text, kagglehub, tokenizers (docs/models.md).

@@ -111,7 +111,7 @@ def equalize(image):
 
 def invert(image):
     """255 - x."""
-    return 255 - image
+    return tf.constant(255, tf.uint8) - image
 
 
 def posterize(image, bits):
@@ -299,6 +299,9 @@ def _op_fn(name, magnitude, sign, image):
     return lambda: op(image, argument)
 
 
+# The entry points are plain tensor code (their loops run over Python ints), so tf.data's AutoGraph has
+# nothing to convert in them; left to it, converting the fifteen branches takes seconds per pipeline.
+@tf.autograph.experimental.do_not_convert
 def apply_op(image, index, magnitude, negate=False):
     """Op `OP_NAMES[index]` at `magnitude` on a uint8 [H, W, 3] image; `negate` flips a signed argument.
     `index` may be a tensor (one `tf.switch_case`: only that op runs); -1 returns the image unchanged."""
@@ -328,6 +331,7 @@ def draw_ops(seed, num_ops):
     return ops, coins[0] < APPLY_PROBABILITY, coins[1] < 0.5
 
 
+@tf.autograph.experimental.do_not_convert
 def apply_ops(image, ops, applied, negate, magnitude):
     """The deterministic twin of `randaugment`: for i in 0..N-1, op `ops[i]` at `magnitude` when
     `applied[i]`, its signed argument negated when `negate[i]`; uint8 [H, W, 3] in and out."""
@@ -338,6 +342,7 @@ def apply_ops(image, ops, applied, negate, magnitude):
     return image
 
 
+@tf.autograph.experimental.do_not_convert
 def randaugment(image, seed, *, num_ops, magnitude):
     """RandAugment of one uint8 [H, W, 3] image (module docstring): `num_ops` ops drawn from the stateless
     `seed` [2], each applied with probability 0.5, at `magnitude` (0..10). num_ops = 0 is the identity."""

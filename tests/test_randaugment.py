@@ -255,24 +255,32 @@ def element_seeds(seed, count):
     return [s for s in ds.as_numpy_iterator()]
 
 
-def test_make_dataset_applies_randaugment_per_image_after_the_crop_and_flip():
+def test_make_dataset_applies_randaugment_per_image_after_the_crop_and_flip(tmp_path):
+    # Ten copies of one PNG: whatever the shuffle, example i is that image with the i-th per-image seed.
+    png = tmp_path / "one.png"
+    Image.fromarray(random_image(20, 24)).save(png)
+    for i in range(10):
+        (tmp_path / "train" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "train" / f"c{i % 2}" / f"{i}.png").write_bytes(png.read_bytes())
     kwargs = dict(split="train", image_size=16, global_batch_size=8, training=True, seed=3)
 
     def first_batch(**augmentation):
-        ds = make_dataset("synthetic:10", augmentation=augment.Augmentation(**augmentation), **kwargs)
+        ds = make_dataset(f"folder:{tmp_path}", augmentation=augment.Augmentation(**augmentation), **kwargs)
         return next(iter(ds))[0].numpy()
 
-    plain = first_batch(on="device")  # the default: RandAugment off
     randaugmented = first_batch(on="device", randaugment=(2, 9))
-    # Each image is RandAugment (its own draws) of the crop and flip the pipeline draws without it.
-    changed = 0
+    # Each image is RandAugment (its own draws) of the crop and flip that the default pipeline (RandAugment
+    # off) draws from the same seed, computed here eagerly.
+    changed, expected = 0, []
     for i, seed in enumerate(element_seeds(3, 8)):
+        plain = augment.preprocess_for_train(png.read_bytes(), 16, seed, augment.Augmentation(on="device"))
         ra_seed = tf.random.experimental.stateless_fold_in(seed, augment.RANDAUGMENT_STREAM, alg="philox")
         ops, applied, negate = ra.draw_ops(ra_seed, 2)
-        expected = ra.apply_ops(plain[i], ops, applied, negate, 9).numpy()
-        np.testing.assert_array_equal(randaugmented[i], expected)
-        changed += not np.array_equal(randaugmented[i], plain[i])
+        expected.append(ra.apply_ops(plain, ops, applied, negate, 9).numpy())
+        np.testing.assert_array_equal(randaugmented[i], expected[-1])
+        changed += not np.array_equal(randaugmented[i], plain.numpy())
     assert changed >= 3  # P(an image has no op applied) = 1/4
+    assert len({e.tobytes() for e in expected}) == 8  # per image: no two alike
     # The host path gives the same pixels, as floats through the rest of Section 2.1 (here: normalise).
     host = first_batch(on="host", randaugment=(2, 9), color_jitter=False, pca_lighting=False)
-    np.testing.assert_allclose(host, augment.normalize(randaugmented).numpy(), atol=1e-5)
+    np.testing.assert_allclose(host, augment.normalize(np.stack(expected)).numpy(), atol=1e-5)

@@ -25,11 +25,12 @@ Where we follow PIL (what timm's ops call) exactly, and where not:
   * color, contrast, brightness, sharpness: PIL's `ImageEnhance` degenerate images (ITU-R 601 luma in
     PIL's fixed point, the rounded mean luma, black, PIL's 3x3 SMOOTH filter with the border kept) and
     `Image.blend`'s float32 arithmetic and truncation, bit for bit;
-  * rotate, shear, translate: PIL's affine maps (pixel-centre convention) with bilinear sampling, rounded
-    half up, and timm's fill colour, the ImageNet mean (124, 116, 104), outside the image. Inside the image
-    they agree with PIL to rounding; along the edge PIL clamps the bilinear neighbours to the image, while
-    TensorFlow blends the fill colour in, so the outermost pixels of the valid region can differ. timm
-    picks bilinear or bicubic at random unless an interpolation is configured; we always use bilinear.
+  * rotate, shear, translate: PIL's affine maps (pixel-centre convention) with bilinear sampling,
+    truncated to uint8 as PIL's, and timm's fill colour, the ImageNet mean (124, 116, 104), outside the
+    image. Inside the image they agree with PIL to one grey level (float32 here, double in PIL); along the
+    edge PIL clamps the bilinear neighbours to the image, while TensorFlow blends the fill colour in, so
+    the outermost pixels of the valid region can differ. timm picks bilinear or bicubic at random unless
+    an interpolation is configured; we always use bilinear.
 
 In the training pipeline (`augment.preprocess_for_train`) RandAugment runs where timm's transform puts it:
 random-resized crop → flip → RandAugment → (jitter, lighting) → normalise → random erasing; on the host in
@@ -186,7 +187,8 @@ def sharpness(image, factor):
 def _pil_affine(image, matrix):
     """PIL's `Image.transform(size, AFFINE, (a, b, c, d, e, f), BILINEAR, fillcolor=FILL_RGB)`: the output
     pixel at (x, y) samples the input at (a x + b y + c, d x + e y + f), in PIL's coordinates where pixel
-    centres sit at +0.5; bilinear, rounded half up, the fill colour outside.
+    centres sit at +0.5; bilinear, truncated to uint8 as PIL's (after a 1e-3 allowance, so that float32
+    error cannot turn an exact 200 into 199), the fill colour outside.
 
     The public `keras.ops.image.affine_transform` (TensorFlow's ImageProjectiveTransformV3 on this backend)
     works in pixel-index coordinates, so the offsets move by half a pixel: x_in = a x + b y + c + (a + b -

@@ -49,7 +49,9 @@ def test_folder_tables_and_waterfall_at_tiny_size(bench, tmp_path, capsys):
     paths = ["decode_jpeg (whole file)", "minimal fused chain, paper's crop", "train, host for device",
              "train, crop + flip", "train, Section 2.1", "train, unfused",
              "validation", "paper sampler in the minimal chain", "+ colour jitter",
-             "make_dataset, all Section 2.1"]
+             "make_dataset, all Section 2.1", "train, host for device, RandAugment 2,9",
+             "train, Section 2.1, RandAugment 2,9",
+             "train, host for device, keras.layers.RandAugment per image"]
     assert set(paths) <= set(rows), sorted(rows)
     assert rows["minimal fused chain"][-1] == "1.00"  # the main table's and the waterfall's reference
     for name in paths:  # ratio to the minimal chain, and images/s or µs per image: positive numbers
@@ -58,6 +60,7 @@ def test_folder_tables_and_waterfall_at_tiny_size(bench, tmp_path, capsys):
     assert re.search(summary, out)
     # Bytes a batch moves to the accelerator: 4 images of 32x32x3 as uint8 or float32, + 4x2 float32 labels.
     assert "train, host for device: 12,320" in out and "train, Section 2.1: 49,184" in out
+    assert re.search(r"train, host for device, RandAugment 2,9 / train, host for device: [0-9.]+", out)
     # Waterfall: µs per image ÷ the row above = the difference printed.
     assert float(rows["+ normalise"][1]) == pytest.approx(
         float(rows["+ normalise"][0]) - float(rows["paper sampler in the minimal chain"][0]), abs=1.01

@@ -21,7 +21,13 @@ background load hits every path alike; each path's best round is reported):
                          crops, so less to decode and resize than the paper's);
   train, Section 2.1     `make_dataset(training=True)`, every step (the default);
   train, unfused         the same with `fused_crop=False` (whole image decoded, then cropped);
-  validation             `make_dataset(training=False)` (shorter side 256, centre crop).
+  validation             `make_dataset(training=False)` (shorter side 256, centre crop);
+  ..., RandAugment N,M   with `--randaugment=N,M` (default 2,9; empty: these rows are left out): the
+                         host pipeline of `--augment_on=device` and the Section 2.1 one with RandAugment
+                         (`Augmentation.randaugment`, bot_keras/data/randaugment.py) after the flip;
+  ..., keras.layers.RandAugment  (`--keras_randaugment`) the host pipeline of `--augment_on=device` followed
+                         by Keras' own layer (num_ops N, factor M/10), once per image (unbatch, map,
+                         batch) and once per batch (its natural use: one op choice for the whole batch).
 
 The tf.data private thread pool is limited to --threads (1: per-core figures). Ratios are against the
 minimal fused chain of the same run; a summary line gives the host pipeline of `--augment_on=device`
@@ -39,12 +45,14 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import bot_keras  # noqa: E402, F401, I001 - first: it keeps TensorFlow's start-up lines off (bot_keras/console.py)
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import flags  # noqa: E402
 
 from bot_keras import cli  # noqa: E402
 from bot_keras.data import augment, decode, folder, make_dataset  # noqa: E402
+from bot_keras.data import randaugment as randaugment_ops  # noqa: E402
 
 COMMAND = "tools/bench_input.py"
 
@@ -161,10 +169,10 @@ def waterfall_paths(encoded, image_size, batch_size):
     return {name: mapped(transform) for name, transform in steps.items()}
 
 
-def library_paths(source, split, image_size, batch_size):
+def library_paths(source, split, image_size, batch_size, randaugment=None, keras_randaugment=False):
     common = dict(split=split, image_size=image_size, global_batch_size=batch_size, cache=True)
     crop_flip = augment.Augmentation(color_jitter=False, pca_lighting=False)
-    return {
+    paths = {
         "train, host for device": make_dataset(
             source, training=True, seed=0, augmentation=augment.Augmentation(on="device"), **common
         ),
@@ -181,6 +189,41 @@ def library_paths(source, split, image_size, batch_size):
             source, training=True, seed=0, augmentation=augment.Augmentation(fused_crop=False), **common
         ),
         "validation": make_dataset(source, training=False, repeat=True, **common),
+    }
+    if randaugment:
+        num_ops, magnitude = randaugment
+        name = f"RandAugment {num_ops},{magnitude}"
+        paths[f"train, host for device, {name}"] = make_dataset(
+            source, training=True, seed=0,
+            augmentation=augment.Augmentation(on="device", randaugment=randaugment), **common,
+        )
+        paths[f"train, Section 2.1, {name}"] = make_dataset(
+            source, training=True, seed=0, augmentation=augment.Augmentation(randaugment=randaugment),
+            **common,
+        )
+        if keras_randaugment:
+            paths.update(keras_randaugment_paths(source, randaugment, common))
+    return paths
+
+
+def keras_randaugment_paths(source, randaugment, common):
+    """The host pipeline of --augment_on=device, then `keras.layers.RandAugment` per image and per batch."""
+    num_ops, magnitude = randaugment
+    layer = keras.layers.RandAugment(
+        value_range=(0, 255), num_ops=num_ops, factor=magnitude / randaugment_ops.MAX_MAGNITUDE, seed=0
+    )
+    uint8 = make_dataset(source, training=True, seed=0, augmentation=augment.Augmentation(on="device"),
+                         **common)
+
+    def augmented(images, labels):
+        return layer(tf.cast(images, tf.float32)), labels
+
+    batch_size = common["global_batch_size"]
+    return {
+        "train, host for device, keras.layers.RandAugment per image": (
+            uint8.unbatch().map(augmented).batch(batch_size)
+        ),
+        "train, host for device, keras.layers.RandAugment per batch": uint8.map(augmented),
     }
 
 
@@ -221,7 +264,9 @@ def bench_folder(title, root, split, args):
     )
     datasets = {
         **reference_paths(encoded, args.image_size, args.batch_size),
-        **library_paths(f"folder:{root}", split, args.image_size, args.batch_size),
+        **library_paths(f"folder:{root}", split, args.image_size, args.batch_size,
+                        randaugment=randaugment_ops.parse_randaugment(args.randaugment),
+                        keras_randaugment=args.keras_randaugment),
     }
     rates = time_interleaved(datasets, args.threads, args.timed_images, args.batch_size, args.rounds)
     floor = rates["minimal fused chain"]
@@ -238,6 +283,9 @@ def bench_folder(title, root, split, args):
     )
     for name in ("train, host for device", "train, Section 2.1"):
         print(f"bytes per batch handed to the accelerator, {name}: {batch_bytes(datasets[name]):,}")
+    for name in [n for n in rates if "RandAugment" in n]:
+        without = "train, Section 2.1" if "Section 2.1" in name else "train, host for device"
+        print(f"{name} / {without}: {rates[name] / rates[without]:.2f}")
     if args.waterfall:
         waterfall(encoded, source=f"folder:{root}", split=split, args=args)
 
@@ -304,11 +352,18 @@ def define_flags(fv):
     flags.DEFINE_bool("waterfall", True, "Also time the training path piece by piece (where the time goes).",
                       **d)
     flags.DEFINE_integer("small_images", 5000, "32x32 JPEGs of the last table (0: none).", lower_bound=0, **d)
+    flags.DEFINE_string("randaugment", "2,9", "RandAugment N,M of its rows (empty: no such rows).", **d)
+    flags.DEFINE_bool("keras_randaugment", True, "Also time keras.layers.RandAugment (with --randaugment).",
+                      **d)
 
 
 def main(argv, f=flags.FLAGS):
     if len(argv) > 1:
         raise cli.SetupError(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        randaugment_ops.parse_randaugment(f.randaugment)
+    except ValueError as error:
+        raise cli.SetupError(f"--randaugment={f.randaugment!r} {error}.") from None
     if f.folder:
         with cli.setup_errors(f"--folder {f.folder!r}"):
             folder.list_folder(f.folder, f.split)  # a bad folder fails before the generated benchmarks

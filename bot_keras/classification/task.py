@@ -29,6 +29,7 @@ from bot_keras.data import Augmentation, SkippedFiles
 from bot_keras.data import dataset_info as data_info
 from bot_keras.data import make_dataset as data_pipeline
 from bot_keras.data.decode import MAX_IMAGE_PIXELS
+from bot_keras.data.randaugment import parse_randaugment
 from bot_keras.data.sources import parse_source
 from bot_keras.models import MODEL_NAMES, RESNET_NAMES
 from bot_keras.models import build_model as build_classifier
@@ -120,6 +121,12 @@ def define_flags(fv):
         "Random erasing probability per image (beyond the paper; timm's default mode): a box of 2-33% of the "
         "normalised image replaced by N(0, 1) noise; 0: off.", **d,
     )
+    flags.DEFINE_string(
+        "randaugment", "",
+        "RandAugment N,M, e.g. 2,9 (beyond the paper; timm's increasing op list): N of 15 ops per image, "
+        "each applied with probability 0.5, at magnitude M in 0..10, after the crop and flip; empty: off.",
+        **d,
+    )
     flags.DEFINE_integer("mixup_off_epochs", 0, "Train the last N epochs without mixup (and CutMix).", **d)
     flags.DEFINE_string(
         "teacher",
@@ -189,6 +196,10 @@ def flag_problems(f):
     need(f.mixup_alpha >= 0, f"--mixup_alpha={f.mixup_alpha} must be >= 0 (0 turns mixup off).")
     need(f.mixup_off_epochs >= 0, f"--mixup_off_epochs={f.mixup_off_epochs} must be >= 0.")
     need(0 <= f.random_erasing <= 1, f"--random_erasing={f.random_erasing} must be in [0, 1].")
+    try:
+        parse_randaugment(f.randaugment)
+    except ValueError as error:
+        problems.append(f"--randaugment={f.randaugment!r} {error}.")
     need(f.cutmix_alpha >= 0, f"--cutmix_alpha={f.cutmix_alpha} must be >= 0 (0 turns CutMix off).")
     need(0 <= f.mix_switch_prob <= 1, f"--mix_switch_prob={f.mix_switch_prob} must be in [0, 1].")
     need(
@@ -235,7 +246,7 @@ def dataset_info(f, split):
 
 
 def augmentation(f):
-    """The Section 2.1 augmentation of the flags, and where it runs (--augment_on)."""
+    """The Section 2.1 augmentation of the flags, where it runs (--augment_on), and --randaugment."""
     return Augmentation(
         random_crop=f.random_crop,
         crop_area_range=(f.crop_min_area, 1.0),
@@ -243,6 +254,7 @@ def augmentation(f):
         color_jitter=f.color_jitter,
         pca_lighting=f.pca_lighting,
         on=f.augment_on,
+        randaugment=parse_randaugment(f.randaugment),
     )
 
 

@@ -42,6 +42,9 @@ compiled train step runs steps 4-7 on the whole batch (`augment_batch_on_device`
 draws each image's factors, order and lighting alpha from the same distributions, `color_and_normalize_batch`
 applies them), where an accelerator does the per-pixel float work for free and the host sends a quarter of
 the bytes. The batched functions follow `color_and_normalize`, their per-image twin.
+
+Beyond the paper, `Augmentation.randaugment` adds RandAugment (`randaugment.py`) right after the flip, per
+image on uint8 pixels, on the host in both modes (timm's order: crop, flip, RandAugment, colour, normalise).
 """
 
 import dataclasses
@@ -49,6 +52,7 @@ import math
 
 import tensorflow as tf
 
+from bot_keras.data import randaugment as randaugment_ops
 from bot_keras.data.decode import decode_image, is_jpeg
 
 # Section 2.1 step 7: ImageNet RGB mean and standard deviation on the 0-255 scale.
@@ -75,6 +79,8 @@ EVAL_CROP_FRACTION = 0.875  # 224 / 256
 
 LUMA_RGB = (0.299, 0.587, 0.114)
 
+RANDAUGMENT_STREAM = 1  # RandAugment's per-image seed: the image's seed folded with this
+
 # The six orders in which brightness (0), contrast (1) and saturation (2) can be applied.
 _JITTER_ORDERS = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
 
@@ -96,6 +102,9 @@ class Augmentation:
     # "host": every step in the tf.data map, float32 out; "device": the map crops, resizes and flips (uint8
     # out) and the train step runs jitter, lighting and normalisation batched (`augment_batch_on_device`)
     on: str = "host"
+    # Beyond the paper: RandAugment (num_ops, magnitude) after the flip, per image on the host in both
+    # modes (`randaugment.randaugment`); None: off
+    randaugment: tuple | None = None
 
     def __post_init__(self):
         area = tuple(float(a) for a in self.crop_area_range)
@@ -108,6 +117,16 @@ class Augmentation:
             raise ValueError(f"crop_sampler must be one of {CROP_SAMPLERS}; got {self.crop_sampler!r}.")
         if self.on not in AUGMENT_ON:
             raise ValueError(f"on must be one of {AUGMENT_ON}; got {self.on!r}.")
+        if self.randaugment is not None:
+            top = randaugment_ops.MAX_MAGNITUDE
+            values = tuple(self.randaugment)
+            if not (len(values) == 2 and all(isinstance(v, int) for v in values)
+                    and values[0] >= 0 and 0 <= values[1] <= top):
+                raise ValueError(
+                    f"randaugment must be None or integers (num_ops >= 0, magnitude in [0, {top}]); got "
+                    f"{self.randaugment!r}."
+                )
+            object.__setattr__(self, "randaugment", tuple(self.randaugment))
 
 
 def _split_seed(seed, count):
@@ -504,9 +523,11 @@ def preprocess_for_train(encoded, image_size, seed, augmentation=Augmentation())
     """Training transform (Section 2.1 steps 2-7) of encoded bytes → normalised float32 [S, S, 3].
 
     `augmentation` switches steps off for ablations and picks the crop's area range and sampler; with
-    `random_crop=False` the image is resized and centre cropped as for validation. One stateless `seed` [2]
-    determines every draw. With `augmentation.on == "device"` it stops after the flip and returns uint8
-    [S, S, 3] (the same crop and flip for the same seed); `augment_batch_on_device` does the rest.
+    `random_crop=False` the image is resized and centre cropped as for validation. With
+    `augmentation.randaugment` (beyond the paper), RandAugment follows the flip, on uint8 pixels. One
+    stateless `seed` [2] determines every draw. With `augmentation.on == "device"` it stops after the flip
+    (and RandAugment) and returns uint8 [S, S, 3] (the same crop and flip for the same seed);
+    `augment_batch_on_device` does the rest.
     """
     crop_seed, flip_seed, jitter_seed, lighting_seed = _split_seed(seed, 4)
     if augmentation.random_crop:
@@ -526,6 +547,16 @@ def preprocess_for_train(encoded, image_size, seed, augmentation=Augmentation())
         image = to_uint8(image)  # flipping a quarter of the bytes; the train step does steps 4-7
     if augmentation.flip:
         image = random_flip(image, flip_seed)
+    if augmentation.randaugment:
+        # timm's order: crop, flip, RandAugment, then colour and normalisation. A seed folded from the
+        # image's (not a fifth split: the four draws above stay what they were without RandAugment).
+        num_ops, magnitude = augmentation.randaugment
+        randaugment_seed = tf.random.experimental.stateless_fold_in(
+            tf.cast(seed, tf.int64), RANDAUGMENT_STREAM, alg="philox"
+        )
+        pixels = image if image.dtype == tf.uint8 else to_uint8(image)  # its ops work on uint8, as timm's
+        pixels = randaugment_ops.randaugment(pixels, randaugment_seed, num_ops=num_ops, magnitude=magnitude)
+        image = pixels if augmentation.on == "device" else tf.cast(pixels, tf.float32)
     if augmentation.on == "device":
         image.set_shape([image_size, image_size, 3])
         return image

@@ -1,10 +1,10 @@
 """`make_dataset`: source → decode and augment (Section 2.1) → batches of (images, one-hot labels).
 
 Order of a training pipeline: shard per input pipeline → (cache encoded bytes) → shuffle → per-example
-stateless seed → parallel map (framing check, fused decode-and-crop, flip, jitter, lighting, normalise,
-one-hot; with `augmentation.on == "device"` the map stops after the flip, uint8 out, and the train step
-does the rest) → batch (drop_remainder) → repeat → prefetch. Validation: no shuffle, resize + centre crop,
-every example kept (the last batch may be short), one pass.
+stateless seed → parallel map (framing check, fused decode-and-crop, flip, RandAugment when asked, jitter,
+lighting, normalise, one-hot; with `augmentation.on == "device"` the map stops after the flip and
+RandAugment, uint8 out, and the train step does the rest) → batch (drop_remainder) → repeat → prefetch.
+Validation: no shuffle, resize + centre crop, every example kept (the last batch may be short), one pass.
 
 Training datasets repeat forever by default, and the repeat sits *after* batching: every pass over the data
 yields exactly num_examples // global_batch_size global batches (per pipeline: its share // per-replica
@@ -86,8 +86,9 @@ def make_dataset(
         exactly when `seed` is given (otherwise parallel map may reorder for speed).
       repeat, drop_remainder: None = `training`.
       augmentation: an `augment.Augmentation` (None: every step on): the Section 2.1 training steps,
-        each switchable for ablations, the crop's area range and sampler (the paper's by default), and
-        where jitter, lighting and normalisation run (`on`; validation honours `on` too).
+        each switchable for ablations, the crop's area range and sampler (the paper's by default), where
+        jitter, lighting and normalisation run (`on`; validation honours `on` too), and RandAugment
+        (`randaugment`, off by default; training only).
       start_step: a training pipeline that starts at the batch a run reaches after this many global steps
         (`--resume`): with a `seed`, the batches of an uninterrupted run from there on. The skipped steps'
         records are read, shuffled and batched but not decoded, so only a cached (in-memory) split is

@@ -323,6 +323,14 @@ def test_predict_writes_a_class_map_and_an_overlay_per_image(finetuned, tmp_path
         "0_0_classes.png", "0_0_overlay.png", "0_1_classes.png", "0_1_overlay.png"]
 
 
+def test_export_refuses_tflite_for_a_segmentation_run_and_names_the_format_that_works(finetuned, tmp_path):
+    _, _, model_dir = finetuned
+    with pytest.raises(cli.SetupError, match=r"segmentation run; --format=tflite exports classification runs "
+                       r"only: use --format=savedmodel"):
+        export.export(model_dir, tmp_path / "lite", export_format="tflite")
+    assert not (tmp_path / "lite").exists()
+
+
 @pytest.mark.slow
 def test_export_serves_class_maps_at_the_input_size_in_a_process_without_bot_keras(finetuned, tmp_path):
     _, data, model_dir = finetuned

@@ -23,7 +23,7 @@ decoded (`data.decode.serving_checks`).
 The loaded object also carries `class_names`, `eval_size`, `max_image_pixels` and `task` ("segmentation")
 as variables. Loading needs TensorFlow only (no keras-hub, no bot_keras).
 
-The model is called only at the static size [N, S, S, 3], and the module keeps the model's weights, not
+The model is called only at the static size [N, S, S, 3], and the module keeps the model's variables, not
 the model, as its children: saving a Keras model makes `tf.saved_model.save` trace the model's own
 default signature at a dynamic height and width, which keras-hub's DeepLabV3 cannot build (its
 `UpSampling2D` needs a static size).
@@ -67,9 +67,9 @@ class SegmentationServingModule(tf.Module):
 
     def __init__(self, model, *, class_names, eval_size, max_image_pixels=MAX_IMAGE_PIXELS):
         super().__init__(name="bot_keras_segmenter")
-        # The weights are the module's children and the model is reached through a closure, which the
+        # The variables are the module's children and the model is reached through a closure, which the
         # SavedModel does not follow (module docstring: DeepLabV3 cannot be traced at a dynamic size).
-        self.model_weights = list(model.weights)
+        self.model_variables = list(model.variables)
         self._logits = lambda images: tf.cast(model(images, training=False), tf.float32)
         self.class_names = tf.Variable(list(class_names), trainable=False, name="class_names")
         self.eval_size = tf.Variable(int(eval_size), trainable=False, name="eval_size")

@@ -25,10 +25,12 @@ The TFLite model takes one uint8 image [1, H, W, 3] (resize the input tensor to 
 runs the same evaluation transform before the network; `--quantize=dynamic` stores the weights as int8
 (dynamic-range quantisation) while activations stay float.
 
-The SavedModel's module comes from the run's task module (`bot_keras.tasks`). A segmentation or
-detection run exports as `savedmodel` or `keras` only: a segmentation
-run's `serving_default(image_bytes: string [])` returns `class_map` int32 [H, W] at the input's size, with
-the evaluation's preprocessing inside (see `segmentation/task.py`).
+The SavedModel's module comes from the run's task module (`bot_keras.tasks`); every task's
+`serving_default` takes a batch `image_bytes: string [N]`. A segmentation or detection run exports as
+`savedmodel` or `keras` only (TFLite is the classifier's): a segmentation run's `serving_default` returns
+`class_map` int32 [N, Hmax, Wmax] (padded with -1 to the batch's largest image), `height` and `width`
+int32 [N], and `serving_single(image_bytes: string [])` one image's `class_map` [H, W], with the evaluation's
+preprocessing inside (`segmentation/export.py`); a detection run's, boxes (`detection/export.py`).
 
 Every export is written to a temporary sibling of `--export_dir` and renamed into place at the end, so a
 failed export leaves nothing half-written; an existing `--export_dir` is replaced only with `--overwrite`.
@@ -182,7 +184,10 @@ def export(model_dir, export_dir, *, export_format="savedmodel", overwrite=False
         raise cli.SetupError(f"--export_dir={export_dir} already exists; pass --overwrite to replace it")
     task = run_dir.read_task(model_dir) if pathlib.Path(model_dir).is_dir() else run_dir.CLASSIFICATION
     if task != run_dir.CLASSIFICATION and export_format == "tflite":
-        raise cli.SetupError(f"{model_dir} is a {task} run; it exports as savedmodel or keras, not tflite")
+        raise cli.SetupError(
+            f"{model_dir} is a {task} run; --format=tflite exports classification runs only: use "
+            "--format=savedmodel (or keras)"
+        )
     run = run_dir.read_run(model_dir, task=task, checkpoint=checkpoint)
     model = run_dir.load_model(run)
 

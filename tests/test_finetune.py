@@ -24,6 +24,7 @@ from tiny_run import make_run
 from bot_keras import cli, evaluate, export, finetune, predict, run_dir, train
 from bot_keras.data.augment import MEAN_RGB, STD_RGB
 from bot_keras.models.resnet import freeze_backbone
+from bot_keras.segmentation import export as seg_export
 from bot_keras.segmentation import heads
 from bot_keras.segmentation import task as segmentation
 
@@ -326,18 +327,33 @@ def test_predict_writes_a_class_map_and_an_overlay_per_image(finetuned, tmp_path
         "0_0_classes.png", "0_0_overlay.png", "0_1_classes.png", "0_1_overlay.png"]
 
 
+def test_export_refuses_tflite_for_a_segmentation_run_and_names_the_format_that_works(finetuned, tmp_path):
+    _, _, model_dir = finetuned
+    with pytest.raises(cli.SetupError, match=r"segmentation run; --format=tflite exports classification runs "
+                       r"only: use --format=savedmodel"):
+        export.export(model_dir, tmp_path / "lite", export_format="tflite")
+    assert not (tmp_path / "lite").exists()
+
+
 @pytest.mark.slow
 def test_export_serves_class_maps_at_the_input_size_in_a_process_without_bot_keras(finetuned, tmp_path):
     _, data, model_dir = finetuned
     target = export.export(model_dir, tmp_path / "exported")
-    image = np.random.default_rng(3).integers(0, 255, (70, 90, 3), dtype=np.uint8)  # larger than eval_size 48
-    Image.fromarray(image).save(tmp_path / "big.png")
+    rng = np.random.default_rng(3)
+    # One image larger than eval_size 48 (shrunk to fit, predicted, resized back), one smaller (padded).
+    images = [rng.integers(0, 255, (70, 90, 3), dtype=np.uint8), rng.integers(0, 255, (30, 20, 3), np.uint8)]
+    paths = []
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
     script = (
         "import sys, numpy as np, tensorflow as tf\n"
         f"m = tf.saved_model.load({str(target)!r})\n"
-        f"out = m.signatures['serving_default'](image_bytes=tf.constant(open({str(tmp_path / 'big.png')!r}, "
-        "'rb').read()))\n"
-        f"np.save({str(tmp_path / 'served.npy')!r}, out['class_map'].numpy())\n"
+        f"batch = tf.constant([open(p, 'rb').read() for p in {paths!r}])\n"
+        "out = m.signatures['serving_default'](image_bytes=batch)\n"
+        "one = m.signatures['serving_single'](image_bytes=batch[1])\n"
+        f"np.savez({str(tmp_path / 'served.npz')!r}, single=one['class_map'].numpy(), "
+        "**{k: v.numpy() for k, v in out.items()})\n"
         "assert not any(name.startswith('bot_keras') for name in sys.modules), 'bot_keras was imported'\n"
         "print(m.task.numpy().decode(), [n.decode() for n in m.class_names.numpy()])\n"
     )
@@ -353,11 +369,20 @@ def test_export_serves_class_maps_at_the_input_size_in_a_process_without_bot_ker
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "segmentation ['sky', 'road', 'car']" in result.stdout
-    served = np.load(tmp_path / "served.npy")
+    served = np.load(tmp_path / "served.npz")
+    # The batch: padded to its largest image (70 x 90) with PAD, each image's size alongside.
+    assert served["class_map"].shape == (2, 70, 90) and served["class_map"].dtype == np.int32
+    assert served["height"].tolist() == [70, 30] and served["width"].tolist() == [90, 20]
+    small = served["class_map"][1]
+    assert (small[30:] == seg_export.PAD).all() and (small[:, 20:] == seg_export.PAD).all()
+    assert small[:30, :20].min() >= 0
+    np.testing.assert_array_equal(served["single"], small[:30, :20])
+    # Each image's map against the in-process single-image path (one model call per image).
     model = run_dir.load_model(run_dir.read_run(model_dir, task="segmentation"))
-    expected = segmentation.class_map(model, tf.constant(image), 48).numpy()
-    assert served.shape == (70, 90) and served.dtype == np.int32
-    assert (served == expected).mean() > 0.999
+    for image, served_map in zip(images, served["class_map"], strict=True):
+        expected = seg_export.class_map(model, tf.constant(image), 48).numpy()
+        h, w = image.shape[:2]
+        assert (served_map[:h, :w] == expected).mean() > 0.999
 
 
 def _file_bytes(root):

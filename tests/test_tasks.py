@@ -1,9 +1,12 @@
 """tasks.py: the one Task interface, its lazy registry, and the contract every task keeps.
 
-The contract test trains each task for one step through `bot_keras.finetune --task=T` (the one driver,
-`trainer.run`, which `bot_keras.train` calls too), evaluates, exports, serves the export in a fresh
-process (`python -m bot_keras.predict`) and predicts from the run through the registry, and checks that
-both predictions agree. The keras-hub test runs a process in which `import keras_hub` fails.
+The contract test trains each head of each task (classification; segmentation's FCN and DeepLabV3;
+detection) for one step through `bot_keras.finetune --task=T` (the one driver, `trainer.run`, which
+`bot_keras.train` calls too), evaluates, exports, serves the export in a fresh process twice — with
+TensorFlow alone (no bot_keras, no keras-hub; `serving_default` on a batch [N] of encoded images of two
+sizes, as every task's takes) and through `python -m bot_keras.predict` — and predicts from the run
+through the registry, and checks that the predictions agree. The keras-hub test runs a process in which
+`import keras_hub` fails.
 """
 
 import json
@@ -14,11 +17,14 @@ import subprocess
 import sys
 
 import keras
+import numpy as np
 import pytest
+import tensorflow as tf
 from test_finetune import base_args, write_scenes
 from tiny_detection import write_rectangles_voc
+from tiny_run import encode, pixels
 
-from bot_keras import evaluate, export, finetune, predict, tasks
+from bot_keras import evaluate, export, finetune, predict, run_dir, tasks
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # A site directory whose sitecustomize makes `import keras_hub` fail, as on an install without the extra.
@@ -68,8 +74,21 @@ def test_readers_import_no_command_and_no_keras_hub():
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
-def _task_args(task, tmp_path):
-    """(command line, eval image count, an image to predict) of a one-step run of `task`."""
+# Loads an export with TensorFlow alone, serves a batch of the files named on the command line through
+# `serving_default` and saves every output.
+_SERVE_WITH_TENSORFLOW_ONLY = """
+import sys
+import numpy as np
+import tensorflow as tf
+serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+out = serve(image_bytes=tf.constant([open(path, "rb").read() for path in sys.argv[3:]]))
+np.savez(sys.argv[2], **{name: value.numpy() for name, value in out.items()})
+print(sorted(m for m in ("bot_keras", "keras_hub") if m in sys.modules))
+"""
+
+
+def _task_args(task, tmp_path, head=None):
+    """(command line, eval image count, an image to predict) of a one-step run of `task` (with `head`)."""
     common = ["--max_steps=1", "--steps_per_epoch=2", "--verbose=0", f"--model_dir={tmp_path / 'run'}"]
     if task == "classification":
         scenes = write_scenes(tmp_path / "scenes")
@@ -79,6 +98,9 @@ def _task_args(task, tmp_path):
     if task == "segmentation":
         scenes = write_scenes(tmp_path / "scenes")
         args = [a for a in base_args(scenes, tmp_path / "run") if not a.startswith("--model_dir")]
+        args.append(f"--head={head}")
+        if head == "deeplabv3":
+            args += ["--aux_loss_weight=0", "--output_stride=16"]
         return args + common, 3, scenes / "val" / "images" / "0.png"
     root = write_rectangles_voc(tmp_path / "voc", {"train": 4, "val": 2})
     args = ["--task=detection", f"--dataset=voc:{root}", "--backbone=resnet18_d", "--crop_size=64",
@@ -86,10 +108,16 @@ def _task_args(task, tmp_path):
     return args + common, 2, pathlib.Path(root) / "JPEGImages" / "val000.png"
 
 
-@pytest.mark.slow  # a fresh serving process per task
-@pytest.mark.parametrize("task", ["classification", "segmentation", "detection"])
-def test_task_contract_train_evaluate_export_serve_predict(task, tmp_path):
-    argv, eval_count, image = _task_args(task, tmp_path)
+@pytest.mark.slow  # two fresh serving processes per head
+@pytest.mark.parametrize(
+    "task, head",
+    [("classification", None), ("segmentation", "fcn"), ("segmentation", "deeplabv3"), ("detection", None)],
+    ids=["classification", "segmentation-fcn", "segmentation-deeplabv3", "detection"],
+)
+def test_task_contract_train_evaluate_export_serve_predict(task, head, tmp_path):
+    if head == "deeplabv3":
+        pytest.importorskip("keras_hub", reason="--head=deeplabv3 needs the transfer extra")
+    argv, eval_count, image = _task_args(task, tmp_path, head)
     run = tmp_path / "run"
     keras.utils.set_random_seed(0)
     finetune.main(["finetune"], finetune.parse_flags(argv))  # the driver every training command uses
@@ -110,6 +138,32 @@ def test_task_contract_train_evaluate_export_serve_predict(task, tmp_path):
 
     served = export.export(run, tmp_path / "served")
     assert predict.model_task(served) == predict.model_task(run) == task
+
+    # The export with TensorFlow alone, on a batch of two images of different sizes, against the module the
+    # export saved, built again in this process from the run (float tolerance; class ids identical).
+    other = tmp_path / "other.png"
+    other.write_bytes(encode(pixels(29, 37, seed=5), "PNG"))
+    batch = [str(image), str(other)]
+    script = [sys.executable, "-c", _SERVE_WITH_TENSORFLOW_ONLY, str(served), str(tmp_path / "served.npz")]
+    out = subprocess.run(
+        [*script, *batch],
+        env=dict(_env(), PYTHONPATH=""), capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"  # neither bot_keras nor keras_hub was imported
+    fresh = dict(np.load(tmp_path / "served.npz", allow_pickle=True))  # class names: bytes objects
+    info = run_dir.read_run(run, task=task)
+    module, _ = tasks.task_module(task).serving_module(info, run_dir.load_model(info), top_k=5)
+    local = module.serve_bytes(image_bytes=tf.constant(predict.read_images(batch)))
+    assert sorted(fresh) == sorted(local)
+    for name, value in local.items():
+        value = value.numpy()
+        assert fresh[name].shape == value.shape and fresh[name].shape[0] == 2, name
+        if value.dtype.kind == "f":
+            np.testing.assert_allclose(fresh[name], value, rtol=1e-4, atol=1e-4, err_msg=name)
+        else:
+            np.testing.assert_array_equal(fresh[name], value, err_msg=name)
+    keras.backend.clear_session()
 
     # The export in a fresh process, through the command line ...
     out = subprocess.run(

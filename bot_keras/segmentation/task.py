@@ -7,10 +7,10 @@ weights) is `bot_keras.transfer`. Here: the flags `--head`,
 GluonCV's 0.5); training logs the mean per-image pixel accuracy of the crops, evaluation sums one confusion
 matrix (`metrics.py`) over the split and reports pixel accuracy, mean IoU and per-class IoU.
 
-Inference (`class_map`, used by export and predict): the image is shrunk to fit the evaluation size S when
-it is larger (never enlarged), normalised and padded to S×S as evaluation does, the logits of the valid
-region are resized back to the input's size and the class map is their argmax. For an image no larger
-than S this is exactly the evaluation transform ("pad") at the image's own resolution.
+Inference (export and predict) is `export.SegmentationServingModule`: each image is shrunk to fit the
+evaluation size S when it is larger (never enlarged), normalised and padded to S×S as evaluation does, the
+logits of the valid region are resized back to the input's size and the class map is their argmax. For an
+image no larger than S this is exactly the evaluation transform ("pad") at the image's own resolution.
 """
 
 import importlib.util
@@ -22,13 +22,13 @@ import tensorflow as tf
 from absl import flags
 
 from bot_keras import cli, run_dir, steps, tasks, transfer
-from bot_keras.data.augment import normalize
-from bot_keras.data.decode import MAX_IMAGE_PIXELS, decode_image, serving_checks
-from bot_keras.segmentation import augment, data, heads, losses, metrics
+from bot_keras.data.decode import MAX_IMAGE_PIXELS, decode_image
+from bot_keras.segmentation import augment, data, export, heads, losses, metrics
 
 NAME = tasks.SEGMENTATION
 SCHEDULE_NAMES = transfer.SCHEDULE_NAMES
 DEFAULT_OUTPUT_STRIDE = 8  # the paper's FCN (GluonCV's dilated ResNet)
+PREDICT_BATCH = 8  # images per serving call in predict_files (a batch holds its decoded images at once)
 CSV_COLUMNS = (
     "loss",
     "pixel_accuracy",
@@ -274,47 +274,14 @@ def evaluate_run(run, *, dataset=None, split=None, data_dir=None, batch_size=Non
     return result, line
 
 
-def class_map(model, image, size):
-    """uint8 image [H, W, 3] → int32 class map [H, W] (module docstring: fit in S×S, pad, predict, resize)."""
-    hw = tf.shape(image)[:2]
-    scale = tf.minimum(1.0, size / tf.cast(tf.reduce_max(hw), tf.float32))
-    fitted = tf.maximum(tf.cast(tf.round(tf.cast(hw, tf.float32) * scale), tf.int32), 1)
-    resized = tf.image.resize(tf.cast(image, tf.float32), fitted, method="bilinear")
-    padded = tf.image.pad_to_bounding_box(normalize(resized), 0, 0, size, size)
-    logits = tf.cast(model(tf.ensure_shape(padded, [size, size, 3])[tf.newaxis], training=False), tf.float32)
-    logits = logits[0, : fitted[0], : fitted[1]]
-    logits = tf.image.resize(logits, hw, method="bilinear")
-    return tf.argmax(logits, axis=-1, output_type=tf.int32)
-
-
-class SegmentationServing(tf.Module):
-    """The exported object: `serving_default(image_bytes: string [])` → `class_map` int32 [H, W] at the
-    input's size; carries `class_names`, `eval_size` and `task` ("segmentation") as variables."""
-
-    def __init__(self, model, *, class_names, size, max_image_pixels=MAX_IMAGE_PIXELS):
-        super().__init__(name="bot_keras_segmenter")
-        self.model = model
-        self.class_names = tf.Variable(list(class_names), trainable=False, name="class_names")
-        self.eval_size = tf.Variable(int(size), trainable=False, name="eval_size")
-        self.task = tf.Variable(NAME, trainable=False, name="task")
-        self.max_image_pixels = tf.Variable(int(max_image_pixels), trainable=False, name="max_image_pixels")
-        self._size = int(size)
-        self._max_pixels = int(max_image_pixels)
-
-    @tf.function(input_signature=[tf.TensorSpec([], tf.string, name="image_bytes")])
-    def serve_bytes(self, image_bytes):
-        with tf.control_dependencies(serving_checks("serving_default", image_bytes, self._max_pixels)):
-            image = decode_image(tf.identity(image_bytes))
-        return {"class_map": class_map(self.model, image, self._size)}
-
-
 def serving_module(run, model, *, top_k=None):
+    """`export.SegmentationServingModule` (`serving_default` on a batch, `serving_single` on one image)."""
     del top_k  # a class map has no top-k
-    module = SegmentationServing(
-        model, class_names=run.class_names, size=eval_size(tasks.run_flags(run)),
+    module = export.SegmentationServingModule(
+        model, class_names=run.class_names, eval_size=eval_size(tasks.run_flags(run)),
         max_image_pixels=run.flags.get("max_image_pixels", MAX_IMAGE_PIXELS),
     )
-    return module, {"serving_default": module.serve_bytes.get_concrete_function()}
+    return module, module.signatures()
 
 
 def colour_overlay(image, classes, alpha=0.5):
@@ -325,19 +292,24 @@ def colour_overlay(image, classes, alpha=0.5):
 
 
 def load_predictor(path):
-    """`predict(encoded image) -> int32 class map [H, W]` and the class names, from a SavedModel written by
-    `bot_keras.export` or a segmentation run directory."""
+    """`predict(list of encoded images) -> [int32 class map [H, W] per image]` and the class names, from a
+    SavedModel written by `bot_keras.export` or a segmentation run directory (whose model goes through
+    the very module the export saves)."""
     path = pathlib.Path(path)
     if (path / "saved_model.pb").is_file():
         loaded = tf.saved_model.load(str(path))
         serve = loaded.signatures["serving_default"]
         names = tuple(n.decode() for n in loaded.class_names.numpy())
-        return (lambda encoded: serve(image_bytes=tf.constant(encoded))["class_map"].numpy()), names
-    run = run_dir.read_run(path, task=NAME)
-    model = run_dir.load_model(run)
-    size = eval_size(tasks.run_flags(run))
-    predict = tf.function(lambda image: class_map(model, image, size))
-    return (lambda encoded: predict(decode_image(encoded)).numpy()), run.class_names
+    else:
+        run = run_dir.read_run(path, task=NAME)
+        serve = serving_module(run, run_dir.load_model(run))[0].serve_bytes
+        names = run.class_names
+
+    def predict(encoded_images):
+        out = {k: v.numpy() for k, v in serve(image_bytes=tf.constant(list(encoded_images))).items()}
+        return [m[:h, :w] for m, h, w in zip(out["class_map"], out["height"], out["width"], strict=True)]
+
+    return predict, names
 
 
 def predict_files(model_path, image_paths, output_dir, encoded_images, *, k=None):
@@ -350,10 +322,13 @@ def predict_files(model_path, image_paths, output_dir, encoded_images, *, k=None
     output_dir.mkdir(parents=True, exist_ok=True)
     lines = []
     stems = [pathlib.Path(path).stem for path in image_paths]
-    for index, (path, encoded) in enumerate(zip(image_paths, encoded_images, strict=True)):
+    encoded = list(encoded_images)
+    class_maps = []
+    for start in range(0, len(encoded), PREDICT_BATCH):
+        class_maps += predict(encoded[start : start + PREDICT_BATCH])
+    for index, (path, image, classes) in enumerate(zip(image_paths, encoded, class_maps, strict=True)):
         stem = stems[index] if stems.count(stems[index]) == 1 else f"{stems[index]}_{index}"
-        classes = predict(encoded)
-        photo = decode_image(encoded).numpy()
+        photo = decode_image(image).numpy()
         tf.io.write_file(
             str(output_dir / f"{stem}_classes.png"), tf.io.encode_png(classes.astype(np.uint8)[..., None])
         )

@@ -5,8 +5,9 @@
 PATH is any of:
   - a SavedModel directory written by `bot_keras.export` (its `serving_default` signature decodes and
     preprocesses the file bytes inside the graph; class names come from the export itself);
-  - a run directory written by `bot_keras.train` (its final `model.keras`, rebuilt in float32 if it was
-    trained in mixed precision), or that `model.keras` itself, or the directory `--format=keras` writes;
+  - a run directory written by `bot_keras.train` (its final `model.keras`, or with `--checkpoint=best` its
+    `model_best.keras`, rebuilt in float32 if it was trained in mixed precision), or either file itself,
+    or the directory `--format=keras` writes;
   - any other `.keras` file, with `classes.txt` beside it; the image size comes from `flags.txt` beside it
     or else the model's input shape.
 For the last two the images go through `data.decode.decode_image` and `preprocess_for_eval`, the
@@ -78,9 +79,10 @@ def _read_class_names(path):
     return names
 
 
-def load_classifier(path):
-    """A `Classifier` for a SavedModel directory, a `.keras` file or a run directory (module docstring);
-    a path that is none of them, or a damaged one, raises cli.SetupError."""
+def load_classifier(path, checkpoint="final"):
+    """A `Classifier` for a SavedModel directory, a `.keras` file or a run directory (module docstring;
+    `checkpoint`: the run's final or best model); a path that is none of them, or a damaged one, raises
+    cli.SetupError."""
     path = pathlib.Path(path)
     if (path / "saved_model.pb").is_file():
         try:
@@ -99,8 +101,10 @@ def load_classifier(path):
 
         names = tuple(name.decode() for name in loaded.class_names.numpy())
         return Classifier(probabilities=probabilities, class_names=names, kind="savedmodel")
-    if path.is_file() and path.name == run_dir.MODEL_FILE and (path.parent / run_dir.FLAGS_FILE).is_file():
-        path = path.parent  # a run directory's final model: load it as the run (float32 rebuild included)
+    names = {file: name for name, file in run_dir.CHECKPOINTS.items()}
+    if path.is_file() and path.name in names and (path.parent / run_dir.FLAGS_FILE).is_file():
+        # A run directory's final or best model: load it as the run (float32 rebuild included).
+        path, checkpoint = path.parent, names[path.name]
     if path.is_file() and path.suffix == ".keras":
         model = run_dir.load_keras_model(path, label=f"--model={path}")
         class_names = _read_class_names(path.parent / run_dir.CLASSES_FILE)
@@ -114,7 +118,7 @@ def load_classifier(path):
             raise cli.SetupError(f"{path} takes any image size and no flags.txt beside it gives --image_size")
         return _keras_classifier(model, class_names, image_size, "keras")
     if path.is_dir() and (path / run_dir.FLAGS_FILE).is_file():
-        run = run_dir.read_run(path)
+        run = run_dir.read_run(path, checkpoint=checkpoint)
         return _keras_classifier(run_dir.load_model(run), run.class_names, run.image_size, "run")
     if not path.exists():
         raise cli.SetupError(f"--model={path} does not exist")
@@ -154,11 +158,12 @@ def top_k(probabilities, class_names, k):
     ]
 
 
-def predict(model_path, image_paths, *, k=5, max_image_pixels=MAX_IMAGE_PIXELS):
-    """[(image path, [Prediction, ...]), ...] for the image files, in order."""
+def predict(model_path, image_paths, *, k=5, max_image_pixels=MAX_IMAGE_PIXELS, checkpoint="final"):
+    """[(image path, [Prediction, ...]), ...] for the image files, in order (`checkpoint`: a run
+    directory's final or best model)."""
     if k < 1:
         raise cli.SetupError(f"k={k} must be at least 1")
-    classifier = load_classifier(model_path)
+    classifier = load_classifier(model_path, checkpoint)
     encoded = read_images(image_paths, max_image_pixels)
     return list(
         zip(image_paths, top_k(classifier.probabilities(encoded), classifier.class_names, k), strict=True)
@@ -197,6 +202,11 @@ def define_flags(fv):
     d = dict(flag_values=fv)
     flags.DEFINE_string("model", None, "SavedModel directory, .keras file or run directory.", **d)
     flags.DEFINE_integer("top_k", 5, "How many classes to print per image.", **d)
+    flags.DEFINE_enum(
+        "checkpoint", "final", list(run_dir.CHECKPOINTS),
+        "With a run directory as --model: final: model.keras; best: model_best.keras (a run trained with "
+        "--keep_best).", **d,
+    )
     flags.DEFINE_string("output_dir", "predictions", "Segmentation: where class maps and overlays go.", **d)
     flags.DEFINE_integer(
         "max_image_pixels", MAX_IMAGE_PIXELS,
@@ -211,8 +221,14 @@ def main(argv, f=flags.FLAGS):
     if problem:
         raise cli.SetupError(f"--max_image_pixels {problem}")
     task = tasks.task_module(model_task(f.model))
+    if f.checkpoint != "final" and not (pathlib.Path(f.model) / run_dir.FLAGS_FILE).is_file():
+        raise cli.SetupError(
+            f"--checkpoint={f.checkpoint} chooses a run directory's model; --model={f.model} is not a run "
+            "directory"
+        )
     encoded = read_images(argv[1:], f.max_image_pixels)  # every header checked before anything decodes
-    print("\n".join(task.predict_files(f.model, argv[1:], f.output_dir, encoded, k=f.top_k)))
+    lines = task.predict_files(f.model, argv[1:], f.output_dir, encoded, k=f.top_k, checkpoint=f.checkpoint)
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

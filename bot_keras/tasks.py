@@ -107,8 +107,10 @@ class Task(Protocol):
     def serving_module(self, run, model, *, top_k) -> tuple:
         """(tf.Module, {signature name: concrete function}) for `tf.saved_model.save`."""
 
-    def predict_files(self, model_path, image_paths: Sequence, output_dir, encoded_images, *, k) -> list:
-        """The lines to print for the images (and, for dense tasks, files written into `output_dir`)."""
+    def predict_files(self, model_path, image_paths: Sequence, output_dir, encoded_images, *, k,
+                      checkpoint="final") -> list:
+        """The lines to print for the images (and, for dense tasks, files written into `output_dir`);
+        `checkpoint` (final or best) chooses a run directory's model file."""
 
 
 def define_task_flag(fv):

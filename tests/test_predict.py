@@ -148,3 +148,27 @@ def test_cli_prints_names_and_probabilities(run, image_files, expected_probabili
     assert missing.returncode == 2  # cli.USAGE_ERROR
     last_line = missing.stderr.strip().splitlines()[-1]
     assert last_line == "bot_keras.predict: error: image file gone.png does not exist"
+
+
+def test_checkpoint_best_predicts_with_the_runs_best_model(run, image_files, tmp_path):
+    """--checkpoint=best (or the file itself) reads model_best.keras: here another run's model, so its
+    probabilities, not the final model's, come out; a path that is not a run directory is refused."""
+    best_dir, best = make_run(tmp_path / "other", seed=4)
+    run_copy = tmp_path / "run"
+    shutil.copytree(run[0], run_copy)
+    shutil.copy(best_dir / "model.keras", run_copy / "model_best.keras")
+    want = tf.nn.softmax(reference_logits(best, [pathlib.Path(p).read_bytes() for p in image_files])).numpy()
+    _check(predict.predict(str(run_copy), image_files, k=2, checkpoint="best"), image_files, want, 2)
+    _check(predict.predict(str(run_copy / "model_best.keras"), image_files, k=2), image_files, want, 2)
+    final = predict.predict(str(run_copy), image_files, k=5)
+    assert not np.allclose([p.probability for p in final[0][1]], np.sort(want[0])[::-1], atol=1e-3)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bot_keras.predict", f"--model={run_copy / 'model.keras'}",
+         "--checkpoint=best", image_files[0]], capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES=""),
+    )
+    assert proc.returncode == cli.USAGE_ERROR, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        f"--checkpoint=best chooses a run directory's model; --model={run_copy / 'model.keras'} is not a run "
+        "directory"
+    )

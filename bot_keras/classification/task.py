@@ -396,9 +396,9 @@ def serving_module(run, model, *, top_k):
     }
 
 
-def predict_files(model_path, image_paths, output_dir, encoded_images, *, k=5):
+def predict_files(model_path, image_paths, output_dir, encoded_images, *, k=5, checkpoint="final"):
     """The top-k classes of each image (`predict.format_predictions`); writes no files."""
     del output_dir, encoded_images
     from bot_keras import predict  # the classifier's loaders (SavedModel, .keras file, run) live there
 
-    return [predict.format_predictions(predict.predict(model_path, image_paths, k=k))]
+    return [predict.format_predictions(predict.predict(model_path, image_paths, k=k, checkpoint=checkpoint))]

@@ -244,25 +244,26 @@ def serving_module(run, model, *, top_k=None):
     return module, {"serving_default": module.serve_bytes.get_concrete_function()}
 
 
-def load_predictor(path):
+def load_predictor(path, checkpoint="final"):
     """`detect(list of encoded images) -> {"boxes", "scores", "class_ids", "class_names",
     "num_detections"}` (numpy, input pixels) from a SavedModel `bot_keras.export` wrote or a detection
-    run directory (whose model goes through the very module the export saves)."""
+    run directory (its `checkpoint`'s model, through the very module the export saves)."""
     path = pathlib.Path(path)
     if (path / "saved_model.pb").is_file():
         serve = tf.saved_model.load(str(path)).signatures["serving_default"]
     else:
-        run = run_dir.read_run(path, task=NAME)
+        run = run_dir.read_run(path, task=NAME, checkpoint=checkpoint)
         serve = serving_module(run, run_dir.load_model(run))[0].serve_bytes
     return lambda encoded: {k: v.numpy() for k, v in serve(image_bytes=tf.constant(list(encoded))).items()}
 
 
-def predict_files(model_path, image_paths, output_dir, encoded_images, *, k=None, min_score=DRAW_MIN_SCORE):
+def predict_files(model_path, image_paths, output_dir, encoded_images, *, k=None, checkpoint="final",
+                  min_score=DRAW_MIN_SCORE):
     """Writes `<stem>_detections.png` (or `.jpg` for a JPEG input) with the detections scoring at least
     `min_score` drawn, per image, into `output_dir`; returns the lines to print (boxes in input pixels;
     `k` is the classifier's top-k, unused here)."""
     del k
-    detect = load_predictor(model_path)
+    detect = load_predictor(model_path, checkpoint)
     output_dir = pathlib.Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     lines = []

@@ -291,17 +291,17 @@ def colour_overlay(image, classes, alpha=0.5):
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
 
-def load_predictor(path):
+def load_predictor(path, checkpoint="final"):
     """`predict(list of encoded images) -> [int32 class map [H, W] per image]` and the class names, from a
-    SavedModel written by `bot_keras.export` or a segmentation run directory (whose model goes through
-    the very module the export saves)."""
+    SavedModel written by `bot_keras.export` or a segmentation run directory (its `checkpoint`'s model,
+    through the very module the export saves)."""
     path = pathlib.Path(path)
     if (path / "saved_model.pb").is_file():
         loaded = tf.saved_model.load(str(path))
         serve = loaded.signatures["serving_default"]
         names = tuple(n.decode() for n in loaded.class_names.numpy())
     else:
-        run = run_dir.read_run(path, task=NAME)
+        run = run_dir.read_run(path, task=NAME, checkpoint=checkpoint)
         serve = serving_module(run, run_dir.load_model(run))[0].serve_bytes
         names = run.class_names
 
@@ -312,12 +312,12 @@ def load_predictor(path):
     return predict, names
 
 
-def predict_files(model_path, image_paths, output_dir, encoded_images, *, k=None):
+def predict_files(model_path, image_paths, output_dir, encoded_images, *, k=None, checkpoint="final"):
     """Writes `<stem>_classes.png` (class ids as grey levels) and `<stem>_overlay.png` (the photo under
     the class colours) per image into `output_dir` (`<stem>_<position>` when two inputs share a stem);
     returns one line per image to print (`k` is the classifier's top-k; a class map has none)."""
     del k
-    predict, names = load_predictor(model_path)
+    predict, names = load_predictor(model_path, checkpoint)
     output_dir = pathlib.Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     lines = []

@@ -249,6 +249,9 @@ def dataset_info(f, split):
     return data_info(f.dataset, split=split, **_source(f))
 
 
+preflight = tasks.no_preflight
+
+
 def augmentation(f):
     """The Section 2.1 augmentation of the flags, and where it runs (--augment_on)."""
     return Augmentation(

@@ -12,9 +12,9 @@ One more line comes later, at ERROR level although it is a performance notice: t
 NMS calls it) makes TensorFlow's oneDNN graph pass log `E0000 ... util.cc] oneDNN supports DT_INT64 only on
 platforms with AVX-512. Falling back to the default Eigen-based implementation if present.` — on machines
 with AVX-512 too, for int32 as well, whatever the op's size, and once per process (`absl::call_once`). No
-cast avoids it and the op sits inside Keras, so the start-up spends that one line: it runs a one-op graph
-(an int32 `Transpose`, in a CPU-only `tf.compat.v1.Session` of its own, which leaves the eager runtime and
-its device configuration untouched) while stderr is captured.
+cast avoids it and the op sits inside Keras, so on a machine without a GPU the start-up spends that one
+line: it runs a one-op graph (an int32 `Transpose`, in a CPU-only `tf.compat.v1.Session` of its own, which
+leaves the eager runtime and its device configuration untouched) while stderr is captured.
 
 So `quiet_tensorflow_start_up()`, called by `bot_keras/__init__.py` before anything imports TensorFlow:
 sets `TF_CPP_MIN_LOG_LEVEL=2` (C++ INFO and WARNING off, ERROR on, for the rest of the process), imports
@@ -49,8 +49,9 @@ def quiet_tensorflow_start_up():
     with _stderr_without_start_up_lines():
         import tensorflow as tf  # here: the import itself is what is silenced
 
-        tf.config.list_physical_devices()  # the cuInit line comes from the first device query
-        if os.environ.get("TF_ENABLE_ONEDNN_OPTS") != "0":
+        devices = tf.config.list_physical_devices()  # the cuInit line comes from the first device query
+        # oneDNN rewrites CPU graphs; with a GPU those ops run there, and no session of ours touches it.
+        if os.environ.get("TF_ENABLE_ONEDNN_OPTS") != "0" and all(d.device_type == "CPU" for d in devices):
             _spend_onednn_data_type_notice(tf)
 
 

@@ -123,6 +123,8 @@ def finetuned(tmp_path_factory):
         (["--eval_mode=sliding"], "--eval_mode='sliding' is not one of"),
         (["--lr_schedule=exp"], "--lr_schedule='exp' is not one of"),
         (["--dataset=coco:x"], "--dataset: Unknown segmentation dataset 'coco:x'"),
+        # TFDS records have no image files whose headers give the validation images' sizes.
+        (["--dataset=tfds:scene_parse150", "--eval_size=0"], "--eval_mode=pad with --eval_size=0 adapts to"),
         (["--backbone_weights=/nonexistent/run"], "--backbone_weights='/nonexistent/run': no such file"),
         (["--precision=fp8"], "--precision='fp8' is not one of"),
     ],

@@ -18,9 +18,10 @@
 """
 
 import contextlib
+import logging as python_logging
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 OK = 0
 INTERNAL_ERROR = 1
@@ -69,8 +70,19 @@ def require(flag_values, names):
         raise SetupError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required.")
 
 
+def quiet_python_logging(flag_values):
+    """absl's and TensorFlow's Python INFO lines off (e.g. SavedModel's "Assets written to ...", in the
+    C++ log format `I1204 12:00:00 ...`), unless the command line sets absl's --verbosity: every command
+    prints its own results, and TensorFlow's warnings and errors still show."""
+    if "verbosity" in flag_values and flag_values["verbosity"].present:
+        return
+    logging.set_verbosity(logging.WARNING)
+    python_logging.getLogger("tensorflow").setLevel(python_logging.WARNING)  # `tf.get_logger()`
+
+
 def _checked_main(main, argv, flag_values, *, command, required):
     """Checks `required`, runs `main(argv, ...)` and maps SetupError and FloatingPointError to exit codes."""
+    quiet_python_logging(flag_values)
     try:
         require(flag_values, required)
         return main(argv) if flag_values is flags.FLAGS else main(argv, flag_values)

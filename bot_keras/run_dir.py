@@ -3,7 +3,8 @@
 A run directory (`--model_dir`) as `bot_keras.train` leaves it:
 
     run.json            {"task": "classification"}: what kind of model the run trained (readers check it;
-                        `bot_keras.finetune` writes "segmentation" or "detection")
+                        `bot_keras.finetune` writes "segmentation" or "detection"), and the values the run
+                        resolved from its data (`Task.preflight`: segmentation's "eval_size")
     flags.txt           the resolved flags, a flagfile that reproduces the run (`--flagfile=RUN/flags.txt`)
     classes.txt         one class name a line, in label order
     checkpoints/        tf.train.CheckpointManager's checkpoints (model, optimizer, step), for --resume
@@ -100,10 +101,12 @@ def _umask():
     return mask
 
 
-def write_run_info(model_dir, *, task=CLASSIFICATION):
+def write_run_info(model_dir, *, task=CLASSIFICATION, resolved=None):
+    """run.json: the task, then the `resolved` values ({flag name: value} the run resolved from its data)."""
     if task not in TASKS:
         raise ValueError(f"task={task!r} is not one of {TASKS}")
-    write_atomic(pathlib.Path(model_dir) / RUN_FILE, json.dumps({"task": task}, indent=2) + "\n")
+    info = {"task": task, **(resolved or {})}
+    write_atomic(pathlib.Path(model_dir) / RUN_FILE, json.dumps(info, indent=2) + "\n")
 
 
 def flags_text(flag_values, names):
@@ -188,18 +191,24 @@ def never_started(model_dir):
 # --- reading ----------------------------------------------------------------------------------------------
 
 
-def read_task(model_dir):
-    """The run's task from run.json; a run without one predates the field and is a classification run."""
+def read_run_info(model_dir):
+    """run.json as a dict; a run without one predates the file and is a classification run."""
     path = pathlib.Path(model_dir) / RUN_FILE
     if not path.is_file():
-        return CLASSIFICATION
+        return {"task": CLASSIFICATION}
     try:
-        task = json.loads(path.read_text())["task"]
+        info = json.loads(path.read_text())
+        task = info["task"]
     except (ValueError, KeyError, TypeError) as error:
         raise SetupError(f"{path} is not a run description ({{'task': ...}}): {error!r}") from None
     if task not in TASKS:
         raise SetupError(f"{path}: task {task!r} is not one this version reads ({', '.join(TASKS)})")
-    return task
+    return info
+
+
+def read_task(model_dir):
+    """The run's task from run.json (`read_run_info`)."""
+    return read_run_info(model_dir)["task"]
 
 
 def command_flags(task):
@@ -252,6 +261,9 @@ class Run:
     flags: dict  # every flag of the training command: the run's value, or the command's default
     class_names: tuple
     model_file: str = MODEL_FILE  # or BEST_MODEL_FILE (`read_run(..., checkpoint="best")`)
+    # The values the run resolved from its data (run.json; `tasks.run_flags` puts them in place of their
+    # flags); a run written before they were recorded has none, and its readers apply the flags' old rule.
+    resolved: dict = dataclasses.field(default_factory=dict)
 
     @property
     def model_path(self):
@@ -287,7 +299,8 @@ def read_run(model_dir, *, task=CLASSIFICATION, checkpoint="final"):
                 f" ({writing_command(model_dir)} writes model.keras when training ends)"
             )
         raise SetupError(f"run directory {model_dir} is incomplete: missing {', '.join(missing)}{hint}")
-    run_task = read_task(model_dir)
+    info = read_run_info(model_dir)
+    run_task = info["task"]
     if run_task != task:
         raise SetupError(f"{model_dir} is a {run_task} run; this command reads {task} runs")
     parsed = read_flags(
@@ -300,8 +313,9 @@ def read_run(model_dir, *, task=CLASSIFICATION, checkpoint="final"):
     if not class_names:
         raise SetupError(f"{model_dir / CLASSES_FILE} lists no classes")
     values = {name: parsed[name].value for name in parsed}
+    resolved = {name: value for name, value in info.items() if name != "task" and name in values}
     return Run(model_dir=model_dir, task=run_task, flags=values, class_names=class_names,
-               model_file=CHECKPOINTS[checkpoint])
+               model_file=CHECKPOINTS[checkpoint], resolved=resolved)
 
 
 # --- the model --------------------------------------------------------------------------------------------

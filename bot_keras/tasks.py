@@ -76,6 +76,12 @@ class Task(Protocol):
     def dataset_info(self, f, split) -> Any:
         """`.class_names` and `.num_examples` of a split (ValueError/OSError: the user's data is bad)."""
 
+    def preflight(self, f) -> dict:
+        """Checks of the data that its files allow before the first step (read cheaply, e.g. from image
+        headers; a SetupError names the file and the flag), and the values the run resolves from the data:
+        `{flag name: value}`, which the driver uses in place of those flags' values and records in run.json,
+        where the run's readers find them (`run_flags`). `no_preflight` for a task without any."""
+
     def make_dataset(self, f, *, split, training, input_context=None, batch_size=None,
                      skipped_files=None) -> Any:
         """A tf.data of (images, labels) batches; `skipped_files` counts the files --skip_corrupt skipped
@@ -111,6 +117,12 @@ class Task(Protocol):
                       checkpoint="final") -> list:
         """The lines to print for the images (and, for dense tasks, files written into `output_dir`);
         `checkpoint` (final or best) chooses a run directory's model file."""
+
+
+def no_preflight(f) -> dict:
+    """`Task.preflight` of a task whose data has nothing to check before training: resolves nothing."""
+    del f
+    return {}
 
 
 def define_task_flag(fv):
@@ -170,9 +182,11 @@ def bad_input(stage):
 
 
 def run_flags(run, **overrides):
-    """A run's flags as attributes (`f.crop_size`, as a command's own FLAGS reads), with the non-None
-    `overrides` (evaluate's --dataset, --data_dir, ...) in place of the recorded values."""
+    """A run's flags as attributes (`f.crop_size`, as a command's own FLAGS reads): the values the run
+    resolved from its data (`Task.preflight`, run.json) in place of the flags that asked for them, and the
+    non-None `overrides` (evaluate's --dataset, --data_dir, ...) in place of the recorded values."""
     values = dict(run.flags)
+    values.update(run.resolved)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return types.SimpleNamespace(**values)
 

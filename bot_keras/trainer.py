@@ -29,7 +29,7 @@ import sys
 
 import keras
 import tensorflow as tf
-from absl import flags, logging
+from absl import flags
 
 from bot_keras import best_model, cli, distribute, loop, optimizers, run_dir, schedules, steps, tasks
 from bot_keras.data import SkippedFiles
@@ -250,9 +250,7 @@ class Machinery:
 
 def start(f):
     """Strategy and precision (before any variable exists) and the seed; returns a `Machinery`."""
-    if "verbosity" not in f or not f["verbosity"].present:  # TF's INFO lines break the progress bar
-        logging.set_verbosity(logging.WARNING)
-        tf.get_logger().setLevel("WARNING")
+    cli.quiet_python_logging(f)  # TF's INFO lines break the progress bar
     with cli.setup_errors():
         strategy = distribute.create_strategy(f.strategy, tpu_address=f.tpu)
         distribute.per_replica_batch_size(f.batch_size, strategy.num_replicas_in_sync)
@@ -376,9 +374,10 @@ def finish_trained_run(f, *, machinery, model, state, step_var, extra_metrics=No
     )
 
 
-def write_run_files(f, *, task, flags_text, class_names):
-    """run.json, flags.txt and classes.txt in --model_dir (call on the chief only). A directory a run left
-    before its first checkpoint (`run_dir.never_started`) is started afresh, its old logs removed."""
+def write_run_files(f, *, task, flags_text, class_names, resolved=None):
+    """run.json (the task and the `resolved` values), flags.txt and classes.txt in --model_dir (call on the
+    chief only). A directory a run left before its first checkpoint (`run_dir.never_started`) is started
+    afresh, its old logs removed."""
     if not f.resume and run_dir.never_started(f.model_dir):
         print(
             f"--model_dir={f.model_dir} holds no checkpoint and no model, only what a run that stopped "
@@ -388,7 +387,7 @@ def write_run_files(f, *, task, flags_text, class_names):
         shutil.rmtree(os.path.join(f.model_dir, run_dir.LOGS_DIR), ignore_errors=True)
     os.makedirs(f.model_dir, exist_ok=True)
     run_dir.remove_temporaries(f.model_dir)
-    run_dir.write_run_info(f.model_dir, task=task)
+    run_dir.write_run_info(f.model_dir, task=task, resolved=resolved)
     run_dir.write_atomic(os.path.join(f.model_dir, run_dir.FLAGS_FILE), flags_text)
     run_dir.write_class_names(os.path.join(f.model_dir, run_dir.CLASSES_FILE), class_names)
 
@@ -494,6 +493,12 @@ def run(task, f, *, flags_text):
     )
     class_names = train_info.class_names
     epoch_steps = steps_per_epoch(f, train_info.num_examples, f.train_split)
+    # What the data's files tell before the first step: problems (one line), and the values resolved from
+    # them (e.g. segmentation's evaluation size), used in place of their flags and recorded in run.json.
+    with cli.setup_errors(f"--dataset={f.dataset}"):
+        resolved = task.preflight(f)
+    for name, value in resolved.items():
+        setattr(f, name, value)
 
     def input_fn(split, training):
         return lambda context: task.make_dataset(
@@ -569,7 +574,7 @@ def run(task, f, *, flags_text):
         )
         return
     if machinery.chief:
-        write_run_files(f, task=task.NAME, flags_text=flags_text, class_names=class_names)
+        write_run_files(f, task=task.NAME, flags_text=flags_text, class_names=class_names, resolved=resolved)
 
     # Fit.
     train_function = steps.make_train_function(

@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import types
@@ -27,6 +28,19 @@ SIZE = 64
 
 def _env():
     return {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def _user_env():
+    """The environment a user runs a command in: bot_keras quiets TensorFlow itself (tests/test_cli.py)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")}
+    return dict(env, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
+
+
+def _no_tensorflow_log_line(proc):
+    """Asserts the command succeeded and printed no TensorFlow log line (`I0000 ...`, `E0000 ...`)."""
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if re.match(r"[IWEF]\d{4} ", line)]
+    assert not lines, lines
 
 
 def _flags(*args):
@@ -96,12 +110,13 @@ def test_bad_annotation_is_one_line_naming_the_file_with_exit_2(tmp_path):
 def test_finetune_lowers_the_loss_then_evaluate_export_and_predict(tmp_path):
     root = write_rectangles_voc(tmp_path / "voc", {"train": 4, "val": 4}, empty=("train001", "val002"))
     run = tmp_path / "run"
-    subprocess.run(
+    trained = subprocess.run(
         [sys.executable, "-m", "bot_keras.finetune", "--task=detection", f"--dataset=voc:{root}",
          "--backbone=resnet18_d", "--crop_size=64", "--batch_size=4", "--epochs=3", "--steps_per_epoch=4",
          "--base_lr=0.64", "--lr_schedule=constant", "--detection_scale_range=1,1", "--eval_split=val",
          f"--model_dir={run}", "--verbose=0"],
-        env=_env(), check=True, timeout=600)
+        env=_user_env(), capture_output=True, text=True, timeout=600)
+    _no_tensorflow_log_line(trained)  # a console as clean as bot_keras.train's (evaluation's NMS included)
     with open(run / "logs" / "training.csv") as f:
         rows = list(csv.DictReader(f))
     losses = [float(r["loss"]) for r in rows]
@@ -110,8 +125,13 @@ def test_finetune_lowers_the_loss_then_evaluate_export_and_predict(tmp_path):
     assert 0.0 <= float(rows[-1]["val_map_voc07"]) <= 1.0
     assert runs.read_run(run, task="detection").class_names == CLASSES
 
-    # bot_keras.evaluate / export / predict route the run by its run.json task.
-    result, line = evaluate.evaluate_finetune_run(run, "detection")
+    # bot_keras.evaluate / export / predict route the run by its run.json task; the run loads in a fresh
+    # process (its backbone class registered by the detection task).
+    evaluated = subprocess.run([sys.executable, "-m", "bot_keras.evaluate", f"--model_dir={run}"],
+                               env=_user_env(), capture_output=True, text=True, timeout=600)
+    _no_tensorflow_log_line(evaluated)
+    result = json.loads((run / "eval_val.json").read_text())
+    line = evaluated.stdout.strip().splitlines()[-2]
     assert set(result["ap_voc07"]) == set(CLASSES) and result["count"] == 4
     assert line.startswith(f"voc:{root} val (4 images): VOC07 mAP@0.5 ")
     assert result["map_voc07"] == pytest.approx(float(rows[-1]["val_map_voc07"]), abs=1e-6)

@@ -4,6 +4,7 @@ One small fine-tuning run (ResNet-18-D from a classification run, 32 px crops of
 two steps) is shared by the tests that read a finished run; the multi-process ones are marked slow.
 """
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -21,7 +22,7 @@ from absl import flags
 from PIL import Image
 from tiny_run import make_run
 
-from bot_keras import cli, evaluate, export, finetune, predict, run_dir, train
+from bot_keras import cli, evaluate, export, finetune, predict, run_dir, tasks, train
 from bot_keras.data.augment import MEAN_RGB, STD_RGB
 from bot_keras.models.resnet import freeze_backbone
 from bot_keras.segmentation import export as seg_export
@@ -123,6 +124,8 @@ def finetuned(tmp_path_factory):
         (["--eval_mode=sliding"], "--eval_mode='sliding' is not one of"),
         (["--lr_schedule=exp"], "--lr_schedule='exp' is not one of"),
         (["--dataset=coco:x"], "--dataset: Unknown segmentation dataset 'coco:x'"),
+        # TFDS records have no image files whose headers give the validation images' sizes.
+        (["--dataset=tfds:scene_parse150", "--eval_size=0"], "--eval_mode=pad with --eval_size=0 adapts to"),
         (["--backbone_weights=/nonexistent/run"], "--backbone_weights='/nonexistent/run': no such file"),
         (["--precision=fp8"], "--precision='fp8' is not one of"),
         (["--keep_best=val_top1"], "--keep_best='val_top1' is not one of val_mean_iou, val_pixel_accuracy, "
@@ -224,7 +227,8 @@ def test_weights_arrive_from_the_classification_run_and_the_run_directory_is_com
         ):
             np.testing.assert_array_equal(ours, theirs)
     assert run.class_names == CLASSES and run.flags["backbone"] == "resnet18_d"
-    assert json.loads((model_dir / "run.json").read_text()) == {"task": "segmentation"}
+    # run.json: the task and the evaluation size the run used (here --eval_size itself).
+    assert json.loads((model_dir / "run.json").read_text()) == {"task": "segmentation", "eval_size": 48}
     header = (model_dir / "logs" / "training.csv").read_text().splitlines()[0]
     assert header == ",".join(("epoch",) + segmentation.CSV_COLUMNS)
     final = json.loads((model_dir / "final_metrics.json").read_text())
@@ -301,6 +305,59 @@ def test_evaluate_miou_equals_a_hand_computation_on_the_predictions(finetuned, c
     # The trainer's last validation saw the same split with the same transform.
     final = json.loads((model_dir / "final_metrics.json").read_text())
     assert final["val_mean_iou"] == pytest.approx(result["mean_iou"])
+
+
+# --- the evaluation size: adapted to the validation images, or checked before the first step --------------
+
+
+def test_adaptive_eval_size_rounds_the_longest_side_up_to_the_output_stride():
+    # A 375×500 VOC photo: 500 → 504 at output stride 8, 512 at 16 and 32; a split of small images keeps
+    # --crop_size (the size exports fit larger images into).
+    assert segmentation.adaptive_eval_size(500, crop_size=480, output_stride=8) == 504
+    assert segmentation.adaptive_eval_size(500, crop_size=480, output_stride=16) == 512
+    assert segmentation.adaptive_eval_size(512, crop_size=480, output_stride=32) == 512
+    assert segmentation.adaptive_eval_size(300, crop_size=480, output_stride=8) == 480
+
+
+def _scenes_with_a_large_validation_image(root):
+    """write_scenes' data (40×48 images, 32 px crops) plus val/images/big.png of 60×44 (height × width)."""
+    data = write_scenes(root / "data")
+    big = write_scenes(root / "big", counts=(("val", 1),), size=(60, 44), seed=1)
+    for kind in ("images", "masks"):
+        shutil.copy(big / "val" / kind / "0.png", data / "val" / kind / "big.png")
+    return data
+
+
+def test_a_too_small_eval_size_is_refused_before_the_first_step(tmp_path):
+    data = _scenes_with_a_large_validation_image(tmp_path)
+    model_dir = tmp_path / "run"
+    with pytest.raises(cli.SetupError) as refused:
+        finetune.main(["finetune"], parse(*base_args(data, model_dir, "--eval_size=56")))
+    message = str(refused.value)
+    assert message.startswith("--eval_size=56 is smaller than the largest image of --eval_split='val', ")
+    assert f"{data / 'val' / 'images' / 'big.png'} (60x44 pixels" in message and "at least 60" in message
+    assert "\n" not in message and not model_dir.exists()  # nothing written: no run, no checkpoint
+
+
+@pytest.mark.slow  # a one-step run and an evaluation, in-process (~20 s)
+def test_validation_images_larger_than_the_crop_are_evaluated_whole_with_default_flags(tmp_path):
+    data = _scenes_with_a_large_validation_image(tmp_path)
+    model_dir = tmp_path / "run"
+    f = parse(*base_args(data, model_dir, "--eval_size=0", "--max_steps=1", "--steps_per_epoch=2"))
+    finetune.main(["finetune"], f)
+    # The largest validation image is 60 px high: 64 at output stride 8, recorded for the run's readers.
+    assert json.loads((model_dir / "run.json").read_text()) == {"task": "segmentation", "eval_size": 64}
+    assert "--eval_size=0\n" in (model_dir / "flags.txt").read_text()  # the flag as given: adapt
+    run = run_dir.read_run(model_dir, task="segmentation")
+    assert segmentation.eval_size(tasks.run_flags(run)) == 64
+    # The trainer's validation equals an evaluation at the explicit size.
+    explicit = dataclasses.replace(run, resolved={}, flags={**run.flags, "eval_size": 64})
+    result, _ = segmentation.evaluate_run(explicit)
+    final = json.loads((model_dir / "final_metrics.json").read_text())
+    assert result["count"] == 4 and result["eval_size"] == 64
+    assert final["val_mean_iou"] == pytest.approx(result["mean_iou"], abs=1e-6)
+    # A run recorded before run.json held the size reads with the old rule: --crop_size.
+    assert segmentation.eval_size(tasks.run_flags(dataclasses.replace(run, resolved={}))) == 32
 
 
 def test_predict_writes_a_class_map_and_an_overlay_per_image(finetuned, tmp_path):

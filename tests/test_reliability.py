@@ -10,6 +10,7 @@ import csv
 import hashlib
 import json
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -402,6 +403,8 @@ def test_a_truncated_jpeg_in_a_finetuning_set_is_named_with_the_cure_or_skipped_
     proc = _run("bot_keras.finetune", *args, f"--model_dir={tmp_path / 'skip'}", "--skip_corrupt")
     assert proc.returncode == cli.OK, proc.stderr[-3000:]
     assert json.loads((tmp_path / "skip" / "final_metrics.json").read_text())["skipped_files"] == 1
+    # A console as clean as bot_keras.train's: no TensorFlow log line (`I0000 ...`, `E0000 ...`).
+    assert not re.search(r"^[IWEF]\d{4} ", proc.stdout + proc.stderr, re.MULTILINE), proc.stderr[-3000:]
     assert proc.stderr.count(f"skipped undecodable image {broken} (1 distinct files skipped so far)") == 1
     assert "Skipped 1 distinct undecodable file (--skip_corrupt)." in proc.stdout
 

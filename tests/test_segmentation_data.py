@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from bot_keras.data import decode
 from bot_keras.data.augment import MEAN_RGB, STD_RGB
 from bot_keras.segmentation import data
 
@@ -133,3 +134,21 @@ def test_bad_source_strings():
         data.parse_source("folder:x")
     with pytest.raises(ValueError, match="scene_parse150.*'tfds:voc'"):
         data.parse_source("tfds:voc")
+
+
+def test_largest_image_is_read_from_the_headers_and_leaves_out_images_over_the_pixel_limit(tmp_path):
+    write_seg_folder(tmp_path, n=2, split="val")  # im0, im1: 40×56
+    image, mask = pair(5, height=72, width=48)
+    Image.fromarray(image).save(tmp_path / "val" / "images" / "tall.jpg", quality=95)
+    Image.fromarray(mask).save(tmp_path / "val" / "masks" / "tall.png")
+    # A decompression bomb's header: a 1×1 PNG whose IHDR declares 20000×20000 (the pipeline refuses it).
+    bomb = bytearray((tmp_path / "val" / "masks" / "im0.png").read_bytes())
+    bomb[16:24] = (20000).to_bytes(4, "big") * 2
+    (tmp_path / "val" / "images" / "bomb.png").write_bytes(bytes(bomb))
+    (tmp_path / "val" / "masks" / "bomb.png").write_bytes(bytes(bomb))
+    source = f"seg_folder:{tmp_path}"
+    tall = str(tmp_path / "val" / "images" / "tall.jpg")
+    assert data.largest_image(source, "val") == (tall, 72, 48)
+    assert data.largest_image(source, "val", max_image_pixels=10**9)[1:] == (20000, 20000)
+    # A JPEG's frame header past the first bytes read: the whole file is read for it.
+    assert decode.file_image_shapes([tall], header_bytes=32).tolist() == [[72, 48]]

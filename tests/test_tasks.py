@@ -27,6 +27,8 @@ from tiny_run import encode, pixels
 from bot_keras import evaluate, export, finetune, predict, run_dir, tasks
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# The prefix of TensorFlow's log lines (C++, and Python's absl format): I/W/E/F, then MMDD.
+TF_LOG_LINE = re.compile(r"^[IWEF]\d{4} ", re.MULTILINE)
 # A site directory whose sitecustomize makes `import keras_hub` fail, as on an install without the extra.
 BLOCK_KERAS_HUB = 'import sys\nsys.modules["keras_hub"] = None\n'
 
@@ -122,7 +124,9 @@ def test_task_contract_train_evaluate_export_serve_predict(task, head, tmp_path)
     keras.utils.set_random_seed(0)
     finetune.main(["finetune"], finetune.parse_flags(argv))  # the driver every training command uses
     keras.backend.clear_session()
-    assert json.loads((run / "run.json").read_text()) == {"task": task}
+    # run.json: the task, and what the task resolved before training (`Task.preflight`).
+    resolved = {"eval_size": 48} if task == "segmentation" else {}
+    assert json.loads((run / "run.json").read_text()) == {"task": task, **resolved}
     recorded = (run / "flags.txt").read_text()
     assert recorded.startswith(f"--task={task}\n")
     # A run defines and records only its own task's flags.
@@ -172,6 +176,7 @@ def test_task_contract_train_evaluate_export_serve_predict(task, head, tmp_path)
         env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr
+    assert not TF_LOG_LINE.search(out.stdout + out.stderr), out.stderr  # detection's NMS: oneDNN's notice
     # ... and the run in this one, through the registry: the same lines (files written to the same place).
     lines = tasks.task_module(task).predict_files(
         run, [str(image)], tmp_path / "predicted", predict.read_images([str(image)]), k=2
@@ -202,6 +207,8 @@ def test_fcn_segmentation_trains_evaluates_exports_and_predicts_without_keras_hu
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    # A console as clean as bot_keras.train's: no TensorFlow log line (C++ or Python) from any command.
+    assert not TF_LOG_LINE.search(done.stdout + done.stderr), done.stderr
     assert re.search(r"val \(3 images\): pixel accuracy [\d.]+%  mIoU", done.stdout), done.stdout
     assert (tmp_path / "out" / "0_classes.png").is_file() and (run / "eval_val.json").is_file()
 

@@ -245,6 +245,9 @@ def dataset_info(f, split):
     return data_info(f.dataset, split=split, **_source(f))
 
 
+preflight = tasks.no_preflight
+
+
 def augmentation(f):
     """The Section 2.1 augmentation of the flags, where it runs (--augment_on), and --randaugment."""
     return Augmentation(

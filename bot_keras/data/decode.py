@@ -7,6 +7,7 @@ declares a huge image, e.g. a 1 MB PNG of 20000 × 20000 pixels that decodes to 
 the decoder allocates it.
 """
 
+import numpy as np
 import tensorflow as tf
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -26,6 +27,9 @@ MAX_IMAGE_PIXELS_CEILING = 2**29 // 3
 _JPEG_SOF = [m for m in range(0xC0, 0xD0) if m not in (0xC4, 0xC8, 0xCC)]
 _JPEG_STANDALONE = [0x01, *range(0xD0, 0xD8)]
 _JPEG_MAX_SEGMENTS = 4096  # a bound on the header walk; real files reach their frame header in < 20
+# How much of a file `file_image_shapes` reads first: a JPEG's frame header follows its APPn segments (EXIF,
+# ICC profile), each at most 64 KiB; a file whose header lies further is read whole.
+HEADER_BYTES = 1 << 16
 
 
 def is_jpeg(encoded):
@@ -178,6 +182,31 @@ def image_shape(encoded):
         default=lambda: tf.constant([-1, -1], tf.int64),
         exclusive=False,
     )
+
+
+def file_image_shapes(paths, *, header_bytes=HEADER_BYTES, chunk=256):
+    """int64 [N, 2]: the (height, width) each image file's header declares (`image_shape`), without decoding:
+    the first `header_bytes` of each file are read (the whole file when its header lies further), `chunk`
+    files at a time; -1 where no header can be read (the pipeline's framing check names such a file)."""
+    paths = [str(path) for path in paths]
+    shapes = np.full([len(paths), 2], -1, np.int64)
+    for start in range(0, len(paths), chunk):
+        heads = []
+        for path in paths[start : start + chunk]:
+            with tf.io.gfile.GFile(path, "rb") as f:
+                heads.append(f.read(header_bytes))
+        shapes[start : start + len(heads)] = _image_shapes(tf.constant(heads, tf.string)).numpy()
+    for i in np.flatnonzero((shapes <= 0).any(axis=1)):  # cut inside the header: read the whole file
+        if tf.io.gfile.stat(paths[i]).length > header_bytes:
+            shapes[i] = image_shape(tf.io.read_file(paths[i])).numpy()
+    return np.where((shapes <= 0).any(axis=1, keepdims=True), -1, shapes)
+
+
+# `image_shape` of a batch of encoded images (traced once, on the first call).
+_image_shapes = tf.function(
+    lambda encoded: tf.map_fn(image_shape, encoded, fn_output_signature=tf.int64),
+    input_signature=[tf.TensorSpec([None], tf.string)],
+)
 
 
 def within_pixel_limit(encoded, max_pixels):

@@ -28,6 +28,7 @@ import keras
 import keras_hub
 import tensorflow as tf
 
+import bot_keras.models.backbone  # noqa: F401  registers ResNetBackbone so .keras detectors load
 from bot_keras.models import build_backbone
 
 BOX_FORMAT = "yxyx"

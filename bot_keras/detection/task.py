@@ -93,6 +93,9 @@ def dataset_info(f, split):
     return sources.detection_info(f.dataset, split=split, data_dir=f.data_dir)
 
 
+preflight = tasks.no_preflight
+
+
 def make_dataset(f, *, split, training, input_context=None, batch_size=None, skipped_files=None):
     """Training: (images, {"boxes", "labels"}); validation: the same plus evaluation's metadata."""
     ds = data.make_detection_dataset(

@@ -108,6 +108,20 @@ def list_pairs(source, split, data_dir=None):
     return images, masks, tuple(class_names)
 
 
+def largest_image(source, split, data_dir=None, *, max_image_pixels=image_ops.MAX_IMAGE_PIXELS):
+    """(path, height, width) of the image of a file source's split with the longest side, from the files'
+    headers (`decode.file_image_shapes`: no decoding); None when no header can be read. Images over
+    `max_image_pixels` are left out: the pipeline refuses (or skips) them."""
+    images, _, _ = list_pairs(source, split, data_dir)
+    shapes = image_ops.file_image_shapes(images)
+    readable = (shapes > 0).all(axis=1) & (shapes[:, 0] * shapes[:, 1] <= max_image_pixels)
+    if not readable.any():
+        return None
+    longest = np.where(readable, shapes.max(axis=1), -1)
+    i = int(np.argmax(longest))  # the first of equals: the order of list_pairs
+    return images[i], int(shapes[i, 0]), int(shapes[i, 1])
+
+
 def _tfds_builder(name, data_dir):
     import tensorflow_datasets as tfds
 

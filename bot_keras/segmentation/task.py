@@ -62,7 +62,10 @@ def define_flags(fv):
     flags.DEFINE_integer(
         "eval_size",
         0,
-        "Validation size (0: --crop_size); with pad, at least the largest validation image.",
+        "Validation size S. 0: with pad, the --eval_split's largest image (its longer side, read from the "
+        "file headers before training, rounded up to the output stride, at least --crop_size); with center, "
+        "--crop_size. With pad, at least the largest validation image; each image costs S x S pixels of "
+        "memory, whatever its own size. Exports fit larger images into S x S.",
         **d,
     )
 
@@ -89,12 +92,59 @@ def flag_problems(f):
     if f.eval_mode not in augment.EVAL_MODES:
         problems.append(f"--eval_mode={f.eval_mode!r} is not one of {', '.join(augment.EVAL_MODES)}.")
     if f.eval_size < 0 or 0 < f.eval_size < 32:
-        problems.append(f"--eval_size={f.eval_size} must be 0 (--crop_size) or at least 32.")
+        problems.append(f"--eval_size={f.eval_size} must be 0 (from the data) or at least 32.")
+    if (f.dataset and f.dataset.startswith("tfds:") and f.eval_split and f.eval_mode == "pad"
+            and not f.eval_size):
+        problems.append(
+            f"--eval_mode=pad with --eval_size=0 adapts to the validation images' file headers, which "
+            f"--dataset={f.dataset} (TFDS records) does not have: set --eval_size to at least its largest "
+            "image's longer side, or use --eval_mode=center."
+        )
     return problems
 
 
 def eval_size(f):
+    """The evaluation size S: --eval_size; unset (0), --crop_size. A run's readers pass `tasks.run_flags`,
+    whose `eval_size` is the one the run resolved (`preflight`, recorded in run.json) when it did."""
     return f.eval_size or f.crop_size
+
+
+def adaptive_eval_size(longest_side, *, crop_size, output_stride):
+    """The pad-mode evaluation size for a split whose largest image has `longest_side`: rounded up to a
+    multiple of `output_stride`, and never below `crop_size` (the size exports fit larger images into).
+
+    The stride because DeepLabV3's decoder upsamples its stride-`output_stride` features by fixed factors
+    (to P2, then to the input) and concatenates them with P2's: the input must be a multiple of the output
+    stride for the shapes to meet. FCN resizes its logits to any input size; the same rule costs it at most
+    `output_stride - 1` rows of padding (the ignore label) and keeps one rule for both heads."""
+    rounded = -(-int(longest_side) // output_stride) * output_stride
+    return max(int(crop_size), rounded)
+
+
+def preflight(f):
+    """`{"eval_size": S}`, the evaluation size the run uses (`eval_size(f)`, or with --eval_mode=pad and
+    --eval_size=0 `adaptive_eval_size` of the --eval_split's largest image, read from the file headers
+    once, before the first step). A given --eval_size smaller than that image is a SetupError naming the
+    image, its size and the flag."""
+    size = eval_size(f)
+    if not f.eval_split or f.eval_mode != "pad" or data.parse_source(f.dataset)[0] == "tfds":
+        return {"eval_size": size}  # (tfds with pad and --eval_size=0: refused by flag_problems)
+    largest = data.largest_image(f.dataset, f.eval_split, f.data_dir, max_image_pixels=f.max_image_pixels)
+    if largest is None:
+        return {"eval_size": size}
+    path, height, width = largest
+    if not f.eval_size:
+        stride = transfer.output_stride(f, DEFAULT_OUTPUT_STRIDE)
+        size = adaptive_eval_size(max(height, width), crop_size=f.crop_size, output_stride=stride)
+        return {"eval_size": size}
+    if max(height, width) > f.eval_size:
+        raise cli.SetupError(
+            f"--eval_size={f.eval_size} is smaller than the largest image of --eval_split={f.eval_split!r}, "
+            f"{path} ({height}x{width} pixels, height x width): --eval_mode=pad evaluates whole images, so "
+            f"set --eval_size to at least {max(height, width)}, or 0 to adapt to the split, or use "
+            "--eval_mode=center."
+        )
+    return {"eval_size": size}
 
 
 def uses_aux(f):

@@ -221,6 +221,7 @@ def train_loop(
     precision,
     state=None,
     learning_rate=None,
+    agree_to_stop=None,
 ):
     """Runs from `step_var` to the end; checkpoints every `checkpoint_steps` and at each epoch end.
 
@@ -229,7 +230,15 @@ def train_loop(
     save. `learning_rate` (the optimizer's schedule, `step -> lr`, or None: a constant rate) gives the
     logged "lr". Returns the last epoch's logs. Raises FloatingPointError on a non-finite loss, and
     `cli.Preempted` after checkpointing when SIGTERM or SIGINT arrived (`stop_signals`).
+
+    `agree_to_stop(signal name or None) -> signal name or None` turns this process's stop request into
+    the decision of every process of the run (`distribute.stop_agreement`: under several workers a signal
+    may reach one of them only, or reach them in different steps). It is asked after every
+    `train_function` call and after each epoch's checkpoint, the same number of times on every worker, so
+    all of them stop after the same step, each checkpointing it. None: this process decides alone.
     """
+    if agree_to_stop is None:
+        agree_to_stop = _alone
     end = total_steps(epochs, steps_per_epoch, max_steps)
     step = int(step_var.numpy())
     logs, traced = {}, False
@@ -280,23 +289,30 @@ def train_loop(
                 images_per_sec = timed_steps * global_batch_size / max(time.perf_counter() - start_time, 1e-9)
                 logs = _train_logs(totals, mixup_on, lr, images_per_sec)
                 callbacks.on_train_batch_end(step - epoch_start - 1, logs)
+                stopping = agree_to_stop(stop["signal"])
                 due = checkpoint_steps and step % checkpoint_steps == 0
-                if step < epoch_end and (due or stop["signal"]):
+                if step < epoch_end and (due or stopping):
                     save(step)
-                    if stop["signal"]:
-                        raise Preempted(step, stop["signal"])
+                    if stopping:
+                        raise Preempted(step, stopping)
             if evaluate is not None:
                 result = evaluate(eval_dataset)
                 logs.update({f"val_{name}": value for name, value in result.items() if name != "count"})
             save(step, logs)
             callbacks.on_epoch_end(epoch, logs)
-            if stop["signal"] and step < end:
-                raise Preempted(step, stop["signal"])
+            stopping = agree_to_stop(stop["signal"])  # a signal during the evaluation or save counts too
+            if stopping and step < end:
+                raise Preempted(step, stopping)
     callbacks.on_train_end(logs)
     return logs
 
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _alone(signal_name):
+    """One process's stop decision is its own (`train_loop`'s `agree_to_stop` for a single worker)."""
+    return signal_name
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 from test_steps import _batches, _steps, _tiny_model
 
-from bot_keras import distribute, loop, optimizers, schedules, steps
+from bot_keras import cli, distribute, loop, optimizers, schedules, steps
 
 
 class _FakeOptimizer:
@@ -39,6 +39,8 @@ def _run_loop(
     start=0,
     verbose=0,
     state=None,
+    agree_to_stop=None,
+    manager=None,
 ):
     calls = []
 
@@ -50,7 +52,7 @@ def _run_loop(
                 "count": tf.constant(n)}
 
     step_var = tf.Variable(start, dtype=tf.int64)
-    manager = _RecordingManager()
+    manager = manager or _RecordingManager()
     callbacks = loop.make_callbacks(
         str(tmp_path),
         chief=True,
@@ -78,6 +80,7 @@ def _run_loop(
         mixup_epochs=mixup_epochs,
         precision="float32",
         state=state,
+        agree_to_stop=agree_to_stop,
     )
     return calls, manager.saved, logs, int(step_var.numpy())
 
@@ -114,6 +117,24 @@ def test_loop_resumes_mid_epoch_and_honours_max_steps(tmp_path):
     calls, saved, _, step = _run_loop(tmp_path, start=7, max_steps=11, checkpoint_steps=0)
     assert [(s, n) for s, n, _ in calls] == [(7, 2), (9, 1), (10, 1)]
     assert saved == [10, 11] and step == 11
+
+
+@pytest.mark.parametrize("agreed_at, step", [(2, 4), (4, 5)])
+def test_a_signal_on_another_worker_stops_the_loop_at_the_agreed_step(tmp_path, agreed_at, step):
+    # The agreement is asked after each call and after each epoch's checkpoint (5-step epochs in calls of
+    # 2, 2, 1): another worker's SIGTERM agreed on at the 2nd question stops after step 4, at the 4th (after
+    # the epoch-end save, e.g. a signal during the evaluation) at step 5, with no second save.
+    asked, manager = [], _RecordingManager()
+
+    def agree_to_stop(signal_name):
+        asked.append(signal_name)
+        return "SIGTERM on another worker" if len(asked) >= agreed_at else None
+
+    with pytest.raises(cli.Preempted) as stop:
+        _run_loop(tmp_path, checkpoint_steps=0, agree_to_stop=agree_to_stop, manager=manager)
+    assert str(stop.value) == f"preempted at step {step} (SIGTERM on another worker); --resume continues"
+    assert stop.value.step == step and manager.saved == [step]
+    assert asked == [None] * agreed_at  # this process received no signal of its own
 
 
 def test_checkpoint_step_is_the_newest_checkpoints_step(tmp_path):

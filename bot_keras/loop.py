@@ -7,9 +7,10 @@ never cross an epoch end or a checkpoint, logs the means through `keras.callback
 (progress bar, TensorBoard, CSVLogger), evaluates at each epoch end and saves checkpoints. A
 fine-tuning command reuses it with its own step, metrics and evaluation.
 
-A checkpoint holds, besides the model, optimizer and step, a `RunState`: the training time so far and the
-last epoch's logs. So a resumed run reports its total wall time, and a run killed after its last
-checkpoint (e.g. during the final save) can still write complete final metrics on `--resume`.
+A checkpoint holds, besides the model, optimizer and step, the model's dropout seed states
+(`seed_generator_states`) and a `RunState`: the training time so far and the last epoch's logs. So a
+resumed run reports its total wall time, and a run killed after its last checkpoint (e.g. during the final
+save) can still write complete final metrics on `--resume`.
 """
 
 import contextlib
@@ -55,6 +56,20 @@ def checkpoint_manager(write_dir, *, keep, **objects):
     checkpoint = tf.train.Checkpoint(**objects)
     directory = os.path.join(write_dir, run_dir.CHECKPOINTS_DIR)
     return tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep)
+
+
+def seed_generator_states(model):
+    """The states of `model`'s Keras seed generators as `checkpoint_manager` keyword arguments (none for
+    a model without). `keras.layers.Dropout` (the classifier's `--dropout_rate`, stochastic depth's
+    `--drop_path_rate`, a segmentation head's dropout) draws each call's mask from a
+    `keras.random.SeedGenerator` whose state advances every call and which the model's own checkpoint
+    leaves out: saved beside it, a resumed run draws the masks the uninterrupted run would."""
+    states = [v for v in model.variables if v.name == "seed_generator_state"]
+    if not states:
+        return {}
+    seed_generators = tf.Module(name="seed_generators")
+    seed_generators.states = states  # (a tf.Module tracks the list, so the checkpoint holds each state)
+    return {"seed_generators": seed_generators}
 
 
 def save_checkpoint(manager, step):

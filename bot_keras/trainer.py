@@ -543,6 +543,7 @@ def run(task, f, *, flags_text):
         model=model,
         optimizer=optimizer,
         step=step_var,
+        **loop.seed_generator_states(model),  # dropout and stochastic depth masks: exact --resume
         **state.checkpointed(),
         **skipped_files.checkpointed(),
         **({"ema": ema} if ema is not None else {}),

@@ -222,3 +222,27 @@ def test_tensorboard_logs_train_and_validation_scalars_when_installed(tmp_path):
     _run_loop(tmp_path, epochs=1, checkpoint_steps=0)
     for split in ("train", "validation"):
         assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "logs" / split))
+
+
+def test_dropout_seed_states_travel_in_the_checkpoint_so_resumed_masks_are_the_uninterrupted_ones(tmp_path):
+    def build():
+        keras.utils.set_random_seed(0)
+        return keras.Sequential([keras.Input((64,)), keras.layers.Dropout(0.5), keras.layers.Dropout(0.5)])
+
+    def manager_of(model):
+        seeds = loop.seed_generator_states(model)
+        return loop.checkpoint_manager(str(tmp_path), keep=1, model=model, **seeds)
+
+    ones = np.ones((2, 64), "float32")
+    model = build()
+    assert loop.seed_generator_states(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])) == {}
+    manager = manager_of(model)
+    model(ones, training=True)  # a step: each Dropout's state advances
+    manager.save(checkpoint_number=1)
+    uninterrupted = model(ones, training=True).numpy()  # the next step's masks
+
+    resumed = build()
+    loop.restore_latest(manager_of(resumed), str(tmp_path))
+    np.testing.assert_array_equal(resumed(ones, training=True).numpy(), uninterrupted)
+    # Without the states a fresh model draws the first step's masks again, not the next step's.
+    assert not np.array_equal(build()(ones, training=True).numpy(), uninterrupted)

@@ -416,7 +416,8 @@ def test_sigterm_mid_epoch_checkpoints_the_step_exits_preempted_and_resume_finis
     # One epoch of 24 steps on 16 px images and no step checkpoints: a checkpoint inside the epoch can
     # only be the preemption's. The signal comes as soon as the loop's handlers are in place, while the
     # first step is still being traced, so it lands early in the epoch whatever the machine's load.
-    args = ["--image_size=16", "--steps_per_epoch=24", "--checkpoint_steps=0", "--lr_schedule=cosine"]
+    args = ["--image_size=16", "--steps_per_epoch=24", "--checkpoint_steps=0", "--lr_schedule=cosine",
+            "--dropout_rate=0.2", "--drop_path_rate=0.1"]
     _, env = _cli()
     proc = subprocess.Popen([sys.executable, "-m", "bot_keras.train", *_train_args(data, run, *args)],
                             env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -442,8 +443,9 @@ def test_sigterm_mid_epoch_checkpoints_the_step_exits_preempted_and_resume_finis
     assert json.loads((run / "final_metrics.json").read_text())["step"] == 24
 
     # The same command uninterrupted ends with the same weights, bit for bit: the checkpoint holds the
-    # model, the optimizer's momentum and iteration count and the step; the resumed (in-memory) split
-    # replays the data order and crops of the steps already trained; the device draws follow the step.
+    # model, the optimizer's momentum and iteration count, the dropout and stochastic-depth generators'
+    # states and the step; the resumed (in-memory) split replays the data order and crops of the steps
+    # already trained.
     proc = _run("bot_keras.train", *_train_args(data, uninterrupted, *args))
     assert proc.returncode == cli.OK, proc.stderr[-3000:]
     resumed, whole = _weights(run / "model.keras"), _weights(uninterrupted / "model.keras")

@@ -177,13 +177,13 @@ def stop_agreement(strategy):
     "SIGTERM on another worker". A single worker pays nothing: its own decision is returned at once.
 
     Why not TensorFlow's `tf.distribute.experimental.PreemptionCheckpointHandler`: MultiWorkerMirrored-
-    Strategy does start the coordination service it needs, but the handler decides on its own count of its
-    `run` calls (one step each) and keeps that count as a variable it adds to the checkpoint and restores
-    when it is built, so our checkpoints (one per step, in `--steps_per_execution` chunks, with epoch-end
-    evaluation) would change shape and an earlier run's checkpoints would no longer match on `--resume`;
-    it installs a SIGTERM handler of its own (no SIGINT), and ends the process itself through its
-    `exit_fn`. The all-reduce gives the same agreement inside the loop that already counts the
-    steps.
+    Strategy does start the coordination service it needs, but the handler counts its own `run` (or
+    `save_checkpoint_if_preempted`) calls, one step each, keeps that count in a variable it adds to our
+    checkpoint and restores the newest checkpoint itself when it is built (so checkpoints written without
+    it would fail `--resume`'s check that every object matches), watches SIGTERM only, with a handler of
+    its own, and ends the process itself through its `exit_fn`. One all-reduce in the loop that already
+    counts the steps (in `--steps_per_execution` chunks, with epoch-end evaluation) gives the same
+    agreement.
     """
     if worker_count(strategy) == 1:
         return lambda signal_name: signal_name

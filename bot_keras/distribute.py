@@ -10,7 +10,9 @@ Everything the trainer needs to know about devices goes through here:
   (`--sync_bn`);
 - `is_chief(strategy)` / `worker_dir(model_dir, strategy)` implement the multi-worker rule that only the
   chief writes to the run directory (the TensorFlow multi-worker guide's pattern: the other workers
-  write to a private temporary directory, because every worker must take part in saving).
+  write to a private temporary directory, because every worker must take part in saving);
+- `stop_agreement(strategy)` makes every worker stop for preemption after the same step, whichever of
+  them the signal reached.
 
 The paper trains with fp16 on 8 GPUs; we follow the usual Keras 3 mixed-precision recipe (float16
 compute, float32 variables, dynamic loss scaling), which is what the authors' MXNet code does with
@@ -149,6 +151,59 @@ def worker_dir(model_dir, strategy):
     if is_chief(strategy):
         return model_dir
     return tempfile.mkdtemp(prefix=f"bot_keras_worker{strategy.cluster_resolver.task_id}_")
+
+
+def worker_count(strategy):
+    """The processes that train together: the chief and workers of a multi-worker strategy's cluster, 1
+    for every other strategy (and for `multi_worker_mirrored` without a cluster)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return 1
+    jobs = resolver.cluster_spec().as_dict()
+    return max(len(jobs.get("chief", [])) + len(jobs.get("worker", [])), 1)
+
+
+STOP_SIGNALS = ("SIGTERM", "SIGINT")  # the names `loop.stop_signals` records
+
+
+def stop_agreement(strategy):
+    """`agree(signal name or None) -> signal name or None`, the preemption decision every worker reaches
+    (`loop.train_loop`'s `agree_to_stop`).
+
+    A scheduler may send SIGTERM to one worker only, or to all of them while they are in different steps;
+    a worker that stopped alone would leave the others waiting in the next step's all-reduce. Each call
+    all-reduces (sums) one count per signal over the replicas of every worker, so all workers learn that
+    someone received a signal after the same `train_function` call; a worker that received none reports
+    "SIGTERM on another worker". A single worker pays nothing: its own decision is returned at once.
+
+    Why not TensorFlow's `tf.distribute.experimental.PreemptionCheckpointHandler`: MultiWorkerMirrored-
+    Strategy does start the coordination service it needs, but the handler counts its own `run` (or
+    `save_checkpoint_if_preempted`) calls, one step each, keeps that count in a variable it adds to our
+    checkpoint and restores the newest checkpoint itself when it is built (so checkpoints written without
+    it would fail `--resume`'s check that every object matches), watches SIGTERM only, with a handler of
+    its own, and ends the process itself through its `exit_fn`. One all-reduce in the loop that already
+    counts the steps (in `--steps_per_execution` chunks, with epoch-end evaluation) gives the same
+    agreement.
+    """
+    if worker_count(strategy) == 1:
+        return lambda signal_name: signal_name
+
+    @tf.function
+    def summed(counts):
+        def replica_fn(value):
+            on_replica = tf.identity(value)  # the all-reduce needs a value placed on the replica's device
+            return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, on_replica)
+
+        return strategy.experimental_local_results(strategy.run(replica_fn, args=(counts,)))[0]
+
+    def agree(signal_name):
+        counts = summed(tf.constant([float(signal_name == name) for name in STOP_SIGNALS])).numpy()
+        if signal_name:
+            return signal_name
+        received = [name for name, count in zip(STOP_SIGNALS, counts, strict=True) if count > 0]
+        return f"{received[0]} on another worker" if received else None
+
+    return agree
 
 
 def set_synchronized_batch_norm(model, synchronized):

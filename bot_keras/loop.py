@@ -7,9 +7,10 @@ never cross an epoch end or a checkpoint, logs the means through `keras.callback
 (progress bar, TensorBoard, CSVLogger), evaluates at each epoch end and saves checkpoints. A
 fine-tuning command reuses it with its own step, metrics and evaluation.
 
-A checkpoint holds, besides the model, optimizer and step, a `RunState`: the training time so far and the
-last epoch's logs. So a resumed run reports its total wall time, and a run killed after its last
-checkpoint (e.g. during the final save) can still write complete final metrics on `--resume`.
+A checkpoint holds, besides the model, optimizer and step, the model's dropout seed states
+(`seed_generator_states`) and a `RunState`: the training time so far and the last epoch's logs. So a
+resumed run reports its total wall time, and a run killed after its last checkpoint (e.g. during the final
+save) can still write complete final metrics on `--resume`.
 """
 
 import contextlib
@@ -55,6 +56,20 @@ def checkpoint_manager(write_dir, *, keep, **objects):
     checkpoint = tf.train.Checkpoint(**objects)
     directory = os.path.join(write_dir, run_dir.CHECKPOINTS_DIR)
     return tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep)
+
+
+def seed_generator_states(model):
+    """The states of `model`'s Keras seed generators as `checkpoint_manager` keyword arguments (none for
+    a model without). `keras.layers.Dropout` (the classifier's `--dropout_rate`, stochastic depth's
+    `--drop_path_rate`, a segmentation head's dropout) draws each call's mask from a
+    `keras.random.SeedGenerator` whose state advances every call and which the model's own checkpoint
+    leaves out: saved beside it, a resumed run draws the masks the uninterrupted run would."""
+    states = [v for v in model.variables if v.name == "seed_generator_state"]
+    if not states:
+        return {}
+    seed_generators = tf.Module(name="seed_generators")
+    seed_generators.states = states  # (a tf.Module tracks the list, so the checkpoint holds each state)
+    return {"seed_generators": seed_generators}
 
 
 def save_checkpoint(manager, step):
@@ -221,6 +236,7 @@ def train_loop(
     precision,
     state=None,
     learning_rate=None,
+    agree_to_stop=None,
 ):
     """Runs from `step_var` to the end; checkpoints every `checkpoint_steps` and at each epoch end.
 
@@ -229,7 +245,15 @@ def train_loop(
     save. `learning_rate` (the optimizer's schedule, `step -> lr`, or None: a constant rate) gives the
     logged "lr". Returns the last epoch's logs. Raises FloatingPointError on a non-finite loss, and
     `cli.Preempted` after checkpointing when SIGTERM or SIGINT arrived (`stop_signals`).
+
+    `agree_to_stop(signal name or None) -> signal name or None` turns this process's stop request into
+    the decision of every process of the run (`distribute.stop_agreement`: under several workers a signal
+    may reach one of them only, or reach them in different steps). It is asked after every
+    `train_function` call and after each epoch's checkpoint, the same number of times on every worker, so
+    all of them stop after the same step, each checkpointing it. None: this process decides alone.
     """
+    if agree_to_stop is None:
+        agree_to_stop = _alone
     end = total_steps(epochs, steps_per_epoch, max_steps)
     step = int(step_var.numpy())
     logs, traced = {}, False
@@ -280,23 +304,30 @@ def train_loop(
                 images_per_sec = timed_steps * global_batch_size / max(time.perf_counter() - start_time, 1e-9)
                 logs = _train_logs(totals, mixup_on, lr, images_per_sec)
                 callbacks.on_train_batch_end(step - epoch_start - 1, logs)
+                stopping = agree_to_stop(stop["signal"])
                 due = checkpoint_steps and step % checkpoint_steps == 0
-                if step < epoch_end and (due or stop["signal"]):
+                if step < epoch_end and (due or stopping):
                     save(step)
-                    if stop["signal"]:
-                        raise Preempted(step, stop["signal"])
+                    if stopping:
+                        raise Preempted(step, stopping)
             if evaluate is not None:
                 result = evaluate(eval_dataset)
                 logs.update({f"val_{name}": value for name, value in result.items() if name != "count"})
             save(step, logs)
             callbacks.on_epoch_end(epoch, logs)
-            if stop["signal"] and step < end:
-                raise Preempted(step, stop["signal"])
+            stopping = agree_to_stop(stop["signal"])  # a signal during the evaluation or save counts too
+            if stopping and step < end:
+                raise Preempted(step, stopping)
     callbacks.on_train_end(logs)
     return logs
 
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _alone(signal_name):
+    """One process's stop decision is its own (`train_loop`'s `agree_to_stop` for a single worker)."""
+    return signal_name
 
 
 @contextlib.contextmanager

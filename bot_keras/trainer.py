@@ -409,7 +409,9 @@ def fit(
     mixup_epochs=0,
 ):
     """Runs `loop.train_loop` with the run's callbacks (the CSV log's columns: `state.columns`); returns
-    (last epoch's logs, the run's total training time in s, every process's, from `state`)."""
+    (last epoch's logs, the run's total training time in s, every process's, from `state`). On preemption
+    every worker stops after the same step (`distribute.stop_agreement`); another worker removes its
+    private directory before `cli.Preempted` goes on."""
     callbacks = loop.make_callbacks(
         machinery.write_dir,
         chief=machinery.chief,
@@ -440,7 +442,12 @@ def fit(
             precision=f.precision,
             state=state,
             learning_rate=lr_schedule(f, steps_per_epoch=steps_per_epoch),
+            agree_to_stop=distribute.stop_agreement(machinery.strategy),  # every worker stops at one step
         )
+    except cli.Preempted:
+        if not machinery.chief:  # its checkpoint was only its part in the save; the chief's is the run's
+            shutil.rmtree(machinery.write_dir, ignore_errors=True)
+        raise
     except tf.errors.InvalidArgumentError as error:
         message = bad_input_message(error)  # the pipeline's check naming the file, or None: a bug
         if message is None:
@@ -541,6 +548,7 @@ def run(task, f, *, flags_text):
         model=model,
         optimizer=optimizer,
         step=step_var,
+        **loop.seed_generator_states(model),  # dropout and stochastic depth masks: exact --resume
         **state.checkpointed(),
         **skipped_files.checkpointed(),
         **({"ema": ema} if ema is not None else {}),

@@ -8,10 +8,12 @@ import contextlib
 import errno
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import keras
 import pytest
@@ -61,6 +63,13 @@ def test_default_strategy_is_chief_and_writes_to_model_dir(tmp_path):
     assert strategy.num_replicas_in_sync == 1
     assert distribute.is_chief(strategy)
     assert distribute.worker_dir(str(tmp_path), strategy) == str(tmp_path)
+
+
+def test_a_single_worker_decides_to_stop_alone_without_a_collective():
+    strategy = distribute.create_strategy("default")
+    assert distribute.worker_count(strategy) == 1
+    agree = distribute.stop_agreement(strategy)
+    assert [agree(None), agree("SIGTERM"), agree("SIGINT")] == [None, "SIGTERM", "SIGINT"]
 
 
 @pytest.mark.parametrize("precision, compute", [("mixed_float16", "float16"), ("mixed_bfloat16", "bfloat16")])
@@ -312,14 +321,36 @@ def test_two_workers_on_localhost_train_to_identical_weights(tmp_path, two_worke
     assert _max_abs_diff(results[0]["weights"], results[0]["initial"]) > 1e-3  # it really trained
 
 
+def _start_workers(args, workers, tmp_path):
+    """`python -m bot_keras.train args` as each worker of `workers` (worker 0 the chief), their private
+    directories under `tmp_path`."""
+    procs = []
+    for index in range(len(workers)):
+        tf_config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+        env = _env(TF_CONFIG=tf_config, TMPDIR=str(tmp_path))
+        env.pop("TF_ENABLE_ONEDNN_OPTS", None)
+        command = [sys.executable, "-m", "bot_keras.train", *args]
+        procs.append(
+            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    return procs
+
+
+def _outputs(procs, timeout=300):
+    """Each worker's (stdout, stderr), once all have ended."""
+    outputs = []
+    for proc in procs:
+        try:
+            outputs.append(proc.communicate(timeout=timeout))
+        finally:
+            proc.kill()
+    return outputs
+
+
 @pytest.mark.slow
 def test_two_worker_cli_run_only_the_chief_writes_the_run_directory(tmp_path, two_worker_addresses):
     run_dir = str(tmp_path / "run")
-    workers = two_worker_addresses
     args = [
-        sys.executable,
-        "-m",
-        "bot_keras.train",
         "--model=resnet18",
         "--dataset=synthetic:40",
         "--image_size=16",
@@ -333,21 +364,10 @@ def test_two_worker_cli_run_only_the_chief_writes_the_run_directory(tmp_path, tw
         "--verbose=0",
         f"--model_dir={run_dir}",
     ]
-    procs = []
-    for index in range(2):
-        tf_config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
-        env = _env(TF_CONFIG=tf_config, TMPDIR=str(tmp_path))
-        env.pop("TF_ENABLE_ONEDNN_OPTS", None)
-        procs.append(
-            subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        )
-    outputs = []
-    for proc in procs:
-        try:
-            outputs.append(proc.communicate(timeout=300))
-        finally:
-            proc.kill()
-        assert proc.returncode == 0, outputs[-1][1][-3000:]
+    procs = _start_workers(args, two_worker_addresses, tmp_path)
+    outputs = _outputs(procs)
+    for proc, (_, stderr) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, stderr[-3000:]
     assert "Finished:" in outputs[0][0] and "Finished:" not in outputs[1][0]  # only the chief reports
     assert sorted(os.listdir(run_dir)) == [
         "checkpoints",
@@ -364,6 +384,56 @@ def test_two_worker_cli_run_only_the_chief_writes_the_run_directory(tmp_path, tw
     assert steps[-1] == 6
     # The non-chief's private checkpoint directory was deleted when training ended.
     assert not [n for n in os.listdir(tmp_path) if n.startswith("bot_keras_worker")]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_worker_stops_both_at_the_same_step_and_two_worker_resume_finishes(
+    tmp_path, two_worker_addresses
+):
+    from bot_keras import cli
+
+    run = tmp_path / "run"
+    # One epoch of 6 steps and no step checkpoints: a checkpoint inside the epoch can only be the
+    # preemption's. The chief opens logs/training.csv once its signal handlers are in place; worker 1,
+    # which writes no run files, is there before it (a second of margin). The signal then lands while
+    # the first step is being traced, early in the epoch whatever the machine's load.
+    args = ["--model=resnet18", "--dataset=synthetic:40", "--image_size=16", "--batch_size=8",
+            "--steps_per_epoch=6", "--epochs=1", "--checkpoint_steps=0", "--eval_split=",
+            "--strategy=multi_worker_mirrored", "--verbose=0", f"--model_dir={run}"]
+    procs = _start_workers(args, two_worker_addresses, tmp_path)
+    csv_log = run / "logs" / "training.csv"
+    deadline = time.time() + 300
+    while all(p.poll() is None for p in procs) and not csv_log.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    procs[1].send_signal(signal.SIGTERM)  # worker 1 only, not the chief
+    outputs = _outputs(procs)
+    reported, causes = [], ["SIGTERM on another worker", "SIGTERM"]
+    for proc, (_, stderr), cause in zip(procs, outputs, causes, strict=True):
+        assert proc.returncode == cli.PREEMPTED, stderr[-3000:]
+        lines = [line for line in stderr.splitlines() if "preempted" in line]
+        assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+        step = int(lines[0].split("preempted at step ")[1].split()[0])
+        assert lines[0] == f"bot_keras.train: preempted at step {step} ({cause}); --resume continues"
+        reported.append(step)
+    assert reported[0] == reported[1] and 1 <= reported[0] < 6
+    assert _latest_checkpoint(run) == str(run / "checkpoints" / f"ckpt-{reported[0]}")
+    assert not (run / "model.keras").exists()
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("bot_keras_worker")]  # worker 1's removed
+
+    procs = _start_workers([*args, "--resume"], two_worker_addresses, tmp_path)
+    outputs = _outputs(procs)
+    for proc, (_, stderr) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, stderr[-3000:]
+    assert f"at step {reported[0]} (epoch 0)" in outputs[0][0]
+    assert json.loads((run / "final_metrics.json").read_text())["step"] == 6
+    assert _latest_checkpoint(run) == str(run / "checkpoints" / "ckpt-6")
+
+
+def _latest_checkpoint(run):
+    import tensorflow as tf
+
+    return tf.train.latest_checkpoint(str(run / "checkpoints"))
 
 
 def test_sync_bn_converts_every_batch_norm_of_a_built_model():

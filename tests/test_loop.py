@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 from test_steps import _batches, _steps, _tiny_model
 
-from bot_keras import distribute, loop, optimizers, schedules, steps
+from bot_keras import cli, distribute, loop, optimizers, schedules, steps
 
 
 class _FakeOptimizer:
@@ -39,6 +39,8 @@ def _run_loop(
     start=0,
     verbose=0,
     state=None,
+    agree_to_stop=None,
+    manager=None,
 ):
     calls = []
 
@@ -50,7 +52,7 @@ def _run_loop(
                 "count": tf.constant(n)}
 
     step_var = tf.Variable(start, dtype=tf.int64)
-    manager = _RecordingManager()
+    manager = manager or _RecordingManager()
     callbacks = loop.make_callbacks(
         str(tmp_path),
         chief=True,
@@ -78,6 +80,7 @@ def _run_loop(
         mixup_epochs=mixup_epochs,
         precision="float32",
         state=state,
+        agree_to_stop=agree_to_stop,
     )
     return calls, manager.saved, logs, int(step_var.numpy())
 
@@ -114,6 +117,24 @@ def test_loop_resumes_mid_epoch_and_honours_max_steps(tmp_path):
     calls, saved, _, step = _run_loop(tmp_path, start=7, max_steps=11, checkpoint_steps=0)
     assert [(s, n) for s, n, _ in calls] == [(7, 2), (9, 1), (10, 1)]
     assert saved == [10, 11] and step == 11
+
+
+@pytest.mark.parametrize("agreed_at, step", [(2, 4), (4, 5)])
+def test_a_signal_on_another_worker_stops_the_loop_at_the_agreed_step(tmp_path, agreed_at, step):
+    # The agreement is asked after each call and after each epoch's checkpoint (5-step epochs in calls of
+    # 2, 2, 1): another worker's SIGTERM agreed on at the 2nd question stops after step 4, at the 4th (after
+    # the epoch-end save, e.g. a signal during the evaluation) at step 5, with no second save.
+    asked, manager = [], _RecordingManager()
+
+    def agree_to_stop(signal_name):
+        asked.append(signal_name)
+        return "SIGTERM on another worker" if len(asked) >= agreed_at else None
+
+    with pytest.raises(cli.Preempted) as stop:
+        _run_loop(tmp_path, checkpoint_steps=0, agree_to_stop=agree_to_stop, manager=manager)
+    assert str(stop.value) == f"preempted at step {step} (SIGTERM on another worker); --resume continues"
+    assert stop.value.step == step and manager.saved == [step]
+    assert asked == [None] * agreed_at  # this process received no signal of its own
 
 
 def test_checkpoint_step_is_the_newest_checkpoints_step(tmp_path):
@@ -201,3 +222,27 @@ def test_tensorboard_logs_train_and_validation_scalars_when_installed(tmp_path):
     _run_loop(tmp_path, epochs=1, checkpoint_steps=0)
     for split in ("train", "validation"):
         assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "logs" / split))
+
+
+def test_dropout_seed_states_travel_in_the_checkpoint_so_resumed_masks_are_the_uninterrupted_ones(tmp_path):
+    def build():
+        keras.utils.set_random_seed(0)
+        return keras.Sequential([keras.Input((64,)), keras.layers.Dropout(0.5), keras.layers.Dropout(0.5)])
+
+    def manager_of(model):
+        seeds = loop.seed_generator_states(model)
+        return loop.checkpoint_manager(str(tmp_path), keep=1, model=model, **seeds)
+
+    ones = np.ones((2, 64), "float32")
+    model = build()
+    assert loop.seed_generator_states(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])) == {}
+    manager = manager_of(model)
+    model(ones, training=True)  # a step: each Dropout's state advances
+    manager.save(checkpoint_number=1)
+    uninterrupted = model(ones, training=True).numpy()  # the next step's masks
+
+    resumed = build()
+    loop.restore_latest(manager_of(resumed), str(tmp_path))
+    np.testing.assert_array_equal(resumed(ones, training=True).numpy(), uninterrupted)
+    # Without the states a fresh model draws the first step's masks again, not the next step's.
+    assert not np.array_equal(build()(ones, training=True).numpy(), uninterrupted)

@@ -12,10 +12,11 @@ A run directory (`--model_dir`) as `bot_keras.train` leaves it:
     model.keras         the final model, written when training ends
     final_metrics.json  the last epoch's logs, step and wall time
 
-Every file is written atomically (`atomic_write`: a temporary sibling, then `os.replace`), so a reader never sees half a
-file and a crash leaves the previous version or nothing (and at worst a stale `.NAME.*.tmp*` sibling,
-which `remove_temporaries` clears). A `model.keras` that is nevertheless damaged (e.g. copied in part)
-is reported as damaged by `model_files`, with `--resume` as the cure when the run's checkpoints can rewrite it.
+Every file is written atomically (`atomic_write`: a temporary sibling, then `os.replace`), so a reader
+never sees half a file and a crash leaves the previous version or nothing (and at worst a stale
+`.NAME.*.tmp*` sibling, which `remove_temporaries` clears). A `model.keras` that is nevertheless damaged
+(e.g. copied in part) is reported as damaged by `model_files`, with `--resume` as the cure when the run's
+checkpoints can rewrite it.
 
 `flags.txt` is read back with the training command's own flag definitions, so a negated boolean
 (`--noskip_corrupt`) or a list reads back typed, as the trainer parsed it. Runs written before `run.json`

@@ -9,6 +9,8 @@ Layout, one concern a module:
   steps / loop the distributed train and eval steps; the host loop, callbacks and checkpoints
   teacher      the distillation teacher (Section 5.3)
   run_dir      the run directory: flags.txt, classes.txt, run.json, model.keras
+  model_files  loading models: a run's in float32, a .keras file, a classification run's backbone
+  atomic_write writes that leave the previous file whole (a temporary, fsync, os.replace)
   cli          exit codes, SetupError and the entry-point wrapper every command uses
   train / evaluate / export / predict   the command-line entry points
 """

@@ -20,7 +20,7 @@ import os
 
 from absl import flags
 
-from bot_keras import cli, metrics, run_dir, tasks
+from bot_keras import atomic_write, cli, metrics, run_dir, tasks
 
 COMMAND = "bot_keras.evaluate"
 # What only a classification run's evaluation takes.
@@ -101,7 +101,7 @@ def main(argv, f=flags.FLAGS):
     result, line = evaluate_task_run(f.model_dir, task, checkpoint=f.checkpoint, **overrides)
     suffix = "_best" if f.checkpoint == "best" else ""
     output = f.output or os.path.join(f.model_dir, f"eval_{result['split']}{suffix}.json")
-    run_dir.write_atomic(output, json.dumps(result, indent=2) + "\n")
+    atomic_write.write_atomic(output, json.dumps(result, indent=2) + "\n")
     print(line)
     if f.confusion_png:
         metrics.plot_confusion(result["confusion"], list(result["per_class"]), f.confusion_png)

@@ -19,7 +19,7 @@ Both return `logits` [N, K], `probabilities` [N, K], `top_k_ids` [N, k], `top_k_
 
 Low-precision training (Section 3.2) keeps float32 master weights; a model trained under
 `mixed_float16`/`mixed_bfloat16` is exported from a float32 rebuild of the same architecture with those
-weights copied in (`run_dir.load_model`), because float16 graphs are slow on CPU and TFLite rejects them.
+weights copied in (`model_files.load_model`), because float16 graphs are slow on CPU and TFLite rejects them.
 
 The TFLite model takes one uint8 image [1, H, W, 3] (resize the input tensor to the image's H and W) and
 runs the same evaluation transform before the network; `--quantize=dynamic` stores the weights as int8
@@ -45,7 +45,7 @@ import keras
 import tensorflow as tf
 from absl import flags
 
-from bot_keras import cli, run_dir, tasks
+from bot_keras import atomic_write, cli, model_files, run_dir, tasks
 from bot_keras.data.augment import preprocess_for_eval
 from bot_keras.data.decode import MAX_IMAGE_PIXELS, decode_image, serving_checks
 
@@ -189,7 +189,7 @@ def export(model_dir, export_dir, *, export_format="savedmodel", overwrite=False
             "--format=savedmodel (or keras)"
         )
     run = run_dir.read_run(model_dir, task=task, checkpoint=checkpoint)
-    model = run_dir.load_model(run)
+    model = model_files.load_model(run)
 
     export_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = _sibling(export_dir, "partial")
@@ -209,8 +209,9 @@ def export(model_dir, export_dir, *, export_format="savedmodel", overwrite=False
             os.rename(staging, export_dir)
     except OSError as error:  # a full disk (ENOSPC, EIO): the previous export is left as it was
         shutil.rmtree(staging, ignore_errors=True)
-        raise run_dir.write_error(export_dir, error, "any previous export is intact; free space and export "
-                                  "again") from None
+        raise atomic_write.write_error(
+            export_dir, error, "any previous export is intact; free space and export again"
+        ) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

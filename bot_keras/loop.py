@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from bot_keras import run_dir
+from bot_keras import atomic_write, run_dir
 from bot_keras.cli import Preempted, SetupError
 from bot_keras.schedules import training_steps
 
@@ -74,7 +74,7 @@ def seed_generator_states(model):
 
 def save_checkpoint(manager, step):
     """`manager.save(checkpoint_number=step)`; a write that fails (a full disk: ENOSPC, EIO, as an OSError
-    or TensorFlow's error) removes the half-written `ckpt-<step>` files and raises `run_dir.write_error`.
+    or TensorFlow's error) removes the half-written `ckpt-<step>` files and raises `atomic_write.write_error`.
     The `checkpoint` index is written last, so it still names the previous checkpoint, which `--resume`
     uses."""
     try:
@@ -86,7 +86,7 @@ def save_checkpoint(manager, step):
                 tf.io.gfile.rmtree(path)
             else:
                 tf.io.gfile.remove(path)
-        raise run_dir.write_error(prefix, error) from None
+        raise atomic_write.write_error(prefix, error) from None
 
 
 def restore_latest(manager, model_dir):

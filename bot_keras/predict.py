@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow as tf
 from absl import flags
 
-from bot_keras import cli, run_dir, tasks
+from bot_keras import cli, model_files, run_dir, tasks
 from bot_keras.data.augment import preprocess_for_eval
 from bot_keras.data.decode import (
     MAX_IMAGE_PIXELS,
@@ -106,7 +106,7 @@ def load_classifier(path, checkpoint="final"):
         # A run directory's final or best model: load it as the run (float32 rebuild included).
         path, checkpoint = path.parent, names[path.name]
     if path.is_file() and path.suffix == ".keras":
-        model = run_dir.load_keras_model(path, label=f"--model={path}")
+        model = model_files.load_keras_model(path, label=f"--model={path}")
         class_names = _read_class_names(path.parent / run_dir.CLASSES_FILE)
         flagfile = path.parent / run_dir.FLAGS_FILE
         image_size = model.input_shape[1]
@@ -119,7 +119,7 @@ def load_classifier(path, checkpoint="final"):
         return _keras_classifier(model, class_names, image_size, "keras")
     if path.is_dir() and (path / run_dir.FLAGS_FILE).is_file():
         run = run_dir.read_run(path, checkpoint=checkpoint)
-        return _keras_classifier(run_dir.load_model(run), run.class_names, run.image_size, "run")
+        return _keras_classifier(model_files.load_model(run), run.class_names, run.image_size, "run")
     if not path.exists():
         raise cli.SetupError(f"--model={path} does not exist")
     raise cli.SetupError(

@@ -12,10 +12,11 @@ A run directory (`--model_dir`) as `bot_keras.train` leaves it:
     model.keras         the final model, written when training ends
     final_metrics.json  the last epoch's logs, step and wall time
 
-Every file is written atomically (a temporary sibling, then `os.replace`), so a reader never sees half a
-file and a crash leaves the previous version or nothing (and at worst a stale `.NAME.*.tmp*` sibling,
-which `remove_temporaries` clears). A `model.keras` that is nevertheless damaged (e.g. copied in part)
-is reported as damaged, with `--resume` as the cure when the run's checkpoints can rewrite it.
+Every file is written atomically (`atomic_write`: a temporary sibling, then `os.replace`), so a reader
+never sees half a file and a crash leaves the previous version or nothing (and at worst a stale
+`.NAME.*.tmp*` sibling, which `remove_temporaries` clears). A `model.keras` that is nevertheless damaged
+(e.g. copied in part) is reported as damaged by `model_files`, with `--resume` as the cure when the run's
+checkpoints can rewrite it.
 
 `flags.txt` is read back with the training command's own flag definitions, so a negated boolean
 (`--noskip_corrupt`) or a list reads back typed, as the trainer parsed it. Runs written before `run.json`
@@ -27,16 +28,13 @@ import functools
 import json
 import os
 import pathlib
-import tempfile
-import zipfile
 
-import keras
 import tensorflow as tf
 from absl import flags
 
 from bot_keras import tasks
+from bot_keras.atomic_write import write_atomic, write_error
 from bot_keras.cli import SetupError
-from bot_keras.models import build_backbone, build_model
 from bot_keras.tasks import CLASSIFICATION, DETECTION, SEGMENTATION, TASKS
 
 RUN_FILE = "run.json"
@@ -58,47 +56,7 @@ REQUIRED_FLAGS = {CLASSIFICATION: ("model", "image_size"), SEGMENTATION: ("backb
                   DETECTION: ("backbone", "crop_size")}
 
 
-# --- writing, atomically ----------------------------------------------------------------------------------
-
-# What a training command's failed write says after the path and the error: its previous files are intact.
-RESUME_AFTER_WRITE_ERROR = (
-    "the previous files are intact; free space (or fix the disk), then rerun with --resume"
-)
-
-
-def write_error(path, error, cure=RESUME_AFTER_WRITE_ERROR):
-    """The SetupError of a write to `path` that failed with `error` (an OSError such as ENOSPC or EIO, or
-    TensorFlow's error for one): one line naming the path, the error and `cure`."""
-    reason = f"[Errno {error.errno}] {error.strerror}" if getattr(error, "strerror", None) else str(error)
-    reason = reason.strip().splitlines()[0] if reason.strip() else type(error).__name__
-    return SetupError(f"cannot write {path}: {reason}; {cure}")
-
-
-def write_atomic(path, data):
-    """Writes `data` (str or bytes) to `path` through a temporary sibling and `os.replace`; a failed write
-    (a full disk: ENOSPC, EIO) removes the temporary, leaves the previous file and raises `write_error`."""
-    path = pathlib.Path(path)
-    mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, **({} if mode == "wb" else {"encoding": "utf-8"})) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from a serving user
-        os.replace(tmp, path)
-    except OSError as error:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise write_error(path, error) from None
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+# --- writing ----------------------------------------------------------------------------------------------
 
 
 def write_run_info(model_dir, *, task=CLASSIFICATION, resolved=None):
@@ -318,49 +276,6 @@ def read_run(model_dir, *, task=CLASSIFICATION, checkpoint="final"):
                model_file=CHECKPOINTS[checkpoint], resolved=resolved)
 
 
-# --- the model --------------------------------------------------------------------------------------------
-
-
-def keras_file_problem(path):
-    """Why the file `path` cannot be a `.keras` model (a zip archive holding `config.json`), or None when
-    it looks like one. Keras itself reports a file it cannot open as "File not found"."""
-    path = pathlib.Path(path)
-    if not path.exists():
-        return "no such file"
-    if path.is_dir():
-        return "a directory, not a .keras file"
-    size = path.stat().st_size
-    if size == 0:
-        return "damaged: empty (0 bytes)"
-    if not zipfile.is_zipfile(path):
-        with open(path, "rb") as f:
-            head = f.read(2)
-        if head == b"PK":  # a zip archive cut short: its central directory is missing
-            return f"damaged: a .keras archive cut short ({size} bytes)"
-        return f"not a .keras file (a .keras model is a zip archive; this {size}-byte file is not one)"
-    try:
-        with zipfile.ZipFile(path) as archive:
-            if "config.json" not in archive.namelist():
-                return "a zip archive without config.json, not a .keras model"
-    except zipfile.BadZipFile as error:
-        return f"damaged: {error}"
-    return None
-
-
-def load_keras_model(path, *, label=None, cure=""):
-    """`keras.models.load_model(path, compile=False)`; a damaged, missing or non-.keras file is a
-    SetupError naming it (`label`, default the path) and what is wrong, followed by `cure`."""
-    name = label or path
-    problem = keras_file_problem(path)
-    if problem is not None:
-        raise SetupError(f"{name}: {problem}{cure}")
-    try:
-        return keras.models.load_model(path, compile=False)
-    except Exception as error:  # Keras raises a zoo of types for a damaged archive
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SetupError(f"{name}: damaged, cannot load the .keras file: {first}{cure}") from error
-
-
 def resume_cure(model_dir):
     """The advice for a damaged final model of the run in `model_dir`: its checkpoints can rewrite it."""
     if not has_checkpoint(model_dir):
@@ -379,68 +294,6 @@ def writing_command(model_dir):
         return "bot_keras.finetune"
     return TASK_COMMANDS[read_task(model_dir)]
 
-
-def load_model(run):
-    """The run's final model as a float32 `keras.Model` ready for inference (see `float32_rebuild`;
-    `bot_keras.finetune` saves its models in float32 already)."""
-    tasks.task_module(run.task)  # registers the task's layers (backbone, heads) for loading
-    model = load_keras_model(run.model_path, cure=resume_cure(run.model_dir))
-    num_outputs = model.output_shape[-1] if isinstance(model.output_shape, tuple) else None
-    if num_outputs is not None and num_outputs != len(run.class_names):
-        raise SetupError(
-            f"{run.model_path} predicts {num_outputs} classes but {run.model_dir / CLASSES_FILE} "
-            f"lists {len(run.class_names)}"
-        )
-    return float32_rebuild(model, run)
-
-
-def float32_rebuild(model, run):
-    """The model itself when every layer computes in float32; else (a model saved under a mixed policy,
-    Section 3.2's FP16 training) `--model` from `flags.txt` rebuilt under the float32 policy with the
-    trained float32 master weights copied in, in order, each shape checked. float16 graphs are slow on
-    CPU and TFLite rejects them."""
-    if all(layer.dtype_policy.compute_dtype == "float32" for layer in model.layers):
-        return model
-    if run.task != CLASSIFICATION:
-        raise SetupError(f"{run.model_path} computes in reduced precision; bot_keras.finetune saves float32 "
-                         "models, so this file was not written by it")
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("float32")
-    try:
-        # Stochastic depth adds weightless layers that change the layers' order: rebuilt with them too.
-        rebuilt = build_model(
-            run.model_name, num_classes=len(run.class_names), input_shape=model.input_shape[1:],
-            drop_path_rate=run.flags.get("drop_path_rate", 0.0),
-        )
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
-    return copy_weights(rebuilt, model, label=f"{run.model_path} (--model={run.model_name} from flags.txt)")
-
-
-def copy_weights(target, source, *, label):
-    """Assigns every weight of `source` to `target` in order (cast to the target's dtype), each shape
-    checked; returns `target`. `label` names the source in the SetupError of a mismatch."""
-    if len(target.weights) != len(source.weights):
-        raise SetupError(
-            f"{label} has {len(source.weights)} weights but its float32 rebuild has {len(target.weights)}; "
-            "the run's flags do not describe its model"
-        )
-    for to, source_weight in zip(target.weights, source.weights, strict=True):
-        if tuple(to.shape) != tuple(source_weight.shape):
-            raise SetupError(
-                f"{label}: weight {source_weight.path} has shape {tuple(source_weight.shape)} but the "
-                f"float32 rebuild expects {tuple(to.shape)} ({to.path})"
-            )
-        to.assign(tf.cast(source_weight.value, to.dtype))
-    return target
-
-
-def load_backbone(model_dir, **backbone_kwargs):
-    """`build_backbone` of the run's architecture holding the trained classifier's weights (copied layer by
-    layer by `models.load_classifier_weights`; the `logits` head is left out). `backbone_kwargs` go to
-    `build_backbone` (e.g. `output_stride`, `input_shape`): the start for segmentation or detection."""
-    run = read_run(model_dir)
-    return build_backbone(run.model_name, weights_from=load_model(run), **backbone_kwargs)
 
 
 run_flags = tasks.run_flags  # kept under its old name

@@ -11,7 +11,7 @@ import os
 import keras
 import tensorflow as tf
 
-from bot_keras import run_dir
+from bot_keras import model_files
 from bot_keras.cli import SetupError
 from bot_keras.models import MODEL_NAMES, build_model
 
@@ -46,7 +46,7 @@ def load_teacher(spec, *, num_classes, image_size):
             keras.layers.TFSMLayer(path, call_endpoint="serving_default") if not callable(loaded) else loaded
         )
     else:
-        teacher = run_dir.load_keras_model(path, label=f"--teacher={spec!r}")
+        teacher = model_files.load_keras_model(path, label=f"--teacher={spec!r}")
     if isinstance(teacher, keras.Model):
         teacher.trainable = False
         classes = teacher.output_shape[-1]

@@ -31,7 +31,19 @@ import keras
 import tensorflow as tf
 from absl import flags
 
-from bot_keras import best_model, cli, distribute, loop, optimizers, run_dir, schedules, steps, tasks
+from bot_keras import (
+    atomic_write,
+    best_model,
+    cli,
+    distribute,
+    loop,
+    model_files,
+    optimizers,
+    run_dir,
+    schedules,
+    steps,
+    tasks,
+)
 from bot_keras.data import SkippedFiles
 from bot_keras.data.decode import MAX_IMAGE_PIXELS, pixel_limit_problem
 from bot_keras.data.errors import bad_input_message
@@ -346,7 +358,7 @@ def finish_trained_run(f, *, machinery, model, state, step_var, extra_metrics=No
         shutil.rmtree(machinery.write_dir, ignore_errors=True)
         return
     step = int(step_var.numpy())
-    model_ok = run_dir.keras_file_problem(os.path.join(f.model_dir, run_dir.MODEL_FILE)) is None
+    model_ok = model_files.keras_file_problem(os.path.join(f.model_dir, run_dir.MODEL_FILE)) is None
     metrics = os.path.join(f.model_dir, run_dir.METRICS_FILE)
     if model_ok and os.path.isfile(metrics):
         print(
@@ -388,7 +400,7 @@ def write_run_files(f, *, task, flags_text, class_names, resolved=None):
     os.makedirs(f.model_dir, exist_ok=True)
     run_dir.remove_temporaries(f.model_dir)
     run_dir.write_run_info(f.model_dir, task=task, resolved=resolved)
-    run_dir.write_atomic(os.path.join(f.model_dir, run_dir.FLAGS_FILE), flags_text)
+    atomic_write.write_atomic(os.path.join(f.model_dir, run_dir.FLAGS_FILE), flags_text)
     run_dir.write_class_names(os.path.join(f.model_dir, run_dir.CLASSES_FILE), class_names)
 
 

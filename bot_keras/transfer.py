@@ -13,7 +13,7 @@ import os
 import keras
 from absl import flags
 
-from bot_keras import cli, run_dir, schedules, trainer
+from bot_keras import cli, model_files, run_dir, schedules, trainer
 from bot_keras.models import RESNET_NAMES, build_backbone
 from bot_keras.models.keras_hub_weights import (
     PRESET_PREFIX,
@@ -173,9 +173,9 @@ def load_backbone_weights(spec, backbone):
             copy_preset_weights(source, load_preset_backbone(spec), label=label)
         return source
     if os.path.isdir(spec):
-        return run_dir.load_model(run_dir.read_run(spec))
+        return model_files.load_model(run_dir.read_run(spec))
     if spec.endswith(".keras"):
-        return run_dir.load_keras_model(spec, label=label)
+        return model_files.load_keras_model(spec, label=label)
     source = build_backbone(backbone)
     if spec.startswith(HUB_PREFIX) or spec.endswith(".safetensors"):
         with cli.setup_errors(label):
@@ -265,4 +265,4 @@ def final_model(f, model, *, inference_model, build_model, num_classes):
         rebuilt = inference_model(build_model(f, num_classes=num_classes, weights_from=None))
     finally:
         keras.mixed_precision.set_global_policy(previous)
-    return run_dir.copy_weights(rebuilt, inference, label=f"--precision={f.precision} model")
+    return model_files.copy_weights(rebuilt, inference, label=f"--precision={f.precision} model")

@@ -22,7 +22,18 @@ from absl import flags
 from PIL import Image
 from tiny_run import make_run
 
-from bot_keras import cli, evaluate, export, finetune, predict, run_dir, tasks, train
+from bot_keras import (
+    atomic_write,
+    cli,
+    evaluate,
+    export,
+    finetune,
+    model_files,
+    predict,
+    run_dir,
+    tasks,
+    train,
+)
 from bot_keras.data.augment import MEAN_RGB, STD_RGB
 from bot_keras.models.resnet import freeze_backbone
 from bot_keras.segmentation import export as seg_export
@@ -218,9 +229,9 @@ def test_freeze_stages_and_bn_touch_the_backbone_only():
 
 def test_weights_arrive_from_the_classification_run_and_the_run_directory_is_complete(finetuned):
     classifier_dir, _, model_dir = finetuned
-    classifier = run_dir.load_model(run_dir.read_run(classifier_dir))
+    classifier = model_files.load_model(run_dir.read_run(classifier_dir))
     run = run_dir.read_run(model_dir, task="segmentation")
-    model = run_dir.load_model(run)
+    model = model_files.load_model(run)
     for name in ("stem_conv1", "stage3_block1_conv2", "stage4_block0_bn1"):
         for ours, theirs in zip(
             model.get_layer(name).get_weights(), classifier.get_layer(name).get_weights(), strict=True
@@ -260,10 +271,10 @@ def test_both_heads_round_trip_through_run_dir_load_model(tmp_path, head):
     inference = segmentation.inference_model(model)
     (tmp_path / "run").mkdir()
     run_dir.write_run_info(tmp_path / "run", task="segmentation")
-    run_dir.write_atomic(tmp_path / "run" / "flags.txt", finetune.resolved_flags_text(f))
+    atomic_write.write_atomic(tmp_path / "run" / "flags.txt", finetune.resolved_flags_text(f))
     run_dir.write_class_names(tmp_path / "run" / "classes.txt", CLASSES)
     run_dir.save_model(inference, tmp_path / "run")
-    loaded = run_dir.load_model(run_dir.read_run(tmp_path / "run", task="segmentation"))
+    loaded = model_files.load_model(run_dir.read_run(tmp_path / "run", task="segmentation"))
     x = rng.normal(0, 1, (1, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(loaded(x, training=False), inference(x, training=False), rtol=1e-5, atol=1e-5)
 
@@ -292,7 +303,7 @@ def test_evaluate_miou_equals_a_hand_computation_on_the_predictions(finetuned, c
     _, data, model_dir = finetuned
     result, line = evaluate.evaluate_finetune_run(model_dir, "segmentation")
     confusion = _hand_confusion(
-        run_dir.load_model(run_dir.read_run(model_dir, task="segmentation")), data, 48
+        model_files.load_model(run_dir.read_run(model_dir, task="segmentation")), data, 48
     )
     np.testing.assert_array_equal(np.array(result["confusion"]), confusion)
     intersection = np.diag(confusion)
@@ -435,7 +446,7 @@ def test_export_serves_class_maps_at_the_input_size_in_a_process_without_bot_ker
     assert small[:30, :20].min() >= 0
     np.testing.assert_array_equal(served["single"], small[:30, :20])
     # Each image's map against the in-process single-image path (one model call per image).
-    model = run_dir.load_model(run_dir.read_run(model_dir, task="segmentation"))
+    model = model_files.load_model(run_dir.read_run(model_dir, task="segmentation"))
     for image, served_map in zip(images, served["class_map"], strict=True):
         expected = seg_export.class_map(model, tf.constant(image), 48).numpy()
         h, w = image.shape[:2]
@@ -541,7 +552,7 @@ def test_a_mixed_precision_run_saves_a_float32_model_holding_the_trained_weights
     # run's policy in place.
     assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
     keras.mixed_precision.set_global_policy("float32")
-    model = run_dir.load_model(run_dir.read_run(tmp_path / "run", task="segmentation"))
+    model = model_files.load_model(run_dir.read_run(tmp_path / "run", task="segmentation"))
     assert {layer.dtype_policy.compute_dtype for layer in model.layers} == {"float32"}
     # The trained (float32 master) weights of the last checkpoint, not a fresh build's: the head's kernel is
     # one of the checkpoint's tensors of its shape (the others: its momentum).
@@ -573,10 +584,10 @@ def test_ema_and_keep_best_apply_to_fine_tuning(tmp_path):
     assert final["best_val_mean_iou"] == pytest.approx(max(mious), rel=1e-6)
     best, _ = evaluate.evaluate_task_run(run, "segmentation", checkpoint="best")
     assert best["mean_iou"] == pytest.approx(final["best_val_mean_iou"], abs=1e-6)
-    best_model = run_dir.load_model(run_dir.read_run(run, task="segmentation", checkpoint="best"))
+    best_model = model_files.load_model(run_dir.read_run(run, task="segmentation", checkpoint="best"))
     assert not isinstance(best_model.output, dict)  # the inference model: no auxiliary output
     # model.keras' head kernel is the EMA average the last checkpoint holds, and differs from the raw one.
-    kernel = run_dir.load_model(run_dir.read_run(run, task="segmentation")).get_layer("fcn_logits")
+    kernel = model_files.load_model(run_dir.read_run(run, task="segmentation")).get_layer("fcn_logits")
     kernel = kernel.get_weights()[0]
     reader = tf.train.load_checkpoint(str(run / "checkpoints"))
     same_shape = {k: reader.get_tensor(k) for k, shape in reader.get_variable_to_shape_map().items()

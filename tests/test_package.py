@@ -13,6 +13,9 @@ def test_public_api_names_other_modules_rely_on():
         "bot_keras.losses": ("classification_loss", "distillation_loss"),
         "bot_keras.data.mixup": ("sample_mixup_lambda", "mixup"),
         "bot_keras.distribute": ("create_strategy", "set_precision", "per_replica_batch_size"),
+        "bot_keras.run_dir": ("read_run", "read_flags", "save_model", "write_run_info"),
+        "bot_keras.model_files": ("load_model", "load_keras_model", "load_backbone", "copy_weights"),
+        "bot_keras.atomic_write": ("write_atomic", "write_error"),
     }
     missing = [f"{module}.{name}" for module, names in contract.items() for name in names
                if not callable(getattr(importlib.import_module(module), name, None))]

@@ -545,9 +545,9 @@ def test_a_full_disk_stops_in_one_line_leaves_the_previous_state_and_resume_fini
 
 
 def run_dir_model_ok(run):
-    from bot_keras import run_dir
+    from bot_keras import model_files
 
-    return run_dir.keras_file_problem(run / "model.keras") is None
+    return model_files.keras_file_problem(run / "model.keras") is None
 
 
 @SLOW

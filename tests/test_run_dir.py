@@ -6,7 +6,7 @@ import zipfile
 import pytest
 from absl import flags
 
-from bot_keras import cli, run_dir, train
+from bot_keras import atomic_write, cli, model_files, run_dir, train
 
 
 def test_flags_round_trip_every_type_including_negated_booleans(parse, tmp_path):
@@ -88,7 +88,7 @@ def test_atomic_write_replaces_the_file_and_leaves_no_temporary(tmp_path):
             raise RuntimeError("disk full")
 
     with pytest.raises(TypeError):
-        run_dir.write_atomic(path, Unwritable())  # neither str nor bytes: nothing is replaced
+        atomic_write.write_atomic(path, Unwritable())  # neither str nor bytes: nothing is replaced
     assert json.loads(path.read_text()) == {"top1": 0.5}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final_metrics.json"]
 
@@ -123,13 +123,13 @@ def test_keras_file_problem_tells_damage_from_a_non_keras_file(tmp_path):
     }
     for name, (content, expected) in cases.items():
         (tmp_path / name).write_bytes(content)
-        assert run_dir.keras_file_problem(tmp_path / name) == expected
+        assert model_files.keras_file_problem(tmp_path / name) == expected
     with zipfile.ZipFile(tmp_path / "other.keras", "w") as archive:
         archive.writestr("data.txt", "x")
     expected = "a zip archive without config.json, not a .keras model"
-    assert run_dir.keras_file_problem(tmp_path / "other.keras") == expected
-    assert run_dir.keras_file_problem(tmp_path / "missing.keras") == "no such file"
-    assert run_dir.keras_file_problem(good) is None
+    assert model_files.keras_file_problem(tmp_path / "other.keras") == expected
+    assert model_files.keras_file_problem(tmp_path / "missing.keras") == "no such file"
+    assert model_files.keras_file_problem(good) is None
 
 
 def test_never_started_means_only_what_a_run_writes_before_its_first_checkpoint(tmp_path):

@@ -24,7 +24,7 @@ from test_finetune import base_args, write_scenes
 from tiny_detection import write_rectangles_voc
 from tiny_run import encode, pixels
 
-from bot_keras import evaluate, export, finetune, predict, run_dir, tasks
+from bot_keras import evaluate, export, finetune, model_files, predict, run_dir, tasks
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # The prefix of TensorFlow's log lines (C++, and Python's absl format): I/W/E/F, then MMDD.
@@ -66,6 +66,7 @@ def test_readers_import_no_command_and_no_keras_hub():
     code = (
         "import sys\n"
         "import bot_keras.evaluate, bot_keras.export, bot_keras.predict, bot_keras.run_dir\n"
+        "import bot_keras.model_files\n"
         "print(sorted(m for m in ('bot_keras.train', 'bot_keras.finetune', 'bot_keras.trainer', 'keras_hub',"
         " 'bot_keras.detection.task') if m in sys.modules))\n"
     )
@@ -157,7 +158,7 @@ def test_task_contract_train_evaluate_export_serve_predict(task, head, tmp_path)
     assert out.stdout.strip().splitlines()[-1] == "[]"  # neither bot_keras nor keras_hub was imported
     fresh = dict(np.load(tmp_path / "served.npz", allow_pickle=True))  # class names: bytes objects
     info = run_dir.read_run(run, task=task)
-    module, _ = tasks.task_module(task).serving_module(info, run_dir.load_model(info), top_k=5)
+    module, _ = tasks.task_module(task).serving_module(info, model_files.load_model(info), top_k=5)
     local = module.serve_bytes(image_bytes=tf.constant(predict.read_images(batch)))
     assert sorted(fresh) == sorted(local)
     for name, value in local.items():

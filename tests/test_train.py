@@ -289,7 +289,7 @@ def test_ema_and_keep_best_run_saves_and_scores_the_averaged_weights(parse, tmp_
     import csv
     import json
 
-    from bot_keras import evaluate, loop, run_dir
+    from bot_keras import evaluate, loop, model_files, run_dir
 
     f = parse(*_base(tmp_path), "--dataset=synthetic:16", "--image_size=16", "--batch_size=8", "--epochs=3",
               "--ema_decay=0.9", "--base_lr=0.4", "--keep_best=val_loss", "--verbose=0")
@@ -304,7 +304,7 @@ def test_ema_and_keep_best_run_saves_and_scores_the_averaged_weights(parse, tmp_
     assert final["best_val_loss"] == pytest.approx(min(val_losses), rel=1e-6)
     best = evaluate.evaluate_run(run, checkpoint="best")
     assert best["loss"] == pytest.approx(final["best_val_loss"], rel=1e-5)
-    saved = run_dir.load_model(run_dir.read_run(run))
+    saved = model_files.load_model(run_dir.read_run(run))
     reader = tf.train.load_checkpoint(loop.latest_checkpoint(run))
     names = {name for name, _ in tf.train.list_variables(loop.latest_checkpoint(run))}
     averages = [reader.get_tensor(f"ema/averages/{i}/.ATTRIBUTES/VARIABLE_VALUE")

@@ -18,7 +18,7 @@ from bot_keras import (
     distribute,
     loop,
     metrics,
-    run_dir,
+    model_files,
     schedules,
     steps,
     tasks,
@@ -332,7 +332,7 @@ def make_evaluator(f, strategy, model, class_names):
 
 def final_model(f, model, *, num_classes):
     """The student alone (no teacher, no optimizer) with per-replica BatchNorm; a mixed-precision model is
-    saved as trained (readers rebuild it in float32, `run_dir.float32_rebuild`)."""
+    saved as trained (readers rebuild it in float32, `model_files.float32_rebuild`)."""
     del f, num_classes
     distribute.set_synchronized_batch_norm(model, False)
     return model
@@ -358,7 +358,7 @@ def evaluate_run(run, *, dataset=None, split=None, data_dir=None, image_size=Non
         expected_label=f"{run.model_dir / 'classes.txt'} lists", found_label=f"--dataset={f.dataset!r} split "
         f"{split!r} has", consequence="; the model was trained on other classes.",
     )
-    model = run_dir.load_model(run)
+    model = model_files.load_model(run)
     with cli.setup_errors(f"--dataset={f.dataset}"):
         batches = make_dataset(f, split=split, training=False, skipped_files=skipped_files)
     summed, summarize = metrics.with_confusion(run.class_names)

@@ -20,7 +20,7 @@ import pathlib
 import tensorflow as tf
 from absl import flags
 
-from bot_keras import cli, run_dir, steps, tasks, transfer
+from bot_keras import cli, model_files, run_dir, steps, tasks, transfer
 from bot_keras.data.decode import check_encoded_image
 from bot_keras.detection import augment, data, draw, evaluate, export, sources
 from bot_keras.detection import loss as detection_loss
@@ -222,7 +222,7 @@ def evaluate_run(run, *, dataset=None, split=None, data_dir=None, batch_size=Non
         run.class_names, info.class_names, expected_label=f"{run.model_dir / run_dir.CLASSES_FILE} lists",
         found_label=f"--dataset={f.dataset!r} split {split!r} has", consequence=": other classes.",
     )
-    model = run_dir.load_model(run)
+    model = model_files.load_model(run)
     coco = f.dataset.startswith("coco:")
     with cli.setup_errors(f"--dataset={f.dataset}"):
         batches = make_dataset(f, split=split, training=False)
@@ -256,7 +256,7 @@ def load_predictor(path, checkpoint="final"):
         serve = tf.saved_model.load(str(path)).signatures["serving_default"]
     else:
         run = run_dir.read_run(path, task=NAME, checkpoint=checkpoint)
-        serve = serving_module(run, run_dir.load_model(run))[0].serve_bytes
+        serve = serving_module(run, model_files.load_model(run))[0].serve_bytes
     return lambda encoded: {k: v.numpy() for k, v in serve(image_bytes=tf.constant(list(encoded))).items()}
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 from absl import flags
 
-from bot_keras import cli, run_dir, steps, tasks, transfer
+from bot_keras import cli, model_files, run_dir, steps, tasks, transfer
 from bot_keras.data.decode import MAX_IMAGE_PIXELS, decode_image
 from bot_keras.segmentation import augment, data, export, heads, losses, metrics
 
@@ -302,7 +302,7 @@ def evaluate_run(run, *, dataset=None, split=None, data_dir=None, batch_size=Non
         run.class_names, info.class_names, expected_label=f"{run.model_dir / run_dir.CLASSES_FILE} lists",
         found_label=f"--dataset={f.dataset!r} split {split!r} has", consequence=": other classes.",
     )
-    model = run_dir.load_model(run)
+    model = model_files.load_model(run)
     evaluator = Evaluator(tf.distribute.get_strategy(), model, run.class_names)
     with cli.setup_errors(f"--dataset={f.dataset}"):
         batches = make_dataset(f, split=split, training=False)
@@ -352,7 +352,7 @@ def load_predictor(path, checkpoint="final"):
         names = tuple(n.decode() for n in loaded.class_names.numpy())
     else:
         run = run_dir.read_run(path, task=NAME, checkpoint=checkpoint)
-        serve = serving_module(run, run_dir.load_model(run))[0].serve_bytes
+        serve = serving_module(run, model_files.load_model(run))[0].serve_bytes
         names = run.class_names
 
     def predict(encoded_images):

@@ -58,14 +58,24 @@ def checkpoint_manager(write_dir, *, keep, **objects):
     return tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep)
 
 
-def seed_generator_states(model):
+def seed_generator_states(model, resume_from=None):
     """The states of `model`'s Keras seed generators as `checkpoint_manager` keyword arguments (none for
     a model without). `keras.layers.Dropout` (the classifier's `--dropout_rate`, stochastic depth's
     `--drop_path_rate`, a segmentation head's dropout) draws each call's mask from a
     `keras.random.SeedGenerator` whose state advances every call and which the model's own checkpoint
-    leaves out: saved beside it, a resumed run draws the masks the uninterrupted run would."""
+    leaves out: saved beside it, a resumed run draws the masks the uninterrupted run would.
+
+    `resume_from`: the checkpoint `--resume` will restore. One written before these states were saved
+    holds none; it is still restored, with fresh generators (said in one line), instead of refused."""
     states = [v for v in model.variables if v.name == "seed_generator_state"]
     if not states:
+        return {}
+    if resume_from and not any(
+        name.startswith("seed_generators/") for name, _ in tf.train.list_variables(resume_from)
+    ):
+        print(f"{resume_from} holds no dropout-mask generator states (written by an older bot_keras): the "
+              "resumed run draws fresh masks, so its weights will not equal an uninterrupted run's.",
+              flush=True)
         return {}
     seed_generators = tf.Module(name="seed_generators")
     seed_generators.states = states  # (a tf.Module tracks the list, so the checkpoint holds each state)

@@ -560,7 +560,8 @@ def run(task, f, *, flags_text):
         model=model,
         optimizer=optimizer,
         step=step_var,
-        **loop.seed_generator_states(model),  # dropout and stochastic depth masks: exact --resume
+        # Dropout and stochastic depth masks: exact --resume.
+        **loop.seed_generator_states(model, loop.latest_checkpoint(f.model_dir) if f.resume else None),
         **state.checkpointed(),
         **skipped_files.checkpointed(),
         **({"ema": ema} if ema is not None else {}),

@@ -246,3 +246,24 @@ def test_dropout_seed_states_travel_in_the_checkpoint_so_resumed_masks_are_the_u
     np.testing.assert_array_equal(resumed(ones, training=True).numpy(), uninterrupted)
     # Without the states a fresh model draws the first step's masks again, not the next step's.
     assert not np.array_equal(build()(ones, training=True).numpy(), uninterrupted)
+
+
+def test_a_checkpoint_without_seed_states_still_resumes_and_says_so(tmp_path, capsys):
+    """A checkpoint written before the dropout generators' states were saved restores (with fresh
+    generators and one line saying so) instead of failing --resume as a mismatched model."""
+
+    def build():
+        keras.utils.set_random_seed(0)
+        return keras.Sequential([keras.Input((8,)), keras.layers.Dense(4), keras.layers.Dropout(0.5)])
+
+    old = build()
+    loop.checkpoint_manager(str(tmp_path), keep=1, model=old).save(checkpoint_number=1)  # no seed states
+    path = loop.latest_checkpoint(str(tmp_path))
+    model = build()
+    seeds = loop.seed_generator_states(model, resume_from=path)
+    assert seeds == {} and "holds no dropout-mask generator states" in capsys.readouterr().out
+    loop.restore_latest(loop.checkpoint_manager(str(tmp_path), keep=1, model=model, **seeds), str(tmp_path))
+    # A checkpoint that has them keeps them.
+    loop.checkpoint_manager(str(tmp_path / "new"), keep=1, model=old,
+                            **loop.seed_generator_states(old)).save(checkpoint_number=1)
+    assert loop.seed_generator_states(model, resume_from=loop.latest_checkpoint(str(tmp_path / "new")))

@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 from tiny_detection import CLASSES, write_rectangles_coco, write_rectangles_voc
 
-from bot_keras import evaluate, export, finetune, predict
+from bot_keras import evaluate, export, finetune, model_files, predict
 from bot_keras import run_dir as runs
 from bot_keras.detection import loss as detection_loss
 from bot_keras.detection import model as detection_model
@@ -185,7 +185,7 @@ def test_mixed_float16_coco_run_stops_resumes_and_evaluates_with_coco_map(tmp_pa
     assert float(rows[-1]["loss"]) == pytest.approx(finished["loss"], rel=1e-6)
 
     # model.keras is a float32 build holding the trained float32 master weights of the last checkpoint.
-    model = runs.load_model(runs.read_run(run, task="detection"))
+    model = model_files.load_model(runs.read_run(run, task="detection"))
     assert {layer.dtype_policy.compute_dtype for layer in model.layers} == {"float32"}
     kernel = model.classification_head.prediction_layer.kernel.numpy()
     reader = tf.train.load_checkpoint(str(run / "checkpoints"))

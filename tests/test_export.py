@@ -24,7 +24,7 @@ from tiny_run import (
     write_image_folder,
 )
 
-from bot_keras import cli, export
+from bot_keras import cli, export, model_files
 from bot_keras import run_dir as runs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -158,7 +158,7 @@ def test_export_dir_carries_the_class_list_and_flags(run, saved_model):
 def test_mixed_float16_run_is_exported_as_float32_with_the_same_logits(tmp_path):
     run_dir, trained = make_run(tmp_path / "run16", precision="mixed_float16", seed=1)
     assert {layer.compute_dtype for layer in trained.layers if layer.weights} >= {"float16"}
-    rebuilt = runs.load_model(runs.read_run(run_dir))
+    rebuilt = model_files.load_model(runs.read_run(run_dir))
     assert {layer.compute_dtype for layer in rebuilt.layers} == {"float32"}
     for source, target in zip(trained.weights, rebuilt.weights, strict=True):
         np.testing.assert_array_equal(source.numpy(), target.numpy())
@@ -184,7 +184,7 @@ def test_mixed_float16_run_is_exported_as_float32_with_the_same_logits(tmp_path)
 def test_mixed_float16_run_with_stochastic_depth_rebuilds_with_the_same_weights(tmp_path):
     # The drop-path layers change the functional model's layer order: the float32 rebuild must have them.
     run_dir, trained = make_run(tmp_path / "run16", precision="mixed_float16", drop_path_rate=0.2)
-    rebuilt = runs.load_model(runs.read_run(run_dir))
+    rebuilt = model_files.load_model(runs.read_run(run_dir))
     assert {layer.compute_dtype for layer in rebuilt.layers} == {"float32"}
     for source, target in zip(trained.weights, rebuilt.weights, strict=True):
         np.testing.assert_array_equal(source.numpy(), target.numpy())
@@ -195,7 +195,7 @@ def test_weights_that_do_not_fit_the_flags_architecture_are_named(tmp_path):
     flags = (run_dir / "flags.txt").read_text().replace(f"--model={MODEL}", "--model=resnet34_d")
     (run_dir / "flags.txt").write_text(flags)
     with pytest.raises(ValueError, match="--model=resnet34_d"):
-        runs.load_model(runs.read_run(run_dir))
+        model_files.load_model(runs.read_run(run_dir))
 
 
 # --- .keras and TFLite ----------------------------------------------------------------------------------
@@ -252,7 +252,7 @@ def test_dynamic_range_tflite_stores_int8_weights(tflite_files):
 
 def test_trained_weights_load_into_the_backbone(run):
     run_dir, model = run
-    backbone = runs.load_backbone(run_dir)
+    backbone = model_files.load_backbone(run_dir)
     pool = next(layer for layer in model.layers if isinstance(layer, keras.layers.GlobalAveragePooling2D))
     features = keras.Model(model.inputs, pool.input)
     images = tf.constant(np.random.default_rng(0).normal(size=(2, IMAGE_SIZE, IMAGE_SIZE, 3)), tf.float32)

@@ -55,7 +55,7 @@ def trained_folder_run(tmp_path_factory):
             "--eval_split=test",
             "--image_size=16",
             "--batch_size=12",
-            "--epochs=3",
+            "--epochs=1",
             "--base_lr=0.4",
             "--lr_schedule=cosine",
             "--no_bias_decay",
@@ -79,7 +79,7 @@ def test_folder_dataset_trains_and_evaluates_end_to_end(trained_folder_run):
     assert f"--dataset=folder:{data}" in flags_text and "--eval_split=test" in flags_text
     with open(os.path.join(run_dir, "final_metrics.json")) as f:
         final = json.load(f)
-    assert final["step"] == 3 * 3  # 36 training images // 12 = 3 steps an epoch
+    assert final["step"] == 3  # 36 training images // 12 = 3 steps, one epoch
     result = evaluate.evaluate_run(run_dir)  # dataset, split and size come from the run's flags.txt
     assert result["split"] == "test" and result["count"] == 12
     # The exported model.keras scores what the trainer measured at its last epoch end.

@@ -365,15 +365,19 @@ def test_bad_options_are_named(run, tmp_path, kwargs, message):
 
 
 @pytest.mark.slow
-def test_cli_exports_and_refuses_to_overwrite(run, tmp_path):
-    command = [sys.executable, "-m", "bot_keras.export", f"--model_dir={run[0]}",
-               f"--export_dir={tmp_path / 'out'}", "--format=keras"]
-    first = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+def test_cli_exports_and_refuses_to_overwrite(run, tmp_path, capsys):
+    argv = [f"--model_dir={run[0]}", f"--export_dir={tmp_path / 'out'}", "--format=keras"]
+    first = subprocess.run([sys.executable, "-m", "bot_keras.export", *argv], env=_env(), capture_output=True,
+                           text=True, timeout=300)
     assert first.returncode == 0, first.stderr
     assert (tmp_path / "out" / "model.keras").is_file()
-    second = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
-    assert second.returncode == 2  # cli.USAGE_ERROR
-    assert second.stderr.strip().splitlines()[-1] == (
+    # The same command again, in this process (cli.call: cli.run's parsing and exit codes).
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as second:
+        cli.call(export.main, export.define_flags, argv, command=export.COMMAND,
+                 required=("model_dir", "export_dir"))
+    assert second.value.code == 2  # cli.USAGE_ERROR
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"bot_keras.export: error: --export_dir={tmp_path / 'out'} already exists; "
         "pass --overwrite to replace it")
 

@@ -1,7 +1,8 @@
 """finetune.py with the segmentation task: flags, backbone weights, run directory, evaluate, export, predict.
 
 One small fine-tuning run (ResNet-18-D from a classification run, 32 px crops of 40×48 images, 3 classes,
-two steps) is shared by the tests that read a finished run; the multi-process ones are marked slow.
+two steps, validation at the size adapted to its largest image) is shared by the tests that read a finished
+run; the multi-process ones are marked slow.
 """
 
 import dataclasses
@@ -99,10 +100,11 @@ def base_args(data, model_dir, *extra):
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory):
     """(classifier run dir, data root, fine-tuning run dir): two steps from the classifier, stages 1-4 and
-    their BatchNorms frozen so the backbone must come out exactly as it went in."""
+    their BatchNorms frozen so the backbone must come out exactly as it went in; --eval_size=0 (the default)
+    with a 60×44 validation image beside the three 40×48 ones, so the run evaluates at an adapted 64 px."""
     root = tmp_path_factory.mktemp("finetune")
     classifier_dir, _ = make_run(root / "classifier")
-    data = write_scenes(root / "data")
+    data = _scenes_with_a_large_validation_image(root)
     model_dir = root / "run"
     f = parse(
         *base_args(
@@ -113,6 +115,7 @@ def finetuned(tmp_path_factory):
             "--strategy=mirrored",
             "--max_steps=2",
             "--steps_per_epoch=2",
+            "--eval_size=0",
         )
     )
     finetune.main(["finetune"], f)
@@ -238,8 +241,9 @@ def test_weights_arrive_from_the_classification_run_and_the_run_directory_is_com
         ):
             np.testing.assert_array_equal(ours, theirs)
     assert run.class_names == CLASSES and run.flags["backbone"] == "resnet18_d"
-    # run.json: the task and the evaluation size the run used (here --eval_size itself).
-    assert json.loads((model_dir / "run.json").read_text()) == {"task": "segmentation", "eval_size": 48}
+    # run.json: the task and the evaluation size the run used (here adapted: --eval_size itself is recorded
+    # in tests/test_tasks.py's contract test).
+    assert json.loads((model_dir / "run.json").read_text()) == {"task": "segmentation", "eval_size": 64}
     header = (model_dir / "logs" / "training.csv").read_text().splitlines()[0]
     assert header == ",".join(("epoch",) + segmentation.CSV_COLUMNS)
     final = json.loads((model_dir / "final_metrics.json").read_text())
@@ -303,7 +307,7 @@ def test_evaluate_miou_equals_a_hand_computation_on_the_predictions(finetuned, c
     _, data, model_dir = finetuned
     result, line = evaluate.evaluate_finetune_run(model_dir, "segmentation")
     confusion = _hand_confusion(
-        model_files.load_model(run_dir.read_run(model_dir, task="segmentation")), data, 48
+        model_files.load_model(run_dir.read_run(model_dir, task="segmentation")), data, 64
     )
     np.testing.assert_array_equal(np.array(result["confusion"]), confusion)
     intersection = np.diag(confusion)
@@ -311,7 +315,7 @@ def test_evaluate_miou_equals_a_hand_computation_on_the_predictions(finetuned, c
     present = union > 0
     assert result["mean_iou"] == pytest.approx((intersection[present] / union[present]).mean())
     assert result["pixel_accuracy"] == pytest.approx(intersection.sum() / confusion.sum())
-    assert result["count"] == 3 and "mIoU" in line and "pixel accuracy" in line
+    assert result["count"] == 4 and "mIoU" in line and "pixel accuracy" in line
     assert set(result["per_class_iou"]) == set(CLASSES)
     # The trainer's last validation saw the same split with the same transform.
     final = json.loads((model_dir / "final_metrics.json").read_text())
@@ -350,12 +354,8 @@ def test_a_too_small_eval_size_is_refused_before_the_first_step(tmp_path):
     assert "\n" not in message and not model_dir.exists()  # nothing written: no run, no checkpoint
 
 
-@pytest.mark.slow  # a one-step run and an evaluation, in-process (~20 s)
-def test_validation_images_larger_than_the_crop_are_evaluated_whole_with_default_flags(tmp_path):
-    data = _scenes_with_a_large_validation_image(tmp_path)
-    model_dir = tmp_path / "run"
-    f = parse(*base_args(data, model_dir, "--eval_size=0", "--max_steps=1", "--steps_per_epoch=2"))
-    finetune.main(["finetune"], f)
+def test_validation_images_larger_than_the_crop_are_evaluated_whole_with_default_flags(finetuned):
+    _, _, model_dir = finetuned  # --eval_size=0, the default, and a 60×44 validation image
     # The largest validation image is 60 px high: 64 at output stride 8, recorded for the run's readers.
     assert json.loads((model_dir / "run.json").read_text()) == {"task": "segmentation", "eval_size": 64}
     assert "--eval_size=0\n" in (model_dir / "flags.txt").read_text()  # the flag as given: adapt
@@ -403,41 +403,26 @@ def test_export_refuses_tflite_for_a_segmentation_run_and_names_the_format_that_
     assert not (tmp_path / "lite").exists()
 
 
-@pytest.mark.slow
-def test_export_serves_class_maps_at_the_input_size_in_a_process_without_bot_keras(finetuned, tmp_path):
+@pytest.mark.slow  # an export and its serving functions traced (~15 s)
+def test_export_serves_class_maps_at_the_input_size(finetuned, tmp_path):
+    """The export loaded back in this process. That it loads and serves in a fresh process with TensorFlow
+    alone (no bot_keras, no keras-hub imported), and matches the module built from the run, is
+    tests/test_tasks.py's contract test (segmentation-fcn): the same FCN export, one fresh process there."""
     _, data, model_dir = finetuned
     target = export.export(model_dir, tmp_path / "exported")
     rng = np.random.default_rng(3)
-    # One image larger than eval_size 48 (shrunk to fit, predicted, resized back), one smaller (padded).
+    # One image larger than eval_size 64 (shrunk to fit, predicted, resized back), one smaller (padded).
     images = [rng.integers(0, 255, (70, 90, 3), dtype=np.uint8), rng.integers(0, 255, (30, 20, 3), np.uint8)]
     paths = []
     for i, image in enumerate(images):
         Image.fromarray(image).save(tmp_path / f"{i}.png")
         paths.append(str(tmp_path / f"{i}.png"))
-    script = (
-        "import sys, numpy as np, tensorflow as tf\n"
-        f"m = tf.saved_model.load({str(target)!r})\n"
-        f"batch = tf.constant([open(p, 'rb').read() for p in {paths!r}])\n"
-        "out = m.signatures['serving_default'](image_bytes=batch)\n"
-        "one = m.signatures['serving_single'](image_bytes=batch[1])\n"
-        f"np.savez({str(tmp_path / 'served.npz')!r}, single=one['class_map'].numpy(), "
-        "**{k: v.numpy() for k, v in out.items()})\n"
-        "assert not any(name.startswith('bot_keras') for name in sys.modules), 'bot_keras was imported'\n"
-        "print(m.task.numpy().decode(), [n.decode() for n in m.class_names.numpy()])\n"
-    )
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-    env.pop("PYTHONPATH", None)
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=str(tmp_path),
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "segmentation ['sky', 'road', 'car']" in result.stdout
-    served = np.load(tmp_path / "served.npz")
+    m = tf.saved_model.load(str(target))
+    batch = tf.constant([pathlib.Path(p).read_bytes() for p in paths])
+    served = {k: v.numpy() for k, v in m.signatures["serving_default"](image_bytes=batch).items()}
+    served["single"] = m.signatures["serving_single"](image_bytes=batch[1])["class_map"].numpy()
+    assert (m.task.numpy().decode(), [n.decode() for n in m.class_names.numpy()]) == (
+        "segmentation", ["sky", "road", "car"])
     # The batch: padded to its largest image (70 x 90) with PAD, each image's size alongside.
     assert served["class_map"].shape == (2, 70, 90) and served["class_map"].dtype == np.int32
     assert served["height"].tolist() == [70, 30] and served["width"].tolist() == [90, 20]
@@ -448,7 +433,7 @@ def test_export_serves_class_maps_at_the_input_size_in_a_process_without_bot_ker
     # Each image's map against the in-process single-image path (one model call per image).
     model = model_files.load_model(run_dir.read_run(model_dir, task="segmentation"))
     for image, served_map in zip(images, served["class_map"], strict=True):
-        expected = seg_export.class_map(model, tf.constant(image), 48).numpy()
+        expected = seg_export.class_map(model, tf.constant(image), 64).numpy()
         h, w = image.shape[:2]
         assert (served_map[:h, :w] == expected).mean() > 0.999
 

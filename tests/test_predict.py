@@ -143,14 +143,25 @@ def test_cli_prints_names_and_probabilities(run, image_files, expected_probabili
                      for rank, i in enumerate(ids, start=1)]
     assert lines == expected
 
-    missing = subprocess.run([sys.executable, "-m", "bot_keras.predict", f"--model={run[0]}", "gone.png"],
-                             env=env, capture_output=True, text=True, timeout=300)
-    assert missing.returncode == 2  # cli.USAGE_ERROR
-    last_line = missing.stderr.strip().splitlines()[-1]
+
+
+def _cli_call(argv, capsys):
+    """`python -m bot_keras.predict argv` in this process (cli.call: the parsing and exit codes of cli.run,
+    whose fresh-process launch test_cli_prints_names_and_probabilities checks): (exit code, stderr)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        cli.call(predict.main, predict.define_flags, argv, command=predict.COMMAND, required=("model",))
+    return stop.value.code, capsys.readouterr().err
+
+
+def test_cli_names_a_missing_image_and_exits_2(run, capsys):
+    code, err = _cli_call([f"--model={run[0]}", "gone.png"], capsys)
+    assert code == 2  # cli.USAGE_ERROR
+    last_line = err.strip().splitlines()[-1]
     assert last_line == "bot_keras.predict: error: image file gone.png does not exist"
 
 
-def test_checkpoint_best_predicts_with_the_runs_best_model(run, image_files, tmp_path):
+def test_checkpoint_best_predicts_with_the_runs_best_model(run, image_files, tmp_path, capsys):
     """--checkpoint=best (or the file itself) reads model_best.keras: here another run's model, so its
     probabilities, not the final model's, come out; a path that is not a run directory is refused."""
     best_dir, best = make_run(tmp_path / "other", seed=4)
@@ -162,13 +173,10 @@ def test_checkpoint_best_predicts_with_the_runs_best_model(run, image_files, tmp
     _check(predict.predict(str(run_copy / "model_best.keras"), image_files, k=2), image_files, want, 2)
     final = predict.predict(str(run_copy), image_files, k=5)
     assert not np.allclose([p.probability for p in final[0][1]], np.sort(want[0])[::-1], atol=1e-3)
-    proc = subprocess.run(
-        [sys.executable, "-m", "bot_keras.predict", f"--model={run_copy / 'model.keras'}",
-         "--checkpoint=best", image_files[0]], capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES=""),
-    )
-    assert proc.returncode == cli.USAGE_ERROR, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1].endswith(
+    argv = [f"--model={run_copy / 'model.keras'}", "--checkpoint=best", image_files[0]]
+    code, err = _cli_call(argv, capsys)
+    assert code == cli.USAGE_ERROR, err[-2000:]
+    assert err.strip().splitlines()[-1].endswith(
         f"--checkpoint=best chooses a run directory's model; --model={run_copy / 'model.keras'} is not a run "
         "directory"
     )

@@ -167,7 +167,7 @@ def _checkpoint_steps(run_dir):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_continues_from_the_last_checkpoint(tmp_path):
+def test_sigkill_mid_epoch_then_resume_continues_from_the_last_checkpoint(tmp_path, capsys):
     import signal
     import subprocess
     import time
@@ -211,9 +211,12 @@ def test_sigkill_mid_epoch_then_resume_continues_from_the_last_checkpoint(tmp_pa
     assert last % 3 == 0 and last < steps_per_epoch, f"not killed mid-epoch: checkpoints {killed_at}"
     assert not os.path.exists(os.path.join(run_dir, "model.keras"))
 
-    # Without --resume the existing run is protected.
-    refused = subprocess.run(_cli(*args)[0], env=env, capture_output=True, text=True, timeout=120)
-    assert refused.returncode != 0 and "already holds a run; pass --resume" in refused.stderr
+    # Without --resume the existing run is protected (the same command line, in this process: cli.call
+    # parses and maps errors to exit codes as the command's cli.run does).
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        cli.call(train.main, train.define_flags, args, command=train.COMMAND)
+    assert refused.value.code != 0 and "already holds a run; pass --resume" in capsys.readouterr().err
 
     resumed = subprocess.run(_cli(*args, "--resume")[0], env=env, capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -264,21 +267,22 @@ def test_demo_config_trains_clearly_above_chance(tmp_path):
         assert len(f.read().split()) == 10
 
 
-@pytest.mark.slow
-def test_undecodable_file_stops_training_naming_it(tmp_path):
-    """A truncated JPEG met while training stops the CLI with the file's name, not a TensorFlow stack."""
-    import subprocess
-
+def test_undecodable_file_stops_training_naming_it(tmp_path, capsys):
+    """A truncated JPEG met while training stops the command with the file's name, not a TensorFlow stack
+    (in this process through cli.call; a fresh train process stopped by bad data, its whole stderr one
+    line and exit 2, is test_reliability.py's bad-data zoo)."""
     _folder(str(tmp_path / "data"), {"train": ["a", "b"]})
     jpeg = tf.io.encode_jpeg(np.full((12, 12, 3), 99, np.uint8)).numpy()
     bad = tmp_path / "data" / "train" / "b" / "broken.jpg"
     bad.write_bytes(jpeg[: len(jpeg) // 2])
-    command, env = _cli(*_base(tmp_path), f"--dataset=folder:{tmp_path / 'data'}", "--eval_split=",
-                        "--batch_size=3", "--image_size=16", "--verbose=0")
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Training stopped by bad input data" in proc.stderr and "broken.jpg" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    args = [*_base(tmp_path), f"--dataset=folder:{tmp_path / 'data'}", "--eval_split=", "--batch_size=3",
+            "--image_size=16", "--verbose=0"]
+    with pytest.raises(SystemExit) as stop:  # any other exception (a traceback) fails the test
+        cli.call(train.main, train.define_flags, args, command=train.COMMAND)
+    stderr = capsys.readouterr().err
+    assert stop.value.code == 2, stderr[-2000:]
+    assert "Training stopped by bad input data" in stderr and "broken.jpg" in stderr
+    assert "Traceback" not in stderr
 
 
 @pytest.mark.slow  # a training run end to end, then an evaluation

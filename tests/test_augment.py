@@ -523,6 +523,44 @@ def test_image_shape_reads_each_formats_header_as_pillow_does():
     assert not bool(decode.check_encoded_image(headerless))
 
 
+def _with_comments(jpeg, payloads):
+    """`jpeg` with a COM segment per payload inserted after its start-of-image marker."""
+    segments = b"".join(b"\xff\xfe" + (len(p) + 2).to_bytes(2, "big") + p for p in payloads)
+    return jpeg[:2] + segments + jpeg[2:]
+
+
+def test_read_headers_of_a_mixed_batch_equal_pillow_and_each_images_own_read():
+    """One batch of every format, broken files, bombs, a JPEG whose frame header lies beyond the unrolled
+    segments (the loop's path) and one with a fake frame header inside a segment (which the walk must
+    skip by its length, as libjpeg does): the batched read gives each image what reading it alone gives,
+    and Pillow's size for every image Pillow opens."""
+    rgb = smooth_image(30, 40)
+    jpeg = encode(rgb)
+    fake_frame = b"\xff\xc0\x00\x11\x08\x01\x00\x02\x00"  # a SOF0 declaring 256 x 512
+    cases = {
+        **{fmt: encode(rgb, fmt) for fmt in ("JPEG", "PNG", "GIF", "BMP")},
+        "12 segments before the frame": _with_comments(jpeg, [b"comment %d" % i for i in range(11)]),
+        "a frame header inside a segment": _with_comments(jpeg, [b"thumbnail " + fake_frame]),
+        "truncated JPEG": jpeg[: len(jpeg) // 2],
+        "empty": b"",
+        "text": b"this is a text file, not an image\n" * 4,
+        "PNG bomb": png_bomb(20000, 20000),
+        "patched JPEG": jpeg_declaring(60000, 50000),
+    }
+    shapes, complete = (x.numpy().tolist() for x in decode.read_headers(list(cases.values())))
+    for (name, data), shape, whole in zip(cases.items(), shapes, complete, strict=True):
+        assert shape == decode.image_shape(data).numpy().tolist(), name
+        assert whole == bool(decode.check_encoded_image(data)), name
+        unreadable = ("truncated JPEG", "empty", "text", "PNG bomb", "patched JPEG")  # bombs: Pillow refuses
+        if name not in unreadable:
+            width, height = Image.open(io.BytesIO(data)).size
+            assert shape == [height, width], name
+    assert shapes[9:] == [[20000, 20000], [60000, 50000]]
+    assert shapes[:6] == [[30, 40]] * 6
+    assert complete == [True] * 6 + [False] * 3 + [True, True]
+    assert shapes[7:9] == [[-1, -1]] * 2
+
+
 def test_the_pixel_limit_is_read_from_the_header_inside_a_dataset():
     bomb, patched, small = png_bomb(20000, 20000), jpeg_declaring(60000, 60000), encode(smooth_image(30, 40))
     limit = decode.MAX_IMAGE_PIXELS  # Pillow's 89,478,485

@@ -51,7 +51,7 @@ import tensorflow as tf  # noqa: E402
 from absl import flags  # noqa: E402
 
 from bot_keras import cli  # noqa: E402
-from bot_keras.data import augment, decode, folder, make_dataset  # noqa: E402
+from bot_keras.data import augment, folder, make_dataset, pipeline  # noqa: E402
 from bot_keras.data import randaugment as randaugment_ops  # noqa: E402
 
 COMMAND = "tools/bench_input.py"
@@ -132,12 +132,13 @@ def waterfall_paths(encoded, image_size, batch_size):
     True)` added at a time, on the same bytes in memory (no cache, shuffle or file records), so that each
     row's cost over the previous one is that piece's. The last rows are the library's own paths."""
     seeds = tf.data.Dataset.random(seed=0, rerandomize_each_iteration=True).batch(2)
-    labels = tf.zeros([len(encoded)], tf.int64)
-    examples = tf.data.Dataset.zip(tf.data.Dataset.from_tensor_slices((encoded, labels)).repeat(), seeds)
+    records = {"encoded": encoded, "label": tf.zeros([len(encoded)], tf.int64), "key": [""] * len(encoded)}
+    plain = tf.data.Dataset.from_tensor_slices(records).repeat()
     crop_flip = augment.Augmentation(color_jitter=False, pca_lighting=False)
 
-    def paper_chain(data, label, seed, normalise=False):
+    def paper_chain(example, seed, normalise=False):
         box_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        data = example["encoded"]
         window = augment.sample_crop_window(tf.io.extract_jpeg_shape(data)[:2], box_seed)
         crop = tf.image.decode_and_crop_jpeg(data, window, channels=3)
         image = tf.image.resize(crop, [image_size, image_size], antialias=False)
@@ -145,28 +146,35 @@ def waterfall_paths(encoded, image_size, batch_size):
         return augment.normalize(image) if normalise else image
 
     def train_transform(augmentation, checks=False):
-        def transform(data, label, seed):
-            if checks:  # what make_dataset's `check` adds: the framing check, the label's range, one-hot
-                ok = decode.check_encoded_image(data) & (label >= 0) & (label < 1)
-                with tf.control_dependencies([tf.debugging.Assert(ok, ["bad example"])]):
-                    data = tf.identity(data)
-                label = tf.one_hot(label, 1)
-            return augment.preprocess_for_train(data, image_size, seed, augmentation), label
+        def transform(example, seed):
+            if not checks:
+                return augment.preprocess_for_train(example["encoded"], image_size, seed, augmentation)
+            # make_dataset's own checks: the header read a batch at a time (`with_headers`, below), then per
+            # image the framing, pixel limit and label checks and the one-hot label (`check_example`).
+            data, label = pipeline.check_example(example, 1)
+            return augment.preprocess_for_train(
+                data, image_size, seed, augmentation, image_hw=example["header_hw"]
+            ), label
 
         return transform
 
     steps = {
-        "paper sampler in the minimal chain": paper_chain,
-        "+ normalise": lambda data, label, seed: paper_chain(data, label, seed, normalise=True),
-        "preprocess_for_train, crop + flip": train_transform(crop_flip),
-        "+ framing and label checks, one-hot": train_transform(crop_flip, checks=True),
-        "+ colour jitter": train_transform(dataclasses.replace(crop_flip, color_jitter=True), checks=True),
-        "+ PCA lighting (all Section 2.1)": train_transform(augment.Augmentation(), checks=True),
+        "paper sampler in the minimal chain": (paper_chain, False),
+        "+ normalise": (lambda example, seed: paper_chain(example, seed, normalise=True), False),
+        "preprocess_for_train, crop + flip": (train_transform(crop_flip), False),
+        "+ header read, framing, pixel limit and label checks, one-hot": (
+            train_transform(crop_flip, checks=True), True
+        ),
+        "+ colour jitter": (train_transform(dataclasses.replace(crop_flip, color_jitter=True), checks=True),
+                            True),
+        "+ PCA lighting (all Section 2.1)": (train_transform(augment.Augmentation(), checks=True), True),
     }
-    def mapped(transform):
-        return examples.map(lambda example, seed: transform(*example, seed)).batch(batch_size)
 
-    return {name: mapped(transform) for name, transform in steps.items()}
+    def mapped(transform, headers):
+        examples = tf.data.Dataset.zip(pipeline.with_headers(plain) if headers else plain, seeds)
+        return examples.map(transform).batch(batch_size)
+
+    return {name: mapped(*step) for name, step in steps.items()}
 
 
 def library_paths(source, split, image_size, batch_size, randaugment=None, keras_randaugment=False):

@@ -48,17 +48,133 @@ def decode_image(encoded):
     return image
 
 
-def _contains(encoded, marker):
-    """Whether the bytes `marker` occur in `encoded` (a byte search; regexes want valid UTF-8)."""
-    return tf.size(tf.strings.split(encoded, sep=marker)) > 1
+def _bytes(padded, offset, count):
+    """int32 [N, count]: `count` bytes of each string of `padded` [N] from its `offset` [N] (or a scalar);
+    callers pad the strings so that the bytes they read exist (an offset is clamped to the last `count`)."""
+    offset = tf.minimum(offset, tf.strings.length(padded) - count)
+    return tf.cast(tf.io.decode_raw(_substr(padded, offset, count), tf.uint8), tf.int32)
 
 
-def _ends_with_or_contains(encoded, marker, end_offset):
-    """Whether `marker` sits `end_offset` bytes before the end (the usual place: one cheap comparison) or,
-    failing that, anywhere in `encoded` (a search of the whole file, only for files with trailing bytes)."""
+def _substr(strings, offset, count):
+    """`tf.strings.substr` with a scalar length for an offset per string (the op wants equal shapes)."""
+    return tf.strings.substr(strings, offset, tf.fill(tf.shape(offset), count))
+
+
+def _number(head, start, count, *, big):
+    """int64 [N]: the unsigned `count`-byte integer at column `start` of the byte rows `head` [N, K]."""
+    weights = [256 ** (count - 1 - i) if big else 256**i for i in range(count)]
+    return tf.reduce_sum(tf.cast(head[:, start : start + count], tf.int64) * weights, axis=1)
+
+
+def _contains(encoded, marker, where):
+    """bool [N]: whether the bytes `marker` occur in `encoded` [N], searched only where `where` [N] is true
+    (a byte search of whole files: regexes want valid UTF-8) and only when it is true anywhere."""
+
+    def search():
+        rows = tf.where(where)
+        found = tf.strings.split(tf.gather_nd(encoded, rows), sep=marker).row_lengths() > 1
+        return tf.scatter_nd(rows, found, tf.shape(where, tf.int64))
+
+    return tf.cond(tf.reduce_any(where), search, lambda: tf.zeros_like(where))
+
+
+# The JPEG header walk: the kind of segment each marker byte starts (a table, so that one gather classifies
+# a whole batch), the bytes each kind moves the walk on (a segment also by its length field), and the
+# fields that 9 bytes at a marker hold (a [9, 5] matrix: one matmul reads them for the batch).
+_SEGMENT, _FRAME, _STANDALONE, _FILL, _STOP = range(5)
+_JPEG_KIND = np.full(256, _SEGMENT, np.int32)
+_JPEG_KIND[_JPEG_SOF] = _FRAME
+_JPEG_KIND[_JPEG_STANDALONE] = _STANDALONE
+_JPEG_KIND[0xFF] = _FILL  # fill bytes before a marker
+_JPEG_KIND[[0xDA, 0xD9]] = _STOP  # start of scan (no frame header before it), end of image
+_JPEG_STEP = [2, 0, 2, 1, 0]  # + the length field for _SEGMENT
+_JPEG_FIELDS = np.zeros([9, 5], np.int32)  # -> [0xFF?, marker, length, height, width], big-endian
+for _column, _positions in enumerate([(0,), (1,), (2, 3), (5, 6), (7, 8)]):
+    for _i, _position in enumerate(_positions):
+        _JPEG_FIELDS[_position, _column] = 256 ** (len(_positions) - 1 - _i)
+# Segments walked without a loop: a real file reaches its frame header within 3-8 (APPn, DQT, SOF); a loop
+# goes on for files with more, up to _JPEG_MAX_SEGMENTS.
+_JPEG_UNROLLED = 6
+
+
+def _jpeg_shapes(padded, size, jpeg):
+    """int32 [N, 2]: [height, width] of each JPEG's first start-of-frame segment, walking the segments
+    before it by their lengths, all images of the batch at once; [-1, -1] when the markers do not lead to
+    one before the scan or the end of the data, and for the images that are not JPEGs."""
+    fields_of = tf.constant(_JPEG_FIELDS)
+    kind_of, step_of = tf.constant(_JPEG_KIND), tf.constant(_JPEG_STEP)
+
+    def walk(offset, shape, done):
+        fields = tf.matmul(_bytes(padded, offset, 9), fields_of)
+        length = fields[:, 2]
+        kind = tf.gather(kind_of, fields[:, 1])
+        with_length = (kind == _SEGMENT) | (kind == _FRAME)
+        broken = (fields[:, 0] != 0xFF) | (offset + 4 > size) | (with_length & (length < 2))
+        kind = tf.where(broken | done, _STOP, kind)
+        found = kind == _FRAME
+        step = tf.gather(step_of, kind) + tf.where(kind == _SEGMENT, length, 0)
+        return offset + step, tf.where(found[:, None], fields[:, 3:5], shape), done | found | (kind == _STOP)
+
+    state = (tf.fill(tf.shape(size), 2), -tf.ones([tf.size(size), 2], tf.int32), ~jpeg)
+    for _ in range(_JPEG_UNROLLED):
+        state = walk(*state)
+
+    def go_on():
+        return tf.while_loop(lambda offset, shape, done: ~tf.reduce_all(done), walk, state,
+                             maximum_iterations=_JPEG_MAX_SEGMENTS - _JPEG_UNROLLED)[1]
+
+    return tf.cond(tf.reduce_all(state[2]), lambda: state[1], go_on)
+
+
+def read_headers(encoded):
+    """(shape int64 [N, 2], complete bool [N]) of a batch [N] of encoded images, from their headers and
+    ends, without decoding, every image of the batch in the same few ops (a per-image graph of many small
+    ops costs more than decoding the crop; tools/bench_input.py). `shape`: see `image_shape`; `complete`:
+    see `check_encoded_image`."""
+    encoded = tf.convert_to_tensor(encoded, tf.string)
     size = tf.strings.length(encoded)
-    at_end = tf.equal(tf.strings.substr(encoded, tf.maximum(size - end_offset, 0), len(marker)), marker)
-    return tf.cond(at_end, lambda: at_end, lambda: _contains(encoded, marker))
+    padded = tf.strings.join([encoded, b"\x00" * 32])
+    head = _bytes(padded, 0, 32)
+
+    def starts_with(magic):
+        return tf.reduce_all(tf.equal(head[:, : len(magic)], list(magic)), axis=1)
+
+    jpeg, png, gif, bmp = (starts_with(m) for m in (JPEG_MAGIC, PNG_MAGIC, b"GIF8", b"BM"))
+    png_shape = tf.stack([_number(head, 20, 4, big=True), _number(head, 16, 4, big=True)], axis=1)
+    ihdr = tf.reduce_all(tf.equal(head[:, 12:16], list(b"IHDR")), axis=1)
+    png_shape = tf.where(ihdr[:, None], png_shape, tf.constant(-1, tf.int64))
+    gif_shape = tf.stack([_number(head, 8, 2, big=False), _number(head, 6, 2, big=False)], axis=1)
+    core = _number(head, 14, 4, big=False) == 12  # BITMAPCOREHEADER: 16-bit fields
+    bmp_height = tf.where(core, _number(head, 20, 2, big=False), _number(head, 22, 4, big=False))
+    bmp_height = tf.where(~core & (bmp_height >= 2**31), 2**32 - bmp_height, bmp_height)  # negative: top-down
+    bmp_width = tf.where(core, _number(head, 18, 2, big=False), _number(head, 18, 4, big=False))
+    jpeg_shape = tf.cast(_jpeg_shapes(padded, size, jpeg), tf.int64)
+    shape = tf.where(
+        jpeg[:, None], jpeg_shape, tf.where(
+            png[:, None], png_shape, tf.where(
+                gif[:, None], gif_shape, tf.where(
+                    bmp[:, None], tf.stack([bmp_height, bmp_width], axis=1), tf.constant(-1, tf.int64)))))
+
+    # The ends: JPEG's end-of-image marker and PNG's IEND at the end (one comparison) or, for files with
+    # trailing bytes, anywhere; a GIF's trailer ';' in its last 16 bytes; a BMP's declared size.
+    def ends_with(marker, end_offset):
+        at = tf.maximum(size - end_offset, 0)
+        return tf.equal(_substr(padded, at, len(marker)), marker)
+
+    jpeg_end, png_end = jpeg & ends_with(JPEG_END, 2), png & ends_with(PNG_END, 8)
+    jpeg_end |= _contains(encoded, JPEG_END, jpeg & ~jpeg_end)
+    png_end |= _contains(encoded, PNG_END, png & ~png_end)
+    tail = _bytes(padded, tf.maximum(size - GIF_TAIL_BYTES, 0), GIF_TAIL_BYTES)
+    gif_end = gif & tf.reduce_any(tf.equal(tail, ord(";")), axis=1)
+    bmp_end = bmp & (_number(head, 2, 4, big=False) <= tf.cast(size, tf.int64))
+    complete = (size > 16) & (jpeg_end | png_end | gif_end | bmp_end) & tf.reduce_all(shape > 0, axis=1)
+    return shape, complete
+
+
+def read_header(encoded):
+    """`read_headers` of one image: (shape int64 [2], complete bool)."""
+    shape, complete = read_headers(tf.reshape(tf.convert_to_tensor(encoded, tf.string), [1]))
+    return shape[0], complete[0]
 
 
 def check_encoded_image(encoded):
@@ -75,74 +191,9 @@ def check_encoded_image(encoded):
     What it cannot see: a file cut short and then given an end marker (the decoder fills the missing rows
     with grey and only logs libjpeg's "Corrupt JPEG data: premature end of data segment", without a file
     name; TensorFlow offers no way to make that warning an error short of decoding the entropy-coded data),
-    and damage inside the data; the decoder is the judge of those.
+    and damage inside the data; the decoder is the judge of those. A batch: `read_headers`.
     """
-    encoded = tf.convert_to_tensor(encoded, tf.string)
-    size = tf.strings.length(encoded)
-
-    def jpeg_ok():
-        return _ends_with_or_contains(encoded, JPEG_END, 2)
-
-    def other_ok():
-        head = tf.io.decode_raw(tf.strings.substr(tf.strings.join([encoded, b"\x00" * 8]), 0, 8), tf.uint8)
-        png = tf.equal(tf.strings.substr(encoded, 0, 8), PNG_MAGIC)
-        png_ok = png & tf.cond(png, lambda: _ends_with_or_contains(encoded, PNG_END, 8), lambda: png)
-        tail = tf.strings.substr(encoded, tf.maximum(size - GIF_TAIL_BYTES, 0), GIF_TAIL_BYTES)
-        gif_ok = tf.equal(tf.strings.substr(encoded, 0, 4), b"GIF8") & _contains(tail, b";")
-        bmp_size = tf.reduce_sum(
-            tf.cast(head[2:6], tf.int64) * tf.constant([1, 256, 65536, 16777216], tf.int64)
-        )
-        bmp_ok = tf.equal(tf.strings.substr(encoded, 0, 2), b"BM") & (bmp_size <= tf.cast(size, tf.int64))
-        return png_ok | gif_ok | bmp_ok
-
-    framed = (size > 16) & tf.cond(is_jpeg(encoded), jpeg_ok, other_ok)
-    # A header the decoder would reject (no JPEG frame header before the scan, a zero width or height).
-    return framed & tf.cond(framed, lambda: tf.reduce_all(image_shape(encoded) > 0), lambda: framed)
-
-
-def _unsigned(padded, offset, size, *, big):
-    """The unsigned integer (int64) of `size` bytes at `offset` of `padded` (zero bytes appended to the data;
-    an offset past them reads the last bytes: callers stop at the data's end)."""
-    offset = tf.minimum(tf.cast(offset, tf.int64), tf.cast(tf.strings.length(padded), tf.int64) - size)
-    raw = tf.cast(tf.io.decode_raw(tf.strings.substr(padded, offset, size), tf.uint8), tf.int64)
-    weights = [256 ** (size - 1 - i) if big else 256**i for i in range(size)]
-    return tf.reduce_sum(raw[:size] * tf.constant(weights, tf.int64))
-
-
-def _jpeg_shape(padded, size):
-    """[height, width] from the first start-of-frame segment, walking the segments before it by their
-    lengths; [-1, -1] when the markers do not lead to one before the scan or the end of the data."""
-    offset0 = tf.constant(2, tf.int64)
-    unknown = tf.constant([-1, -1], tf.int64)
-
-    def walk(offset, shape, done):
-        byte0 = _unsigned(padded, offset, 1, big=True)
-        marker = _unsigned(padded, offset + 1, 1, big=True)
-        length = _unsigned(padded, offset + 2, 2, big=True)
-        frame = tf.reduce_any(tf.equal(marker, _JPEG_SOF))
-        found = tf.stack([_unsigned(padded, offset + 5, 2, big=True),
-                          _unsigned(padded, offset + 7, 2, big=True)])
-        fill = tf.equal(marker, 0xFF)  # fill bytes before a marker
-        standalone = tf.reduce_any(tf.equal(marker, _JPEG_STANDALONE))
-        stop = (
-            tf.not_equal(byte0, 0xFF)
-            | tf.equal(marker, 0xDA)  # start of scan: no frame header before it
-            | tf.equal(marker, 0xD9)  # end of image
-            | (offset + 4 > size)
-            | (~fill & ~standalone & (length < 2))
-        )
-        one, two = tf.constant(1, tf.int64), tf.constant(2, tf.int64)
-        step = tf.where(fill, one, tf.where(standalone, two, 2 + length))
-        shape = tf.where(frame & ~stop, found, unknown)
-        return offset + step, shape, stop | frame
-
-    _, shape, _ = tf.while_loop(
-        lambda offset, shape, done: ~done,
-        walk,
-        (offset0, unknown, tf.constant(False)),
-        maximum_iterations=_JPEG_MAX_SEGMENTS,
-    )
-    return shape
+    return read_header(encoded)[1]
 
 
 def image_shape(encoded):
@@ -151,37 +202,9 @@ def image_shape(encoded):
 
     JPEG: the first start-of-frame segment (the segments before it are skipped by their lengths); PNG: the
     IHDR chunk; GIF: the logical screen (what TensorFlow's decoder allocates per frame); BMP: the info
-    header (a negative height, a top-down bitmap, counts by its magnitude).
+    header (a negative height, a top-down bitmap, counts by its magnitude). A batch: `read_headers`.
     """
-    encoded = tf.convert_to_tensor(encoded, tf.string)
-    size = tf.cast(tf.strings.length(encoded), tf.int64)
-    padded = tf.strings.join([encoded, b"\x00" * 32])
-
-    def png():
-        ok = tf.equal(tf.strings.substr(padded, 12, 4), b"IHDR")
-        shape = tf.stack([_unsigned(padded, 20, 4, big=True), _unsigned(padded, 16, 4, big=True)])
-        return tf.where(ok, shape, [-1, -1])
-
-    def gif():
-        return tf.stack([_unsigned(padded, 8, 2, big=False), _unsigned(padded, 6, 2, big=False)])
-
-    def bmp():
-        core = tf.equal(_unsigned(padded, 14, 4, big=False), 12)  # BITMAPCOREHEADER: 16-bit fields
-        height = tf.where(core, _unsigned(padded, 20, 2, big=False), _unsigned(padded, 22, 4, big=False))
-        height = tf.where(~core & (height >= 2**31), 2**32 - height, height)  # int32, negative: top-down
-        width = tf.where(core, _unsigned(padded, 18, 2, big=False), _unsigned(padded, 18, 4, big=False))
-        return tf.stack([height, width])
-
-    return tf.case(
-        [
-            (is_jpeg(encoded), lambda: _jpeg_shape(padded, size)),
-            (tf.equal(tf.strings.substr(padded, 0, 8), PNG_MAGIC), png),
-            (tf.equal(tf.strings.substr(padded, 0, 4), b"GIF8"), gif),
-            (tf.equal(tf.strings.substr(padded, 0, 2), b"BM"), bmp),
-        ],
-        default=lambda: tf.constant([-1, -1], tf.int64),
-        exclusive=False,
-    )
+    return read_header(encoded)[0]
 
 
 def file_image_shapes(paths, *, header_bytes=HEADER_BYTES, chunk=256):
@@ -195,25 +218,26 @@ def file_image_shapes(paths, *, header_bytes=HEADER_BYTES, chunk=256):
         for path in paths[start : start + chunk]:
             with tf.io.gfile.GFile(path, "rb") as f:
                 heads.append(f.read(header_bytes))
-        shapes[start : start + len(heads)] = _image_shapes(tf.constant(heads, tf.string)).numpy()
+        shapes[start : start + len(heads)] = _header_shapes(tf.constant(heads, tf.string)).numpy()
     for i in np.flatnonzero((shapes <= 0).any(axis=1)):  # cut inside the header: read the whole file
         if tf.io.gfile.stat(paths[i]).length > header_bytes:
             shapes[i] = image_shape(tf.io.read_file(paths[i])).numpy()
     return np.where((shapes <= 0).any(axis=1, keepdims=True), -1, shapes)
 
 
-# `image_shape` of a batch of encoded images (traced once, on the first call).
-_image_shapes = tf.function(
-    lambda encoded: tf.map_fn(image_shape, encoded, fn_output_signature=tf.int64),
-    input_signature=[tf.TensorSpec([None], tf.string)],
+# `read_headers`' shapes of a batch of encoded images (traced once, on the first call).
+_header_shapes = tf.function(
+    lambda encoded: read_headers(encoded)[0], input_signature=[tf.TensorSpec([None], tf.string)]
 )
 
 
-def within_pixel_limit(encoded, max_pixels):
-    """True when the header's height × width (`image_shape`) is at most `max_pixels`, or cannot be read
-    (then the framing check or the decoder judges the file). No decoding: safe on decompression bombs."""
-    shape = image_shape(encoded)
-    return tf.reduce_any(shape < 0) | (shape[0] * shape[1] <= tf.cast(max_pixels, tf.int64))
+def within_pixel_limit(encoded, max_pixels, shape=None):
+    """True when the header's height × width (`image_shape`, or `shape` where the caller has it) is at most
+    `max_pixels`, or cannot be read (then the framing check or the decoder judges the file). No decoding:
+    safe on decompression bombs."""
+    shape = image_shape(encoded) if shape is None else shape  # [2], or [N, 2] for a batch
+    unread = tf.reduce_any(shape < 0, axis=-1)
+    return unread | (shape[..., 0] * shape[..., 1] <= tf.cast(max_pixels, tf.int64))
 
 
 def pixel_limit_problem(max_pixels):
@@ -228,9 +252,9 @@ def pixel_limit_problem(max_pixels):
     return None
 
 
-def too_large_description(encoded, max_pixels):
+def too_large_description(encoded, max_pixels, shape=None):
     """A string tensor 'HxW = N pixels, over the limit of M' for an image `within_pixel_limit` refuses."""
-    shape = image_shape(encoded)
+    shape = image_shape(encoded) if shape is None else shape
     return tf.strings.join(
         [
             tf.strings.as_string(shape[0]), "x", tf.strings.as_string(shape[1]), " = ",
@@ -245,8 +269,8 @@ def serving_checks(signature, image_bytes, max_pixels):
     header within `max_pixels` pixels, so a decompression bomb is refused without allocating its decoded
     size. The messages name `signature` and the failing batch indices."""
     flat = tf.reshape(image_bytes, [-1])
-    complete = tf.map_fn(check_encoded_image, flat, fn_output_signature=tf.bool)
-    fits = tf.map_fn(lambda e: within_pixel_limit(e, max_pixels), flat, fn_output_signature=tf.bool)
+    shape, complete = read_headers(flat)
+    fits = within_pixel_limit(flat, max_pixels, shape)
 
     def failing(ok):
         return tf.reshape(tf.where(tf.logical_not(ok)), [-1])

@@ -143,40 +143,9 @@ def make_dataset(
         download=download,
     )
 
+    ds = with_headers(ds)
     if skip_corrupt:
         ds = ds.filter((skipped_files or SkippedFiles()).filter_for(f"{source} {split}", max_image_pixels))
-
-    def check(example):
-        """Names the file of a broken image (or out-of-range label) instead of failing inside the decoder."""
-        key, label = example["key"], example["label"]
-        checks = [
-            tf.debugging.Assert(
-                decode.check_encoded_image(example["encoded"]),
-                [
-                    tf.strings.join(
-                        [errors.UNDECODABLE_IMAGE, key, "(skip such files with skip_corrupt)"], " "
-                    )
-                ],
-            ),
-            assert_pixel_limit(example["encoded"], key, max_image_pixels),
-            tf.debugging.Assert(
-                (label >= 0) & (label < num_classes),
-                [
-                    tf.strings.join(
-                        [
-                            errors.LABEL_OUT_OF_RANGE,
-                            f"[0, {num_classes}) (check label_offset) in",
-                            key,
-                            "label",
-                            tf.strings.as_string(label),
-                        ],
-                        " ",
-                    )
-                ],
-            ),
-        ]
-        with tf.control_dependencies(checks):
-            return tf.identity(example["encoded"]), tf.one_hot(label, num_classes, dtype=tf.float32)
 
     if training:
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
@@ -191,12 +160,15 @@ def make_dataset(
             )
 
         def prepare(example, element_seed):
-            encoded, label = check(example)
-            return augment.preprocess_for_train(encoded, image_size, element_seed, augmentation), label
+            encoded, label = check_example(example, num_classes, max_image_pixels)
+            image = augment.preprocess_for_train(
+                encoded, image_size, element_seed, augmentation, image_hw=example["header_hw"]
+            )
+            return image, label
     else:
 
         def prepare(example):
-            encoded, label = check(example)
+            encoded, label = check_example(example, num_classes, max_image_pixels)
             image = decode.decode_image(encoded)
             return augment.preprocess_for_eval(image, image_size, on=augmentation.on), label
 
@@ -217,6 +189,52 @@ def make_dataset(
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
+def check_example(example, num_classes, max_image_pixels=decode.MAX_IMAGE_PIXELS):
+    """(encoded bytes, one-hot float32 label) of an example of `with_headers`, once checked: a broken
+    image, one over the pixel limit or an out-of-range label fails with a message naming the file (`errors`)
+    instead of failing inside the decoder; the message is built only for a bad example."""
+    key, label, encoded = example["key"], example["label"], example["encoded"]
+    shape, framed = example["header_hw"], example["complete"]
+    fits = decode.within_pixel_limit(encoded, max_image_pixels, shape)
+    labelled = (label >= 0) & (label < num_classes)
+
+    def message():
+        undecodable = tf.strings.join(
+            [errors.UNDECODABLE_IMAGE, key, "(skip such files with skip_corrupt)"], " "
+        )
+        out_of_range = tf.strings.join(
+            [
+                errors.LABEL_OUT_OF_RANGE,
+                f"[0, {num_classes}) (check label_offset) in",
+                key,
+                "label",
+                tf.strings.as_string(label),
+            ],
+            " ",
+        )
+        too_large = too_large_message(encoded, key, max_image_pixels, shape)
+        return tf.where(~framed, undecodable, tf.where(~fits, too_large, out_of_range))
+
+    with tf.control_dependencies([assert_lazily(framed & fits & labelled, message)]):
+        return tf.identity(encoded), tf.one_hot(label, num_classes, dtype=tf.float32)
+
+
+# Examples whose headers `with_headers` reads in one go: the few dozen small ops of a header read then cost
+# each image a sixty-fourth of what they would one image at a time (tools/bench_input.py's waterfall).
+HEADER_BATCH = 64
+
+
+def with_headers(ds):
+    """The examples of `ds` with `header_hw` (int64 [2]) and `complete` (bool) added: what
+    `decode.read_headers` finds in their bytes, read HEADER_BATCH examples at a time, in order."""
+
+    def read(examples):
+        shape, complete = decode.read_headers(examples["encoded"])
+        return {**examples, "header_hw": shape, "complete": complete}
+
+    return ds.batch(HEADER_BATCH).map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
+
+
 def _batches_per_step(input_context):
     """Per-replica batches one input pipeline yields a global step: its replicas' share."""
     if input_context is None:
@@ -232,23 +250,41 @@ def _skip_batches(ds, batch_size, count):
     return ds.batch(batch_size, drop_remainder=True).repeat().skip(count).unbatch()
 
 
-def assert_pixel_limit(encoded, key, max_image_pixels):
-    """An assertion (for `tf.control_dependencies` before decoding) that the header of `encoded` declares
-    at most `max_image_pixels` pixels; its message names `key` and the image's size."""
-    return tf.debugging.Assert(
-        decode.within_pixel_limit(encoded, max_image_pixels),
+def assert_lazily(ok, message):
+    """An assertion (for `tf.control_dependencies`) of the scalar boolean `ok` whose message, `message()` (a
+    string tensor), is built only when `ok` is false. `tf.debugging.Assert` computes its data on every
+    call, and string work per image is a measurable share of the input pipeline's time
+    (tools/bench_input.py)."""
+
+    def fail():
+        with tf.control_dependencies([tf.debugging.Assert(ok, [message()])]):
+            return tf.identity(ok)
+
+    return tf.cond(ok, lambda: ok, fail)
+
+
+def too_large_message(encoded, key, max_image_pixels, shape=None):
+    """The line naming `key` for an image over the pixel limit (its header's size, the limit, the cure)."""
+    return tf.strings.join(
         [
-            tf.strings.join(
-                [
-                    errors.IMAGE_TOO_LARGE,
-                    key,
-                    "is",
-                    decode.too_large_description(encoded, max_image_pixels),
-                    "(raise max_image_pixels, or skip such files with skip_corrupt)",
-                ],
-                " ",
-            )
+            errors.IMAGE_TOO_LARGE,
+            key,
+            "is",
+            decode.too_large_description(encoded, max_image_pixels, shape),
+            "(raise max_image_pixels, or skip such files with skip_corrupt)",
         ],
+        " ",
+    )
+
+
+def assert_pixel_limit(encoded, key, max_image_pixels, shape=None):
+    """An assertion (for `tf.control_dependencies` before decoding) that the header of `encoded` declares
+    at most `max_image_pixels` pixels; its message names `key` and the image's size. `shape`: the header's
+    `decode.image_shape` where the caller has read it already."""
+    shape = decode.image_shape(encoded) if shape is None else shape
+    return assert_lazily(
+        decode.within_pixel_limit(encoded, max_image_pixels, shape),
+        lambda: too_large_message(encoded, key, max_image_pixels, shape),
     )
 
 
@@ -279,16 +315,22 @@ class SkippedFiles:
         return sorted(k.decode() for k in self._table.export()[0].numpy())
 
     def filter_for(self, name, max_image_pixels=decode.MAX_IMAGE_PIXELS):
-        """A `Dataset.filter` predicate on examples: `keep` of their bytes and key."""
-        return lambda example: self.keep(example["encoded"], example["key"], name, max_image_pixels)
+        """A `Dataset.filter` predicate on examples: `keep` of their bytes and key (and their header, where
+        `with_headers` read it)."""
 
-    def keep(self, encoded, key, name, max_image_pixels=decode.MAX_IMAGE_PIXELS):
+        def keep(example):
+            header = (example["header_hw"], example["complete"]) if "complete" in example else None
+            return self.keep(example["encoded"], example["key"], name, max_image_pixels, header=header)
+
+        return keep
+
+    def keep(self, encoded, key, name, max_image_pixels=decode.MAX_IMAGE_PIXELS, header=None):
         """False for undecodable `encoded` bytes or an image over `max_image_pixels` (header only, no
         decoding), with a warning naming `key` the first time per file (the fine-tuning pipelines call it
-        per image and per mask)."""
+        per image and per mask). `header`: `decode.read_header(encoded)` where the caller has it."""
         table = self._table
-        framed = decode.check_encoded_image(encoded)
-        ok = framed & decode.within_pixel_limit(encoded, max_image_pixels)
+        shape, framed = decode.read_header(encoded) if header is None else header
+        ok = framed & decode.within_pixel_limit(encoded, max_image_pixels, shape)
         too_large = f"image over the pixel limit of {int(max_image_pixels)}"
         reason = tf.where(framed, too_large, "undecodable image")
 

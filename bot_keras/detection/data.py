@@ -14,9 +14,9 @@ Training drops difficult boxes (unless `keep_difficult`) and boxes that augmenta
 
 import tensorflow as tf
 
-from bot_keras.data.decode import MAX_IMAGE_PIXELS, check_encoded_image, decode_image
+from bot_keras.data.decode import MAX_IMAGE_PIXELS, decode_image, read_header
 from bot_keras.data.errors import BAD_DETECTION_INPUT, SKIP_CURE, UNDECODABLE_IMAGE
-from bot_keras.data.pipeline import SkippedFiles, assert_pixel_limit, per_replica_batch_size
+from bot_keras.data.pipeline import SkippedFiles, assert_lazily, assert_pixel_limit, per_replica_batch_size
 from bot_keras.detection import augment, sources
 
 PAD = -1
@@ -92,10 +92,10 @@ def make_detection_dataset(
     def decode(example):
         """Decoded uint8 image, with one-line errors naming the file for broken images and bad labels."""
         key, labels, declared = example["key"], example["labels"], example["image_hw"]
-        ok = tf.debugging.Assert(check_encoded_image(example["encoded"]), [
-            tf.strings.join([UNDECODABLE_IMAGE, key, SKIP_CURE], " ")
-        ])
-        fits = assert_pixel_limit(example["encoded"], key, max_image_pixels)
+        shape, complete = read_header(example["encoded"])  # the header, read once for both checks
+        ok = assert_lazily(complete,
+                           lambda: tf.strings.join([UNDECODABLE_IMAGE, key, SKIP_CURE], " "))
+        fits = assert_pixel_limit(example["encoded"], key, max_image_pixels, shape)
         with tf.control_dependencies([ok, fits]):
             image = decode_image(example["encoded"])
         hw = tf.shape(image)[:2]

@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from bot_keras.data import decode as image_ops
 from bot_keras.data.errors import BAD_SEGMENTATION_INPUT, SKIP_CURE
-from bot_keras.data.pipeline import SkippedFiles, assert_pixel_limit, per_replica_batch_size
+from bot_keras.data.pipeline import SkippedFiles, assert_lazily, assert_pixel_limit, per_replica_batch_size
 from bot_keras.run_dir import read_class_names
 from bot_keras.segmentation import augment
 from bot_keras.segmentation.metrics import IGNORE_LABEL
@@ -173,8 +173,9 @@ def decode_mask(encoded, path):
 
 
 def _check(condition, *message):
-    """An in-graph check whose message `bot_keras.data.errors.bad_input_message` recognises (one line)."""
-    return tf.debugging.Assert(condition, [tf.strings.join([BAD_SEGMENTATION_INPUT + " ", *message])])
+    """An in-graph check whose message `bot_keras.data.errors.bad_input_message` recognises (one line),
+    built only when `condition` fails."""
+    return assert_lazily(condition, lambda: tf.strings.join([BAD_SEGMENTATION_INPUT + " ", *message]))
 
 
 def _is_png(encoded):
@@ -185,13 +186,13 @@ def decode_pair(encoded, encoded_mask, image_path, mask_path, num_classes,
                 max_image_pixels=image_ops.MAX_IMAGE_PIXELS):
     """Checks (framing, the pixel limit from the headers) and decodes one pair's bytes: uint8 [H, W, 3],
     int32 [H, W]; errors name the file."""
+    (image_shape, image_ok), (mask_shape, mask_ok) = map(image_ops.read_header, (encoded, encoded_mask))
     checks = [
-        _check(image_ops.check_encoded_image(encoded), "unreadable image file ", image_path,
-               " " + SKIP_CURE),
-        _check(_is_png(encoded_mask) & image_ops.check_encoded_image(encoded_mask),
+        _check(image_ok, "unreadable image file ", image_path, " " + SKIP_CURE),
+        _check(_is_png(encoded_mask) & mask_ok,
                "unreadable mask file (not a PNG) ", mask_path, " " + SKIP_CURE),
-        assert_pixel_limit(encoded, image_path, max_image_pixels),
-        assert_pixel_limit(encoded_mask, mask_path, max_image_pixels),
+        assert_pixel_limit(encoded, image_path, max_image_pixels, image_shape),
+        assert_pixel_limit(encoded_mask, mask_path, max_image_pixels, mask_shape),
     ]
     with tf.control_dependencies(checks):
         image = image_ops.decode_image(encoded)

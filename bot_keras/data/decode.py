@@ -48,11 +48,12 @@ def decode_image(encoded):
     return image
 
 
-def _bytes(padded, offset, count):
-    """int32 [N, count]: `count` bytes of each string of `padded` [N] from its `offset` [N] (or a scalar);
-    callers pad the strings so that the bytes they read exist (an offset is clamped to the last `count`)."""
-    offset = tf.minimum(offset, tf.strings.length(padded) - count)
-    return tf.cast(tf.io.decode_raw(_substr(padded, offset, count), tf.uint8), tf.int32)
+def _bytes(encoded, offset, count):
+    """int32 [N, count]: `count` bytes of each string of `encoded` [N] from its `offset` [N] (or a scalar),
+    zeros past its end. Only the bytes read are copied, never a whole file."""
+    piece = _substr(encoded, tf.minimum(offset, tf.strings.length(encoded)), count)
+    piece = tf.strings.substr(tf.strings.join([piece, b"\x00" * count]), 0, count)
+    return tf.cast(tf.io.decode_raw(piece, tf.uint8), tf.int32)
 
 
 def _substr(strings, offset, count):
@@ -97,7 +98,7 @@ for _column, _positions in enumerate([(0,), (1,), (2, 3), (5, 6), (7, 8)]):
 _JPEG_UNROLLED = 6
 
 
-def _jpeg_shapes(padded, size, jpeg):
+def _jpeg_shapes(encoded, size, jpeg):
     """int32 [N, 2]: [height, width] of each JPEG's first start-of-frame segment, walking the segments
     before it by their lengths, all images of the batch at once; [-1, -1] when the markers do not lead to
     one before the scan or the end of the data, and for the images that are not JPEGs."""
@@ -105,7 +106,7 @@ def _jpeg_shapes(padded, size, jpeg):
     kind_of, step_of = tf.constant(_JPEG_KIND), tf.constant(_JPEG_STEP)
 
     def walk(offset, shape, done):
-        fields = tf.matmul(_bytes(padded, offset, 9), fields_of)
+        fields = tf.matmul(_bytes(encoded, offset, 9), fields_of)
         length = fields[:, 2]
         kind = tf.gather(kind_of, fields[:, 1])
         with_length = (kind == _SEGMENT) | (kind == _FRAME)
@@ -133,8 +134,7 @@ def read_headers(encoded):
     see `check_encoded_image`."""
     encoded = tf.convert_to_tensor(encoded, tf.string)
     size = tf.strings.length(encoded)
-    padded = tf.strings.join([encoded, b"\x00" * 32])
-    head = _bytes(padded, 0, 32)
+    head = _bytes(encoded, 0, 32)
 
     def starts_with(magic):
         return tf.reduce_all(tf.equal(head[:, : len(magic)], list(magic)), axis=1)
@@ -148,7 +148,7 @@ def read_headers(encoded):
     bmp_height = tf.where(core, _number(head, 20, 2, big=False), _number(head, 22, 4, big=False))
     bmp_height = tf.where(~core & (bmp_height >= 2**31), 2**32 - bmp_height, bmp_height)  # negative: top-down
     bmp_width = tf.where(core, _number(head, 18, 2, big=False), _number(head, 18, 4, big=False))
-    jpeg_shape = tf.cast(_jpeg_shapes(padded, size, jpeg), tf.int64)
+    jpeg_shape = tf.cast(_jpeg_shapes(encoded, size, jpeg), tf.int64)
     shape = tf.where(
         jpeg[:, None], jpeg_shape, tf.where(
             png[:, None], png_shape, tf.where(
@@ -159,12 +159,12 @@ def read_headers(encoded):
     # trailing bytes, anywhere; a GIF's trailer ';' in its last 16 bytes; a BMP's declared size.
     def ends_with(marker, end_offset):
         at = tf.maximum(size - end_offset, 0)
-        return tf.equal(_substr(padded, at, len(marker)), marker)
+        return tf.equal(_substr(encoded, at, len(marker)), marker)
 
     jpeg_end, png_end = jpeg & ends_with(JPEG_END, 2), png & ends_with(PNG_END, 8)
     jpeg_end |= _contains(encoded, JPEG_END, jpeg & ~jpeg_end)
     png_end |= _contains(encoded, PNG_END, png & ~png_end)
-    tail = _bytes(padded, tf.maximum(size - GIF_TAIL_BYTES, 0), GIF_TAIL_BYTES)
+    tail = _bytes(encoded, tf.maximum(size - GIF_TAIL_BYTES, 0), GIF_TAIL_BYTES)
     gif_end = gif & tf.reduce_any(tf.equal(tail, ord(";")), axis=1)
     bmp_end = bmp & (_number(head, 2, 4, big=False) <= tf.cast(size, tf.int64))
     complete = (size > 16) & (jpeg_end | png_end | gif_end | bmp_end) & tf.reduce_all(shape > 0, axis=1)

@@ -126,6 +126,25 @@ def test_the_table6_rows_and_transfers_validate(monkeypatch, tmp_path):
     ablation.validate_jobs(jobs, rows, {job.key: "new" for job in jobs})
 
 
+def test_the_beyond_rows_validate_and_start_with_the_table6_all_tricks_row(monkeypatch, tmp_path):
+    """configs/cifar10/beyond_rows.txt: every row's command line parses and validates, and its first row
+    trains exactly the all-tricks row of table6_rows.txt (so the finished runs can be reused)."""
+    monkeypatch.chdir(ROOT)
+    common = ["--dataset=folder:/data/cifar10"]
+    texts, labels = ablation.read_spec_lines("configs/cifar10/beyond_rows.txt")
+    beyond = ablation.parse_rows(texts, where=labels)
+    assert [row.name for row in beyond] == [
+        "all tricks (Sec. 3-5)", "+ EMA", "+ CutMix", "+ RandAugment", "+ stochastic depth"]
+    jobs = ablation.plan_jobs(beyond, [0, 1], [], base=BASE, common=common, epochs=12, out_dir=str(tmp_path))
+    ablation.validate_jobs(jobs, beyond, {job.key: "new" for job in jobs})
+    texts, labels = ablation.read_spec_lines("configs/cifar10/table6_rows.txt")
+    table6 = ablation.parse_rows(texts, where=labels)
+    last = ablation.plan_jobs(table6, [0], [], base=BASE, common=common, epochs=12, out_dir=str(tmp_path))[-1]
+    strip = lambda job: [a for a in job.arguments if not a.startswith("--model_dir=")]  # noqa: E731
+    assert strip(jobs[0]) == strip(last)
+    assert jobs[1].arguments[-3:-2] == ("--ema_decay=0.999",)
+
+
 def run_ablation(argv):
     return cli.call(
         ablation.main, ablation.define_flags, argv, command=ablation.COMMAND, required=ablation.REQUIRED

@@ -190,7 +190,7 @@ def test_mixed_float16_coco_run_stops_resumes_and_evaluates_with_coco_map(tmp_pa
     result, line = evaluate.evaluate_finetune_run(run, "detection")
     assert result["count"] == 2 and result["map_voc07"] == pytest.approx(finished["val_map_voc07"], abs=1e-6)
     assert result["ap_voc07"] == pytest.approx(finished["val_ap_voc07"], abs=1e-6)
-    assert np.isfinite(result["coco_map"])  # NaN when no class has a box; its arithmetic: test_detection_metrics
+    assert np.isfinite(result["coco_map"])  # NaN without boxes; its arithmetic: test_detection_metrics.py
     assert line.endswith(f"COCO mAP@[.5:.95] {100 * result['coco_map']:.2f}%")
 
 

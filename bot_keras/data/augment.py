@@ -378,6 +378,8 @@ def _per_channel_affine(image, scale, offset):
     return tf.reshape(flat, shape)
 
 
+# Plain tensor code: not converted by AutoGraph (why: the note above pipeline.check_example).
+@tf.autograph.experimental.do_not_convert
 def normalize(image):
     """Section 2.1 step 7: (image - mean) / std per RGB channel, float32 out."""
     image = tf.cast(image, tf.float32)
@@ -443,6 +445,7 @@ def draw_color_params(seed, batch_size, *, color_jitter=True, pca_lighting=True,
     return jitter, alpha
 
 
+@tf.autograph.experimental.do_not_convert
 def color_and_normalize_batch(images, jitter=None, lighting_alpha=None):
     """`color_and_normalize` of every image of a batch [B, H, W, 3] (uint8 or float, 0-255) with its own
     parameters: jitter (factors [B, 3], order [B]) or None, lighting_alpha [B, 3] or None. Float32 out.
@@ -470,6 +473,7 @@ def color_and_normalize_batch(images, jitter=None, lighting_alpha=None):
     return tf.reshape(out, shape)
 
 
+@tf.autograph.experimental.do_not_convert
 def augment_batch_on_device(images, seed, augmentation=Augmentation(on="device")):
     """Section 2.1 steps 4, 6 and 7 for a uint8 batch [B, S, S, 3] that `make_dataset` cropped, resized
     and flipped on the host (`augmentation.on == "device"`): jitter and lighting as `augmentation` switches
@@ -511,6 +515,7 @@ def center_crop(image, size):
     return tf.slice(image, [top, left, 0], [size, size, -1])
 
 
+@tf.autograph.experimental.do_not_convert
 def preprocess_for_eval(image, image_size, *, on="host"):
     """Validation transform (Section 2.1): uint8 [H, W, 3] → normalised float32 [S, S, 3].
 
@@ -525,6 +530,7 @@ def preprocess_for_eval(image, image_size, *, on="host"):
     return image
 
 
+@tf.autograph.experimental.do_not_convert
 def preprocess_for_train(encoded, image_size, seed, augmentation=Augmentation(), image_hw=None):
     """Training transform (Section 2.1 steps 2-7) of encoded bytes → normalised float32 [S, S, 3].
 

@@ -37,6 +37,8 @@ def is_jpeg(encoded):
     return tf.equal(tf.strings.substr(encoded, 0, 3), JPEG_MAGIC)
 
 
+# Plain tensor code: not converted by AutoGraph (why: the note above pipeline.check_example).
+@tf.autograph.experimental.do_not_convert
 def decode_image(encoded):
     """Decodes JPEG, PNG, BMP or (the first frame of) GIF bytes to uint8 [H, W, 3].
 
@@ -127,6 +129,7 @@ def _jpeg_shapes(encoded, size, jpeg):
     return tf.cond(tf.reduce_all(state[2]), lambda: state[1], go_on)
 
 
+@tf.autograph.experimental.do_not_convert
 def read_headers(encoded):
     """(shape int64 [N, 2], complete bool [N]) of a batch [N] of encoded images, from their headers and
     ends, without decoding, every image of the batch in the same few ops (a per-image graph of many small
@@ -171,12 +174,14 @@ def read_headers(encoded):
     return shape, complete
 
 
+@tf.autograph.experimental.do_not_convert
 def read_header(encoded):
     """`read_headers` of one image: (shape int64 [2], complete bool)."""
     shape, complete = read_headers(tf.reshape(tf.convert_to_tensor(encoded, tf.string), [1]))
     return shape[0], complete[0]
 
 
+@tf.autograph.experimental.do_not_convert
 def check_encoded_image(encoded):
     """Cheap framing check of encoded image bytes: True when they look like a complete image.
 
@@ -196,6 +201,7 @@ def check_encoded_image(encoded):
     return read_header(encoded)[1]
 
 
+@tf.autograph.experimental.do_not_convert
 def image_shape(encoded):
     """[height, width] (int64) that the header of JPEG, PNG, GIF or BMP bytes declares, read without
     decoding; [-1, -1] when the bytes are none of these or the header cannot be read.
@@ -231,6 +237,7 @@ _header_shapes = tf.function(
 )
 
 
+@tf.autograph.experimental.do_not_convert
 def within_pixel_limit(encoded, max_pixels, shape=None):
     """True when the header's height × width (`image_shape`, or `shape` where the caller has it) is at most
     `max_pixels`, or cannot be read (then the framing check or the decoder judges the file). No decoding:
@@ -252,6 +259,7 @@ def pixel_limit_problem(max_pixels):
     return None
 
 
+@tf.autograph.experimental.do_not_convert
 def too_large_description(encoded, max_pixels, shape=None):
     """A string tensor 'HxW = N pixels, over the limit of M' for an image `within_pixel_limit` refuses."""
     shape = image_shape(encoded) if shape is None else shape

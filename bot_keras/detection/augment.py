@@ -73,6 +73,8 @@ def crop_and_pad(image, boxes, offset, size):
     return image, boxes, keep
 
 
+# Plain tensor code: not converted by AutoGraph (why: the note above pipeline.check_example).
+@tf.autograph.experimental.do_not_convert
 def preprocess_for_train(image, boxes, image_size, seed, *, scale_range=SCALE_RANGE, flip=True):
     """Random scale, random crop / pad to S×S, flip; normalised float32 [S, S, 3], boxes and `keep` [N].
 
@@ -96,6 +98,7 @@ def preprocess_for_train(image, boxes, image_size, seed, *, scale_range=SCALE_RA
     return image, boxes, keep
 
 
+@tf.autograph.experimental.do_not_convert
 def preprocess_for_eval(image, boxes, image_size):
     """Longer side to S, pad to S×S; returns (normalised image, boxes, scale [sy, sx]).
 

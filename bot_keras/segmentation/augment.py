@@ -84,6 +84,8 @@ def random_flip(image, mask, seed, probability=0.5):
     return flip_pair(image, mask, tf.random.stateless_uniform([], seed) < probability)
 
 
+# Plain tensor code: not converted by AutoGraph (why: the note above pipeline.check_example).
+@tf.autograph.experimental.do_not_convert
 def preprocess_for_train(image, mask, crop_size, seed, *, scale_range=SCALE_RANGE, flip=True):
     """uint8 image [H, W, 3], int mask [H, W] → float32 normalised [S, S, 3], int32 [S, S] (S = crop_size)."""
     scale_seed, crop_seed, flip_seed = _seeds(seed, 3)
@@ -96,6 +98,7 @@ def preprocess_for_train(image, mask, crop_size, seed, *, scale_range=SCALE_RANG
     return tf.ensure_shape(image, [crop_size, crop_size, 3]), tf.ensure_shape(mask, [crop_size, crop_size])
 
 
+@tf.autograph.experimental.do_not_convert
 def preprocess_for_eval(image, mask, crop_size, mode="pad"):
     """The validation transform (see the module docstring): "pad" keeps the whole image, "center" crops."""
     if mode not in EVAL_MODES:

@@ -155,6 +155,8 @@ def _is_palette_png(encoded):
     return tf.equal(tf.strings.substr(encoded, 25, 1), b"\x03")
 
 
+# Plain tensor code: not converted by AutoGraph (why: the note above pipeline.check_example).
+@tf.autograph.experimental.do_not_convert
 def decode_mask(encoded, path):
     """PNG bytes → int32 [H, W] class ids (grayscale values, or palette indices via the VOC colour map)."""
     def palette():
@@ -182,6 +184,7 @@ def _is_png(encoded):
     return tf.equal(tf.strings.substr(encoded, 0, 8), image_ops.PNG_MAGIC)
 
 
+@tf.autograph.experimental.do_not_convert
 def decode_pair(encoded, encoded_mask, image_path, mask_path, num_classes,
                 max_image_pixels=image_ops.MAX_IMAGE_PIXELS):
     """Checks (framing, the pixel limit from the headers) and decodes one pair's bytes: uint8 [H, W, 3],
@@ -200,6 +203,7 @@ def decode_pair(encoded, encoded_mask, image_path, mask_path, num_classes,
     return check_pair(image, mask, num_classes, image_path, mask_path)
 
 
+@tf.autograph.experimental.do_not_convert
 def check_pair(image, mask, num_classes, image_name, mask_name):
     """Asserts equal sizes and ids < num_classes (or 255); returns (image, mask) once checked."""
     size = tf.strings.reduce_join(tf.strings.as_string(tf.shape(mask)[:2]), separator="x")

@@ -3,7 +3,9 @@ valid photos are never rejected, every bad input is named once.
 
 Each case asserts the exact outcome: the exit status, the file named, which files are unchanged (hashes
 before and after). The runs are tiny (ResNet-18-D on 32 px images, a few steps of a folder dataset the
-test writes); the subprocess cases are marked slow.
+test writes); the training cases are marked slow. A command runs in a fresh process where the process is
+what is tested (a kill, a signal, a console without TensorFlow's lines, the memory a refusal costs), and
+otherwise in this one through `commands.run` (the same flags, main and exit codes).
 """
 
 import csv
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import time
 
+import commands
 import pytest
 from test_finetune import write_scenes
 from test_train import _cli
@@ -79,7 +82,7 @@ def finished_run(tmp_path_factory):
     """A tiny finished run (trained by the CLI) and its data folder; tests copy it before changing it."""
     root = tmp_path_factory.mktemp("finished")
     data = _write_folder(root / "data")
-    proc = _run("bot_keras.train", *_train_args(data, root / "run"))
+    proc = commands.run("bot_keras.train", *_train_args(data, root / "run"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root / "run", data
 
@@ -101,12 +104,12 @@ def test_resume_of_a_finished_run_changes_no_file_and_raised_epochs_continue(fin
     first = json.loads((run / "final_metrics.json").read_text())
     assert {"loss", "top1", "top5", "step", "wall_time_s"} <= set(first) and first["step"] == 2
 
-    proc = _run("bot_keras.train", *_train_args(data, run, "--resume"))
+    proc = commands.run("bot_keras.train", *_train_args(data, run, "--resume"))
     assert proc.returncode == cli.OK, proc.stderr[-3000:]
     assert f"{run} is a complete run (step 2): nothing to do" in proc.stdout
     assert _hashes(run) == before  # model, metrics, flags, classes, checkpoints, logs: every byte
 
-    proc = _run("bot_keras.train", *_train_args(data, run, "--resume", "--epochs=2"))
+    proc = commands.run("bot_keras.train", *_train_args(data, run, "--resume", "--epochs=2"))
     assert proc.returncode == cli.OK, proc.stderr[-3000:]
     metrics = json.loads((run / "final_metrics.json").read_text())
     assert metrics["step"] == 4 and {"loss", "top1", "top5", "lr"} <= set(metrics)
@@ -146,7 +149,7 @@ def test_kill_during_the_final_save_leaves_no_model_and_resume_writes_it(tmp_pat
     with pytest.raises(cli.SetupError, match=cure):
         evaluate.evaluate_run(run, split="train")
 
-    proc = _run("bot_keras.train", *_train_args(data, run, "--resume"))
+    proc = commands.run("bot_keras.train", *_train_args(data, run, "--resume"))
     assert proc.returncode == cli.OK, proc.stderr[-3000:]
     assert "finished training (step 2) but lacks its final files: writing them" in proc.stdout
     # The checkpoint carried the last epoch's logs: the metrics are those training.csv recorded.
@@ -164,7 +167,7 @@ def test_kill_during_the_final_save_leaves_no_model_and_resume_writes_it(tmp_pat
 def test_an_empty_model_file_is_reported_as_damaged_naming_resume(finished_run, tmp_path):
     run = _copy(finished_run[0], tmp_path)
     (run / "model.keras").write_bytes(b"")
-    proc = _run("bot_keras.evaluate", f"--model_dir={run}", "--split=train")
+    proc = commands.run("bot_keras.evaluate", f"--model_dir={run}", "--split=train")
     assert proc.returncode == cli.USAGE_ERROR
     expected = (f"bot_keras.evaluate: error: {run}/model.keras: damaged: empty (0 bytes); the run's "
                 f"checkpoints can rewrite it: python -m bot_keras.train --flagfile={run}/flags.txt "
@@ -176,7 +179,7 @@ def test_an_empty_model_file_is_reported_as_damaged_naming_resume(finished_run, 
             call()
     assert not (tmp_path / "export").exists()
     before = {k: v for k, v in _hashes(run).items() if k != "model.keras"}
-    proc = _run("bot_keras.train", f"--flagfile={run}/flags.txt", f"--model_dir={run}", "--resume")
+    proc = commands.run("bot_keras.train", f"--flagfile={run}/flags.txt", f"--model_dir={run}", "--resume")
     assert proc.returncode == cli.OK, proc.stderr[-3000:]
     assert {k: v for k, v in _hashes(run).items() if k != "model.keras"} == before
     predict.load_classifier(run)  # loads
@@ -204,7 +207,7 @@ def test_bad_data_zoo_trailer_trains_empty_file_named_then_rerun_reuses_the_dire
     assert not (run / "model.keras").exists() and not any((run / "checkpoints").glob("*"))
 
     (data / "train" / "b" / "zero.jpg").unlink()  # the user fixes the data and runs the same command
-    proc = _run("bot_keras.train", *args)
+    proc = commands.run("bot_keras.train", *args)
     assert proc.returncode == cli.OK, proc.stderr[-3000:]
     assert "holds no checkpoint and no model" in proc.stdout and "starting the run afresh" in proc.stdout
     assert json.loads((run / "final_metrics.json").read_text())["step"] == 5
@@ -240,7 +243,8 @@ def test_evaluate_on_a_broken_split_names_the_file_or_skips_it(finished_run, tmp
     with pytest.raises(cli.SetupError, match=r"trained without an evaluation split .* with --split\.$"):
         evaluate.evaluate_run(run)
 
-    proc = _run("bot_keras.evaluate", f"--model_dir={run}", f"--dataset=folder:{broken}", "--split=train")
+    proc = commands.run("bot_keras.evaluate", f"--model_dir={run}", f"--dataset=folder:{broken}",
+                        "--split=train")
     assert proc.returncode == cli.USAGE_ERROR
     assert _error_line(proc, "bot_keras.evaluate") == (
         "bot_keras.evaluate: error: Evaluation stopped by bad input data: Undecodable image file (empty, "
@@ -283,11 +287,11 @@ def _bombs(directory):
 
 
 @SLOW
-def test_training_names_an_image_bomb_or_skips_and_counts_both(tmp_path):
+def test_training_names_an_image_bomb_or_skips_and_counts_both(tmp_path, capfd):
     data = _write_folder(tmp_path / "data")
     jpeg, png = _bombs(data / "train" / "a")
     args = _train_args(data, tmp_path / "run", "--steps_per_epoch=5")  # 18 images, 5 steps of 4: all read
-    proc = _run("bot_keras.train", *args)
+    proc = commands.run("bot_keras.train", *args)
     assert proc.returncode == cli.USAGE_ERROR
     line = _error_line(proc, "bot_keras.train")
     expected = {
@@ -301,8 +305,8 @@ def test_training_names_an_image_bomb_or_skips_and_counts_both(tmp_path):
         "with skip_corrupt)"
     )
 
-    proc = _run("bot_keras.train", *_train_args(data, tmp_path / "skip", "--steps_per_epoch=5",
-                                                "--skip_corrupt"))
+    proc = commands.run("bot_keras.train", *_train_args(data, tmp_path / "skip", "--steps_per_epoch=5",
+                                                        "--skip_corrupt"), capfd=capfd)
     assert proc.returncode == cli.OK, proc.stderr[-3000:]
     assert json.loads((tmp_path / "skip" / "final_metrics.json").read_text())["skipped_files"] == 2
     warnings = [line for line in proc.stderr.splitlines() if "skipped image over the pixel limit" in line]
@@ -312,8 +316,9 @@ def test_training_names_an_image_bomb_or_skips_and_counts_both(tmp_path):
 
     # The skipped files travel in the checkpoints: a resumed run reads both files again, names neither
     # again, and its count is the run's (2), not the process's (0 new files).
-    proc = _run("bot_keras.train", *_train_args(data, tmp_path / "skip", "--steps_per_epoch=5",
-                                                "--skip_corrupt", "--resume", "--epochs=2"))
+    resume = _train_args(data, tmp_path / "skip", "--steps_per_epoch=5", "--skip_corrupt", "--resume",
+                         "--epochs=2")
+    proc = commands.run("bot_keras.train", *resume, capfd=capfd)
     assert proc.returncode == cli.OK, proc.stderr[-3000:]
     assert "skipped image" not in proc.stderr and "Skipped 2 distinct undecodable files" in proc.stdout
     metrics = json.loads((tmp_path / "skip" / "final_metrics.json").read_text())
@@ -341,7 +346,7 @@ for path in sys.argv[2:]:
 def test_predict_and_the_exported_savedmodel_refuse_image_bombs_without_decoding_them(finished_run, tmp_path):
     run, data = finished_run
     jpeg, png = _bombs(tmp_path / "images")
-    proc = _run("bot_keras.predict", f"--model={run}", str(png))
+    proc = commands.run("bot_keras.predict", f"--model={run}", str(png))
     assert proc.returncode == cli.USAGE_ERROR
     assert _error_line(proc, "bot_keras.predict") == (
         f"bot_keras.predict: error: {png} declares 20000x20000 = 400000000 pixels, over --max_image_pixels="
@@ -393,7 +398,7 @@ def test_a_truncated_jpeg_in_a_finetuning_set_is_named_with_the_cure_or_skipped_
     args = [f"--task={task}", f"--dataset={dataset}", "--eval_split=", "--backbone=resnet18_d",
             "--crop_size=64" if task == "detection" else "--crop_size=32", "--batch_size=2",
             "--steps_per_epoch=2", "--epochs=1", "--verbose=0", "--seed=1"]  # 2 steps of 2: all read
-    proc = _run("bot_keras.finetune", *args, f"--model_dir={tmp_path / 'run'}")
+    proc = commands.run("bot_keras.finetune", *args, f"--model_dir={tmp_path / 'run'}")
     assert proc.returncode == cli.USAGE_ERROR
     assert _error_line(proc, "bot_keras.finetune") == (
         f"bot_keras.finetune: error: Training stopped by bad input data: {expected} (remove the file, or "
@@ -484,49 +489,58 @@ def tf_latest(run):
 
 # --- 10. a full disk: ENOSPC on each kind of write ----------------------------------------------------
 
-# Runs bot_keras.train with the write named by argv[1] failing as a full disk does (ENOSPC), after writing
-# part of its data: the second checkpoint (its temporary shard written), model.keras (part of the archive
-# written) or final_metrics.json (its temporary written, then fsync fails).
-_FULL_DISK = """
-import errno, os, runpy, sys
-import keras, tensorflow as tf
-kind = sys.argv.pop(1)
-full = OSError(errno.ENOSPC, "No space left on device")
-if kind == "checkpoint":
-    save, calls = tf.train.CheckpointManager.save, []
-    def failing_save(self, checkpoint_number=None, **kwargs):
-        calls.append(checkpoint_number)
-        if len(calls) == 2:
-            os.makedirs(os.path.join(self.directory, f"ckpt-{checkpoint_number}_temp"))
-            open(os.path.join(self.directory, f"ckpt-{checkpoint_number}_temp", "part-0"), "wb").write(b"x")
+def _fill_the_disk(kind, monkeypatch):
+    """Makes the write of `kind` fail as a full disk does (ENOSPC) after writing part of its data: the
+    second checkpoint (its temporary shard written), model.keras (part of the archive written) or
+    final_metrics.json (its temporary written, then fsync fails)."""
+    import errno
+    import os
+
+    import keras
+    import tensorflow as tf
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    if kind == "checkpoint":
+        save, calls = tf.train.CheckpointManager.save, []
+
+        def failing_save(self, checkpoint_number=None, **kwargs):
+            calls.append(checkpoint_number)
+            if len(calls) == 2:
+                temp = pathlib.Path(self.directory) / f"ckpt-{checkpoint_number}_temp"
+                temp.mkdir()
+                (temp / "part-0").write_bytes(b"x")
+                raise full
+            return save(self, checkpoint_number=checkpoint_number, **kwargs)
+
+        monkeypatch.setattr(tf.train.CheckpointManager, "save", failing_save)
+    elif kind == "model":
+        def failing_model_save(self, path, *args, **kwargs):
+            pathlib.Path(path).write_bytes(b"PK\x03\x04 half an archive")
             raise full
-        return save(self, checkpoint_number=checkpoint_number, **kwargs)
-    tf.train.CheckpointManager.save = failing_save
-elif kind == "model":
-    def failing_model_save(self, path, *args, **kwargs):
-        open(path, "wb").write(b"PK\\x03\\x04 half an archive")
-        raise full
-    keras.Model.save = failing_model_save
-else:
-    fsync = os.fsync
-    def failing_fsync(fd):
-        if "final_metrics" in os.readlink(f"/proc/self/fd/{fd}"):
-            raise full
-        fsync(fd)
-    os.fsync = failing_fsync
-sys.argv[0] = "bot_keras.train"
-runpy.run_module("bot_keras.train", run_name="__main__")
-"""
+
+        monkeypatch.setattr(keras.Model, "save", failing_model_save)
+    else:
+        fsync = os.fsync
+
+        def failing_fsync(fd):
+            if "final_metrics" in os.readlink(f"/proc/self/fd/{fd}"):
+                raise full
+            fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", failing_fsync)
 
 
 @SLOW
 @pytest.mark.parametrize("kind, path", [("checkpoint", "checkpoints/ckpt-2"), ("model", "model.keras"),
                                         ("metrics", "final_metrics.json")])
-def test_a_full_disk_stops_in_one_line_leaves_the_previous_state_and_resume_finishes(kind, path, tmp_path):
+def test_a_full_disk_stops_in_one_line_leaves_the_previous_state_and_resume_finishes(kind, path, tmp_path,
+                                                                                      monkeypatch):
     data = _write_folder(tmp_path / "data")
     run = tmp_path / "run"
     args = _train_args(data, run, "--checkpoint_steps=1")  # checkpoints at steps 1 and 2
-    proc = _run(None, kind, *args, wrapper=_FULL_DISK)
+    with monkeypatch.context() as disk:
+        _fill_the_disk(kind, disk)
+        proc = commands.run("bot_keras.train", *args)
     assert proc.returncode == cli.USAGE_ERROR, proc.stderr[-3000:]
     assert _error_line(proc, "bot_keras.train") == (
         f"bot_keras.train: error: cannot write {run / path}: [Errno 28] No space left on device; the "
@@ -538,7 +552,7 @@ def test_a_full_disk_stops_in_one_line_leaves_the_previous_state_and_resume_fini
     assert not (run / "final_metrics.json").exists()
     assert (run / "model.keras").exists() == (kind == "metrics")
 
-    proc = _run("bot_keras.train", *args, "--resume")  # space freed
+    proc = commands.run("bot_keras.train", *args, "--resume")  # space freed
     assert proc.returncode == cli.OK, proc.stderr[-3000:]
     assert json.loads((run / "final_metrics.json").read_text())["step"] == 2
     assert run_dir_model_ok(run)

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import commands
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -145,23 +146,21 @@ def test_cli_prints_names_and_probabilities(run, image_files, expected_probabili
 
 
 
-def _cli_call(argv, capsys):
+def _cli_call(argv):
     """`python -m bot_keras.predict argv` in this process (cli.call: the parsing and exit codes of cli.run,
     whose fresh-process launch test_cli_prints_names_and_probabilities checks): (exit code, stderr)."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as stop:
-        cli.call(predict.main, predict.define_flags, argv, command=predict.COMMAND, required=("model",))
-    return stop.value.code, capsys.readouterr().err
+    done = commands.run(predict.COMMAND, *argv)
+    return done.returncode, done.stderr
 
 
-def test_cli_names_a_missing_image_and_exits_2(run, capsys):
-    code, err = _cli_call([f"--model={run[0]}", "gone.png"], capsys)
+def test_cli_names_a_missing_image_and_exits_2(run):
+    code, err = _cli_call([f"--model={run[0]}", "gone.png"])
     assert code == 2  # cli.USAGE_ERROR
     last_line = err.strip().splitlines()[-1]
     assert last_line == "bot_keras.predict: error: image file gone.png does not exist"
 
 
-def test_checkpoint_best_predicts_with_the_runs_best_model(run, image_files, tmp_path, capsys):
+def test_checkpoint_best_predicts_with_the_runs_best_model(run, image_files, tmp_path):
     """--checkpoint=best (or the file itself) reads model_best.keras: here another run's model, so its
     probabilities, not the final model's, come out; a path that is not a run directory is refused."""
     best_dir, best = make_run(tmp_path / "other", seed=4)
@@ -174,7 +173,7 @@ def test_checkpoint_best_predicts_with_the_runs_best_model(run, image_files, tmp
     final = predict.predict(str(run_copy), image_files, k=5)
     assert not np.allclose([p.probability for p in final[0][1]], np.sort(want[0])[::-1], atol=1e-3)
     argv = [f"--model={run_copy / 'model.keras'}", "--checkpoint=best", image_files[0]]
-    code, err = _cli_call(argv, capsys)
+    code, err = _cli_call(argv)
     assert code == cli.USAGE_ERROR, err[-2000:]
     assert err.strip().splitlines()[-1].endswith(
         f"--checkpoint=best chooses a run directory's model; --model={run_copy / 'model.keras'} is not a run "

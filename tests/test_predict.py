@@ -3,6 +3,7 @@ format; errors that name the bad file or path; the CLI."""
 
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -129,11 +130,14 @@ def test_bad_model_paths_are_named(run, image_files, tmp_path):
 
 @pytest.mark.slow
 def test_cli_prints_names_and_probabilities(run, image_files, expected_probabilities):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    # The environment a user runs it in: bot_keras itself keeps TensorFlow's log lines off the console.
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")}
+    env.update(PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
     result = subprocess.run(
         [sys.executable, "-m", "bot_keras.predict", f"--model={run[0]}", "--top_k=2", *image_files[:2]],
         env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+    assert not re.search(r"^[IWEF]\d{4} ", result.stdout + result.stderr, re.MULTILINE), result.stderr
     lines = result.stdout.strip().splitlines()[-6:]
     expected = []
     for path, probabilities in zip(image_files[:2], expected_probabilities, strict=False):

@@ -26,6 +26,8 @@ import tempfile
 import keras
 import tensorflow as tf
 
+from bot_keras.models.resnet import nested_layers
+
 STRATEGIES = ("default", "mirrored", "multi_worker_mirrored", "tpu")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
@@ -213,13 +215,8 @@ def set_synchronized_batch_norm(model, synchronized):
     Returns how many layers it set.
     """
 
-    def all_layers(parent):  # nested models (e.g. a wrapped backbone) included
-        for layer in getattr(parent, "layers", []):
-            yield layer
-            yield from all_layers(layer)
-
     count = 0
-    for layer in all_layers(model):
+    for layer in nested_layers(model):  # nested models (a wrapped backbone) included
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.synchronized = synchronized
             count += 1

@@ -23,7 +23,7 @@ from bot_keras.models.keras_hub_weights import (
     load_preset_backbone,
     model_name_for,
 )
-from bot_keras.models.resnet import OUTPUT_STRIDES, freeze_backbone
+from bot_keras.models.resnet import OUTPUT_STRIDES, freeze_backbone, layers_with_weights
 from bot_keras.models.timm_weights import HUB_PREFIX, download_timm_weights, load_timm_weights
 
 WEIGHT_SUFFIXES = (".keras", ".weights.h5", ".safetensors")
@@ -195,18 +195,13 @@ def initial_weights(f):
     return load_backbone_weights(f.backbone_weights, f.backbone)
 
 
-def _layers_with_weights(model):
-    return {layer.name: layer for layer in model._flatten_layers(include_self=False, recursive=True)
-            if layer.weights and not getattr(layer, "layers", None)}
-
-
 def copy_pretrained(model, source, *, spec, keep_head):
     """Copies the pretrained `source` (`load_backbone_weights`) into the classifier `model`, layer by layer by
     name: every backbone layer must be found with the same shapes (else a SetupError naming both models and
     the layer, nothing changed); the head (`logits`) too when `keep_head`, else it keeps its initialisation.
     Prints what was copied and returns that line."""
-    ours = _layers_with_weights(model)
-    theirs = _layers_with_weights(source)
+    ours = layers_with_weights(model)
+    theirs = layers_with_weights(source)
     pairs = []
     for name, layer in ours.items():
         if name == "logits" and not keep_head:
@@ -242,7 +237,7 @@ def copy_pretrained(model, source, *, spec, keep_head):
 def keeps_head(source, num_classes, *, new_head):
     """Whether fine-tuning keeps the source classifier's head: it has one of `num_classes` outputs and
     --new_head is off (continuing a run on the same classes)."""
-    head = _layers_with_weights(source).get("logits")
+    head = layers_with_weights(source).get("logits")
     return not new_head and head is not None and getattr(head, "units", None) == num_classes
 
 

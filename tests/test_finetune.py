@@ -219,7 +219,9 @@ def test_freeze_stages_and_bn_touch_the_backbone_only():
     assert not trainable["stem_conv1"] and not trainable["stage1_block1_conv2"]
     assert trainable["stage2_block0_conv1"] and not trainable["stage2_block0_bn1"]  # BN frozen everywhere
     assert trainable["fcn_conv"] and trainable["fcn_bn"] and trainable["aux_logits"]  # heads untouched
-    # keras-hub's DeepLabV3 nests our backbone two models deep; freezing finds it there too.
+    # keras-hub's DeepLabV3 nests our backbone two models deep; freezing finds it there too. The check
+    # walks with Keras' private `_flatten_layers` (custom layers' sublayers included), a second walk
+    # beside the public one (`nested_layers`) that freeze_backbone takes.
     deeplab = heads.build_segmenter("deeplabv3", "resnet18_d", num_classes=3, output_stride=16)
     before = len(deeplab.trainable_weights)
     frozen = freeze_backbone(deeplab, stages=4)

@@ -26,6 +26,8 @@ import re
 
 import numpy as np
 
+from bot_keras.models.resnet import layers_with_weights
+
 PRESET_PREFIX = "kerashub:"
 
 # Our depth for keras-hub's blocks per stage, bottleneck ResNet-vd only (see the module docstring).
@@ -79,18 +81,6 @@ def _our_layer_name(keras_hub_name):
     return None
 
 
-def _layers_with_weights(model):
-    found = {}
-    stack = list(getattr(model, "layers", ()))
-    while stack:
-        layer = stack.pop(0)
-        if getattr(layer, "layers", None):
-            stack.extend(layer.layers)
-        elif layer.weights:
-            found[layer.name] = layer
-    return found
-
-
 def _import_keras_hub():
     try:
         import keras_hub
@@ -140,8 +130,8 @@ def copy_preset_weights(model, source, *, label="the keras-hub preset"):
     and both architectures, and no weight changes. Returns `{"loaded": [our layer names], "skipped": [our
     layers with weights that the preset does not cover]}`: only the classifier head (`logits`) may be skipped.
     """
-    ours = _layers_with_weights(model)
-    theirs = _layers_with_weights(source)
+    ours = layers_with_weights(model)
+    theirs = layers_with_weights(source)
     name = model.name.removesuffix("_backbone")
     config = {"class_name": type(source).__name__, "config": source.get_config()}
     expected = model_name_for(config)

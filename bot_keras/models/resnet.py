@@ -298,6 +298,23 @@ def resnet_features(inputs, depth, *, tweaks=Tweaks(), output_stride=32, zero_ga
     return features
 
 
+def nested_layers(model):
+    """Every layer inside `model`, depth first, the layers of nested models included (our backbone inside a
+    keras-hub task, a wrapped backbone), through the public `Model.layers`. The sublayers of a custom layer
+    (keras-hub's FPN and heads) are not listed: Keras 3 exposes those only through the private
+    `_flatten_layers`; every layer we freeze, copy or convert lives in a backbone's functional graph."""
+    for layer in getattr(model, "layers", ()):
+        yield layer
+        yield from nested_layers(layer)
+
+
+def layers_with_weights(model):
+    """{name: layer} of the innermost layers of `model` (`nested_layers`) that hold weights: what weight
+    copying between two models matches by name."""
+    return {layer.name: layer for layer in nested_layers(model)
+            if layer.weights and not getattr(layer, "layers", None)}
+
+
 def freeze_backbone(model, *, stages=0, batch_norm=False):
     """Freezes part of the ResNet inside `model` (a backbone, or a task built on one) for fine-tuning.
 
@@ -312,7 +329,7 @@ def freeze_backbone(model, *, stages=0, batch_norm=False):
         raise ValueError(f"stages must be in [0, 4], got {stages!r}")
     frozen_prefixes = ("stem_", *(f"stage{n}_" for n in range(1, stages + 1))) if stages else None
     count = 0
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in nested_layers(model):
         if not layer.weights or not layer.name.startswith(("stem_", "stage")):
             continue
         in_frozen_stage = frozen_prefixes is not None and layer.name.startswith(frozen_prefixes)

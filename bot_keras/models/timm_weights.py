@@ -35,6 +35,8 @@ import ml_dtypes  # numpy's bfloat16 (TensorFlow's and Keras's own dependency); 
 import numpy as np
 import safetensors
 
+from bot_keras.models.resnet import nested_layers
+
 # Depth → blocks per stage and block type, as timm builds them (used to describe a file in errors).
 _TIMM_DEPTHS = {
     ((2, 2, 2, 2), False): 18,
@@ -167,12 +169,6 @@ def describe_timm_state_dict(shapes):
     return f"timm 'resnet{depth}{'d' if avg_down else 'c' if deep_stem else ''}'"
 
 
-def _walk_layers(layer):
-    for child in getattr(layer, "layers", ()):
-        yield child
-        yield from _walk_layers(child)
-
-
 def _layer_prefix(name, *, avg_down):
     """Our layer name → its timm module prefix (no trailing dot), or None for the classifier."""
     if name in _PLAIN_STEM_KEYS:
@@ -192,7 +188,7 @@ def _layer_prefix(name, *, avg_down):
 
 def _targets(model):
     """`{timm key: (keras variable, axes permutation timm → ours or None)}` in the model's layer order."""
-    layers = list(_walk_layers(model))
+    layers = list(nested_layers(model))
     names = {layer.name for layer in layers}
     avg_down = any(name.endswith("_down_pool") for name in names)
     _reject_resnet_a(model, layers)

@@ -134,6 +134,9 @@ class MomentumSGD(keras.optimizers.Optimizer):
         return next((factor for pattern, factor in self.lr_multipliers if re.search(pattern, path)), 1.0)
 
     def update_step(self, gradient, variable, learning_rate):
+        # Keras' Optimizer has no public routes to a variable's slot index or to its own
+        # exclude_from_weight_decay verdict: Keras' own SGD calls `_get_variable_index` in its update_step,
+        # and its base class's decoupled decay `_use_weight_decay`.
         factor = self._lr_factors[self._get_variable_index(variable)]
         lr = ops.cast(learning_rate, variable.dtype)
         if factor != 1.0:

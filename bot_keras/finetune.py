@@ -89,10 +89,11 @@ def validate_flags(f):
 
 
 def contract_flags(task):
-    """Every flag a run of `task` records, in definition order (--task first)."""
+    """Every flag a run of `task` records, in definition order (--task first); without a task, those every
+    task shares (what `--help` lists)."""
     scratch = flags.FlagValues()
     define_flags(scratch, task)
-    aliases = getattr(task_module(task), "FINETUNE_ALIASES", {})
+    aliases = getattr(task_module(task), "FINETUNE_ALIASES", {}) if task is not None else {}
     return tuple(name for name in scratch if name not in aliases)
 
 

@@ -209,6 +209,21 @@ def test_cli_bad_flags_exit_2_one_line_each_and_no_traceback(tmp_path):
     assert len(lines) == 2
 
 
+@pytest.mark.parametrize("argv, own, foreign", [
+    (["--help"], {"task", "model_dir", "resume", "precision"}, {"head", "backbone", "model"}),
+    (["--task=segmentation", "--help"], {"task", "model_dir", "head", "backbone", "epochs"}, {"model"}),
+    (["--task=classification", "--helpfull"], {"task", "model_dir", "model", "mixup_alpha"}, {"head"}),
+])
+def test_help_lists_the_common_flags_and_with_a_task_that_tasks(argv, own, foreign, monkeypatch):
+    # The command's flags as `python -m bot_keras.finetune ARGV` defines them (its key flags: what --help
+    # prints); without --task, --help must not stop at the missing task.
+    monkeypatch.setattr(sys, "argv", ["bot_keras.finetune", *argv])
+    flag_values = flags.FlagValues()
+    finetune._define_command_flags(flag_values)
+    listed = {flag.name for flag in flag_values.get_key_flags_for_module(finetune)}
+    assert own <= listed and not foreign & listed, sorted(listed)
+
+
 # --- the backbone: weights in, parts frozen ------------------------------------------------------------
 
 

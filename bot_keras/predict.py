@@ -9,9 +9,12 @@ PATH is any of:
     `model_best.keras`, rebuilt in float32 if it was trained in mixed precision), or either file itself,
     or the directory `--format=keras` writes;
   - any other `.keras` file, with `classes.txt` beside it; the image size comes from `flags.txt` beside it
-    or else the model's input shape.
-For the last two the images go through `data.decode.decode_image` and `preprocess_for_eval`, the
-evaluation transform of Section 2.1 of the paper that the SavedModel carries in its graph.
+    or else the model's input shape;
+  - the directory `--format=tflite` writes, or its `model.tflite` (with `classes.txt` beside it): run by
+    TensorFlow's TFLite interpreter one image at a time, the evaluation transform inside the model.
+For run directories and `.keras` files the images go through `data.decode.decode_image` and
+`preprocess_for_eval`, the evaluation transform of Section 2.1 of the paper that the SavedModel carries in
+its graph.
 
 Output, for each image:
 
@@ -42,6 +45,7 @@ from bot_keras.data.decode import (
     image_shape,
     pixel_limit_problem,
 )
+from bot_keras.export import TFLITE_FILE
 
 COMMAND = "bot_keras.predict"
 
@@ -52,7 +56,7 @@ class Classifier:
 
     probabilities: Callable
     class_names: tuple
-    kind: str  # "savedmodel", "keras" or "run"
+    kind: str  # "savedmodel", "keras", "run" or "tflite"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +72,31 @@ def _keras_classifier(model, class_names, image_size, kind):
         return tf.nn.softmax(tf.cast(model(batch, training=False), tf.float32), axis=-1).numpy()
 
     return Classifier(probabilities=probabilities, class_names=tuple(class_names), kind=kind)
+
+
+def _tflite_classifier(path):
+    """The model `bot_keras.export --format=tflite` writes: one uint8 image [1, H, W, 3] a call, the input
+    resized to each image's own size (the evaluation transform runs inside); classes.txt beside it."""
+    class_names = _read_class_names(path.parent / run_dir.CLASSES_FILE)
+    try:
+        interpreter = tf.lite.Interpreter(model_path=str(path))
+    except ValueError as err:  # not a flatbuffer, or a damaged one
+        raise cli.SetupError(f"--model={path}: cannot load the TFLite model: {err}") from err
+    details = interpreter.get_input_details()
+    if len(details) != 1 or details[0]["dtype"] != np.uint8 or len(details[0]["shape"]) != 4:
+        raise cli.SetupError(f"--model={path} is a TFLite model but not one bot_keras.export wrote "
+                             "(it takes one uint8 image [1, H, W, 3])")
+
+    def probabilities(encoded_images):
+        rows = []
+        for data in encoded_images:
+            image = decode_image(data).numpy()[np.newaxis]
+            interpreter.resize_tensor_input(details[0]["index"], image.shape)
+            interpreter.allocate_tensors()
+            rows.append(interpreter.get_signature_runner()(image=image)["probabilities"][0])
+        return np.stack(rows)
+
+    return Classifier(probabilities=probabilities, class_names=tuple(class_names), kind="tflite")
 
 
 def _read_class_names(path):
@@ -101,6 +130,13 @@ def load_classifier(path, checkpoint="final"):
 
         names = tuple(name.decode() for name in loaded.class_names.numpy())
         return Classifier(probabilities=probabilities, class_names=names, kind="savedmodel")
+    if path.is_dir() and (path / TFLITE_FILE).is_file():
+        path = path / TFLITE_FILE
+    if path.is_file() and path.suffix == ".tflite":
+        if checkpoint != "final":
+            raise cli.SetupError(f"--checkpoint={checkpoint} chooses a run directory's model; --model={path} "
+                                 "is a TFLite export")
+        return _tflite_classifier(path)
     names = {file: name for name, file in run_dir.CHECKPOINTS.items()}
     if path.is_file() and path.name in names and (path.parent / run_dir.FLAGS_FILE).is_file():
         # A run directory's final or best model: load it as the run (float32 rebuild included).
@@ -123,7 +159,7 @@ def load_classifier(path, checkpoint="final"):
     if not path.exists():
         raise cli.SetupError(f"--model={path} does not exist")
     raise cli.SetupError(
-        f"--model={path} is neither a SavedModel directory (saved_model.pb), a .keras file "
+        f"--model={path} is neither a SavedModel directory (saved_model.pb), a .keras or .tflite file "
         "nor a run directory (flags.txt, classes.txt, model.keras)"
     )
 
@@ -200,7 +236,10 @@ def model_task(path):
 
 def define_flags(fv):
     d = dict(flag_values=fv)
-    flags.DEFINE_string("model", None, "SavedModel directory, .keras file or run directory.", **d)
+    flags.DEFINE_string(
+        "model", None,
+        "SavedModel directory, .keras or .tflite file (or its export directory), or run directory.", **d,
+    )
     flags.DEFINE_integer("top_k", 5, "How many classes to print per image.", **d)
     flags.DEFINE_enum(
         "checkpoint", "final", list(run_dir.CHECKPOINTS),

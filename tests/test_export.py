@@ -24,7 +24,7 @@ from tiny_run import (
     write_image_folder,
 )
 
-from bot_keras import cli, export, model_files
+from bot_keras import cli, export, model_files, predict
 from bot_keras import run_dir as runs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -245,6 +245,40 @@ def test_dynamic_range_tflite_stores_int8_weights(tflite_files):
     float_size = tflite_files["none"].stat().st_size
     dynamic_size = tflite_files["dynamic"].stat().st_size
     assert dynamic_size < 0.35 * float_size, (dynamic_size, float_size)  # 4 bytes → 1 byte a weight
+
+
+def test_predict_runs_the_tflite_export_as_it_runs_the_run(run, tflite_files, tmp_path):
+    paths = []
+    for name, data in sample_images():  # several formats and sizes: the input is resized per image
+        (tmp_path / name).write_bytes(data)
+        paths.append(str(tmp_path / name))
+    k = len(CLASS_NAMES)
+    reference = predict.predict(run[0], paths, k=k)  # the run's model.keras, preprocess_for_eval in Python
+
+    def ranked(results):
+        return [[(p.class_name, p.probability) for p in row] for _, row in results]
+
+    for target in (tflite_files["none"].parent, tflite_files["none"]):  # the export directory, or its file
+        assert predict.load_classifier(target).kind == "tflite"
+        results = predict.predict(target, paths, k=k)
+        assert [path for path, _ in results] == paths
+        for ours, theirs in zip(ranked(results), ranked(reference), strict=True):
+            assert [name for name, _ in ours[:1]] == [name for name, _ in theirs[:1]]
+            np.testing.assert_allclose(sorted(p for _, p in ours), sorted(p for _, p in theirs), atol=1e-5)
+    quantised = predict.predict(tflite_files["dynamic"], paths, k=1)  # int8 weights: the same top-1 class
+    assert [row[0].class_name for _, row in quantised] == [row[0].class_name for _, row in reference]
+
+    with pytest.raises(cli.SetupError, match="--checkpoint=best chooses a run directory's model"):
+        predict.load_classifier(tflite_files["none"].parent, checkpoint="best")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.tflite").write_bytes(b"not a flatbuffer")
+    shutil.copy(tflite_files["none"].parent / "classes.txt", broken)
+    with pytest.raises(cli.SetupError, match=f"--model={broken / 'model.tflite'}: cannot load the TFLite"):
+        predict.load_classifier(broken)
+    (broken / "classes.txt").unlink()
+    with pytest.raises(cli.SetupError, match=f"{broken / 'classes.txt'} is missing"):
+        predict.load_classifier(broken / "model.tflite")
 
 
 # --- backbone ---------------------------------------------------------------------------------------------

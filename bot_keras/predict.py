@@ -169,6 +169,8 @@ def read_images(paths, max_image_pixels=MAX_IMAGE_PIXELS):
     whose header declares more than `max_image_pixels` pixels (checked before anything decodes it)."""
     encoded = []
     for path in map(pathlib.Path, paths):
+        if path.is_dir():
+            raise cli.SetupError(f"{path} is a directory; name the image files (e.g. {path / '*.jpg'})")
         if not path.is_file():
             raise cli.SetupError(f"image file {path} does not exist")
         data = path.read_bytes()

@@ -250,6 +250,9 @@ def read_run(model_dir, *, task=CLASSIFICATION, checkpoint="final"):
     if checkpoint == "best" and not (model_dir / BEST_MODEL_FILE).is_file():
         raise SetupError(f"--checkpoint=best: {model_dir} has no {BEST_MODEL_FILE} (train with --keep_best)")
     missing = [name for name in (FLAGS_FILE, CLASSES_FILE, MODEL_FILE) if not (model_dir / name).is_file()]
+    if missing and (model_dir / "saved_model.pb").is_file():
+        raise SetupError(f"{model_dir} is a SavedModel export, not a run directory: give the run directory "
+                         "it was exported from (bot_keras.predict --model takes the export)")
     if missing:
         hint = ""
         if MODEL_FILE in missing:

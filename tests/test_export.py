@@ -334,6 +334,12 @@ def test_incomplete_run_directory_names_the_missing_files(run, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_export_given_as_the_run_directory_is_named_as_an_export(saved_model, tmp_path):
+    with pytest.raises(cli.SetupError, match=f"^{saved_model} is a SavedModel export, not a run directory"):
+        export.export(saved_model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_flags_without_model_or_image_size_are_named(run, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(run[0], broken)

@@ -98,6 +98,8 @@ def test_format_prints_each_image_then_ranked_names_and_probabilities():
 def test_missing_and_non_image_files_are_named(run, image_files, tmp_path):
     with pytest.raises(cli.SetupError, match=f"image file {tmp_path / 'gone.jpg'} does not exist"):
         predict.predict(run[0], [image_files[0], str(tmp_path / "gone.jpg")])
+    with pytest.raises(cli.SetupError, match=f"^{tmp_path} is a directory; name the image files"):
+        predict.predict(run[0], [str(tmp_path)])
     (tmp_path / "notes.jpg").write_text("not a picture")
     truncated = pathlib.Path(image_files[1]).read_bytes()[:500]  # a JPEG cut short
     (tmp_path / "cut.jpg").write_bytes(truncated)

@@ -122,3 +122,10 @@ def test_drawn_box_and_label_sit_on_the_given_pixels():
     assert (picture[:20, 10:50] != 128).any()  # the label is drawn above the box
     assert draw.format_detections("a.png", rows) == (
         "a.png  (1 detection)\n  zebra  0.900  yxyx [20.0, 10.0, 35.0, 50.0]")
+    # Empty boxes are drawn, not refused by Pillow: one clipped at the bottom edge (y_min = y_max = 40, the
+    # image height: its label shows above it, on row 39) and a zero-width one (a line at column 55).
+    empty = draw.keep({"boxes": [[40.0, 5.0, 40.0, 30.0], [10.0, 55.0, 30.0, 55.0]], "scores": [0.8, 0.7],
+                       "class_ids": [2, 3], "class_names": [b"a", b"b"]}, min_score=0.5)
+    lines = np.asarray(Image.open(io.BytesIO(draw.draw_detections(buffer.getvalue(), empty))))
+    assert tuple(lines[39, 6]) == draw.PALETTE[2] and tuple(lines[20, 55]) == draw.PALETTE[3]
+    assert tuple(lines[20, 54]) == (128, 128, 128)

@@ -31,9 +31,12 @@ def draw_detections(encoded, rows, image_format="PNG"):
     image = Image.open(io.BytesIO(encoded)).convert("RGB")
     draw = ImageDraw.Draw(image)
     width = max(1, round(max(image.size) / 200))
-    for (y0, x0, y1, x1), score, class_id, name in rows:
+    for box, score, class_id, name in rows:
+        # A box clipped to the image can be empty (a prediction beyond the bottom edge: y_min = y_max = H):
+        # drawn as a line. The right and bottom edges are the last pixels inside the box.
+        y0, x0, y1, x1 = min(box[0], box[2]), min(box[1], box[3]), max(box[0], box[2]), max(box[1], box[3])
         colour = PALETTE[class_id % len(PALETTE)]
-        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=colour, width=width)
+        draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=colour, width=width)
         label = f"{name} {score:.2f}"
         left, top, right, bottom = draw.textbbox((x0, y0), label)
         text_y = y0 - (bottom - top) - 2 if y0 >= bottom - top + 2 else y0  # above the box when it fits

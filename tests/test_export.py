@@ -288,7 +288,7 @@ def test_trained_weights_load_into_the_backbone(run):
     run_dir, model = run
     backbone = model_files.load_backbone(run_dir)
     pool = next(layer for layer in model.layers if isinstance(layer, keras.layers.GlobalAveragePooling2D))
-    features = keras.Model(model.inputs, pool.input)
+    features = keras.Model(model.input, pool.input)
     images = tf.constant(np.random.default_rng(0).normal(size=(2, IMAGE_SIZE, IMAGE_SIZE, 3)), tf.float32)
     p5 = backbone(images, training=False)["P5"]
     np.testing.assert_allclose(p5, features(images, training=False), atol=1e-5)

@@ -46,7 +46,7 @@ def test_vd50_preset_gives_identical_features_at_every_level(vd50_preset):
     assert report["skipped"] == []
     assert len(report["loaded"]) == 3 * 2 + 16 * 3 * 2 + 4 * 2  # stem, blocks, one shortcut per stage
     images = np.random.default_rng(0).uniform(-2, 2, (2, 64, 64, 3)).astype("float32")
-    features = keras.Model(source.inputs, source.pyramid_outputs)  # the preset's P2..P5 against ours
+    features = keras.Model(source.input, source.pyramid_outputs)  # the preset's P2..P5 against ours
     expected = features(images, training=False)
     got = ours(images, training=False)
     for key in ("P2", "P3", "P4", "P5"):

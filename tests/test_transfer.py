@@ -36,7 +36,7 @@ def classifier_flags(spec, **overrides):
 
 
 def pooled_features(classifier, images):
-    return np.asarray(keras.Model(classifier.inputs, classifier.get_layer("logits").input)(images))
+    return np.asarray(keras.Model(classifier.input, classifier.get_layer("logits").input)(images))
 
 
 @pytest.fixture(scope="module")

@@ -386,6 +386,26 @@ def finish_trained_run(f, *, machinery, model, state, step_var, extra_metrics=No
     )
 
 
+def changed_flags(old_text, new_text, flag_values):
+    """`--a=1 → --a=2` for each flag whose flagfile line differs between two flags.txt texts (booleans
+    `--x` / `--nox` paired by name; a flag only one side records is shown against "unset"). --model_dir is
+    left out: a run directory moved elsewhere is the same run."""
+
+    def by_name(text):
+        lines = {}
+        for line in text.splitlines():
+            name = line[2:].split("=", 1)[0]
+            if "=" not in line and name not in flag_values and name.startswith("no"):
+                name = name[2:]
+            if name != "model_dir":
+                lines[name] = line
+        return lines
+
+    old, new = by_name(old_text), by_name(new_text)
+    return [f"{old.get(name, 'unset')} → {new.get(name, 'unset')}" for name in sorted(set(old) | set(new))
+            if old.get(name) != new.get(name)]
+
+
 def write_run_files(f, *, task, flags_text, class_names, resolved=None):
     """run.json (the task and the `resolved` values), flags.txt and classes.txt in --model_dir (call on the
     chief only). A directory a run left before its first checkpoint (`run_dir.never_started`) is started
@@ -400,7 +420,14 @@ def write_run_files(f, *, task, flags_text, class_names, resolved=None):
     os.makedirs(f.model_dir, exist_ok=True)
     run_dir.remove_temporaries(f.model_dir)
     run_dir.write_run_info(f.model_dir, task=task, resolved=resolved)
-    atomic_write.write_atomic(os.path.join(f.model_dir, run_dir.FLAGS_FILE), flags_text)
+    flags_path = os.path.join(f.model_dir, run_dir.FLAGS_FILE)
+    if f.resume and os.path.isfile(flags_path):
+        with open(flags_path, encoding="utf-8") as old:
+            changes = changed_flags(old.read(), flags_text, f)
+        if changes:
+            print(f"--resume with flags changed since {flags_path}: {'; '.join(changes)} (flags.txt now "
+                  "records the new values)", flush=True)
+    atomic_write.write_atomic(flags_path, flags_text)
     run_dir.write_class_names(os.path.join(f.model_dir, run_dir.CLASSES_FILE), class_names)
 
 

@@ -116,6 +116,8 @@ def test_resume_of_a_finished_run_changes_no_file_and_raised_epochs_continue(fin
     # The run's total training time: the first process's plus the second's.
     assert metrics["wall_time_s"] > first["wall_time_s"]
     assert "--epochs=2.0\n" in (run / "flags.txt").read_text()
+    assert (f"--resume with flags changed since {run / 'flags.txt'}: --epochs=1.0 → --epochs=2.0 (flags.txt "
+            "now records the new values)") in proc.stdout.splitlines()
 
 
 # --- 2. a kill at the final save; a damaged model.keras -----------------------------------------------

@@ -234,6 +234,16 @@ def test_sigkill_mid_epoch_then_resume_continues_from_the_last_checkpoint(tmp_pa
     assert os.path.exists(os.path.join(run_dir, "model.keras"))
 
 
+def test_changed_flags_pairs_values_and_booleans_by_name(parse):
+    f = parse("--model=resnet18_d", "--image_size=32")
+    old = "--model=resnet18_d\n--epochs=5.0\n--zero_gamma\n--label_smoothing=0.1\n--model_dir=a\n"
+    new = "--model=resnet18_d\n--epochs=12.0\n--nozero_gamma\n--mixup_alpha=0.2\n--model_dir=b\n"  # moved
+    assert trainer.changed_flags(old, new, f) == [
+        "--epochs=5.0 → --epochs=12.0", "--label_smoothing=0.1 → unset", "unset → --mixup_alpha=0.2",
+        "--zero_gamma → --nozero_gamma"]
+    assert trainer.changed_flags(old, old, f) == []
+
+
 def json_load(f):
     import json
 

@@ -242,7 +242,7 @@ def define_flags(fv):
         "model", None,
         "SavedModel directory, .keras or .tflite file (or its export directory), or run directory.", **d,
     )
-    flags.DEFINE_integer("top_k", 5, "How many classes to print per image.", **d)
+    flags.DEFINE_integer("top_k", 5, "How many classes to print per image.", lower_bound=1, **d)
     flags.DEFINE_enum(
         "checkpoint", "final", list(run_dir.CHECKPOINTS),
         "With a run directory as --model: final: model.keras; best: model_best.keras (a run trained with "

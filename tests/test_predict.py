@@ -164,6 +164,8 @@ def test_cli_names_a_missing_image_and_exits_2(run):
     assert code == 2  # cli.USAGE_ERROR
     last_line = err.strip().splitlines()[-1]
     assert last_line == "bot_keras.predict: error: image file gone.png does not exist"
+    code, err = _cli_call([f"--model={run[0]}", "--top_k=0", "gone.png"])  # the flag, before any file
+    assert code == 2 and err == "bot_keras.predict: error: flag --top_k=0: 0 is not a positive integer\n"
 
 
 def test_checkpoint_best_predicts_with_the_runs_best_model(run, image_files, tmp_path):

@@ -235,7 +235,9 @@ def define_flags(fv):
     flags.DEFINE_enum(
         "quantize", "none", QUANTIZE, "TFLite only: dynamic-range (int8 weight) quantisation.", **d
     )
-    flags.DEFINE_integer("top_k", 5, "SavedModel only: how many classes the top_k_* outputs hold.", **d)
+    flags.DEFINE_integer(
+        "top_k", 5, "SavedModel only: how many classes the top_k_* outputs hold.", lower_bound=1, **d
+    )
     flags.DEFINE_enum(
         "checkpoint", "final", list(run_dir.CHECKPOINTS),
         "final: model.keras; best: model_best.keras (a run trained with --keep_best).", **d,

@@ -420,4 +420,8 @@ def test_cli_exports_and_refuses_to_overwrite(run, tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"bot_keras.export: error: --export_dir={tmp_path / 'out'} already exists; "
         "pass --overwrite to replace it")
+    with pytest.raises(SystemExit) as third:  # the flag named at parsing, before the run is read
+        cli.call(export.main, export.define_flags, [*argv, "--top_k=0"], command=export.COMMAND)
+    assert third.value.code == 2
+    assert capsys.readouterr().err == "bot_keras.export: error: flag --top_k=0: 0 is not a positive integer\n"
 

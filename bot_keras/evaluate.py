@@ -49,8 +49,12 @@ def define_flags(fv):
     flags.DEFINE_string("dataset", None, "Data source (default: the run's --dataset).", **d)
     flags.DEFINE_string("data_dir", None, "TFDS data directory (default: the run's).", **d)
     flags.DEFINE_string("split", None, "Split to evaluate (default: the run's --eval_split).", **d)
-    flags.DEFINE_integer("image_size", None, "Resolution (default: the run's).", **d)
-    flags.DEFINE_integer("batch_size", None, "Batch size (default: the run's).", **d)
+    flags.DEFINE_integer(
+        "image_size", None,
+        "Classification: resolution (default: the run's; another rebuilds the model at it, same weights).",
+        lower_bound=16, **d,
+    )
+    flags.DEFINE_integer("batch_size", None, "Batch size (default: the run's).", lower_bound=1, **d)
     flags.DEFINE_bool(
         "skip_corrupt", None, "Skip undecodable images, naming each (default: the run's --skip_corrupt).", **d
     )

@@ -4,6 +4,7 @@ inference (float32, mixed-precision runs rebuilt) and a classification run's bac
     load_keras_model(path)          `keras.models.load_model`, or a SetupError saying what is wrong
     load_model(run)                 a `run_dir.read_run` run's model.keras (or model_best.keras), float32
     load_backbone(model_dir)        `build_backbone` of a classification run holding its trained weights
+    at_resolution(model, run, size) the classifier at another input size, same weights (evaluate --image_size)
     copy_weights(target, source)    weight by weight, shapes checked
 """
 
@@ -96,19 +97,38 @@ def float32_rebuild(model, run):
     return copy_weights(rebuilt, model, label=f"{run.model_path} (--model={run.model_name} from flags.txt)")
 
 
+def at_resolution(model, run, image_size):
+    """The classifier `model` taking `image_size` × `image_size` images: the model itself when it already
+    does (or takes any size); else the run's `--model` rebuilt at that size with every weight copied. A
+    ResNet's, MobileNet's or Inception's weights do not depend on the input size (global average pooling
+    before the head), so `evaluate --image_size` can test a run at another resolution than it trained at."""
+    if tuple(model.input_shape[1:3]) in ((image_size, image_size), (None, None)):
+        return model
+    try:
+        rebuilt = build_model(
+            run.model_name, num_classes=len(run.class_names), input_shape=(image_size, image_size, 3),
+            drop_path_rate=run.flags.get("drop_path_rate", 0.0),
+        )
+    except ValueError as error:  # e.g. Inception-V3 below 75 px
+        raise SetupError(f"--image_size={image_size}: {run.model_name} cannot be built at that size "
+                         f"({error})") from error
+    label = f"{run.model_path} (--model={run.model_name} at {image_size} px)"
+    return copy_weights(rebuilt, model, label=label)
+
+
 def copy_weights(target, source, *, label):
     """Assigns every weight of `source` to `target` in order (cast to the target's dtype), each shape
     checked; returns `target`. `label` names the source in the SetupError of a mismatch."""
     if len(target.weights) != len(source.weights):
         raise SetupError(
-            f"{label} has {len(source.weights)} weights but its float32 rebuild has {len(target.weights)}; "
+            f"{label} has {len(source.weights)} weights but its rebuild has {len(target.weights)}; "
             "the run's flags do not describe its model"
         )
     for to, source_weight in zip(target.weights, source.weights, strict=True):
         if tuple(to.shape) != tuple(source_weight.shape):
             raise SetupError(
                 f"{label}: weight {source_weight.path} has shape {tuple(source_weight.shape)} but the "
-                f"float32 rebuild expects {tuple(to.shape)} ({to.path})"
+                f"rebuild expects {tuple(to.shape)} ({to.path})"
             )
         to.assign(tf.cast(source_weight.value, to.dtype))
     return target

@@ -9,7 +9,11 @@ import pytest
 import tensorflow as tf
 from absl import flags
 
-from bot_keras import cli, evaluate, steps, train
+from bot_keras import cli, evaluate, model_files, steps, train
+from bot_keras import run_dir as run_dir_lib
+from bot_keras.data.augment import preprocess_for_eval
+from bot_keras.data.decode import decode_image
+from bot_keras.models import build_model
 
 
 def test_top_k_sums_count_hits_by_hand():
@@ -90,6 +94,29 @@ def test_folder_dataset_trains_and_evaluates_end_to_end(trained_folder_run):
     assert np.trace(confusion) / 12 == pytest.approx(result["top1"])
     assert [m["support"] for m in result["per_class"].values()] == [4, 4, 4]
     assert list(result["per_class"]) == ["cat", "dog", "fish"]
+
+
+def test_another_image_size_rebuilds_the_model_with_the_same_weights(trained_folder_run):
+    run_dir, data = trained_folder_run
+    at_run = evaluate.evaluate_run(run_dir)
+    result = evaluate.evaluate_run(run_dir, image_size=24)
+    assert (result["image_size"], result["count"], at_run["image_size"]) == (24, 12, 16)
+    # A second implementation: a size-agnostic build holding the run's weights, on the evaluation transform
+    # of each test image at 24 px, decoded here.
+    trained = model_files.load_model(run_dir_lib.read_run(run_dir))
+    anysize = build_model("resnet18_d", num_classes=3, input_shape=(None, None, 3))
+    anysize.set_weights(trained.get_weights())
+    images, labels = [], []
+    for label, name in enumerate(("cat", "dog", "fish")):
+        for file in sorted(os.listdir(os.path.join(data, "test", name))):
+            encoded = tf.io.read_file(os.path.join(data, "test", name, file))
+            images.append(preprocess_for_eval(decode_image(encoded), 24))
+            labels.append(label)
+    logits = anysize(tf.stack(images), training=False)
+    losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+    assert result["loss"] == pytest.approx(float(tf.reduce_mean(losses)), rel=5e-4)  # float32 sums
+    assert result["top1"] == pytest.approx(float(np.mean(np.argmax(logits, 1) == labels)))
+    assert abs(result["loss"] - at_run["loss"]) > 1e-3  # the size took effect (negative control)
 
 
 def test_evaluate_command_writes_per_class_metrics_and_the_confusion_png(trained_folder_run, tmp_path,

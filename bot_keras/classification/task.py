@@ -358,7 +358,7 @@ def evaluate_run(run, *, dataset=None, split=None, data_dir=None, image_size=Non
         expected_label=f"{run.model_dir / 'classes.txt'} lists", found_label=f"--dataset={f.dataset!r} split "
         f"{split!r} has", consequence="; the model was trained on other classes.",
     )
-    model = model_files.load_model(run)
+    model = model_files.at_resolution(model_files.load_model(run), run, int(f.image_size))
     with cli.setup_errors(f"--dataset={f.dataset}"):
         batches = make_dataset(f, split=split, training=False, skipped_files=skipped_files)
     summed, summarize = metrics.with_confusion(run.class_names)

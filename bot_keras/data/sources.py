@@ -258,8 +258,9 @@ def _tfds_builder(name, data_dir, download):
     if not builder.is_prepared():
         if not download:
             raise FileNotFoundError(
-                f"TFDS dataset {name!r} is not prepared in {builder.data_dir!r}; run `tfds build {name}` "
-                "(with --data_dir), or allow downloading (download=True)."
+                f"TFDS dataset {name!r} is not prepared in {builder.data_dir!r}; prepare it first with "
+                f"`tfds build {name}` (--data_dir=DIR for another directory; ImageNet needs its manual "
+                "download), or from Python pass download=True."
             )
         builder.download_and_prepare()
     return builder

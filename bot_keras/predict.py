@@ -22,8 +22,9 @@ Output, for each image:
       1. tabby_cat        0.8123
       2. tiger_cat        0.1010
 
-Every model is routed to its task module (`bot_keras.tasks`; the task of a run's run.json or an export's
-`task` variable, classification when it has none): a segmentation model writes `<stem>_classes.png`
+Every model is routed to its task module (`bot_keras.tasks`; the task of a run's run.json, also when its
+`model.keras` or `model_best.keras` is given, or an export's `task` variable, classification when it has
+none): a segmentation model writes `<stem>_classes.png`
 (class ids as grey levels) and `<stem>_overlay.png` (the photo under the class colours) per image into
 `--output_dir` and prints the largest classes of each image; a detection model draws its boxes.
 """
@@ -108,6 +109,16 @@ def _read_class_names(path):
     return names
 
 
+def run_of_model_file(path):
+    """(run directory, checkpoint) when `path` is a run directory's `model.keras` or `model_best.keras`
+    (flags.txt beside it), else None: such a file is predicted from as its run, whatever the task."""
+    path = pathlib.Path(path)
+    names = {file: name for name, file in run_dir.CHECKPOINTS.items()}
+    if path.is_file() and path.name in names and (path.parent / run_dir.FLAGS_FILE).is_file():
+        return path.parent, names[path.name]
+    return None
+
+
 def load_classifier(path, checkpoint="final"):
     """A `Classifier` for a SavedModel directory, a `.keras` file or a run directory (module docstring;
     `checkpoint`: the run's final or best model); a path that is none of them, or a damaged one, raises
@@ -137,10 +148,8 @@ def load_classifier(path, checkpoint="final"):
             raise cli.SetupError(f"--checkpoint={checkpoint} chooses a run directory's model; --model={path} "
                                  "is a TFLite export")
         return _tflite_classifier(path)
-    names = {file: name for name, file in run_dir.CHECKPOINTS.items()}
-    if path.is_file() and path.name in names and (path.parent / run_dir.FLAGS_FILE).is_file():
-        # A run directory's final or best model: load it as the run (float32 rebuild included).
-        path, checkpoint = path.parent, names[path.name]
+    # A run directory's final or best model: load it as the run (float32 rebuild included).
+    path, checkpoint = run_of_model_file(path) or (path, checkpoint)
     if path.is_file() and path.suffix == ".keras":
         model = model_files.load_keras_model(path, label=f"--model={path}")
         class_names = _read_class_names(path.parent / run_dir.CLASSES_FILE)
@@ -261,14 +270,15 @@ def main(argv, f=flags.FLAGS):
     problem = pixel_limit_problem(f.max_image_pixels)
     if problem:
         raise cli.SetupError(f"--max_image_pixels {problem}")
-    task = tasks.task_module(model_task(f.model))
-    if f.checkpoint != "final" and not (pathlib.Path(f.model) / run_dir.FLAGS_FILE).is_file():
+    model, checkpoint = run_of_model_file(f.model) or (f.model, f.checkpoint)
+    task = tasks.task_module(model_task(model))
+    if checkpoint != "final" and not (pathlib.Path(model) / run_dir.FLAGS_FILE).is_file():
         raise cli.SetupError(
-            f"--checkpoint={f.checkpoint} chooses a run directory's model; --model={f.model} is not a run "
+            f"--checkpoint={checkpoint} chooses a run directory's model; --model={model} is not a run "
             "directory"
         )
     encoded = read_images(argv[1:], f.max_image_pixels)  # every header checked before anything decodes
-    lines = task.predict_files(f.model, argv[1:], f.output_dir, encoded, k=f.top_k, checkpoint=f.checkpoint)
+    lines = task.predict_files(model, argv[1:], f.output_dir, encoded, k=f.top_k, checkpoint=checkpoint)
     print("\n".join(lines))
 
 

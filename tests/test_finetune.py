@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import commands
 import keras
 import numpy as np
 import pytest
@@ -412,6 +413,12 @@ def test_predict_writes_a_class_map_and_an_overlay_per_image(finetuned, tmp_path
     segmentation.predict_files(model_dir, twice, tmp_path / "twice", predict.read_images(twice))
     assert sorted(p.name for p in (tmp_path / "twice").iterdir()) == [
         "0_0_classes.png", "0_0_overlay.png", "0_1_classes.png", "0_1_overlay.png"]
+    # The command given the run's model.keras predicts as from the run (its task from run.json beside it).
+    done = commands.run(predict.COMMAND, f"--model={model_dir / 'model.keras'}",
+                        f"--output_dir={tmp_path / 'file'}", images[0])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1].startswith(images[0])
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "file" / "0_classes.png")), classes)
 
 
 def test_export_refuses_tflite_for_a_segmentation_run_and_names_the_format_that_works(finetuned, tmp_path):

@@ -54,7 +54,11 @@ def create_strategy(name, *, tpu_address=""):
     if name == "multi_worker_mirrored":
         _check_tf_config()
         return tf.distribute.MultiWorkerMirroredStrategy()
-    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu_address)
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu_address)
+    except ValueError as error:  # TensorFlow's "Please provide a TPU Name to connect to."
+        where = f"at --tpu={tpu_address}" if tpu_address else "on this machine (no TPU VM; --tpu names one)"
+        raise ValueError(f"--strategy=tpu: no TPU found {where}: {error}") from None
     tf.config.experimental_connect_to_cluster(resolver)
     tf.tpu.experimental.initialize_tpu_system(resolver)
     return tf.distribute.TPUStrategy(resolver)

@@ -243,6 +243,8 @@ def read_run(model_dir, *, task=CLASSIFICATION, checkpoint="final"):
     what is missing or wrong. `checkpoint="best"` reads `model_best.keras` (`--keep_best`) instead of
     `model.keras`."""
     model_dir = pathlib.Path(model_dir)
+    if model_dir.is_file():
+        raise SetupError(f"--model_dir={model_dir} is a file; give the run directory ({model_dir.parent})")
     if not model_dir.is_dir():
         raise SetupError(f"run directory {model_dir} does not exist (--model_dir={model_dir})")
     if checkpoint not in CHECKPOINTS:

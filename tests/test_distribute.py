@@ -427,3 +427,8 @@ def test_float16_without_a_gpu_warns_naming_the_cpu_precisions():
     assert distribute.precision_warning("mixed_float16", {"CPU", "TPU"}) is None
     assert distribute.precision_warning("mixed_bfloat16", {"CPU"}) is None
     assert distribute.precision_warning("float32", {"CPU"}) is None
+
+
+def test_tpu_strategy_without_a_tpu_names_the_flags():
+    with pytest.raises(ValueError, match=r"^--strategy=tpu: no TPU found on this machine \(no TPU VM; --tpu"):
+        distribute.create_strategy("tpu")

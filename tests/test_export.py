@@ -337,6 +337,8 @@ def test_incomplete_run_directory_names_the_missing_files(run, tmp_path):
 def test_an_export_given_as_the_run_directory_is_named_as_an_export(saved_model, tmp_path):
     with pytest.raises(cli.SetupError, match=f"^{saved_model} is a SavedModel export, not a run directory"):
         export.export(saved_model, tmp_path / "out")
+    with pytest.raises(cli.SetupError, match=f"is a file; give the run directory \\({saved_model}\\)$"):
+        export.export(saved_model / "saved_model.pb", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

@@ -1,8 +1,9 @@
 """The frozen distillation teacher of Section 5.3: loading it and asking it for logits.
 
-`--teacher` is a `.keras` file (e.g. a teacher run's `model.keras`), a SavedModel directory whose serving
-signature takes normalised float32 images (Keras' `model.export`), or `NAME:WEIGHTS` (a model of
-`bot_keras.models` built at the student's size, then `load_weights`). Errors name the file and the
+`--teacher` is a bot_keras classification run directory (its final model, rebuilt at the student's size
+when it trained at another), a `.keras` file (e.g. a teacher run's `model.keras`), a SavedModel directory
+whose serving signature takes normalised float32 images (Keras' `model.export`), or `NAME:WEIGHTS` (a model
+of `bot_keras.models` built at the student's size, then `load_weights`). Errors name the file and the
 mismatch as a `SetupError`.
 """
 
@@ -11,7 +12,7 @@ import os
 import keras
 import tensorflow as tf
 
-from bot_keras import model_files
+from bot_keras import model_files, run_dir
 from bot_keras.cli import SetupError
 from bot_keras.models import MODEL_NAMES, build_model
 
@@ -37,6 +38,12 @@ def load_teacher(spec, *, num_classes, image_size):
             raise SetupError(
                 f"--teacher={spec!r}: cannot load weights {path!r} into {name}: {error}"
             ) from None
+    elif os.path.isfile(os.path.join(path, run_dir.FLAGS_FILE)):  # a run directory
+        try:
+            run = run_dir.read_run(path)
+        except SetupError as error:  # not a finished classification run
+            raise SetupError(f"--teacher={spec!r}: {error}") from None
+        teacher = model_files.at_resolution(model_files.load_model(run), run, image_size)
     elif os.path.isdir(path) and not path.endswith(".keras"):
         try:
             loaded = tf.saved_model.load(path)

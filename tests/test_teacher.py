@@ -61,3 +61,25 @@ def test_savedmodel_teacher_gives_the_models_logits(tmp_path):
     np.testing.assert_allclose(teacher_logits(teacher, images), model(images), rtol=1e-5, atol=1e-6)
     with pytest.raises(cli.SetupError, match=r"teacher_savedmodel' predicts 3 classes; the dataset has 4"):
         load_teacher(str(tmp_path / "teacher_savedmodel"), num_classes=4, image_size=6)
+
+
+def test_a_classification_run_directory_is_a_teacher_at_the_students_size(tmp_path):
+    from tiny_run import CLASS_NAMES, IMAGE_SIZE, make_run
+
+    from bot_keras.models import build_model
+
+    run_dir, model = make_run(tmp_path / "run")
+    images = tf.random.stateless_normal((2, IMAGE_SIZE, IMAGE_SIZE, 3), seed=(3, 4))
+    teacher = load_teacher(str(run_dir), num_classes=len(CLASS_NAMES), image_size=IMAGE_SIZE)
+    np.testing.assert_allclose(teacher_logits(teacher, images), model(images), rtol=1e-5, atol=1e-5)
+    assert not teacher.trainable_weights
+    # A student at another size: the run's model rebuilt at it with the same weights (a size-agnostic
+    # build holding them is the second implementation).
+    larger = tf.random.stateless_normal((2, 48, 48, 3), seed=(5, 6))
+    teacher = load_teacher(str(run_dir), num_classes=len(CLASS_NAMES), image_size=48)
+    anysize = build_model("resnet18_d", num_classes=len(CLASS_NAMES), input_shape=(None, None, 3))
+    anysize.set_weights(model.get_weights())
+    np.testing.assert_allclose(teacher_logits(teacher, larger), anysize(larger), rtol=1e-4, atol=1e-4)
+    with pytest.raises(cli.SetupError, match=r"^--teacher='\S+': run directory \S+ is incomplete"):
+        (run_dir / "model.keras").rename(run_dir / "moved.keras")
+        load_teacher(str(run_dir), num_classes=len(CLASS_NAMES), image_size=IMAGE_SIZE)

@@ -131,7 +131,8 @@ def define_flags(fv):
     flags.DEFINE_string(
         "teacher",
         "",
-        "Distillation teacher: a .keras file, a SavedModel dir, or NAME:WEIGHTS (Sec. 5.3).",
+        "Distillation teacher: a classification run dir, a .keras file, a SavedModel dir, or NAME:WEIGHTS "
+        "(Sec. 5.3).",
         **d,
     )
     flags.DEFINE_float("distill_temperature", 20.0, "Distillation temperature T (Sec. 5.3).", **d)

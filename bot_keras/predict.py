@@ -270,13 +270,13 @@ def main(argv, f=flags.FLAGS):
     problem = pixel_limit_problem(f.max_image_pixels)
     if problem:
         raise cli.SetupError(f"--max_image_pixels {problem}")
-    model, checkpoint = run_of_model_file(f.model) or (f.model, f.checkpoint)
-    task = tasks.task_module(model_task(model))
-    if checkpoint != "final" and not (pathlib.Path(model) / run_dir.FLAGS_FILE).is_file():
+    if f.checkpoint != "final" and not (pathlib.Path(f.model) / run_dir.FLAGS_FILE).is_file():
         raise cli.SetupError(
-            f"--checkpoint={checkpoint} chooses a run directory's model; --model={model} is not a run "
+            f"--checkpoint={f.checkpoint} chooses a run directory's model; --model={f.model} is not a run "
             "directory"
         )
+    model, checkpoint = run_of_model_file(f.model) or (f.model, f.checkpoint)
+    task = tasks.task_module(model_task(model))
     encoded = read_images(argv[1:], f.max_image_pixels)  # every header checked before anything decodes
     lines = task.predict_files(model, argv[1:], f.output_dir, encoded, k=f.top_k, checkpoint=checkpoint)
     print("\n".join(lines))
